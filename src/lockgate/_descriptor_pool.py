@@ -1,0 +1,17 @@
+"""lockgate's private protobuf descriptor pool.
+
+Our generated stubs register here instead of protobuf's default pool. Triton's client stubs
+use the same proto package (``inference``) with different file contents, and the default pool
+refuses duplicate symbols, so an application importing both ``tritonclient`` and lockgate
+would crash at import. Server reflection is served from this pool too, so the well-known and
+health files our services use are preloaded into it.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import descriptor_pool, duration_pb2, struct_pb2, timestamp_pb2
+
+POOL = descriptor_pool.DescriptorPool()
+
+for _module in (timestamp_pb2, duration_pb2, struct_pb2):
+    POOL.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)
