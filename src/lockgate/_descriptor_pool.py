@@ -15,3 +15,10 @@ POOL = descriptor_pool.DescriptorPool()
 
 for _module in (timestamp_pb2, duration_pb2, struct_pb2):
     POOL.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)
+
+# Health and reflection are served beside our services; reflection answers from this pool.
+from grpc_health.v1 import health_pb2 as _health_pb2  # noqa: E402
+from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2  # noqa: E402
+
+for _module in (_health_pb2, _reflection_pb2):
+    POOL.AddSerializedFile(_module.DESCRIPTOR.serialized_pb)

@@ -1,0 +1,56 @@
+"""The ``lockgate`` command line: serve, demo, and the operator sub-commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lockgate.config import ServerSettings
+
+app = typer.Typer(help="lockgate: Open Inference Protocol gateway for ONNX models with inline governance.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.command()
+def serve(
+    model_repository: Path = typer.Option(..., "--model-repository", help="REPO/<model>/<version>/model.onnx"),
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="inference + admin gRPC port [8001]"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Prometheus port [8002]"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="processes sharing the port (SO_REUSEPORT) [1]"),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="control-plane state [.lockgate]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="server YAML config file"),
+    host: Optional[str] = typer.Option(None, "--host", help="bind address [0.0.0.0]"),
+) -> None:
+    """Serve the models in a repository."""
+    from lockgate.server import run
+
+    settings = ServerSettings.load(
+        config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
+        workers=workers, state_dir=state_dir, host=host,
+    )
+    run(settings)
+
+
+@app.command()
+def demo(
+    dir: Path = typer.Option(Path("demo-repo"), "--dir", help="where to write the demo model repository"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port"),
+    build_only: bool = typer.Option(False, "--build-only", help="write the models and exit"),
+) -> None:
+    """Build the demo models in code (no downloads) and serve them."""
+    from lockgate.demo import build_demo_repository
+    from lockgate.server import run
+
+    root = build_demo_repository(dir)
+    typer.echo(f"demo repository written to {root.resolve()}")
+    if build_only:
+        return
+    run(ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,
+                            state_dir=root / ".lockgate"))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,114 @@
+"""Demo and test models built in code with the ``onnx`` package: nothing is downloaded.
+
+``build_demo_repository`` writes two versions of a tabular credit-risk classifier (8
+features, 3 classes) plus a reference data sample for drift profiling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+DEMO_MODEL = "credit"
+DEMO_FEATURES = ["age", "income", "debt_ratio", "credit_lines", "late_payments", "utilization", "tenure_months", "region"]
+DEMO_CLASSES = ["approve", "review", "decline"]
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def mlp_model(sizes: list[int], *, seed: int, input_name: str = "features", output_name: str = "probabilities",
+              softmax: bool = True) -> onnx.ModelProto:
+    """A ReLU MLP with the given layer sizes, FP32, batch dimension -1."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    current = input_name
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        last = i == len(sizes) - 2
+        out = (f"logits" if softmax else output_name) if last else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"B{i}"], [out if last else f"g{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
+        current = out
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], [output_name], axis=1))
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", sizes[-1]])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate")
+
+
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16, "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8, "INT16": TensorProto.INT16, "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64, "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def identity_model(datatype: str, width: int = 4) -> onnx.ModelProto:
+    """INPUT0 -> OUTPUT0 of one datatype, shape [batch, width]: round-trips any tensor."""
+    t = ONNX_TYPES[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], f"identity_{datatype.lower()}",
+        [helper.make_tensor_value_info("INPUT0", t, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", t, ["batch", width])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate")
+
+
+def reference_sample(rows: int = 5000, seed: int = 7) -> np.ndarray:
+    """Synthetic training-like data for the demo classifier (the drift reference)."""
+    rng = np.random.default_rng(seed)
+    return np.column_stack([
+        rng.normal(42, 12, rows).clip(18, 95),        # age
+        rng.lognormal(10.8, 0.5, rows) / 1000.0,       # income (k)
+        rng.beta(2, 5, rows),                          # debt_ratio
+        rng.poisson(4, rows),                          # credit_lines
+        rng.poisson(0.5, rows),                        # late_payments
+        rng.beta(2, 3, rows),                          # utilization
+        rng.gamma(3, 20, rows),                        # tenure_months
+        rng.integers(0, 5, rows),                      # region (categorical 0..4)
+    ]).astype(np.float32)
+
+
+DEMO_CONFIG = """\
+# Demo credit-risk classifier: two versions, dynamic batching, governance constraints.
+max_batch_size: 64
+dynamic_batching:
+  max_queue_delay_us: 100
+  preferred_batch_sizes: [16, 32, 64]
+  max_queue_size: 2048
+version_policy: {all: {}}
+default_version: 1
+runtime:
+  intra_op_threads: 1
+parameters:
+  task: tabular-classification
+  classes: approve,review,decline
+"""
+
+
+def build_demo_repository(root: Path) -> Path:
+    root = Path(root)
+    model_dir = root / DEMO_MODEL
+    sample = reference_sample()
+    for version, seed in ((1, 11), (2, 12)):
+        _save(mlp_model([len(DEMO_FEATURES), 32, len(DEMO_CLASSES)], seed=seed), model_dir / str(version) / "model.onnx")
+        np.save(model_dir / str(version) / "reference_sample.npy", sample)
+    (model_dir / "config.yaml").write_text(DEMO_CONFIG)
+    return root

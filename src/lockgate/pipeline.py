@@ -1,0 +1,128 @@
+"""The request path, written out in order in one place.
+
+    decode  -> protocol.codec        raw/typed contents to numpy, checked against the signature
+    route   -> routing (pluggable)   which version serves: pin > sticky key > weights; shadow
+    inspect -> governance (plug.)    fused validation + sketches + sampling decision
+    batch   -> serving.batcher       merged with concurrent requests into one ORT run
+    encode  -> protocol.codec        raw_output_contents, served version, route decision
+
+The pipeline knows nothing about gRPC: it takes a decoded protobuf request plus a small
+context and returns a protobuf response, raising ``LockgateError`` subclasses on failure.
+Routing and governance plug in through two small protocols so each stays in its package.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from lockgate.errors import LockgateError
+from lockgate.protocol import codec
+from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
+
+ROUTING_KEY_PARAMETER = "routing_key"
+ROUTING_KEY_HEADER = "x-lockgate-routing-key"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the transport knows about a request that the data plane needs."""
+
+    deadline: float | None = None  # time.monotonic() deadline
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    trace: Any = None  # telemetry span handle, when tracing is on
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    version: str
+    decision: str  # "default" | "pinned" | "weighted" | "sticky"
+    shadow_version: str | None = None
+    key_hash: int | None = None
+
+
+class RoutingStage(Protocol):
+    def route(self, model: LoadedModel, requested_version: str, routing_key: str | None, request_id: str) -> Route: ...
+    def after_response(self, model: LoadedModel, route: Route, ok: bool, latency_ns: int,
+                       inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray] | None) -> None: ...
+
+
+class GovernanceStage(Protocol):
+    def inspect(self, version: ModelVersion, inputs: dict[str, np.ndarray], request_id: str, ctx: RequestContext) -> Any: ...
+    def after_inference(self, version: ModelVersion, inspection: Any, inputs: dict[str, np.ndarray],
+                        outputs: dict[str, np.ndarray], route: Route, ctx: RequestContext) -> None: ...
+
+
+class DefaultRouting:
+    """Without a traffic policy: the requested version, or the model's default version."""
+
+    def route(self, model: LoadedModel, requested_version: str, routing_key: str | None, request_id: str) -> Route:
+        if requested_version:
+            model.get(requested_version)  # NOT_FOUND if it is not loaded
+            return Route(requested_version, "pinned")
+        return Route(model.default_version, "default")
+
+    def after_response(self, *args: Any) -> None:
+        return None
+
+
+class InferencePipeline:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        routing: RoutingStage | None = None,
+        governance: GovernanceStage | None = None,
+    ) -> None:
+        self.repository = repository
+        self.routing: RoutingStage = routing or DefaultRouting()
+        self.governance = governance
+
+    async def infer(self, request: Any, response_type: type, ctx: RequestContext) -> Any:
+        start_ns = time.perf_counter_ns()
+        model = self.repository.get(request.model_name)
+
+        # route
+        routing_key = None
+        if request.parameters:
+            param = request.parameters.get(ROUTING_KEY_PARAMETER)
+            if param is not None:
+                routing_key = str(codec._parameter_value(param))
+        if routing_key is None:
+            routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
+        route = self.routing.route(model, request.model_version, routing_key, request.id)
+        version = model.get(route.version)
+
+        inputs = None
+        outputs = None
+        ok = False
+        try:
+            # decode
+            inputs = codec.decode_inputs(request, version.signature)
+            output_names = codec.requested_outputs(request, version.signature)
+            # inspect
+            inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
+            # batch + run
+            outputs = await version.batcher.submit(inputs, ctx.deadline)
+            # encode
+            response = response_type(model_name=model.name, model_version=version.version, id=request.id)
+            codec.encode_outputs(response, outputs, output_names)
+            response.parameters["lockgate_route"].string_param = route.decision
+            if self.governance is not None:
+                self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
+            ok = True
+            return response
+        except LockgateError as exc:
+            version.stats.record_request(False, time.perf_counter_ns() - start_ns, exc.reason)
+            raise
+        except Exception:
+            version.stats.record_request(False, time.perf_counter_ns() - start_ns, "internal")
+            raise
+        finally:
+            elapsed = time.perf_counter_ns() - start_ns
+            if ok:
+                version.stats.record_request(True, elapsed)
+            self.routing.after_response(model, route, ok, elapsed, inputs, outputs)

@@ -1,0 +1,196 @@
+"""Decode Open Inference Protocol requests into numpy arrays, and encode results back.
+
+Decoding is zero-copy for raw_input_contents (``np.frombuffer`` over the bytes protobuf hands
+us) and checks every input against the model's signature before anything reaches the runtime,
+so a malformed request fails with INVALID_ARGUMENT naming the input and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from lockgate.errors import InvalidArgument
+from lockgate.protocol import datatypes
+from lockgate.protocol._bytes_codec import decode_bytes_tensor, encode_bytes_tensor
+from lockgate.protocol.datatypes import DataType
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output of a model: name, datatype and full shape (-1 = variable)."""
+
+    name: str
+    datatype: DataType
+    shape: tuple[int, ...]
+
+    def shape_text(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A model version's inputs and outputs as the protocol sees them."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int  # 0: the model takes no batch dimension; >0: dim 0 is the batch
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.outputs)
+
+
+def _parameter_value(param: Any) -> Any:
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def request_parameters(request: Any) -> dict[str, Any]:
+    """The request-level ``parameters`` map as plain Python values."""
+    return {key: _parameter_value(value) for key, value in request.parameters.items()}
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], max_batch_size: int) -> None:
+    if len(shape) != len(spec.shape):
+        raise InvalidArgument(
+            f"input '{spec.name}': shape {list(shape)} has rank {len(shape)}, "
+            f"expected rank {len(spec.shape)} matching {spec.shape_text()}"
+        )
+    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+        if got < 0:
+            raise InvalidArgument(f"input '{spec.name}': dimension {axis} is negative ({got})")
+        if want >= 0 and got != want:
+            raise InvalidArgument(
+                f"input '{spec.name}': shape {list(shape)} does not match {spec.shape_text()} "
+                f"(dimension {axis} must be {want})"
+            )
+    if max_batch_size > 0 and shape and shape[0] > max_batch_size:
+        raise InvalidArgument(
+            f"input '{spec.name}': batch size {shape[0]} exceeds the model's max_batch_size {max_batch_size}"
+        )
+
+
+def _decode_typed(spec: TensorSpec, tensor: Any, shape: tuple[int, ...], count: int) -> np.ndarray:
+    dt = spec.datatype
+    if dt.contents_field is None:
+        raise InvalidArgument(
+            f"input '{spec.name}': datatype {dt.name} has no typed contents field; send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, dt.contents_field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{spec.name}': contents.{dt.contents_field} holds {len(values)} elements, "
+            f"expected {count} for shape {list(shape)}"
+        )
+    if dt.name == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    try:
+        return np.asarray(values, dtype=dt.numpy).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidArgument(f"input '{spec.name}': a value does not fit {dt.name} ({exc})") from None
+
+
+def _decode_raw(spec: TensorSpec, raw: bytes, shape: tuple[int, ...], count: int) -> np.ndarray:
+    dt = spec.datatype
+    if dt.name == "BYTES":
+        try:
+            return decode_bytes_tensor(raw, count).reshape(shape)
+        except ValueError as exc:
+            raise InvalidArgument(f"input '{spec.name}': {exc}") from None
+    expected = count * dt.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"input '{spec.name}': raw_input_contents holds {len(raw)} bytes, expected {expected} "
+            f"({count} x {dt.name} for shape {list(shape)})"
+        )
+    # Zero-copy view over the request's bytes; read-only, which ONNX Runtime accepts.
+    return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
+
+
+def decode_inputs(request: Any, signature: Signature) -> dict[str, np.ndarray]:
+    """Turn a ModelInferRequest's inputs into arrays keyed by input name, checking the signature."""
+    tensors = request.inputs
+    raw_contents = request.raw_input_contents
+    use_raw = len(raw_contents) > 0
+    if use_raw and len(raw_contents) != len(tensors):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw_contents)} entries but the request has {len(tensors)} inputs; "
+            "when raw contents are used every input must have one"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = signature.input(name)
+        if spec is None:
+            expected = ", ".join(f"'{s.name}'" for s in signature.inputs)
+            raise InvalidArgument(f"input '{name}' is not an input of this model; expected {expected}")
+        if name in arrays:
+            raise InvalidArgument(f"input '{name}' appears more than once")
+        if tensor.datatype != spec.datatype.name:
+            raise InvalidArgument(
+                f"input '{name}': datatype {tensor.datatype or '(empty)'} does not match the model's {spec.datatype.name}"
+            )
+        shape = tuple(tensor.shape)
+        _check_shape(spec, shape, signature.max_batch_size)
+        count = math.prod(shape)
+        if use_raw:
+            arrays[name] = _decode_raw(spec, raw_contents[index], shape, count)
+        else:
+            arrays[name] = _decode_typed(spec, tensor, shape, count)
+    if len(arrays) != len(signature.inputs):
+        missing = [s.name for s in signature.inputs if s.name not in arrays]
+        raise InvalidArgument(
+            "missing input " + ", ".join(f"'{m}'" for m in missing)
+            + "; the model expects " + ", ".join(f"'{s.name}' {s.datatype.name} {s.shape_text()}" for s in signature.inputs)
+        )
+    if signature.max_batch_size > 0 and len(arrays) > 1:
+        batch_sizes = {arr.shape[0] for arr in arrays.values()}
+        if len(batch_sizes) > 1:
+            raise InvalidArgument(f"inputs disagree on the batch size (dimension 0): {sorted(batch_sizes)}")
+    return arrays
+
+
+def requested_outputs(request: Any, signature: Signature) -> tuple[str, ...]:
+    """Names of the outputs to return: the requested subset, or all outputs in model order."""
+    if not request.outputs:
+        return signature.output_names()
+    known = set(signature.output_names())
+    names = []
+    for out in request.outputs:
+        if out.name not in known:
+            expected = ", ".join(f"'{n}'" for n in signature.output_names())
+            raise InvalidArgument(f"requested output '{out.name}' is not an output of this model; expected {expected}")
+        names.append(out.name)
+    return tuple(names)
+
+
+def encode_outputs(
+    response: Any,
+    outputs: Mapping[str, np.ndarray],
+    names: Iterable[str],
+) -> None:
+    """Append the named outputs to a ModelInferResponse as raw_output_contents."""
+    add_output = response.outputs.add
+    raw = response.raw_output_contents
+    for name in names:
+        arr = outputs[name]
+        dt = datatypes.from_numpy(arr.dtype)
+        out = add_output()
+        out.name = name
+        out.datatype = dt.name
+        out.shape.extend(arr.shape)
+        if dt.name == "BYTES":
+            raw.append(encode_bytes_tensor(arr))
+        else:
+            raw.append(np.ascontiguousarray(arr).tobytes())

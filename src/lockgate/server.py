@@ -1,0 +1,188 @@
+"""Process wiring: build the grpc.aio server, serve, and drain on SIGTERM.
+
+``serve()`` runs one process. ``run()`` runs ``--workers N`` processes sharing the port with
+SO_REUSEPORT (the kernel spreads connections across them) and forwards signals, because one
+Python process cannot use more than one core for protocol work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from lockgate._descriptor_pool import POOL
+from lockgate._proto import inference_pb2_grpc as pb_grpc
+from lockgate.config import ServerSettings
+from lockgate.pipeline import InferencePipeline
+from lockgate.protocol.inference_service import InferenceService
+from lockgate.serving.repository import ModelRepository
+
+log = logging.getLogger("lockgate.server")
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+def _install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.so_reuseport", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    key = Path(tls.key_file).read_bytes()
+    cert = Path(tls.cert_file).read_bytes()
+    ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class Gateway:
+    """Everything one serving process owns, started and stopped in order."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
+        self.pipeline = InferencePipeline(self.repository)
+        self.ready = asyncio.Event()
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(options=server_options(settings))
+        self.port = 0
+        self._stopping = asyncio.Event()
+        self.repository.listeners.append(self._on_models_changed)
+
+    def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.get_running_loop().create_task(self.health.set(model, status))
+
+    async def start(self) -> int:
+        settings = self.settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(self.repository, self.pipeline, ready=self.ready), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+            pool=POOL,
+        )
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{settings.host}:{settings.grpc_port}"
+        creds = _credentials(settings)
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        await self.repository.load_all()
+        await self.server.start()
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("lockgate ready on %s:%d (pid %d)", settings.host, self.port, os.getpid())
+        return self.port
+
+    async def stop(self) -> None:
+        """Drain: refuse new RPCs, finish every accepted one, then release the models."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.ready.clear()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
+        await self.server.stop(self.settings.drain_timeout_s)
+        await self.repository.close()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+
+async def serve(settings: ServerSettings) -> None:
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task] = []
+
+    def on_signal(signum: int) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        if not stop_task:
+            stop_task.append(loop.create_task(gateway.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await gateway.start()
+    await gateway.server.wait_for_termination()
+    if stop_task:
+        await stop_task[0]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_single(settings: ServerSettings) -> None:
+    configure_logging(settings.log_level)
+    uv = _install_uvloop()
+    log.info("event loop: %s", "uvloop" if uv else "asyncio")
+    asyncio.run(serve(settings))
+
+
+def _worker_main(settings_json: str, index: int) -> None:
+    os.environ["LOCKGATE_WORKER_INDEX"] = str(index)
+    run_single(ServerSettings.model_validate_json(settings_json))
+
+
+def run(settings: ServerSettings) -> None:
+    """Run one process, or ``workers`` processes sharing the port."""
+    if settings.workers <= 1:
+        run_single(settings)
+        return
+    if settings.grpc_port == 0:
+        raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
+    configure_logging(settings.log_level)
+    ctx = multiprocessing.get_context("spawn")
+    payload = settings.model_copy(update={"workers": 1}).model_dump_json()
+    procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]
+    for proc in procs:
+        proc.start()
+    log.info("started %d workers on port %d: pids %s", len(procs), settings.grpc_port, [p.pid for p in procs])
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        raise SystemExit(f"workers exited with codes {codes}")

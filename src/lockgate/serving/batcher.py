@@ -1,0 +1,247 @@
+"""Dynamic batching per model version: merge concurrent requests into one ONNX Runtime run.
+
+Requests wait in a bounded queue. Worker tasks (one per configured instance) take as many
+compatible requests as fit ``max_batch_size``, optionally wait up to ``max_queue_delay_us``
+to fill a preferred size, concatenate along the batch axis, run once, and split the results
+back. A full queue refuses at once (RESOURCE_EXHAUSTED); a request whose deadline passed
+while queued is never run (DEADLINE_EXCEEDED); closing drains everything already accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+import numpy as np
+
+from lockgate.config import DynamicBatchingConfig
+from lockgate.errors import DeadlineExceeded, InferenceFailed, LockgateError, ResourceExhausted, Unavailable
+from lockgate.serving.runtime import OrtRuntime
+from lockgate.serving.stats import VersionStats
+
+log = logging.getLogger("lockgate.batcher")
+
+# Deadlines shorter than this are waited for with asyncio.sleep(0) spins; asyncio's timers
+# have millisecond resolution, far coarser than a useful batching delay.
+_SPIN_LIMIT_S = 0.002
+
+
+@dataclass(slots=True)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    shape_key: tuple
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic() value, None for no deadline
+    enqueued_ns: int
+
+
+class DynamicBatcher:
+    """The queue and executor for one model version."""
+
+    def __init__(
+        self,
+        runtime: OrtRuntime,
+        *,
+        label: str,
+        max_batch_size: int,
+        batching: DynamicBatchingConfig | None,
+        stats: VersionStats,
+        instances: int = 1,
+    ) -> None:
+        self.runtime = runtime
+        self.label = label
+        self.stats = stats
+        # Without a batch dimension (max_batch_size 0) or without dynamic batching, each
+        # request runs on its own; the queue still bounds the work in flight.
+        self._merge = max_batch_size > 0 and batching is not None
+        self.max_batch_size = max(1, max_batch_size)
+        cfg = batching or DynamicBatchingConfig()
+        self.max_queue_size = cfg.max_queue_size
+        self.max_delay_s = cfg.max_queue_delay_us / 1e6
+        preferred = sorted(b for b in cfg.preferred_batch_sizes if 0 < b <= self.max_batch_size)
+        self._target_rows = preferred[-1] if preferred else self.max_batch_size
+        self._preferred = set(preferred)
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = None if runtime.inline else ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{label}")
+        self._workers = [asyncio.get_running_loop().create_task(self._work()) for _ in range(instances)]
+
+    # -- request side ---------------------------------------------------------------
+    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None) -> dict[str, np.ndarray]:
+        """Queue one request and wait for its own rows of the batch result."""
+        if self._closing:
+            raise Unavailable(f"{self.label} is unloading and takes no new requests")
+        if len(self._queue) >= self.max_queue_size:
+            raise ResourceExhausted(
+                f"{self.label}: queue is full ({len(self._queue)} requests waiting, max_queue_size "
+                f"{self.max_queue_size}); retry later"
+            )
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"{self.label}: the request's deadline passed before it was queued")
+        first = next(iter(inputs.values()))
+        if self._merge:
+            rows = first.shape[0]
+            shape_key = tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in inputs.items())
+        else:
+            rows, shape_key = 1, ()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, rows, shape_key, future, deadline, time.perf_counter_ns()))
+        self.stats.pending += 1
+        self._idle.clear()
+        self._wakeup.set()
+        return await future
+
+    # -- worker side ----------------------------------------------------------------
+    def _take_batch(self, rows: int = 0, shape_key: tuple | None = None) -> list[_Pending]:
+        """Pop a run of compatible requests from the queue front, dropping expired ones.
+
+        ``rows`` and ``shape_key`` describe a batch already being filled, so the result never
+        pushes it past max_batch_size nor mixes shapes.
+        """
+        batch: list[_Pending] = []
+        now = time.monotonic()
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            if item.future.done():  # caller went away (cancelled)
+                queue.popleft()
+                self.stats.pending -= 1
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                queue.popleft()
+                self.stats.pending -= 1
+                item.future.set_exception(
+                    DeadlineExceeded(f"{self.label}: the request's deadline passed while it waited in the queue; it was not run")
+                )
+                continue
+            if shape_key is None:
+                shape_key = item.shape_key
+            elif not self._merge or item.shape_key != shape_key or rows + item.rows > self.max_batch_size:
+                break
+            queue.popleft()
+            batch.append(item)
+            rows += item.rows
+            if not self._merge:
+                break
+        return batch
+
+    async def _fill(self, batch: list[_Pending]) -> list[_Pending]:
+        """Wait up to max_queue_delay for more requests while the batch is below target size."""
+        rows = sum(p.rows for p in batch)
+        key = batch[0].shape_key
+        deadline = time.monotonic() + self.max_delay_s
+        while rows < self._target_rows and rows not in self._preferred and rows < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing:
+                break
+            await asyncio.sleep(0 if remaining < _SPIN_LIMIT_S else min(remaining, 0.001))
+            if self._queue:
+                more = self._take_batch(rows, key)
+                if not more and self._queue and self._queue[0].shape_key != key:
+                    break  # an incompatible request is next: run what we have
+                batch.extend(more)
+                rows += sum(p.rows for p in more)
+        return batch
+
+    async def _work(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._take_batch()
+            if not batch:
+                self._maybe_idle()
+                continue
+            if self._merge and self.max_delay_s > 0:
+                batch = await self._fill(batch)
+            self._running += 1
+            try:
+                await self._execute(batch)
+            finally:
+                self._running -= 1
+                self.stats.pending -= len(batch)
+                self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._queue and self._running == 0:
+            self._idle.set()
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        start_ns = time.perf_counter_ns()
+        queue_ns = [start_ns - p.enqueued_ns for p in batch]
+        try:
+            if len(batch) == 1:
+                feeds = batch[0].inputs
+            else:
+                names = batch[0].inputs.keys()
+                feeds = {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in names}
+            input_done = time.perf_counter_ns()
+            if self._executor is None:
+                outputs = self.runtime.run(feeds)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self._executor, self.runtime.run, feeds)
+            infer_done = time.perf_counter_ns()
+        except LockgateError as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        except Exception as exc:  # ORT raised: fail this batch only, keep serving
+            log.exception("%s: inference failed for a batch of %d requests", self.label, len(batch))
+            error = InferenceFailed(f"{self.label}: inference failed: {exc}")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            return
+        rows_total = 0
+        if len(batch) == 1:
+            p = batch[0]
+            rows_total = p.rows
+            if not p.future.done():
+                p.future.set_result(outputs)
+        else:
+            offset = 0
+            for p in batch:
+                end = offset + p.rows
+                if not p.future.done():
+                    p.future.set_result({name: arr[offset:end] for name, arr in outputs.items()})
+                offset = end
+            rows_total = offset
+        output_done = time.perf_counter_ns()
+        self.stats.record_batch(rows_total, queue_ns, input_done - start_ns, infer_done - input_done, output_done - infer_done)
+
+    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking requests, finish every accepted one; True if all finished in time."""
+        self._closing = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._workers, return_exceptions=True), timeout)
+            finished = True
+        except asyncio.TimeoutError:
+            finished = False
+            for task in self._workers:
+                task.cancel()
+            while self._queue:
+                item = self._queue.popleft()
+                if not item.future.done():
+                    item.future.set_exception(Unavailable(f"{self.label} was unloaded before the request ran"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        return finished

@@ -1,0 +1,248 @@
+"""The model repository: find models on disk, load the versions the policy selects, and
+swap them at run time without failing in-flight requests.
+
+Layout: ``REPO/<model>/config.yaml`` (optional) and ``REPO/<model>/<version>/model.onnx``
+with integer versions. A loaded model is an immutable ``LoadedModel``; reload builds a new
+one and swaps it in a single assignment, so a request sees either the old or the new set of
+versions, never a mix. Versions that leave the set drain: their queues finish everything
+already accepted before their sessions are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lockgate.config import ModelConfigFile
+from lockgate.errors import LockgateError, NotFound, Unavailable
+from lockgate.protocol.codec import Signature
+from lockgate.serving.batcher import DynamicBatcher
+from lockgate.serving.runtime import OrtRuntime
+from lockgate.serving.stats import VersionStats
+
+log = logging.getLogger("lockgate.repository")
+
+MODEL_FILENAME = "model.onnx"
+
+# Called before a version's session is created; raises to refuse the load (the control
+# plane checks the artifact's SHA-256 against the registry here).
+ArtifactVerifier = Callable[[str, str, Path, str], None]
+# Called after the set of loaded versions changes: (model, loaded_versions, removed_versions).
+ModelListener = Callable[[str, list[str], list[str]], None]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """One loaded version: its session, signature, queue and counters."""
+
+    model: str
+    version: str
+    path: Path
+    sha256: str
+    config: ModelConfigFile
+    runtime: OrtRuntime
+    signature: Signature
+    batcher: DynamicBatcher
+    stats: VersionStats
+    loaded_at: float = field(default_factory=time.time)
+    # Attached later by the pipeline (governance engine per version); kept generic here.
+    extensions: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.model}' version {self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    name: str
+    config: ModelConfigFile
+    versions: dict[str, ModelVersion]
+    default_version: str
+
+    def get(self, version: str) -> ModelVersion:
+        if not version:
+            return self.versions[self.default_version]
+        found = self.versions.get(version)
+        if found is None:
+            loaded = ", ".join(sorted(self.versions, key=int))
+            raise NotFound(f"model '{self.name}' has no loaded version {version}; loaded versions: {loaded}")
+        return found
+
+
+@dataclass(slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class ModelRepository:
+    """Owns every loaded model; the only place sessions are created or released."""
+
+    def __init__(self, root: Path, *, drain_timeout_s: float = 30.0) -> None:
+        self.root = Path(root)
+        self.drain_timeout_s = drain_timeout_s
+        self._models: dict[str, LoadedModel] = {}
+        self._failed: dict[str, str] = {}  # model -> why its last load failed
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._draining: set[asyncio.Task] = set()
+        self.verifiers: list[ArtifactVerifier] = []
+        self.listeners: list[ModelListener] = []
+
+    # -- lookups (hot path) ---------------------------------------------------------
+    def get(self, name: str) -> LoadedModel:
+        model = self._models.get(name)
+        if model is None:
+            if name in self._failed:
+                raise Unavailable(f"model '{name}' is not ready: {self._failed[name]}")
+            raise NotFound(f"model '{name}' is not loaded; available models: {', '.join(sorted(self._models)) or '(none)'}")
+        return model
+
+    def models(self) -> dict[str, LoadedModel]:
+        return dict(self._models)
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        model = self._models.get(name)
+        return model is not None and (not version or version in model.versions)
+
+    def discover(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def index(self) -> list[IndexEntry]:
+        entries = []
+        for name in self.discover():
+            model = self._models.get(name)
+            on_disk = self._versions_on_disk(self.root / name)
+            for v in on_disk:
+                if model and str(v) in model.versions:
+                    entries.append(IndexEntry(name, str(v), "READY"))
+                elif name in self._failed:
+                    entries.append(IndexEntry(name, str(v), "UNAVAILABLE", self._failed[name]))
+                else:
+                    entries.append(IndexEntry(name, str(v), "UNAVAILABLE", "unloaded" if model is None else "not selected by the version policy"))
+            if not on_disk:
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", self._failed.get(name, "no version directories")))
+        return entries
+
+    # -- load / unload ---------------------------------------------------------------
+    @staticmethod
+    def _versions_on_disk(model_dir: Path) -> list[int]:
+        if not model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / MODEL_FILENAME).exists())
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load_all(self) -> None:
+        for name in self.discover():
+            try:
+                await self.load(name)
+            except LockgateError as exc:
+                log.error("model '%s' failed to load: %s", name, exc.message)
+
+    async def load(self, name: str) -> LoadedModel:
+        """Load (or reload) a model: new versions are loaded first, then swapped in."""
+        async with self._lock(name):
+            model_dir = self.root / name
+            if not model_dir.is_dir():
+                raise NotFound(f"model '{name}' is not in the repository {self.root}")
+            try:
+                config = ModelConfigFile.load(model_dir / "config.yaml")
+                selected = config.version_policy.select(self._versions_on_disk(model_dir))
+                if not selected:
+                    raise Unavailable(f"model '{name}': no version directory with {MODEL_FILENAME} matches the version policy")
+                current = self._models.get(name)
+                versions: dict[str, ModelVersion] = {}
+                for v in selected:
+                    key = str(v)
+                    path = model_dir / key / MODEL_FILENAME
+                    digest = await asyncio.to_thread(sha256_file, path)
+                    old = current.versions.get(key) if current else None
+                    if old is not None and old.sha256 == digest and old.config == config:
+                        versions[key] = old
+                        continue
+                    versions[key] = await self._load_version(name, key, path, digest, config)
+                default = str(config.default_version) if config.default_version is not None else max(versions, key=int)
+                if default not in versions:
+                    raise Unavailable(f"model '{name}': default_version {default} is not among the loaded versions {sorted(versions)}")
+            except LockgateError as exc:
+                self._failed[name] = exc.message
+                raise
+            except Exception as exc:  # bad YAML, ORT refused the graph, ...
+                self._failed[name] = f"{type(exc).__name__}: {exc}"
+                log.exception("model '%s' failed to load", name)
+                raise Unavailable(f"model '{name}' failed to load: {exc}") from exc
+            loaded = LoadedModel(name, config, versions, default)
+            self._models[name] = loaded  # atomic swap
+            self._failed.pop(name, None)
+            removed = [v for v in (current.versions.values() if current else []) if versions.get(v.version) is not v]
+            for old in removed:
+                self._drain_later(old)
+            log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
+            for listener in self.listeners:
+                listener(name, sorted(versions, key=int), [v.version for v in removed])
+            return loaded
+
+    async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
+        for verify in self.verifiers:
+            verify(name, version, path, digest)
+        label = f"model '{name}' version {version}"
+        runtime = await asyncio.to_thread(OrtRuntime, path, config.runtime, label=label)
+        signature = runtime.signature(config.max_batch_size)
+        await asyncio.to_thread(runtime.warm_up, signature)
+        stats = VersionStats()
+        batcher = DynamicBatcher(
+            runtime,
+            label=label,
+            max_batch_size=signature.max_batch_size,
+            batching=config.dynamic_batching,
+            stats=stats,
+            instances=config.runtime.instances,
+        )
+        return ModelVersion(name, version, path, digest, config, runtime, signature, batcher, stats)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock(name):
+            model = self._models.pop(name, None)
+            self._failed.pop(name, None)
+            if model is None:
+                raise NotFound(f"model '{name}' is not loaded")
+            await asyncio.gather(*(self._drain(v) for v in model.versions.values()))
+            for listener in self.listeners:
+                listener(name, [], list(model.versions))
+            log.info("model '%s' unloaded", name)
+
+    def _drain_later(self, version: ModelVersion) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(version))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, version: ModelVersion) -> None:
+        finished = await version.batcher.drain(self.drain_timeout_s)
+        if not finished:
+            log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
+        log.info("%s unloaded (drained)", version.label)
+
+    async def close(self) -> None:
+        """Drain every model (SIGTERM path)."""
+        models = list(self._models.values())
+        self._models.clear()
+        await asyncio.gather(*(self._drain(v) for m in models for v in m.versions.values()), *self._draining)
