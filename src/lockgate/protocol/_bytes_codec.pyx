@@ -12,7 +12,10 @@ cnp.import_array()
 
 
 def decode_bytes_tensor(const unsigned char[::1] buf, Py_ssize_t count):
-    """Split a raw BYTES buffer into an object array of ``count`` bytes objects.
+    """Split a raw BYTES buffer into an object array of ``count`` str objects.
+
+    ONNX Runtime's string tensors take Python ``str``, so elements are decoded as UTF-8 here,
+    once; an element that is not UTF-8 is refused with its index.
 
     Raises ValueError naming the element when the buffer is truncated or has trailing bytes.
     """
@@ -29,7 +32,11 @@ def decode_bytes_tensor(const unsigned char[::1] buf, Py_ssize_t count):
         pos += 4
         if pos + <Py_ssize_t>length > n:
             raise ValueError(f"BYTES element {i}: declares {length} bytes but only {n - pos} remain")
-        view[i] = bytes(buf[pos:pos + length])
+        try:
+            view[i] = (<const char*>&buf[pos])[:length].decode("utf-8") if length else ""
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"BYTES element {i} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                             "ONNX Runtime string tensors hold text") from None
         pos += length
     if pos != n:
         raise ValueError(f"BYTES buffer has {n - pos} trailing bytes after {count} elements")

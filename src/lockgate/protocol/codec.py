@@ -93,7 +93,11 @@ def _decode_typed(spec: TensorSpec, tensor: Any, shape: tuple[int, ...], count: 
         )
     if dt.name == "BYTES":
         arr = np.empty(count, dtype=object)
-        arr[:] = list(values)
+        try:
+            arr[:] = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"input '{spec.name}': a BYTES element is not valid UTF-8 ({exc.reason}); "
+                                  "ONNX Runtime string tensors hold text") from None
         return arr.reshape(shape)
     try:
         return np.asarray(values, dtype=dt.numpy).reshape(shape)

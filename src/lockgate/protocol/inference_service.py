@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, AsyncIterator
 
@@ -77,6 +78,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.repository.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        # Which worker process answered: lets operators (and the --workers test) see the spread.
+        context.set_trailing_metadata((("lockgate-worker-pid", str(os.getpid())),))
         return pb.ServerMetadataResponse(name="lockgate", version=lockgate.__version__, extensions=EXTENSIONS)
 
     def _model_and_version(self, name: str, version: str) -> tuple[LoadedModel, ModelVersion]:

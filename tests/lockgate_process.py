@@ -1,0 +1,77 @@
+"""Start a real ``lockgate serve`` process on loopback for tests, and stop it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LockgateProcess:
+    """A lockgate server subprocess; ``url`` is what clients dial."""
+
+    def __init__(self, repo: Path, *, args: Sequence[str] = (), env: dict | None = None, state_dir: Path | None = None,
+                 log_path: Path | None = None) -> None:
+        self.repo = Path(repo)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.state_dir = state_dir or self.repo.parent / f"state-{self.port}"
+        self.log_path = log_path or self.repo.parent / f"lockgate-{self.port}.log"
+        cmd = [*LOCKGATE, "serve", "--model-repository", str(self.repo), "--grpc-port", str(self.port),
+               "--metrics-port", str(self.metrics_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 60.0) -> "LockgateProcess":
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"lockgate exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready:
+                        return self
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"lockgate not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "LockgateProcess":
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
