@@ -1,0 +1,447 @@
+"""Model registry: lifecycle, validation and approval gates, artifact integrity.
+
+Lifecycle (every edge is listed in ``LIFECYCLE``; anything else raises
+``LifecycleError``)::
+
+    registered -> validated -> approved -> serving | canary | shadow -> retired
+
+* ``validate`` is the only way into *validated* (the automatic report must pass);
+* ``approve`` is the only way into *approved* (four eyes, reason, complete card);
+* ``transition`` moves between the traffic states;
+* ``retire`` ends a version (refused while it takes live traffic unless forced).
+
+A validated version may take shadow traffic; approving it while in shadow
+keeps it in shadow and marks it approved (``metadata["approved_by"]``), so it
+may then move to serving/canary directly.
+
+Every state change is a compare-and-set on the stored state, so two admins
+racing on one version cannot both win, and every change is audited.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from lockgate.control.audit import Action, AuditTrail, model_subject
+from lockgate.control.card import ModelCard, parse_card
+from lockgate.control.errors import (
+    ApprovalError,
+    ArtifactTamperedError,
+    InvalidArgumentError,
+    LifecycleError,
+    NotFoundError,
+)
+from lockgate.control.store import RecordKind, Store, StoredRecord, VersionRecord, utc_now_iso
+from lockgate.control.validation import (
+    Arrays,
+    Signature,
+    Tolerance,
+    ValidationReport,
+    run_checks,
+    sha256_file,
+)
+
+ARTIFACT_FILENAME = "model.onnx"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION_ID = re.compile(r"^[1-9][0-9]{0,17}$")
+
+
+class State(StrEnum):
+    REGISTERED = "registered"
+    VALIDATED = "validated"
+    APPROVED = "approved"
+    SERVING = "serving"
+    CANARY = "canary"
+    SHADOW = "shadow"
+    RETIRED = "retired"
+
+
+LIFECYCLE: Mapping[State, frozenset[State]] = {
+    State.REGISTERED: frozenset({State.VALIDATED, State.RETIRED}),
+    State.VALIDATED: frozenset({State.APPROVED, State.SHADOW, State.RETIRED}),
+    State.APPROVED: frozenset({State.SERVING, State.CANARY, State.SHADOW, State.RETIRED}),
+    State.SERVING: frozenset({State.APPROVED, State.RETIRED}),
+    State.CANARY: frozenset({State.SERVING, State.APPROVED, State.RETIRED}),
+    State.SHADOW: frozenset({State.VALIDATED, State.APPROVED, State.SERVING, State.CANARY, State.RETIRED}),
+    State.RETIRED: frozenset(),
+}
+LIVE_STATES = frozenset({State.SERVING, State.CANARY})
+SERVABLE_STATES = frozenset({State.APPROVED, State.SERVING, State.CANARY})
+SHADOWABLE_STATES = frozenset({State.VALIDATED, State.APPROVED, State.SERVING, State.CANARY, State.SHADOW})
+# Targets ``transition`` may reach; validated/approved/retired have their own methods.
+_TRAFFIC_TARGETS = frozenset({State.SERVING, State.CANARY, State.SHADOW, State.APPROVED, State.VALIDATED})
+
+
+def check_names(model: str, version: str) -> None:
+    """Model names are path-safe identifiers; versions are positive integers as strings."""
+    if not _MODEL_NAME.match(model):
+        raise InvalidArgumentError(
+            f"invalid model name {model!r}: use letters, digits, '_', '.', '-' (max 128)"
+        )
+    if not _VERSION_ID.match(version):
+        raise InvalidArgumentError(f"invalid version {version!r}: must be a positive integer such as '1'")
+
+
+def _is_approved(record: VersionRecord) -> bool:
+    return bool(record.metadata.get("approved_by"))
+
+
+class Registry:
+    """Lifecycle operations over a ``Store``, each audited through ``AuditTrail``.
+
+    ``repository`` is the model repository root (``REPO/<model>/<version>/model.onnx``);
+    it is only needed when ``register`` is called without an explicit path.
+    """
+
+    def __init__(self, store: Store, audit: AuditTrail | None = None, *, repository: str | Path | None = None) -> None:
+        self.store = store
+        self.audit = audit or AuditTrail(store)
+        self.repository = Path(repository) if repository is not None else None
+
+    # -- queries ------------------------------------------------------------
+    def get(self, model: str, version: str) -> VersionRecord:
+        record = self.store.get_version(model, version)
+        if record is None:
+            raise NotFoundError(f"model {model!r} version {version!r} is not registered")
+        return record
+
+    def list_versions(self, model: str | None = None) -> list[VersionRecord]:
+        """All versions (of one model), for ``models list``."""
+        return self.store.list_versions(model)
+
+    def show(self, model: str, version: str) -> dict[str, Any]:
+        """Version row plus its reports, approvals and cards (for ``models show``)."""
+        record = self.get(model, version)
+
+        def bodies(kind: RecordKind) -> list[dict[str, Any]]:
+            return [
+                {"id": r.id, "actor": r.actor, "time": r.time, **r.body}
+                for r in self.store.list_records(kind=kind, model=model, version=version)
+            ]
+
+        return {
+            **asdict(record),
+            "can_serve": self._serve_denial(record) is None,
+            "can_shadow": State(record.state) in SHADOWABLE_STATES,
+            "validation_reports": bodies(RecordKind.VALIDATION),
+            "approvals": bodies(RecordKind.APPROVAL),
+            "cards": bodies(RecordKind.CARD),
+        }
+
+    def latest_report(self, model: str, version: str) -> ValidationReport | None:
+        records = self.store.list_records(RecordKind.VALIDATION, model, version)
+        return ValidationReport.model_validate(records[-1].body) if records else None
+
+    def latest_card(self, model: str, version: str) -> ModelCard | None:
+        records = self.store.list_records(RecordKind.CARD, model, version)
+        return ModelCard.model_validate(records[-1].body) if records else None
+
+    @staticmethod
+    def _serve_denial(record: VersionRecord) -> str | None:
+        state = State(record.state)
+        if state in SERVABLE_STATES or (state is State.SHADOW and _is_approved(record)):
+            return None
+        return (
+            f"model {record.model!r} version {record.version!r} is {state.value}"
+            + ("" if state is State.RETIRED else ", not approved")
+            + "; only approved versions may take live traffic"
+        )
+
+    def serve_denial_reason(self, model: str, version: str) -> str | None:
+        """None when the version may take live traffic, else the reason (for PERMISSION_DENIED)."""
+        record = self.store.get_version(model, version)
+        if record is None:
+            return f"model {model!r} version {version!r} is not registered"
+        return self._serve_denial(record)
+
+    def can_serve(self, model: str, version: str) -> bool:
+        """Approved, serving or canary (or approved while shadowing)."""
+        return self.serve_denial_reason(model, version) is None
+
+    def can_shadow(self, model: str, version: str) -> bool:
+        """Validated or better and not retired."""
+        record = self.store.get_version(model, version)
+        return record is not None and State(record.state) in SHADOWABLE_STATES
+
+    def servable_versions(self, model: str) -> frozenset[str]:
+        """Versions that may take live traffic: for the router's snapshot (refresh on VERSION changes)."""
+        return frozenset(r.version for r in self.store.list_versions(model) if self._serve_denial(r) is None)
+
+    def shadowable_versions(self, model: str) -> frozenset[str]:
+        return frozenset(
+            r.version for r in self.store.list_versions(model) if State(r.state) in SHADOWABLE_STATES
+        )
+
+    # -- register -----------------------------------------------------------
+    def artifact_path(self, model: str, version: str) -> Path:
+        if self.repository is None:
+            raise InvalidArgumentError("no artifact path given and no model repository configured")
+        return self.repository / model / version / ARTIFACT_FILENAME
+
+    def register(
+        self,
+        model: str,
+        version: str,
+        artifact_path: str | Path | None,
+        actor: str,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> VersionRecord:
+        """Record a new version and the SHA-256 of its artifact as it is now."""
+        check_names(model, version)
+        path = Path(artifact_path) if artifact_path is not None else self.artifact_path(model, version)
+        if not path.is_file():
+            raise NotFoundError(f"artifact {path} does not exist")
+        digest = sha256_file(path)
+        now = utc_now_iso()
+        record = VersionRecord(
+            model=model,
+            version=version,
+            state=State.REGISTERED.value,
+            artifact_path=str(path.resolve()),
+            sha256=digest,
+            registered_by=actor,
+            registered_at=now,
+            updated_at=now,
+            metadata=dict(metadata or {}),
+        )
+        self.store.create_version(record)
+        self.audit.append(
+            actor,
+            Action.MODEL_REGISTER,
+            model_subject(model, version),
+            {"artifact_path": record.artifact_path, "sha256": digest, "metadata": record.metadata},
+        )
+        return record
+
+    # -- validate -----------------------------------------------------------
+    def validate(
+        self,
+        model: str,
+        version: str,
+        actor: str,
+        *,
+        expected_signature: Signature | Mapping[str, Any] | None = None,
+        sample: Arrays | None = None,
+        golden: tuple[Arrays, Arrays] | None = None,
+        tolerance: Tolerance | None = None,
+        latency_runs: int = 5,
+    ) -> ValidationReport:
+        """Run the automatic checks, store the report, and move to *validated* if it passed.
+
+        A failed report is stored and audited too; the version stays *registered*.
+        """
+        record = self.get(model, version)
+        if record.state != State.REGISTERED:
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {record.state}; only registered versions are validated"
+            )
+        started = utc_now_iso()
+        checks, signature, latency = run_checks(
+            record.artifact_path,
+            expected_sha256=record.sha256,
+            expected_signature=expected_signature,
+            sample=sample,
+            golden=golden,
+            tolerance=tolerance,
+            latency_runs=latency_runs,
+        )
+        report = ValidationReport(
+            model=model,
+            version=version,
+            validator=actor,
+            passed=all(c.status != "failed" for c in checks),
+            sha256=record.sha256,
+            checks=checks,
+            signature=signature,
+            latency_ms=latency,
+            started_at=started,
+            finished_at=utc_now_iso(),
+        )
+        stored = self.store.add_record(RecordKind.VALIDATION, model, version, actor, report.model_dump(mode="json"))
+        new_state = State.VALIDATED if report.passed else State.REGISTERED
+        if report.passed:
+            self.store.update_version(
+                model, version, state=new_state.value, expected_state=State.REGISTERED.value,
+                metadata={"validation_id": stored.id},
+            )
+        self.audit.append(
+            actor,
+            Action.MODEL_VALIDATE,
+            model_subject(model, version),
+            {
+                "passed": report.passed,
+                "failed_checks": report.failed_checks(),
+                "report_id": stored.id,
+                "sha256": record.sha256,
+                "latency_ms": latency,
+                "from": record.state,
+                "to": new_state.value,
+            },
+        )
+        return report
+
+    # -- card and approval ----------------------------------------------------
+    def set_card(self, model: str, version: str, card: ModelCard | Mapping[str, Any], actor: str) -> StoredRecord:
+        """Store (a new revision of) the version's model card; it must be complete."""
+        record = self.get(model, version)
+        if record.state == State.RETIRED:
+            raise LifecycleError(f"model {model!r} version {version!r} is retired")
+        parsed = parse_card(card)
+        stored = self.store.add_record(RecordKind.CARD, model, version, actor, parsed.model_dump(mode="json"))
+        self.audit.append(actor, Action.MODEL_CARD, model_subject(model, version), {"card_id": stored.id, "owner": parsed.owner})
+        return stored
+
+    def approve(
+        self,
+        model: str,
+        version: str,
+        approver: str,
+        reason: str,
+        card: ModelCard | Mapping[str, Any] | None = None,
+    ) -> StoredRecord:
+        """Approve a validated version for live traffic; returns the approval record.
+
+        Refused (``ApprovalError``) when the approver registered the version,
+        the reason is blank, or no complete model card is given or stored;
+        ``LifecycleError`` when the version is not validated.
+        """
+        record = self.get(model, version)
+        state = State(record.state)
+        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {state.value}; only validated versions can be approved"
+            )
+        if approver.strip() == record.registered_by.strip():
+            raise ApprovalError(
+                f"four-eyes rule: {approver!r} registered model {model!r} version {version!r} "
+                "and cannot also approve it"
+            )
+        if not reason or not reason.strip():
+            raise ApprovalError("an approval needs a non-empty reason")
+        if card is not None:
+            try:
+                parsed = parse_card(card)
+            except InvalidArgumentError as exc:
+                raise ApprovalError(str(exc)) from exc
+            card_record = self.set_card(model, version, parsed, approver)
+        else:
+            cards = self.store.list_records(RecordKind.CARD, model, version)
+            if not cards:
+                raise ApprovalError(f"model {model!r} version {version!r} has no model card; provide one to approve")
+            card_record = cards[-1]
+        self.verify_artifact(model, version, actor=approver)
+        target = State.APPROVED if state is State.VALIDATED else State.SHADOW
+        now = utc_now_iso()
+        self.store.update_version(
+            model, version, state=target.value, expected_state=state.value,
+            metadata={"approved_by": approver, "approved_at": now},
+        )
+        approval = self.store.add_record(
+            RecordKind.APPROVAL, model, version, approver,
+            {
+                "approver": approver,
+                "reason": reason.strip(),
+                "card_id": card_record.id,
+                "sha256": record.sha256,
+                "validation_id": record.metadata.get("validation_id"),
+                "registered_by": record.registered_by,
+            },
+        )
+        self.audit.append(
+            approver,
+            Action.MODEL_APPROVE,
+            model_subject(model, version),
+            {"reason": reason.strip(), "approval_id": approval.id, "card_id": card_record.id,
+             "sha256": record.sha256, "from": state.value, "to": target.value},
+        )
+        return approval
+
+    # -- traffic states and retirement ------------------------------------------
+    def transition(
+        self,
+        model: str,
+        version: str,
+        target: State | str,
+        actor: str,
+        *,
+        reason: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> VersionRecord:
+        """Move between traffic states (serving, canary, shadow, back to approved/validated)."""
+        to = State(target)
+        record = self.get(model, version)
+        current = State(record.state)
+        if to not in _TRAFFIC_TARGETS or (to is State.VALIDATED and current is not State.SHADOW):
+            raise LifecycleError(
+                f"cannot move model {model!r} version {version!r} to {to.value} with a traffic change; "
+                + {State.VALIDATED: "use validate()", State.RETIRED: "use retire()"}.get(to, "not a traffic state")
+            )
+        if to is State.APPROVED and current is State.VALIDATED:
+            raise LifecycleError(f"model {model!r} version {version!r} is validated; approval requires approve()")
+        if to not in LIFECYCLE[current]:
+            allowed = ", ".join(sorted(s.value for s in LIFECYCLE[current])) or "none"
+            raise LifecycleError(
+                f"illegal transition {current.value} -> {to.value} for model {model!r} version {version!r} "
+                f"(allowed: {allowed})"
+            )
+        if current is State.SHADOW:
+            if to in SERVABLE_STATES and not _is_approved(record):
+                raise LifecycleError(
+                    f"model {model!r} version {version!r} is shadowing but not approved; it cannot go {to.value}"
+                )
+            if to is State.VALIDATED and _is_approved(record):
+                to = State.APPROVED  # an approved version leaves shadow as approved
+        updated = self.store.update_version(model, version, state=to.value, expected_state=current.value)
+        self.audit.append(
+            actor,
+            Action.MODEL_TRANSITION,
+            model_subject(model, version),
+            {"from": current.value, "to": to.value, "reason": reason, **dict(details or {})},
+        )
+        return updated
+
+    def retire(self, model: str, version: str, actor: str, *, reason: str = "", force: bool = False) -> VersionRecord:
+        """End a version; refused while it serves or canaries unless ``force``."""
+        record = self.get(model, version)
+        current = State(record.state)
+        if current is State.RETIRED:
+            raise LifecycleError(f"model {model!r} version {version!r} is already retired")
+        if current in LIVE_STATES and not force:
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {current.value}; move its traffic away first (or force)"
+            )
+        updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=current.value)
+        self.audit.append(
+            actor, Action.MODEL_RETIRE, model_subject(model, version),
+            {"from": current.value, "to": State.RETIRED.value, "reason": reason, "forced": force},
+        )
+        return updated
+
+    # -- integrity ----------------------------------------------------------------
+    def verify_artifact(self, model: str, version: str, path: str | Path | None = None, *, actor: str = "lockgate") -> None:
+        """Re-hash the artifact (call at every load); a mismatch is audited and refused."""
+        record = self.get(model, version)
+        target = Path(path) if path is not None else Path(record.artifact_path)
+        try:
+            actual: str | None = sha256_file(target)
+            problem = None if actual == record.sha256 else "sha256 mismatch"
+        except OSError as exc:
+            actual, problem = None, f"unreadable: {exc.strerror or exc}"
+        if problem is None:
+            return
+        self.audit.append(
+            actor,
+            Action.ARTIFACT_TAMPERED,
+            model_subject(model, version),
+            {"path": str(target), "expected_sha256": record.sha256, "actual_sha256": actual, "problem": problem},
+        )
+        raise ArtifactTamperedError(
+            f"refusing to load model {model!r} version {version!r}: artifact {target} {problem} "
+            f"(registered sha256 {record.sha256[:16]}…, found {actual[:16] + '…' if actual else 'none'})"
+        )

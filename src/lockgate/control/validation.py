@@ -1,0 +1,326 @@
+"""Automatic validation of an ONNX artifact before it may be approved.
+
+Each check is independent and recorded (passed / failed / skipped with a
+detail), so a report explains *why* a version was refused instead of
+stopping at the first problem. Inference runs on CPU with one thread: this
+is a gate, not a benchmark, and must not starve the serving threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from lockgate.control.errors import InvalidArgumentError
+
+GOLDEN_INPUTS = "golden_inputs.npz"
+GOLDEN_OUTPUTS = "golden_outputs.npz"
+
+CheckStatus = Literal["passed", "failed", "skipped"]
+Arrays = Mapping[str, np.ndarray]
+
+# ONNX TensorProto element type -> Open Inference Protocol datatype.
+_ONNX_TO_OIP: dict[int, str] = {
+    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
+    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16",
+}
+_ALIASES: dict[str, str] = {
+    "FLOAT": "FP32", "FLOAT32": "FP32", "FLOAT16": "FP16", "HALF": "FP16",
+    "FLOAT64": "FP64", "DOUBLE": "FP64", "STRING": "BYTES", "STR": "BYTES",
+    "BFLOAT16": "BF16",
+}
+# onnxruntime type string -> numpy dtype for generated samples.
+_ORT_TO_NUMPY: dict[str, Any] = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,
+}
+
+
+def normalize_datatype(name: str) -> str:
+    """Accept OIP (FP32), Triton config (TYPE_FP32) and numpy (float32) spellings."""
+    upper = name.strip().upper().removeprefix("TYPE_")
+    return _ALIASES.get(upper, upper)
+
+
+class TensorSpec(BaseModel):
+    """One input or output; shapes include the batch dimension, -1 = any size."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class Signature(BaseModel):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Tolerance(BaseModel):
+    """``numpy.allclose`` tolerances for golden outputs."""
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+class CheckResult(BaseModel):
+    name: str
+    status: CheckStatus
+    detail: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ValidationReport(BaseModel):
+    """Stored as the ``validation`` record of a version; ``passed`` gates the lifecycle."""
+
+    model: str
+    version: str
+    validator: str
+    passed: bool
+    sha256: str
+    checks: list[CheckResult]
+    signature: Signature | None = None
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    started_at: str
+    finished_at: str
+
+    def failed_checks(self) -> list[str]:
+        return [c.name for c in self.checks if c.status == "failed"]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Streamed SHA-256 so large artifacts never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def onnx_signature(path: str | Path) -> Signature:
+    """Graph inputs (initializers excluded) and outputs of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        return TensorSpec(name=value.name, datatype=_ONNX_TO_OIP.get(tensor.elem_type, str(tensor.elem_type)), shape=dims)
+
+    return Signature(
+        inputs=[spec(v) for v in model.graph.input if v.name not in initializers],
+        outputs=[spec(v) for v in model.graph.output],
+    )
+
+
+def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
+    if isinstance(data, Signature):
+        return data
+    try:
+        return Signature.model_validate(dict(data))
+    except Exception as exc:  # pydantic.ValidationError: report it as a caller error
+        raise InvalidArgumentError(f"invalid expected signature: {exc}") from exc
+
+
+def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpec], exact: bool) -> list[str]:
+    problems: list[str] = []
+    by_name = {s.name: s for s in actual}
+    for want in expected:
+        have = by_name.get(want.name)
+        if have is None:
+            problems.append(f"{kind} {want.name!r} not in model")
+            continue
+        if normalize_datatype(want.datatype) != normalize_datatype(have.datatype):
+            problems.append(f"{kind} {want.name!r}: datatype {have.datatype}, expected {normalize_datatype(want.datatype)}")
+        if len(want.shape) != len(have.shape) or any(
+            w != h and w != -1 and h != -1 for w, h in zip(want.shape, have.shape)
+        ):
+            problems.append(f"{kind} {want.name!r}: shape {have.shape}, expected {want.shape}")
+    if exact:
+        extra = sorted(set(by_name) - {s.name for s in expected})
+        if extra:
+            problems.append(f"model has {kind}s not in the config: {', '.join(extra)}")
+    return problems
+
+
+def check_signature(expected: Signature, actual: Signature) -> list[str]:
+    """Every model input must be configured; configured outputs must exist."""
+    return _compare_specs("input", expected.inputs, actual.inputs, exact=True) + _compare_specs(
+        "output", expected.outputs, actual.outputs, exact=False
+    )
+
+
+def generate_sample(session: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic one-row sample: normal floats, zero ints/bools, empty strings."""
+    rng = np.random.default_rng(seed)
+    sample: dict[str, np.ndarray] = {}
+    for value in session.get_inputs():
+        dtype = _ORT_TO_NUMPY.get(value.type)
+        if dtype is None:
+            raise InvalidArgumentError(f"cannot generate a sample for input {value.name!r} of type {value.type}")
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in value.shape)
+        if dtype is np.object_:
+            sample[value.name] = np.full(shape, "", dtype=object)
+        elif np.issubdtype(dtype, np.floating):
+            sample[value.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            sample[value.name] = np.zeros(shape, dtype=dtype)
+    return sample
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def find_golden(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """``golden_inputs.npz`` + ``golden_outputs.npz`` beside the artifact, if present."""
+    inputs, outputs = artifact.parent / GOLDEN_INPUTS, artifact.parent / GOLDEN_OUTPUTS
+    if not inputs.exists() and not outputs.exists():
+        return None
+    if not (inputs.exists() and outputs.exists()):
+        missing = GOLDEN_OUTPUTS if inputs.exists() else GOLDEN_INPUTS
+        raise InvalidArgumentError(f"{missing} missing beside {artifact}")
+    return load_npz(inputs), load_npz(outputs)
+
+
+def _compare_golden(outputs: dict[str, np.ndarray], golden: Arrays, tolerance: Tolerance) -> CheckResult:
+    problems: list[str] = []
+    diffs: dict[str, float] = {}
+    for name, want in golden.items():
+        got = outputs.get(name)
+        if got is None:
+            problems.append(f"output {name!r} not produced")
+            continue
+        if got.shape != want.shape:
+            problems.append(f"output {name!r}: shape {list(got.shape)}, golden {list(want.shape)}")
+            continue
+        if np.issubdtype(want.dtype, np.number) and np.issubdtype(got.dtype, np.number):
+            diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+            diffs[name] = diff
+            if not np.allclose(got, want, rtol=tolerance.rtol, atol=tolerance.atol, equal_nan=True):
+                problems.append(f"output {name!r}: max abs diff {diff:.3g} beyond rtol={tolerance.rtol}, atol={tolerance.atol}")
+        elif not np.array_equal(got, want):
+            problems.append(f"output {name!r} differs from golden")
+    return CheckResult(
+        name="golden_outputs",
+        status="failed" if problems else "passed",
+        detail="; ".join(problems) or f"{len(golden)} output(s) within tolerance",
+        data={"max_abs_diff": diffs, "rtol": tolerance.rtol, "atol": tolerance.atol},
+    )
+
+
+def run_checks(
+    artifact: str | Path,
+    *,
+    expected_sha256: str,
+    expected_signature: Signature | Mapping[str, Any] | None = None,
+    sample: Arrays | None = None,
+    golden: tuple[Arrays, Arrays] | None = None,
+    tolerance: Tolerance | None = None,
+    latency_runs: int = 5,
+) -> tuple[list[CheckResult], Signature | None, dict[str, float]]:
+    """Run every check; returns (checks, observed signature, latency stats in ms)."""
+    path = Path(artifact)
+    tolerance = tolerance or Tolerance()
+    checks: list[CheckResult] = []
+    latency: dict[str, float] = {}
+
+    actual_sha = sha256_file(path)
+    checks.append(
+        CheckResult(
+            name="sha256",
+            status="passed" if actual_sha == expected_sha256 else "failed",
+            detail="matches registration" if actual_sha == expected_sha256
+            else f"artifact is {actual_sha}, registered {expected_sha256}",
+            data={"sha256": actual_sha},
+        )
+    )
+
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+        checks.append(CheckResult(name="onnx_checker", status="passed"))
+    except Exception as exc:  # onnx raises several types; all mean "invalid model"
+        checks.append(CheckResult(name="onnx_checker", status="failed", detail=str(exc)[:2000]))
+
+    signature: Signature | None = None
+    try:
+        signature = onnx_signature(path)
+    except Exception as exc:
+        checks.append(CheckResult(name="signature", status="failed", detail=f"cannot read graph: {exc}"))
+    if signature is not None:
+        if expected_signature is None:
+            checks.append(CheckResult(name="signature", status="skipped", detail="no expected signature configured"))
+        else:
+            problems = check_signature(parse_signature(expected_signature), signature)
+            checks.append(
+                CheckResult(
+                    name="signature",
+                    status="failed" if problems else "passed",
+                    detail="; ".join(problems) or "inputs and outputs match the config",
+                )
+            )
+
+    if golden is None:
+        try:
+            golden = find_golden(path)
+        except (InvalidArgumentError, OSError, ValueError) as exc:
+            checks.append(CheckResult(name="golden_outputs", status="failed", detail=str(exc)))
+            golden = None
+
+    session = None
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        feed = dict(sample) if sample is not None else dict(golden[0]) if golden is not None else generate_sample(session)
+        missing = [i.name for i in session.get_inputs() if i.name not in feed]
+        if missing:
+            raise InvalidArgumentError(f"reference sample lacks input(s) {', '.join(missing)}")
+        names = [o.name for o in session.get_outputs()]
+        results = session.run(names, feed)
+        non_finite = int(sum(int(np.size(r) - np.count_nonzero(np.isfinite(r))) for r in results
+                             if isinstance(r, np.ndarray) and np.issubdtype(r.dtype, np.floating)))
+        checks.append(
+            CheckResult(
+                name="smoke_inference",
+                status="passed",
+                detail=f"{len(results)} output(s)" + (f", {non_finite} non-finite value(s)" if non_finite else ""),
+                data={"output_shapes": {n: list(np.shape(r)) for n, r in zip(names, results)}, "non_finite": non_finite},
+            )
+        )
+        if golden is not None:
+            try:
+                golden_run = results if sample is None else session.run(names, dict(golden[0]))
+                checks.append(_compare_golden(dict(zip(names, golden_run)), golden[1], tolerance))
+            except Exception as exc:  # bad golden inputs fail this check only
+                checks.append(CheckResult(name="golden_outputs", status="failed", detail=f"{type(exc).__name__}: {exc}"[:2000]))
+        timings: list[float] = []
+        for _ in range(max(1, latency_runs)):
+            start = time.perf_counter()
+            session.run(names, feed)
+            timings.append((time.perf_counter() - start) * 1000.0)
+        latency = {"median": statistics.median(timings), "min": min(timings), "max": max(timings), "runs": float(len(timings))}
+        checks.append(CheckResult(name="latency", status="passed", detail=f"median {latency['median']:.3f} ms over {len(timings)} runs", data=latency))
+    except Exception as exc:  # any runtime failure is a failed smoke test, recorded
+        checks.append(CheckResult(name="smoke_inference", status="failed", detail=f"{type(exc).__name__}: {exc}"[:2000]))
+        if golden is not None and not any(c.name == "golden_outputs" for c in checks):
+            checks.append(CheckResult(name="golden_outputs", status="skipped", detail="smoke inference failed"))
+        checks.append(CheckResult(name="latency", status="skipped", detail="smoke inference failed"))
+    return checks, signature, latency
