@@ -26,7 +26,7 @@ class LockgateProcess:
     """A lockgate server subprocess; ``url`` is what clients dial."""
 
     def __init__(self, repo: Path, *, args: Sequence[str] = (), env: dict | None = None, state_dir: Path | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, gated: bool = False) -> None:
         self.repo = Path(repo)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -35,6 +35,8 @@ class LockgateProcess:
         self.log_path = log_path or self.repo.parent / f"lockgate-{self.port}.log"
         cmd = [*LOCKGATE, "serve", "--model-repository", str(self.repo), "--grpc-port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
+        if not gated:  # data-plane tests: approval gates are tested on their own
+            cmd.append("--allow-unapproved")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 

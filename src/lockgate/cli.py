@@ -22,13 +22,17 @@ def serve(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="control-plane state [.lockgate]"),
     config: Optional[Path] = typer.Option(None, "--config", help="server YAML config file"),
     host: Optional[str] = typer.Option(None, "--host", help="bind address [0.0.0.0]"),
+    store: Optional[str] = typer.Option(None, "--store", help="postgresql://... or SQLite path [<state-dir>/lockgate.db]"),
+    tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="admin API tokens file (hashed)"),
+    allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="development: serve versions without approval"),
 ) -> None:
     """Serve the models in a repository."""
     from lockgate.server import run
 
     settings = ServerSettings.load(
         config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
-        workers=workers, state_dir=state_dir, host=host,
+        workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
+        require_approval=False if allow_unapproved else None,
     )
     run(settings)
 
@@ -41,15 +45,18 @@ def demo(
     build_only: bool = typer.Option(False, "--build-only", help="write the models and exit"),
 ) -> None:
     """Build the demo models in code (no downloads) and serve them."""
-    from lockgate.demo import build_demo_repository
+    from lockgate.demo import approve_demo_versions, build_demo_repository
     from lockgate.server import run
 
     root = build_demo_repository(dir)
-    typer.echo(f"demo repository written to {root.resolve()}")
+    settings = ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,
+                                   state_dir=root / ".lockgate")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    approved = approve_demo_versions(root, settings.store_location())
+    typer.echo(f"demo repository written to {root.resolve()}; approved versions {', '.join(approved)} of 'credit'")
     if build_only:
         return
-    run(ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,
-                            state_dir=root / ".lockgate"))
+    run(settings)
 
 
 if __name__ == "__main__":

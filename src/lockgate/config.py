@@ -43,6 +43,13 @@ class ServerSettings(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight requests")
     tls: TLSSettings | None = None
     log_level: str = "INFO"
+    store: str | None = Field(None, description="control-plane store: a postgresql:// URL, or SQLite (default <state_dir>/lockgate.db)")
+    require_approval: bool = Field(True, description="only approved versions take live traffic; false is for development")
+    tokens_file: Path | None = Field(None, description="admin API tokens (YAML/JSON, hashed); also LOCKGATE_TOKENS")
+    canary_tick_s: float = Field(1.0, gt=0, description="how often canary analyses are due-checked")
+
+    def store_location(self) -> str:
+        return self.store or str(self.state_dir / "lockgate.db")
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> "ServerSettings":

@@ -112,3 +112,48 @@ def build_demo_repository(root: Path) -> Path:
         np.save(model_dir / str(version) / "reference_sample.npy", sample)
     (model_dir / "config.yaml").write_text(DEMO_CONFIG)
     return root
+
+
+DEMO_CARD = {
+    "owner": "risk-ml@example.com",
+    "intended_use": "Demo: triage of consumer credit applications into approve / review / decline.",
+    "training_data": "synthetic sample built by lockgate.demo.reference_sample(seed=7)",
+    "evaluation_metrics": {"auc": 0.81, "calibration_error": 0.04},
+    "limitations": "Synthetic weights; not for real credit decisions.",
+}
+
+
+def approve_demo_versions(repo_root: Path, store_location: str) -> list[str]:
+    """Register, validate and approve the demo versions (four eyes: two demo identities).
+
+    Idempotent: versions already approved are left alone. Every step is in the audit trail,
+    exactly as if operators had done it through the admin API.
+    """
+    from lockgate.control.audit import AuditTrail
+    from lockgate.control.errors import NotFoundError
+    from lockgate.control.registry import Registry, State
+    from lockgate.control.store import open_store
+
+    store = open_store(store_location)
+    try:
+        registry = Registry(store, AuditTrail(store), repository=repo_root)
+        done = []
+        model_dir = Path(repo_root) / DEMO_MODEL
+        for version in sorted((p.name for p in model_dir.iterdir() if p.name.isdigit()), key=int):
+            try:
+                state = registry.get(DEMO_MODEL, version).state
+            except NotFoundError:
+                registry.register(DEMO_MODEL, version, None, "demo-registrant")
+                state = State.REGISTERED
+            if state == State.REGISTERED:
+                sample = np.load(model_dir / version / "reference_sample.npy")[:64]
+                report = registry.validate(DEMO_MODEL, version, "demo-registrant", sample={"features": sample})
+                if not report.passed:
+                    raise RuntimeError(f"demo version {version} failed validation: {report}")
+                state = State.VALIDATED
+            if state == State.VALIDATED:
+                registry.approve(DEMO_MODEL, version, "demo-approver", "demo: synthetic model, approved for the walkthrough", DEMO_CARD)
+            done.append(version)
+        return done
+    finally:
+        store.close()

@@ -21,6 +21,7 @@ import numpy as np
 
 from lockgate.errors import LockgateError
 from lockgate.protocol import codec
+from lockgate.routing.router import RouteDecision as Route
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
 
 ROUTING_KEY_PARAMETER = "routing_key"
@@ -34,14 +35,6 @@ class RequestContext:
     deadline: float | None = None  # time.monotonic() deadline
     metadata: Mapping[str, str] = field(default_factory=dict)
     trace: Any = None  # telemetry span handle, when tracing is on
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    version: str
-    decision: str  # "default" | "pinned" | "weighted" | "sticky"
-    shadow_version: str | None = None
-    key_hash: int | None = None
 
 
 class RoutingStage(Protocol):

@@ -24,8 +24,11 @@ from grpc_reflection.v1alpha import reflection
 from lockgate._descriptor_pool import POOL
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
+from lockgate.control.auth import Authenticator
+from lockgate.control.plane import ControlPlane
 from lockgate.pipeline import InferencePipeline
 from lockgate.protocol.inference_service import InferenceService
+from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
 
 log = logging.getLogger("lockgate.server")
@@ -68,7 +71,20 @@ class Gateway:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
-        self.pipeline = InferencePipeline(self.repository)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.control = ControlPlane.open(
+            settings.store_location(),
+            repository_root=settings.model_repository,
+            authenticator=Authenticator.load(tokens_file=settings.tokens_file),
+            require_approval=settings.require_approval,
+            canary_tick_s=settings.canary_tick_s,
+        )
+        if not settings.require_approval:
+            log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
+        self.repository.verifiers.append(self.control.verify_artifact)
+        self.repository.listeners.append(self.control.on_models_changed)
+        self.routing = PolicyRouting(self.control)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing)
         self.ready = asyncio.Event()
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
@@ -82,7 +98,6 @@ class Gateway:
 
     async def start(self) -> int:
         settings = self.settings
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.pipeline, ready=self.ready), self.server
         )
@@ -97,6 +112,7 @@ class Gateway:
         address = f"{settings.host}:{settings.grpc_port}"
         creds = _credentials(settings)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        await self.control.start()
         await self.repository.load_all()
         await self.server.start()
         for name in ("", INFERENCE_SERVICE):
@@ -114,7 +130,9 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
         await self.server.stop(self.settings.drain_timeout_s)
+        await self.routing.drain()
         await self.repository.close()
+        await self.control.close()
         log.info("stopped")
 
     async def wait_stopped(self) -> None:

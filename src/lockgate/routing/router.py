@@ -183,7 +183,7 @@ class Router:
         policy = self._book.get(model)
         if requested_version:
             if not servable(requested_version):
-                raise self._deny(model, requested_version, pinned=True, policy=policy)
+                raise self.deny(model, requested_version, pinned=True, policy=policy)
             decision: RouteKind = "pinned"
             version = requested_version
             key_hash = None
@@ -193,7 +193,7 @@ class Router:
                 self.denied += 1
                 raise NoServableVersion(f"model '{model}' has no traffic policy and no version serving")
             if not servable(default):
-                raise self._deny(model, default, pinned=False, policy=None)
+                raise self.deny(model, default, pinned=False, policy=None)
             self.routed += 1
             return RouteDecision(default, "default")
         elif routing_key and policy.sticky:
@@ -213,7 +213,7 @@ class Router:
             key_hash = None
         if decision != "pinned" and not servable(version):
             # Fail closed: a policy naming a version that lost its approval must not serve it.
-            raise self._deny(model, version, pinned=False, policy=policy)
+            raise self.deny(model, version, pinned=False, policy=policy)
 
         shadow_version = None
         if policy is not None:
@@ -234,7 +234,8 @@ class Router:
         )
 
     # ------------------------------------------------------------------ cold path
-    def _deny(self, model: str, version: str, *, pinned: bool, policy: TrafficPolicy | None) -> Exception:
+    def deny(self, model: str, version: str, *, pinned: bool, policy: TrafficPolicy | None) -> Exception:
+        """The refusal for a version that may not serve (counted), naming its state."""
         self.denied += 1
         state = self._state_of(model, version) if self._state_of is not None else None
         if pinned and self._state_of is not None and state is None:

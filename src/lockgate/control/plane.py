@@ -1,0 +1,209 @@
+"""The control plane as one object: what the server, the admin API and the router share.
+
+It owns the store, registry, audit trail and auth, the live policy book with its router,
+policy writer and canary controller, and the in-memory gate caches the hot path reads
+(servable/shadowable versions per model), refreshed whenever the store reports a change.
+Routing never touches the store on a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from lockgate.control.audit import Action, AuditTrail, model_subject
+from lockgate.control.auth import Authenticator
+from lockgate.control.errors import ControlError, LifecycleError, NotFoundError
+from lockgate.control.registry import Registry, State
+from lockgate.control.store import Change, ChangeKind, Store, open_store
+from lockgate.control.watch import ChangeWatcher
+from lockgate.routing.changes import PolicyChanges
+from lockgate.routing.policy import PolicyBook, TrafficPolicy
+from lockgate.routing.rollout import CanaryController, TrafficStats
+from lockgate.routing.router import Router
+from lockgate.routing.shadow import AgreementBook
+
+log = logging.getLogger("lockgate.control")
+
+SYSTEM_ACTOR = "system:lockgate"
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        repository_root: Path,
+        authenticator: Authenticator,
+        require_approval: bool = True,
+        canary_tick_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.audit = AuditTrail(store)
+        self.registry = Registry(store, self.audit, repository=repository_root)
+        self.auth = authenticator
+        self.require_approval = require_approval
+        self.canary_tick_s = canary_tick_s
+        self.book = PolicyBook()
+        self.agreements = AgreementBook()
+        self.traffic_stats = TrafficStats(self.agreements)
+        self.changes = PolicyChanges(self.book, self._emit, servable=self.can_serve, shadowable=self.can_shadow)
+        self.canary = CanaryController(self.book, changes=self.changes)
+        self.router = Router(self.book, state_of=self._state_of)
+        # Gate caches read on every request: model -> versions. Replaced wholesale (atomic).
+        self._servable: dict[str, frozenset[str]] = {}
+        self._shadowable: dict[str, frozenset[str]] = {}
+        self._loaded: dict[str, frozenset[str]] = {}
+        self._refresh_lock = threading.Lock()
+        self._watcher: ChangeWatcher | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.rollbacks = 0
+
+    @classmethod
+    def open(cls, location: str | Path, **kwargs: Any) -> "ControlPlane":
+        return cls(open_store(location), **kwargs)
+
+    # -- gates (hot path: dict lookups only) ------------------------------------------
+    def can_serve(self, model: str, version: str) -> bool:
+        if not self.require_approval:
+            return version in self._loaded.get(model, ())
+        return version in self._servable.get(model, ())
+
+    def can_shadow(self, model: str, version: str) -> bool:
+        if not self.require_approval:
+            return version in self._loaded.get(model, ())
+        return version in self._shadowable.get(model, ())
+
+    def _state_of(self, model: str, version: str) -> str | None:
+        try:
+            return str(self.registry.get(model, version).state)
+        except NotFoundError:
+            return None
+
+    def refresh_gates(self, models: Sequence[str] | None = None) -> None:
+        """Re-read approval state from the store (on start, on change, on the watcher's resync)."""
+        with self._refresh_lock:
+            names = set(models) if models else {r.model for r in self.registry.list_versions()} | set(self._loaded)
+            servable = dict(self._servable)
+            shadowable = dict(self._shadowable)
+            for name in names:
+                servable[name] = frozenset(self.registry.servable_versions(name))
+                shadowable[name] = frozenset(self.registry.shadowable_versions(name))
+            self._servable, self._shadowable = servable, shadowable
+
+    def refresh_policies(self) -> None:
+        """Install the store's policies that are newer than the live ones."""
+        fresh = []
+        for record in self.store.list_policies():
+            policy = TrafficPolicy.from_dict(record.document)
+            current = self.book.get(policy.model)
+            if current is None or policy.revision > current.revision:
+                fresh.append(policy)
+        if fresh:
+            self.book.load(fresh)
+
+    def _on_store_changes(self, changes: Sequence[Change]) -> None:
+        models = sorted({c.model for c in changes if c.kind in (ChangeKind.VERSION, ChangeKind.RECORD) and c.model})
+        if not changes or models:
+            self.refresh_gates(models or None)
+        if not changes or any(c.kind == ChangeKind.POLICY for c in changes):
+            self.refresh_policies()
+
+    # -- repository hooks ---------------------------------------------------------------
+    def verify_artifact(self, model: str, version: str, path: Path, digest: str) -> None:
+        """Refuse a load whose artifact differs from what was registered (audited)."""
+        try:
+            self.registry.get(model, version)
+        except NotFoundError:
+            return  # first sight: registered (with this hash) right after the load
+        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR)
+
+    def on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
+        for version in loaded:
+            try:
+                self.registry.get(model, version)
+            except NotFoundError:
+                self.registry.register(model, version, None, SYSTEM_ACTOR, metadata={"discovered": True})
+        previous = self._loaded.get(model, frozenset())
+        for version in sorted(set(loaded) - previous):
+            self.audit.append(SYSTEM_ACTOR, Action.MODEL_LOAD, model_subject(model, version), {})
+        for version in removed:
+            if version not in loaded:
+                self.audit.append(SYSTEM_ACTOR, Action.MODEL_UNLOAD, model_subject(model, version), {})
+        self._loaded = {**self._loaded, model: frozenset(loaded)}
+        self.refresh_gates([model])
+
+    def default_version(self, model: str, loaded_default: str, loaded: Mapping[str, Any]) -> str:
+        """Without a policy: the model's default if it may serve, else the highest servable one."""
+        if self.can_serve(model, loaded_default):
+            return loaded_default
+        candidates = [v for v in loaded if self.can_serve(model, v)]
+        return max(candidates, key=int) if candidates else loaded_default
+
+    # -- policy events -------------------------------------------------------------------
+    def _emit(self, event: Mapping[str, Any], policy: TrafficPolicy) -> None:
+        """Persist a published policy and audit the change; keep lifecycle states in step."""
+        self.store.set_policy(policy.model, policy.to_dict(), event["actor"])
+        self.audit.append(event["actor"], event["action"], event["subject"], dict(event["details"]))
+        action = str(event["action"])
+        canary = policy.canary
+        if action.endswith("rolled_back"):
+            self.rollbacks += 1
+            log.warning("canary of model '%s' rolled back: %s", policy.model, event["details"].get("reason"))
+        if canary is not None:
+            if action.endswith("canary.started"):
+                self._transition(policy.model, canary.canary, State.CANARY, event["actor"])
+            elif action.endswith(("rolled_back", "aborted")):
+                self._transition(policy.model, canary.canary, State.APPROVED, event["actor"])
+            elif action.endswith("promoted"):
+                self._transition(policy.model, canary.canary, State.SERVING, event["actor"])
+                self._transition(policy.model, canary.stable, State.APPROVED, event["actor"])
+        for version, weight in policy.weights.items():
+            if weight > 0 and (canary is None or not canary.state.active or version != canary.canary):
+                self._transition(policy.model, version, State.SERVING, event["actor"], quiet=True)
+
+    def _transition(self, model: str, version: str, target: State, actor: str, *, quiet: bool = False) -> None:
+        try:
+            record = self.registry.get(model, version)
+            if record.state != target:
+                self.registry.transition(model, version, target, actor)
+        except (LifecycleError, NotFoundError) as exc:
+            if not quiet:
+                log.info("lifecycle of %s/%s not moved to %s: %s", model, version, target, exc)
+        self.refresh_gates([model])
+
+    # -- background -------------------------------------------------------------------
+    async def start(self) -> None:
+        self.refresh_gates()
+        self.refresh_policies()
+        loop = asyncio.get_running_loop()
+
+        def deliver(changes: Sequence[Change]) -> None:
+            loop.call_soon_threadsafe(self._on_store_changes, list(changes))
+
+        self._watcher = ChangeWatcher(self.store, deliver)
+        self._watcher.start()
+        self._tasks.append(loop.create_task(self.canary.run(self.traffic_stats, tick_s=self.canary_tick_s, stop=self._stop)))
+
+    def on_drift_alert(self, model: str, version: str, status: object, details: Mapping[str, Any] | None = None) -> None:
+        """Governance hook: latch the status for canary analysis and audit DRIFT alerts."""
+        self.canary.on_drift_alert(model, version, status)
+        name = getattr(status, "name", None) or getattr(status, "value", None) or str(status)
+        if str(name).upper() == "DRIFT":
+            try:
+                self.audit.append("system:governance", Action.DRIFT_ALERT, model_subject(model, version), dict(details or {}))
+            except ControlError:
+                log.exception("drift alert for %s/%s could not be audited", model, version)
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.stop)
+        self.store.close()
