@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lockgate.telemetry.config import TelemetrySettings
+
 # A batch of 64 RGB 224x224 FP32 images is 64*3*224*224*4 = 38.5 MB; 64 MiB leaves headroom.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -43,6 +45,7 @@ class ServerSettings(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight requests")
     tls: TLSSettings | None = None
     log_level: str = "INFO"
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     store: str | None = Field(None, description="control-plane store: a postgresql:// URL, or SQLite (default <state_dir>/lockgate.db)")
     require_approval: bool = Field(True, description="only approved versions take live traffic; false is for development")
     tokens_file: Path | None = Field(None, description="admin API tokens (YAML/JSON, hashed); also LOCKGATE_TOKENS")
@@ -59,7 +62,7 @@ class ServerSettings(_Strict):
             data.update(loaded.get("server", loaded))
         for field in cls.model_fields:
             env = os.environ.get(f"LOCKGATE_{field.upper()}")
-            if env is not None and field != "tls":
+            if env is not None and field not in ("tls", "telemetry"):
                 data[field] = env
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

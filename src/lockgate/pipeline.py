@@ -35,6 +35,7 @@ class RequestContext:
     deadline: float | None = None  # time.monotonic() deadline
     metadata: Mapping[str, str] = field(default_factory=dict)
     trace: Any = None  # telemetry span handle, when tracing is on
+    method: str = "ModelInfer"
 
 
 class RoutingStage(Protocol):
@@ -73,9 +74,14 @@ class InferencePipeline:
         self.repository = repository
         self.routing: RoutingStage = routing or DefaultRouting()
         self.governance = governance
+        self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext) -> Any:
         start_ns = time.perf_counter_ns()
+        telemetry = self.telemetry
+        if telemetry is not None and ctx.trace is None:
+            ctx.trace = telemetry.start_request(ctx.method, ctx.metadata, start_ns)
+        trace = ctx.trace
         model = self.repository.get(request.model_name)
 
         # route
@@ -88,10 +94,14 @@ class InferencePipeline:
             routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
         route = self.routing.route(model, request.model_version, routing_key, request.id)
         version = model.get(route.version)
+        if trace is not None:
+            trace.set_model(model.name, version.version)
+            trace.set_route(route.decision, route.key_hash, route.shadow_version)
 
         inputs = None
         outputs = None
         ok = False
+        error: BaseException | None = None
         try:
             # decode
             inputs = codec.decode_inputs(request, version.signature)
@@ -99,7 +109,7 @@ class InferencePipeline:
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
-            outputs = await version.batcher.submit(inputs, ctx.deadline)
+            outputs = await version.batcher.submit(inputs, ctx.deadline, trace)
             # encode
             response = response_type(model_name=model.name, model_version=version.version, id=request.id)
             codec.encode_outputs(response, outputs, output_names)
@@ -109,9 +119,11 @@ class InferencePipeline:
             ok = True
             return response
         except LockgateError as exc:
+            error = exc
             version.stats.record_request(False, time.perf_counter_ns() - start_ns, exc.reason)
             raise
-        except Exception:
+        except Exception as exc:
+            error = exc
             version.stats.record_request(False, time.perf_counter_ns() - start_ns, "internal")
             raise
         finally:
@@ -119,3 +131,7 @@ class InferencePipeline:
             if ok:
                 version.stats.record_request(True, elapsed)
             self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
+            if telemetry is not None:
+                telemetry.observe_request(version, ok, elapsed, route.decision, trace)
+            if trace is not None:
+                trace.finish(error, start_ns + elapsed)

@@ -30,6 +30,7 @@ from lockgate.pipeline import InferencePipeline
 from lockgate.protocol.inference_service import InferenceService
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
+from lockgate.telemetry.integration import install as install_telemetry
 
 log = logging.getLogger("lockgate.server")
 
@@ -91,6 +92,7 @@ class Gateway:
         self.port = 0
         self._stopping = asyncio.Event()
         self.repository.listeners.append(self._on_models_changed)
+        self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,6 +117,7 @@ class Gateway:
         await self.control.start()
         await self.repository.load_all()
         await self.server.start()
+        self.telemetry.start()
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
@@ -133,6 +136,7 @@ class Gateway:
         await self.routing.drain()
         await self.repository.close()
         await self.control.close()
+        self.telemetry.close()  # flush spans (bounded), close /metrics
         log.info("stopped")
 
     async def wait_stopped(self) -> None:

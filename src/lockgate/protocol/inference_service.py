@@ -210,6 +210,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await abort(context, exc)
 
     async def _stream_one(self, request: Any, ctx: RequestContext) -> Any:
+        # one context per message: each gets its own trace
+        ctx = RequestContext(deadline=ctx.deadline, metadata=ctx.metadata, method="ModelStreamInfer")
         try:
             response = await self.pipeline.infer(request, pb.ModelInferResponse, ctx)
             return pb.ModelStreamInferResponse(infer_response=response)

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 import numpy as np
 
 from lockgate.config import DynamicBatchingConfig
@@ -37,6 +38,7 @@ class _Pending:
     future: asyncio.Future
     deadline: float | None  # time.monotonic() value, None for no deadline
     enqueued_ns: int
+    trace: Any = None  # lockgate.telemetry RequestTrace of a sampled request
 
 
 class DynamicBatcher:
@@ -75,7 +77,7 @@ class DynamicBatcher:
         self._workers = [asyncio.get_running_loop().create_task(self._work()) for _ in range(instances)]
 
     # -- request side ---------------------------------------------------------------
-    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None) -> dict[str, np.ndarray]:
+    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its own rows of the batch result."""
         if self._closing:
             raise Unavailable(f"{self.label} is unloading and takes no new requests")
@@ -93,7 +95,7 @@ class DynamicBatcher:
         else:
             rows, shape_key = 1, ()
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, shape_key, future, deadline, time.perf_counter_ns()))
+        self._queue.append(_Pending(inputs, rows, shape_key, future, deadline, time.perf_counter_ns(), trace))
         self.stats.pending += 1
         self._idle.clear()
         self._wakeup.set()
@@ -194,6 +196,7 @@ class DynamicBatcher:
                 outputs = await loop.run_in_executor(self._executor, self.runtime.run, feeds)
             infer_done = time.perf_counter_ns()
         except LockgateError as exc:
+            self._trace_batch(batch, start_ns, len(batch), exc)
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
@@ -201,6 +204,7 @@ class DynamicBatcher:
         except Exception as exc:  # ORT raised: fail this batch only, keep serving
             log.exception("%s: inference failed for a batch of %d requests", self.label, len(batch))
             error = InferenceFailed(f"{self.label}: inference failed: {exc}")
+            self._trace_batch(batch, start_ns, len(batch), error)
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(error)
@@ -220,7 +224,15 @@ class DynamicBatcher:
                 offset = end
             rows_total = offset
         output_done = time.perf_counter_ns()
+        self._trace_batch(batch, start_ns, rows_total, None, output_done)
         self.stats.record_batch(rows_total, queue_ns, input_done - start_ns, infer_done - input_done, output_done - infer_done)
+
+    @staticmethod
+    def _trace_batch(batch: list[_Pending], start_ns: int, rows: int, error: Exception | None, end_ns: int | None = None) -> None:
+        end = end_ns or time.perf_counter_ns()
+        for p in batch:
+            if p.trace is not None:
+                p.trace.batch(p.enqueued_ns, start_ns, end, rows, error)
 
     # -- lifecycle ------------------------------------------------------------------
     @property
