@@ -12,8 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lockgate.demo import OPSET, build_demo_repository, identity_model, mlp_model  # noqa: E402
+from lockgate.demo import OPSET, build_demo_repository, identity_model, mlp_model, reference_sample  # noqa: E402
 from lockgate_process import LockgateProcess  # noqa: E402
+
+def credit_rows(n: int, seed: int = 0) -> np.ndarray:
+    """Valid rows for the demo 'credit' model (its governance constraints reject e.g. age 0)."""
+    return reference_sample(max(n, 16), seed=seed)[:n].copy()
+
 
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
 

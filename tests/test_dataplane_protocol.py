@@ -14,6 +14,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from conftest import credit_rows
+
 
 def reference(repo, model: str, version: int, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(repo / model / str(version) / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -49,7 +51,7 @@ def test_model_config_shows_batching_and_provider(client):
 
 
 def test_infer_raw_matches_onnxruntime(client, dataplane_repo):
-    x = np.random.default_rng(0).random((5, 8), dtype=np.float32)
+    x = credit_rows(5, seed=0)
     inp = grpcclient.InferInput("features", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     result = client.infer("credit", [inp], request_id="req-1")
@@ -63,7 +65,7 @@ def test_infer_raw_matches_onnxruntime(client, dataplane_repo):
 
 
 def test_infer_typed_contents(server, dataplane_repo):
-    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    x = credit_rows(2, seed=1)
     request = service_pb2.ModelInferRequest(model_name="credit")
     tensor = request.inputs.add(name="features", datatype="FP32", shape=[2, 8])
     tensor.contents.fp32_contents.extend(x.ravel().tolist())
@@ -74,7 +76,7 @@ def test_infer_typed_contents(server, dataplane_repo):
 
 
 def test_requested_output_subset(client):
-    x = np.zeros((1, 8), dtype=np.float32)
+    x = credit_rows(1)
     inp = grpcclient.InferInput("features", [1, 8], "FP32")
     inp.set_data_from_numpy(x)
     result = client.infer("credit", [inp], outputs=[grpcclient.InferRequestedOutput("probabilities")])
@@ -97,7 +99,7 @@ def test_stream_infer_100_messages_with_error_in_the_middle(client, dataplane_re
                 bad.set_data_from_numpy(np.zeros((1, 7), np.float32))
                 client.async_stream_infer("credit", [bad], request_id="bad")
                 continue
-            x = rng.random((1, 8), dtype=np.float32)
+            x = credit_rows(1, seed=100 + i)
             sent[str(i)] = x
             inp = grpcclient.InferInput("features", [1, 8], "FP32")
             inp.set_data_from_numpy(x)

@@ -10,11 +10,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import DATATYPES
+from conftest import DATATYPES, credit_rows
 
 
 def sample(dt: str, rows: int = 3, width: int = 4) -> np.ndarray:
-    rng = np.random.default_rng(abs(hash(dt)) % 1000)
+    rng = np.random.default_rng(sum(dt.encode()))  # stable across runs (hash() is salted)
     if dt == "BOOL":
         return rng.random((rows, width)) > 0.5
     if dt == "BYTES":
@@ -77,7 +77,7 @@ def test_fp16_has_no_typed_field(server):
 def _credit_request(**overrides) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name="credit")
     tensor = request.inputs.add(name="features", datatype="FP32", shape=[2, 8])
-    request.raw_input_contents.append(np.zeros((2, 8), np.float32).tobytes())
+    request.raw_input_contents.append(credit_rows(2).tobytes())
     for key, value in overrides.items():
         value(request, tensor) if callable(value) else setattr(request, key, value)
     return request
@@ -101,7 +101,7 @@ def _raw(data: bytes):
 
 def _extra_input(request, tensor):
     request.inputs.add(name="features", datatype="FP32", shape=[2, 8])
-    request.raw_input_contents.append(np.zeros((2, 8), np.float32).tobytes())
+    request.raw_input_contents.append(credit_rows(2).tobytes())
 
 
 def _typed_wrong_count(request, tensor):

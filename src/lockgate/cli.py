@@ -59,5 +59,10 @@ def demo(
     run(settings)
 
 
+from lockgate.governance.cli import drift_app, profile_app  # noqa: E402
+
+app.add_typer(profile_app, name="profile", help="reference profiles for drift detection")
+app.add_typer(drift_app, name="drift", help="drift reports")
+
 if __name__ == "__main__":
     app()

@@ -97,10 +97,41 @@ version_policy: {all: {}}
 default_version: 1
 runtime:
   intra_op_threads: 1
+governance:
+  mode: reject
+  inputs:
+    features:
+      feature_names: [age, income, debt_ratio, credit_lines, late_payments, utilization, tenure_months, region]
+      categorical: [region]
+      features:
+        age: {min: 18, max: 120}
+        income: {min: 0}
+        debt_ratio: {min: 0, max: 1}
+        utilization: {min: 0, max: 1.5}
+        region: {allowed: [0, 1, 2, 3, 4]}
+  sampling: {rate: 0.01, max_per_second: 50}
+  drift:
+    window_rows: 10000
+    window_seconds: 300
 parameters:
   task: tabular-classification
   classes: approve,review,decline
 """
+
+
+def write_reference_profile(root: Path, version: str, model_path: Path, sample: np.ndarray) -> Path:
+    """The drift reference shipped with the demo: inputs and the model's outputs on them."""
+    import onnxruntime as ort
+
+    from lockgate.governance.profile import ReferenceProfile, build_profile
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    outputs = {"probabilities": session.run(None, {"features": sample})[0]}
+    profile = build_profile(
+        sample, DEMO_FEATURES, ["region"], model=DEMO_MODEL, version=version, input_name="features",
+        outputs=outputs, classifier_outputs=["probabilities"],
+    )
+    return profile.save(ReferenceProfile.path_for(root, DEMO_MODEL, version))
 
 
 def build_demo_repository(root: Path) -> Path:
@@ -108,8 +139,9 @@ def build_demo_repository(root: Path) -> Path:
     model_dir = root / DEMO_MODEL
     sample = reference_sample()
     for version, seed in ((1, 11), (2, 12)):
-        _save(mlp_model([len(DEMO_FEATURES), 32, len(DEMO_CLASSES)], seed=seed), model_dir / str(version) / "model.onnx")
+        path = _save(mlp_model([len(DEMO_FEATURES), 32, len(DEMO_CLASSES)], seed=seed), model_dir / str(version) / "model.onnx")
         np.save(model_dir / str(version) / "reference_sample.npy", sample)
+        write_reference_profile(root, str(version), path, sample)
     (model_dir / "config.yaml").write_text(DEMO_CONFIG)
     return root
 

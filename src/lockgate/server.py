@@ -26,6 +26,7 @@ from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
 from lockgate.control.plane import ControlPlane
+from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
 from lockgate.protocol.inference_service import InferenceService
 from lockgate.routing.stage import PolicyRouting
@@ -85,7 +86,13 @@ class Gateway:
         self.repository.verifiers.append(self.control.verify_artifact)
         self.repository.listeners.append(self.control.on_models_changed)
         self.routing = PolicyRouting(self.control)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing)
+        self.governance = GovernanceStage(repository_root=settings.model_repository, state_dir=settings.state_dir)
+        self.governance.subscribers.append(
+            lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
+        )
+        self.repository.preparers.append(self.governance.prepare)
+        self.repository.releasers.append(self.governance.release)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
         self.ready = asyncio.Event()
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
@@ -93,6 +100,10 @@ class Gateway:
         self._stopping = asyncio.Event()
         self.repository.listeners.append(self._on_models_changed)
         self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
+        self.governance.tracing_enabled = self.telemetry.tracing is not None
+        self.telemetry.register_source("governance", self.governance.metric_samples)
+        self.telemetry.register_source("control", self.control.metric_samples)
+        self.control.rollback_listeners.append(self.telemetry.rollback)
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -135,6 +146,7 @@ class Gateway:
         await self.server.stop(self.settings.drain_timeout_s)
         await self.routing.drain()
         await self.repository.close()
+        self.governance.close()
         await self.control.close()
         self.telemetry.close()  # flush spans (bounded), close /metrics
         log.info("stopped")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
@@ -61,7 +61,10 @@ class ControlPlane:
         self._watcher: ChangeWatcher | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.rollbacks = 0
+        self.rollbacks_by_version: dict[tuple[str, str], int] = {}
+        self.last_verify_ok: bool | None = None  # set by AuditVerify calls
+        # (model, from_version, to_version, reason): telemetry turns these into span events/logs.
+        self.rollback_listeners: list[Any] = []
 
     @classmethod
     def open(cls, location: str | Path, **kwargs: Any) -> "ControlPlane":
@@ -151,8 +154,11 @@ class ControlPlane:
         self.audit.append(event["actor"], event["action"], event["subject"], dict(event["details"]))
         action = str(event["action"])
         canary = policy.canary
-        if action.endswith("rolled_back"):
-            self.rollbacks += 1
+        if action.endswith("rolled_back") and canary is not None:
+            key = (policy.model, canary.canary)
+            self.rollbacks_by_version[key] = self.rollbacks_by_version.get(key, 0) + 1
+            for listener in self.rollback_listeners:
+                listener(policy.model, canary.canary, canary.stable, str(event["details"].get("reason", "")))
             log.warning("canary of model '%s' rolled back: %s", policy.model, event["details"].get("reason"))
         if canary is not None:
             if action.endswith("canary.started"):
@@ -198,6 +204,30 @@ class ControlPlane:
                 self.audit.append("system:governance", Action.DRIFT_ALERT, model_subject(model, version), dict(details or {}))
             except ControlError:
                 log.exception("drift alert for %s/%s could not be audited", model, version)
+
+    # -- metrics (read at scrape time, on the metrics thread) ---------------------------------
+    def metric_samples(self) -> Iterator[Any]:
+        from lockgate.telemetry.metrics import CANARY_STATE, Sample
+
+        for model, policy in self.book.items():
+            total = sum(policy.weights.values()) or 1
+            for version, weight in policy.weights.items():
+                yield Sample("lockgate_traffic_weight", {"model": model, "version": version}, weight / total)
+            canary = policy.canary
+            if canary is not None:
+                state = CANARY_STATE.get(canary.state.value, 0)
+                yield Sample("lockgate_canary_state", {"model": model, "version": canary.canary}, state)
+        for snap in self.agreements.snapshots():
+            if snap.agreement_rate is None:
+                continue
+            yield Sample("lockgate_shadow_agreement",
+                         {"model": snap.model, "version": snap.primary, "shadow_version": snap.shadow}, snap.agreement_rate)
+        for (model, version), count in list(self.rollbacks_by_version.items()):
+            yield Sample("lockgate_rollbacks", {"model": model, "version": version}, count)
+        head = self.store.audit_head()
+        yield Sample("lockgate_audit_entries", {"action": "all"}, head.seq if head is not None else 0)
+        if self.last_verify_ok is not None:
+            yield Sample("lockgate_audit_verify_ok", {}, 1.0 if self.last_verify_ok else 0.0)
 
     async def close(self) -> None:
         self._stop.set()

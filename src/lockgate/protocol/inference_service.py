@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 import lockgate
 from lockgate._proto import inference_pb2 as pb
 from lockgate._proto import inference_pb2_grpc as pb_grpc
-from lockgate.errors import LockgateError
+from lockgate.errors import InferenceFailed, LockgateError
 from lockgate.pipeline import InferencePipeline, RequestContext
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
 
@@ -208,6 +208,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await self.pipeline.infer(request, pb.ModelInferResponse, _context(context))
         except LockgateError as exc:
             return await abort(context, exc)
+        except Exception as exc:  # a bug of ours: INTERNAL with the cause, never a bare UNKNOWN
+            log.exception("ModelInfer failed for model %r", request.model_name)
+            return await abort(context, InferenceFailed(f"internal error in lockgate: {type(exc).__name__}: {exc}"))
 
     async def _stream_one(self, request: Any, ctx: RequestContext) -> Any:
         # one context per message: each gets its own trace

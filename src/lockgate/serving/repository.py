@@ -34,6 +34,9 @@ MODEL_FILENAME = "model.onnx"
 ArtifactVerifier = Callable[[str, str, Path, str], None]
 # Called after the set of loaded versions changes: (model, loaded_versions, removed_versions).
 ModelListener = Callable[[str, list[str], list[str]], None]
+# Called with a version once it is built but before it can take requests (attach per-version
+# state such as the governance engine), and after it has drained (release that state).
+VersionHook = Callable[["ModelVersion"], None]
 
 
 def sha256_file(path: Path) -> str:
@@ -103,6 +106,8 @@ class ModelRepository:
         self._draining: set[asyncio.Task] = set()
         self.verifiers: list[ArtifactVerifier] = []
         self.listeners: list[ModelListener] = []
+        self.preparers: list[VersionHook] = []
+        self.releasers: list[VersionHook] = []
 
     # -- lookups (hot path) ---------------------------------------------------------
     def get(self, name: str) -> LoadedModel:
@@ -217,7 +222,14 @@ class ModelRepository:
             stats=stats,
             instances=config.runtime.instances,
         )
-        return ModelVersion(name, version, path, digest, config, runtime, signature, batcher, stats)
+        loaded = ModelVersion(name, version, path, digest, config, runtime, signature, batcher, stats)
+        try:
+            for prepare in self.preparers:
+                prepare(loaded)
+        except Exception:
+            await batcher.drain(0)
+            raise
+        return loaded
 
     async def unload(self, name: str) -> None:
         async with self._lock(name):
@@ -239,6 +251,11 @@ class ModelRepository:
         finished = await version.batcher.drain(self.drain_timeout_s)
         if not finished:
             log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
+        for release in self.releasers:
+            try:
+                release(version)
+            except Exception:
+                log.exception("%s: releasing per-version state failed", version.label)
         log.info("%s unloaded (drained)", version.label)
 
     async def close(self) -> None:

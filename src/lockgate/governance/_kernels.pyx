@@ -1,0 +1,611 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The fused governance kernel: validation + mergeable per-feature state in one pass.
+
+One :class:`Accumulator` per tensor per model version holds preallocated state, so a call
+does no allocation: it checks the array header, takes a light lock, and runs one ``nogil``
+loop over the C-contiguous (rows x features) values. For every value it
+
+* validates it against the feature's rules (NaN, Inf, min, max, allowed integer set) and
+  records the first ``max_violations`` problems (row, feature, rule, value) in preallocated
+  arrays, counting all of them;
+* updates count, NaN/Inf counts, below-min/above-max counts, min and max, and sums of
+  the values shifted by the running mean, from which the batch's mean and M2 follow; the
+  batch is then folded into the running (count, mean, sum, M2) with Chan's parallel
+  formula (Welford's update when the batch holds one value), so no value costs a division;
+* counts it in the bin cut by the reference quantile edges (``bisect_right`` semantics: a
+  value equal to an edge goes to the upper bin; bin 0 and the last bin are the overflow
+  bins, so a feature with E <= 254 edges has E + 1 bins). The bin is found in O(1): a
+  256-cell uniform grid over [first edge, last edge] gives the bin at the cell's start and a
+  scan of (almost always) zero or one edge finishes the search; a binary search over
+  random data mispredicts a branch per level and measured ~3x slower;
+* copies it (as float32, non-finite as NaN) into a bounded row buffer that the off-path
+  sketch feeder drains; rows that do not fit are counted in ``buffer_dropped``.
+
+State, rules and scratch live in typed memoryviews held by the instance (allocated once);
+the input array is read through the numpy C-API's data pointer after its header has been
+checked, because acquiring a fresh memoryview costs ~0.5 us per call — more than the whole
+batch-1 loop. The loop is one ``nogil`` function specialised for float32, float64, int32
+and int64 (a fused type); batches of 32k values or more release the GIL while it runs.
+
+Moments, min/max and bins cover finite values only; NaN and +-Inf are counted apart.
+``below_min``/``above_max`` count every non-NaN value outside [min, max] (Inf included).
+Each value breaks at most one rule, checked in the order nan, inf, min, max, allowed.
+"""
+
+cimport cython
+cimport numpy as cnp
+from cpython.pythread cimport (
+    PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+    PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK, WAIT_LOCK,
+)
+from libc.math cimport INFINITY, NAN, floor
+from libc.string cimport memset
+
+import numpy as np
+
+cnp.import_array()
+
+# Rule codes, shared with the Python side (see lockgate.governance.violations).
+RULE_NAN = 1
+RULE_INF = 2
+RULE_MIN = 3
+RULE_MAX = 4
+RULE_ALLOWED = 5
+N_RULES = 6
+
+cdef enum:
+    C_NAN = 1
+    C_INF = 2
+    C_MIN = 3
+    C_MAX = 4
+    C_ALLOWED = 5
+    C_NRULES = 6
+
+cdef enum:
+    F_ALLOW_NAN = 1
+    F_ALLOW_INF = 2
+    F_HAS_ALLOWED = 4
+
+cdef enum:
+    GRID = 256
+    MAX_EDGES = 254
+
+# Release the GIL only for batches this large: below it the lock round trip costs more
+# than the loop.
+cdef Py_ssize_t NOGIL_VALUES = 1 << 15
+
+ctypedef fused value_t:
+    float
+    double
+    int
+    long long
+
+
+cdef inline Py_ssize_t _bin_of(const double* e, Py_ssize_t n, const unsigned char* table,
+                               double g_lo, double g_scale, double x) noexcept nogil:
+    """Number of edges <= x: grid guess, then a scan that is almost always 0 or 1 step."""
+    cdef Py_ssize_t k, c
+    cdef double t
+    if n == 0 or x < e[0]:
+        return 0
+    if x >= e[n - 1]:
+        return n
+    t = (x - g_lo) * g_scale
+    c = <Py_ssize_t>t
+    if c > GRID - 1:
+        c = GRID - 1
+    if c < 0:
+        c = 0
+    k = table[c]
+    # e[0] <= x < e[n-1] here, so 0 <= k <= n - 1 and the loads below stay in range; the
+    # decrement only fixes float rounding at a cell start, the second scan a dense cell.
+    while k > 0 and e[k - 1] > x:
+        k -= 1
+    k += e[k] <= x
+    while k < n and e[k] <= x:
+        k += 1
+    return k
+
+
+cdef inline bint _in_set(const long long* s, Py_ssize_t n, long long v) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if s[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < n and s[lo] == v
+
+
+@cython.final
+cdef class Accumulator:
+    """Per-tensor validation rules, window state and row buffer. Thread-safe."""
+
+    cdef readonly Py_ssize_t n_features
+    cdef readonly Py_ssize_t max_violations
+    cdef readonly Py_ssize_t buffer_capacity
+    # rules
+    cdef double[::1] _lo, _hi
+    cdef unsigned char[::1] _flags
+    cdef long long[::1] _allowed, _allowed_off
+    cdef readonly object edges, edge_offsets
+    cdef double[::1] _edges
+    cdef long long[::1] _edge_off
+    cdef double[::1] _g_lo, _g_scale
+    cdef unsigned char[::1] _g_table
+    # window state (numpy arrays exposed read-only through state())
+    cdef readonly long long rows
+    cdef object _a_count, _a_nan, _a_inf, _a_below, _a_above, _a_sum, _a_m2, _a_min, _a_max, _a_bins
+    cdef long long[::1] _count, _nan, _inf, _below, _above, _bins
+    cdef double[::1] _sum, _m2, _min, _max, _mean
+    # scratch for one batch
+    cdef long long[::1] _bn
+    cdef double[::1] _bshift, _bs1, _bs2
+    cdef object _a_mean
+    cdef unsigned char[::1] _bneed
+    # violations of the last call and cumulative counters
+    cdef readonly object violation_rows, violation_features, violation_rules, violation_values
+    cdef long long[::1] _v_row
+    cdef int[::1] _v_feat
+    cdef signed char[::1] _v_rule
+    cdef double[::1] _v_value
+    cdef readonly object violation_totals
+    cdef long long[::1] _v_tot
+    # row buffer for the sketch feeder
+    cdef object _a_buf
+    cdef float[::1] _buf
+    cdef float[::1] _spill
+    cdef readonly Py_ssize_t buffered_rows
+    cdef readonly long long buffer_dropped
+    cdef PyThread_type_lock _lock
+
+    def __cinit__(self):
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError("cannot allocate the accumulator lock")
+
+    def __dealloc__(self):
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+
+    def __init__(self, Py_ssize_t n_features, *, lo=None, hi=None, allow_nan=None, allow_inf=None,
+                 allowed=None, edges=None, Py_ssize_t max_violations=50,
+                 Py_ssize_t buffer_rows=16384):
+        """Build an accumulator for ``n_features`` columns.
+
+        ``lo``/``hi``: per-feature bounds (NaN or None = unbounded); ``allow_nan``/``allow_inf``:
+        per-feature booleans (default True: features without rules are never flagged);
+        ``allowed``: per feature ``None`` or a sequence of allowed integers; ``edges``: per
+        feature a sorted sequence of bin edges (may be empty).
+        """
+        cdef Py_ssize_t F = n_features, j
+        if F < 1:
+            raise ValueError("an accumulator needs at least one feature")
+        if max_violations < 1:
+            raise ValueError("max_violations must be >= 1")
+        self.n_features = F
+        self.max_violations = max_violations
+        self.buffer_capacity = buffer_rows if buffer_rows > 0 else 0
+
+        lo_a = np.full(F, -np.inf) if lo is None else np.asarray(lo, dtype=np.float64).copy()
+        hi_a = np.full(F, np.inf) if hi is None else np.asarray(hi, dtype=np.float64).copy()
+        if lo_a.shape != (F,) or hi_a.shape != (F,):
+            raise ValueError("lo/hi need one bound per feature")
+        lo_a[np.isnan(lo_a)] = -np.inf
+        hi_a[np.isnan(hi_a)] = np.inf
+        an = np.ones(F, dtype=bool) if allow_nan is None else np.asarray(allow_nan, dtype=bool)
+        ai = np.ones(F, dtype=bool) if allow_inf is None else np.asarray(allow_inf, dtype=bool)
+        if an.shape != (F,) or ai.shape != (F,):
+            raise ValueError("allow_nan/allow_inf need one flag per feature")
+        flags = an.astype(np.uint8) * F_ALLOW_NAN + ai.astype(np.uint8) * F_ALLOW_INF
+        allowed_list = [None] * F if allowed is None else list(allowed)
+        if len(allowed_list) != F:
+            raise ValueError("allowed needs one entry (None or a set) per feature")
+        sets = []
+        for j in range(F):
+            if allowed_list[j] is None:
+                sets.append(np.empty(0, dtype=np.int64))
+            else:
+                sets.append(np.unique(np.asarray(list(allowed_list[j]), dtype=np.int64)))
+                flags[j] |= F_HAS_ALLOWED
+        self._lo = lo_a
+        self._hi = hi_a
+        self._flags = flags.astype(np.uint8)
+        self._allowed = np.concatenate(sets) if sets else np.empty(0, dtype=np.int64)
+        self._allowed_off = np.concatenate([[0], np.cumsum([len(s) for s in sets])]).astype(np.int64)
+
+        edge_list = [[] for _ in range(F)] if edges is None else list(edges)
+        if len(edge_list) != F:
+            raise ValueError("edges needs one (possibly empty) sequence per feature")
+        arrays = [np.asarray(e, dtype=np.float64).ravel() for e in edge_list]
+        for j in range(F):
+            if arrays[j].size and (not np.all(np.isfinite(arrays[j])) or np.any(np.diff(arrays[j]) < 0)):
+                raise ValueError(f"edges of feature {j} must be finite and sorted")
+        self.edges = np.concatenate(arrays) if arrays else np.empty(0)
+        self.edge_offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
+        self._edges = self.edges
+        self._edge_off = self.edge_offsets
+        # Bin lookup: a uniform grid of GRID cells over [first edge, last edge] per feature
+        # maps a value to the bin at its cell's start in O(1); a short scan corrects it.
+        g_lo = np.zeros(F)
+        g_scale = np.zeros(F)
+        table = np.zeros((F, GRID), dtype=np.uint8)
+        for j in range(F):
+            e = arrays[j]
+            if e.size > MAX_EDGES:
+                raise ValueError(f"feature {j} has {e.size} bin edges; at most {MAX_EDGES} are supported")
+            if e.size >= 2 and e[e.size - 1] > e[0]:
+                g_lo[j] = e[0]
+                g_scale[j] = GRID / (e[e.size - 1] - e[0])
+                starts = e[0] + np.arange(GRID) / g_scale[j]
+                table[j] = np.searchsorted(e, starts, side="right")
+            elif e.size:
+                g_lo[j] = e[0]
+                table[j] = 0
+        self._g_lo = g_lo
+        self._g_scale = g_scale
+        self._g_table = table.reshape(-1)
+
+        self._a_count = np.zeros(F, dtype=np.int64)
+        self._a_nan = np.zeros(F, dtype=np.int64)
+        self._a_inf = np.zeros(F, dtype=np.int64)
+        self._a_below = np.zeros(F, dtype=np.int64)
+        self._a_above = np.zeros(F, dtype=np.int64)
+        self._a_sum = np.zeros(F, dtype=np.float64)
+        self._a_m2 = np.zeros(F, dtype=np.float64)
+        self._a_min = np.full(F, np.inf)
+        self._a_max = np.full(F, -np.inf)
+        self._a_bins = np.zeros(self.edges.size + F, dtype=np.int64)
+        self._count = self._a_count
+        self._nan = self._a_nan
+        self._inf = self._a_inf
+        self._below = self._a_below
+        self._above = self._a_above
+        self._sum = self._a_sum
+        self._m2 = self._a_m2
+        self._min = self._a_min
+        self._max = self._a_max
+        self._bins = self._a_bins
+        self._a_mean = np.zeros(F)
+        self._mean = self._a_mean
+        self.rows = 0
+
+        self._bn = np.zeros(F, dtype=np.int64)
+        self._bshift = np.zeros(F)
+        self._bs1 = np.zeros(F)
+        self._bs2 = np.zeros(F)
+        self._bneed = np.zeros(F, dtype=np.uint8)
+
+        self.violation_rows = np.zeros(max_violations, dtype=np.int64)
+        self.violation_features = np.zeros(max_violations, dtype=np.int32)
+        self.violation_rules = np.zeros(max_violations, dtype=np.int8)
+        self.violation_values = np.zeros(max_violations, dtype=np.float64)
+        self._v_row = self.violation_rows
+        self._v_feat = self.violation_features
+        self._v_rule = self.violation_rules
+        self._v_value = self.violation_values
+        self.violation_totals = np.zeros((F, C_NRULES), dtype=np.int64)
+        self._v_tot = self.violation_totals.reshape(-1)
+
+        self._a_buf = np.empty(max(self.buffer_capacity, 1) * F, dtype=np.float32)
+        self._buf = self._a_buf
+        self._spill = np.empty(F, dtype=np.float32)
+        self.buffered_rows = 0
+        self.buffer_dropped = 0
+
+    # ------------------------------------------------------------------ locking
+    cdef inline void _acquire(self):
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+
+    cdef inline void _release(self):
+        PyThread_release_lock(self._lock)
+
+    # ------------------------------------------------------------------ the kernel
+    def update(self, cnp.ndarray x not None):
+        """Validate and accumulate a C-contiguous 2-D (rows x n_features) array.
+
+        Returns ``0`` when every value passes (no allocation on the clean path), else a tuple
+        ``(total, rows, features, rules, values)`` holding copies of the first
+        ``max_violations`` problems, taken under the lock so concurrent callers never see
+        each other's.
+        """
+        cdef int typenum = cnp.PyArray_TYPE(x)
+        # int64/int32 each have two type numbers (long vs longlong, int vs long) depending on how
+        # the array was made; the kernel cares about width only, so fold them together.
+        if (typenum == cnp.NPY_LONG or typenum == cnp.NPY_LONGLONG) and cnp.PyArray_ITEMSIZE(x) == 8:
+            typenum = cnp.NPY_INT64
+        elif (typenum == cnp.NPY_INT or typenum == cnp.NPY_LONG) and cnp.PyArray_ITEMSIZE(x) == 4:
+            typenum = cnp.NPY_INT32
+        if cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_DIMS(x)[1] != self.n_features:
+            raise ValueError(f"expected shape (rows, {self.n_features}), got {(<object>x).shape}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(x):
+            raise ValueError("the kernel needs a C-contiguous array")
+        cdef Py_ssize_t rows = cnp.PyArray_DIMS(x)[0]
+        cdef long long nv
+        cdef void* ptr = cnp.PyArray_DATA(x)
+        cdef bint release_gil = rows * self.n_features >= NOGIL_VALUES
+        if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64 and typenum != cnp.NPY_INT32 and typenum != cnp.NPY_INT64:
+            raise TypeError(f"the kernel handles float32, float64, int32 and int64, not {(<object>x).dtype}")
+        if not cnp.PyArray_ISNOTSWAPPED(x):
+            raise ValueError("the kernel needs native byte order")
+        self._acquire()
+        if release_gil:
+            with nogil:
+                nv = self._dispatch(ptr, typenum, rows)
+        else:
+            nv = self._dispatch(ptr, typenum, rows)
+        if nv == 0:
+            self._release()
+            return 0
+        try:
+            k = nv if nv < self.max_violations else self.max_violations
+            found = (
+                nv,
+                self.violation_rows[:k].copy(),
+                self.violation_features[:k].copy(),
+                self.violation_rules[:k].copy(),
+                self.violation_values[:k].copy(),
+            )
+        finally:
+            self._release()
+        return found
+
+    cdef inline long long _dispatch(self, void* ptr, int typenum, Py_ssize_t rows) noexcept nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            return self._run(<const float*>ptr, rows)
+        if typenum == cnp.NPY_FLOAT64:
+            return self._run(<const double*>ptr, rows)
+        if typenum == cnp.NPY_INT32:
+            return self._run(<const int*>ptr, rows)
+        return self._run(<const long long*>ptr, rows)
+
+    cdef long long _run(self, const value_t* data, Py_ssize_t rows) noexcept nogil:
+        cdef Py_ssize_t F = self.n_features, i, j, K = self.max_violations, room, b
+        cdef long long nv = 0, n, na, nb, ival
+        cdef double x, m2_b, delta, d
+        cdef const value_t* row
+        cdef float* brow
+        cdef unsigned char fl
+        cdef int code
+        cdef bint is_inf
+        cdef double* lo = &self._lo[0]
+        cdef double* hi = &self._hi[0]
+        cdef unsigned char* flags = &self._flags[0]
+        cdef const long long* aset = &self._allowed[0] if self._allowed.shape[0] else NULL
+        cdef long long* aoff = &self._allowed_off[0]
+        cdef const double* edges = &self._edges[0] if self._edges.shape[0] else NULL
+        cdef long long* eoff = &self._edge_off[0]
+        cdef const unsigned char* gtab = &self._g_table[0]
+        cdef const double* g_lo = &self._g_lo[0]
+        cdef const double* g_scale = &self._g_scale[0]
+        cdef long long* bins = &self._bins[0]
+        cdef long long* cnan = &self._nan[0]
+        cdef long long* cinf = &self._inf[0]
+        cdef long long* cbelow = &self._below[0]
+        cdef long long* cabove = &self._above[0]
+        cdef double* vmin = &self._min[0]
+        cdef double* vmax = &self._max[0]
+        cdef long long* bn = &self._bn[0]
+        cdef double* shift = &self._bshift[0]
+        cdef double* s1 = &self._bs1[0]
+        cdef double* s2 = &self._bs2[0]
+        cdef double* mean = &self._mean[0]
+        cdef long long* cnt = &self._count[0]
+        cdef double* vsum = &self._sum[0]
+        cdef double* vm2 = &self._m2[0]
+        cdef double inv
+        cdef unsigned char* need = &self._bneed[0]
+        cdef long long* vtot = &self._v_tot[0]
+        cdef float* buf = &self._buf[0]
+        cdef float* spill = &self._spill[0]
+
+        # Batch moments are shifted sums around the running mean (no division per value);
+        # a feature's first value becomes its shift when it has no running mean yet.
+        memset(bn, 0, F * sizeof(long long))
+        memset(s1, 0, F * sizeof(double))
+        memset(s2, 0, F * sizeof(double))
+        for j in range(F):
+            shift[j] = mean[j]
+            need[j] = cnt[j] == 0
+
+        room = self.buffer_capacity - self.buffered_rows
+        if room > rows:
+            room = rows
+        if room < 0:
+            room = 0
+
+        for i in range(rows):
+            row = data + i * F
+            brow = buf + (self.buffered_rows + i) * F if i < room else spill
+            for j in range(F):
+                x = <double>row[j]
+                fl = flags[j]
+                if x != x:
+                    cnan[j] += 1
+                    brow[j] = NAN
+                    if not (fl & F_ALLOW_NAN):
+                        vtot[j * C_NRULES + C_NAN] += 1
+                        if nv < K:
+                            self._v_row[nv] = i
+                            self._v_feat[nv] = <int>j
+                            self._v_rule[nv] = C_NAN
+                            self._v_value[nv] = x
+                        nv += 1
+                    continue
+                code = 0
+                if x < lo[j]:
+                    cbelow[j] += 1
+                    code = C_MIN
+                elif x > hi[j]:
+                    cabove[j] += 1
+                    code = C_MAX
+                is_inf = x == INFINITY or x == -INFINITY
+                if is_inf:
+                    cinf[j] += 1
+                    brow[j] = NAN
+                    if not (fl & F_ALLOW_INF):
+                        code = C_INF
+                else:
+                    if code == 0 and (fl & F_HAS_ALLOWED):
+                        if value_t is float or value_t is double:
+                            if x != floor(x) or x < -9.2e18 or x > 9.2e18:
+                                code = C_ALLOWED
+                            else:
+                                ival = <long long>x
+                                if not _in_set(aset + aoff[j], aoff[j + 1] - aoff[j], ival):
+                                    code = C_ALLOWED
+                        else:
+                            ival = <long long>row[j]
+                            if not _in_set(aset + aoff[j], aoff[j + 1] - aoff[j], ival):
+                                code = C_ALLOWED
+                    # moments, extremes, bins and buffer: finite values only
+                    if need[j]:
+                        shift[j] = x
+                        need[j] = 0
+                    bn[j] += 1
+                    d = x - shift[j]
+                    s1[j] += d
+                    s2[j] += d * d
+                    if x < vmin[j]:
+                        vmin[j] = x
+                    if x > vmax[j]:
+                        vmax[j] = x
+                    b = eoff[j]
+                    bins[b + j + _bin_of(edges + b, eoff[j + 1] - b, gtab + j * GRID, g_lo[j], g_scale[j], x)] += 1
+                    brow[j] = <float>x
+                if code:
+                    vtot[j * C_NRULES + code] += 1
+                    if nv < K:
+                        self._v_row[nv] = i
+                        self._v_feat[nv] = <int>j
+                        self._v_rule[nv] = <signed char>code
+                        self._v_value[nv] = x
+                    nv += 1
+
+        # Fold the batch into the running state: Welford's update for a single value (the
+        # batch-1 case: one division), Chan et al.'s pairwise update for a batch.
+        for j in range(F):
+            nb = bn[j]
+            if nb == 0:
+                continue
+            na = cnt[j]
+            n = na + nb
+            if na == 0:
+                inv = 1.0 / nb
+                mean[j] = shift[j] + s1[j] * inv
+                m2_b = s2[j] - s1[j] * s1[j] * inv
+                vm2[j] = m2_b if m2_b > 0.0 else 0.0
+                vsum[j] = nb * shift[j] + s1[j]
+            elif nb == 1:
+                # shift == running mean, so s1 = x - mean
+                delta = s1[j]
+                inv = 1.0 / n
+                mean[j] = mean[j] + delta * inv
+                vm2[j] = vm2[j] + delta * delta * na * inv
+                vsum[j] = vsum[j] + (shift[j] + s1[j])
+            else:
+                inv = 1.0 / nb
+                delta = s1[j] * inv  # mean_b - mean_a, as the shift is the running mean
+                m2_b = s2[j] - s1[j] * s1[j] * inv
+                if m2_b < 0.0:
+                    m2_b = 0.0
+                inv = 1.0 / n
+                mean[j] = mean[j] + delta * nb * inv
+                vm2[j] = vm2[j] + m2_b + delta * delta * (<double>na) * (<double>nb) * inv
+                vsum[j] = vsum[j] + (nb * shift[j] + s1[j])
+            cnt[j] = n
+        self.rows += rows
+        self.buffered_rows += room
+        self.buffer_dropped += rows - room
+        return nv
+
+    # ------------------------------------------------------------------ state access
+    def take(self, bint reset=True):
+        """Copy (and by default reset) the window state atomically: a dict of numpy arrays."""
+        self._acquire()
+        try:
+            out = {
+                "rows": np.int64(self.rows),
+                "count": self._a_count.copy(),
+                "nan": self._a_nan.copy(),
+                "inf": self._a_inf.copy(),
+                "below": self._a_below.copy(),
+                "above": self._a_above.copy(),
+                "sum": self._a_sum.copy(),
+                "m2": self._a_m2.copy(),
+                "min": self._a_min.copy(),
+                "max": self._a_max.copy(),
+                "bins": self._a_bins.copy(),
+            }
+            if reset:
+                self._reset_state()
+            return out
+        finally:
+            self._release()
+
+    cdef void _reset_state(self):
+        self._a_count.fill(0)
+        self._a_nan.fill(0)
+        self._a_inf.fill(0)
+        self._a_below.fill(0)
+        self._a_above.fill(0)
+        self._a_sum.fill(0.0)
+        self._a_m2.fill(0.0)
+        self._a_min.fill(np.inf)
+        self._a_max.fill(-np.inf)
+        self._a_bins.fill(0)
+        self._a_mean.fill(0.0)
+        self.rows = 0
+
+    def reset(self):
+        """Zero the window state (not the cumulative violation totals nor the buffer)."""
+        self._acquire()
+        try:
+            self._reset_state()
+        finally:
+            self._release()
+
+    def drain(self):
+        """Return a copy of the buffered rows (rows x n_features float32) and empty the buffer."""
+        self._acquire()
+        try:
+            out = self._a_buf[: self.buffered_rows * self.n_features].reshape(-1, self.n_features).copy()
+            self.buffered_rows = 0
+            return out
+        finally:
+            self._release()
+
+    def violation_counts(self):
+        """Cumulative violations per (feature, rule code): a copy of an (F x 6) int64 array."""
+        self._acquire()
+        try:
+            return self.violation_totals.copy()
+        finally:
+            self._release()
+
+
+# ---------------------------------------------------------------------- stable hashing
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+
+def stable_hash64(str key not None):
+    """FNV-1a over the UTF-8 bytes, then MurmurHash3's fmix64 avalanche.
+
+    Process- and platform-independent (unlike ``hash``), so every replica samples the same
+    requests; ~20x cheaper than ``hashlib.blake2b`` for short ids.
+    """
+    cdef Py_ssize_t n, i
+    cdef const char* data = PyUnicode_AsUTF8AndSize(key, &n)
+    cdef unsigned long long h = 14695981039346656037ULL
+    for i in range(n):
+        h ^= <unsigned char>data[i]
+        h *= 1099511628211ULL
+    h ^= h >> 33
+    h *= 0xff51afd7ed558ccdULL
+    h ^= h >> 33
+    h *= 0xc4ceb9fe1a85ec53ULL
+    h ^= h >> 33
+    return h

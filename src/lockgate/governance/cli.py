@@ -1,0 +1,171 @@
+"""``lockgate profile ...`` and ``lockgate drift ...`` (typer sub-apps the main CLI mounts)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import GovernanceConfig
+from .profile import ReferenceProfile, build_profile, load_data
+from .report import compute_report, print_report, write_html
+
+profile_app = typer.Typer(help="Reference profiles for drift detection.", no_args_is_help=True)
+drift_app = typer.Typer(help="Drift reports.", no_args_is_help=True)
+console = Console()
+
+
+@profile_app.callback()
+def _profile_group() -> None:
+    """Reference profiles for drift detection."""
+
+
+@drift_app.callback()
+def _drift_group() -> None:
+    """Drift reports."""
+
+_REPO_DEFAULT = Path(os.environ.get("LOCKGATE_MODEL_REPOSITORY", "models"))
+_STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", "state"))
+
+
+def _governance_of(model_dir: Path) -> GovernanceConfig | None:
+    """The ``governance:`` section of the model's config.yaml, if any."""
+    path = model_dir / "config.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    section = raw.get("governance") if isinstance(raw, dict) else None
+    return GovernanceConfig.model_validate(section) if section else None
+
+
+def _onnx_file(version_dir: Path) -> Path | None:
+    candidates = sorted(version_dir.glob("*.onnx"))
+    return candidates[0] if candidates else None
+
+
+def _onnx_input_names(model_file: Path | None) -> list[str]:
+    if model_file is None:
+        return []
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    initialisers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initialisers]
+
+
+def _run_model(model_file: Path, inputs: dict[str, np.ndarray], progress: Progress) -> dict[str, np.ndarray]:
+    """Reference outputs, so output drift has a baseline too."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in session.get_inputs()}
+    n = min(len(a) for a in inputs.values())
+    batch = 1024
+    task = progress.add_task("running model for output profile", total=n)
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch):
+        feed = {}
+        for name, array in inputs.items():
+            dtype = np.float32 if types.get(name) == "tensor(float)" else (np.int64 if types.get(name) == "tensor(int64)" else array.dtype)
+            feed[name] = np.ascontiguousarray(array[start : start + batch], dtype=dtype)
+        for meta, value in zip(session.get_outputs(), session.run(None, feed)):
+            if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                chunks.setdefault(meta.name, []).append(value)
+        progress.update(task, advance=min(batch, n - start))
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+@profile_app.command("build")
+def build(
+    model: str = typer.Option(..., "--model", help="model name"),
+    version: str = typer.Option(..., "--version", help="model version"),
+    data: Path = typer.Option(..., "--data", help="reference data: .npy, .npz, .csv or .parquet"),
+    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
+    input_name: str | None = typer.Option(None, "--input", help="input the data belongs to (single-input data)"),
+    bins: int = typer.Option(20, "--bins", help="equal-frequency bins per numeric feature"),
+    kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)"),
+    outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="run the model to profile its outputs"),
+) -> None:
+    """Build REPO/<model>/<version>/reference_profile.json from reference data."""
+    version_dir = model_repository / model / version
+    if not version_dir.is_dir():
+        console.print(f"[red]model version directory {version_dir} does not exist[/red]")
+        raise typer.Exit(1)
+    try:
+        loaded = load_data(data)
+    except (RuntimeError, ValueError, FileNotFoundError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    governance = _governance_of(model_repository / model)
+    model_file = _onnx_file(version_dir)
+    arrays = dict(loaded.arrays)
+    if "" in arrays:
+        names = _onnx_input_names(model_file)
+        name = input_name or (names[0] if len(names) == 1 else None) or (next(iter(governance.inputs)) if governance and len(governance.inputs) == 1 else "input")
+        arrays = {name: arrays.pop("")}
+    feature_names: dict[str, list[str]] = {}
+    categorical: dict[str, set[int]] = {}
+    allowed: dict[str, dict[int, list[int]]] = {}
+    for name, array in arrays.items():
+        n = array.shape[-1] if array.ndim >= 2 else 1
+        spec = governance.inputs.get(name) if governance else None
+        if spec is not None:
+            feature_names[name] = spec.names(n)
+            categorical[name] = spec.categorical_indices(n)
+            allowed[name] = {j: list(r.allowed) for j, r in spec.resolve(n).items() if r.allowed}
+        elif loaded.feature_names and len(loaded.feature_names) == n:
+            feature_names[name] = loaded.feature_names
+    total = sum(a.shape[-1] if a.ndim >= 2 else 1 for a in arrays.values())
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
+        output_arrays: dict[str, np.ndarray] = {}
+        if outputs and model_file is not None:
+            try:
+                output_arrays = _run_model(model_file, arrays, progress)
+            except Exception as exc:  # the input profile is still useful without outputs
+                console.print(f"[yellow]outputs not profiled: {exc}[/yellow]")
+        total += sum(a.shape[-1] if a.ndim >= 2 else 1 for a in output_arrays.values())
+        task = progress.add_task("profiling features", total=total)
+        profile = build_profile(
+            arrays,
+            feature_names,
+            categorical,
+            model=model,
+            version=version,
+            outputs=output_arrays,
+            classifier_outputs=[n for n, a in output_arrays.items() if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] > 1],
+            allowed=allowed,
+            bins=bins,
+            kll_k=kll_k,
+            progress=lambda _name: progress.update(task, advance=1),
+        )
+    path = profile.save(ReferenceProfile.path_for(model_repository, model, version))
+    console.print(f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
+
+
+@drift_app.command("report")
+def report(
+    model: str = typer.Option(..., "--model", help="model name"),
+    version: str | None = typer.Option(None, "--version", help="model version (default: newest with windows)"),
+    html: Path | None = typer.Option(None, "--html", help="also write a self-contained HTML report here"),
+    windows: int = typer.Option(1, "--windows", help="merge the newest N closed windows (0 = all)"),
+    state_dir: Path = typer.Option(_STATE_DEFAULT, "--state-dir", help="server state directory"),
+    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
+) -> None:
+    """Per-feature drift of the latest closed window(s) against the reference profile."""
+    governance = _governance_of(model_repository / model)
+    try:
+        result = compute_report(
+            model_repository, state_dir, model, version, windows or None, governance.drift if governance else None
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    print_report(result, console)
+    if html is not None:
+        console.print(f"HTML report: {write_html(result, html)}")

@@ -1,0 +1,129 @@
+"""The governance step of the request pipeline: one `GovernanceEngine` per loaded version.
+
+Engines are built while a version loads (before it can take a request), so every request
+of every version is inspected; they close after the version drains. Rejections become
+INVALID_ARGUMENT with a ``google.rpc.BadRequest`` in the status details; the rejected
+request is always sampled into the payload log first. Drift alerts go to the subscribers
+(the control plane: audit trail and canary analysis) from the engines' background threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from lockgate.errors import InvalidArgument
+from lockgate.governance.config import GovernanceConfig
+from lockgate.governance.drift import DriftEvent
+from lockgate.governance.engine import GovernanceEngine, Inspection
+from lockgate.governance.profile import ReferenceProfile
+
+if TYPE_CHECKING:
+    from lockgate.pipeline import RequestContext
+    from lockgate.routing.router import RouteDecision
+    from lockgate.serving.repository import ModelVersion
+
+log = logging.getLogger("lockgate.governance")
+
+ENGINE_KEY = "governance"
+_STATUS_CODE = {"OK": 0, "WARN": 1, "DRIFT": 2}
+
+
+class GovernanceStage:
+    def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False) -> None:
+        self.repository_root = Path(repository_root)
+        self.state_dir = Path(state_dir)
+        self.tracing_enabled = tracing_enabled
+        self.subscribers: list[Callable[[DriftEvent], None]] = []
+        self._engines: dict[tuple[str, str], GovernanceEngine] = {}
+
+    # -- lifecycle (repository hooks) ------------------------------------------------------
+    def prepare(self, version: "ModelVersion") -> None:
+        """Build the version's engine from ``governance:`` in its config.yaml and its profile."""
+        config = GovernanceConfig.model_validate(version.config.governance or {})
+        profile = ReferenceProfile.load_if_present(self.repository_root, version.model, version.version)
+        engine = GovernanceEngine(
+            version.model, version.version, config,
+            [spec.name for spec in version.signature.inputs], profile,
+            input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
+            state_dir=self.state_dir,
+        )
+        for subscriber in self.subscribers:
+            engine.subscribe(subscriber)
+        version.extensions[ENGINE_KEY] = engine
+        self._engines[(version.model, version.version)] = engine
+
+    def release(self, version: "ModelVersion") -> None:
+        engine = version.extensions.pop(ENGINE_KEY, None)
+        if engine is not None:
+            if self._engines.get((version.model, version.version)) is engine:
+                del self._engines[(version.model, version.version)]
+            engine.close()
+
+    def engines(self) -> dict[tuple[str, str], GovernanceEngine]:
+        return dict(self._engines)
+
+    def close(self) -> None:
+        for engine in list(self._engines.values()):
+            engine.close()
+        self._engines.clear()
+
+    # -- request path -------------------------------------------------------------------
+    def inspect(self, version: "ModelVersion", inputs: dict[str, np.ndarray], request_id: str,
+                ctx: "RequestContext") -> Inspection | None:
+        engine: GovernanceEngine | None = version.extensions.get(ENGINE_KEY)
+        if engine is None or not engine.enabled:
+            return None
+        trace = ctx.trace
+        t0 = time.perf_counter_ns()
+        inspection = engine.inspect(
+            inputs, request_id,
+            trace_id=trace.trace_id_hex if trace is not None else None,
+            trace_sampled=(trace is not None) if self.tracing_enabled else None,
+        )
+        if trace is not None:
+            outcome = "rejected" if inspection.reject else ("flagged" if inspection.violation_count else "ok")
+            trace.governance(t0, time.perf_counter_ns(), outcome=outcome, violations=inspection.violation_count,
+                             payload_sampled=inspection.sampled)
+        if inspection.reject:
+            engine.log_payload(inspection, inputs, None, "rejected", version.version)
+            raise InvalidArgument(inspection.message(), details=inspection.bad_request())
+        return inspection
+
+    def after_inference(self, version: "ModelVersion", inspection: Inspection | None, inputs: dict[str, np.ndarray],
+                        outputs: dict[str, np.ndarray], route: "RouteDecision", ctx: "RequestContext") -> None:
+        if inspection is None:
+            return
+        engine: GovernanceEngine = version.extensions[ENGINE_KEY]
+        engine.observe_outputs(outputs)
+        if inspection.sampled:
+            engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
+
+    # -- metrics (read at scrape time, on the metrics thread) ---------------------------------
+    def metric_samples(self) -> Iterator[Any]:
+        from lockgate.telemetry.metrics import Sample
+
+        for (model, version), engine in list(self._engines.items()):
+            mv = {"model": model, "version": version}
+            stats = engine.stats()
+            for input_name, features in stats["violations_by_feature"].items():
+                for feature, rules in features.items():
+                    for rule, count in rules.items():
+                        yield Sample("lockgate_validation_violations", {**mv, "input": input_name, "feature": feature, "rule": rule}, count)
+            yield Sample("lockgate_payload_samples", mv, stats["sampled"])
+            yield Sample("lockgate_payload_dropped", {**mv, "reason": "queue_full"}, stats["payload_dropped"])
+            yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
+            report = engine.monitor.last_report
+            if report is None:
+                continue
+            for feature in report.features:
+                name = f"{feature.tensor}/{feature.feature}"
+                yield Sample("lockgate_drift_status", {**mv, "feature": name}, _STATUS_CODE.get(feature.status.upper(), 0))
+                for statistic in ("psi", "js", "ks", "wasserstein", "chi2"):
+                    value = getattr(feature, statistic)
+                    if value is not None:
+                        yield Sample("lockgate_drift_statistic", {**mv, "feature": name, "statistic": statistic}, float(value))
