@@ -70,6 +70,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._last_batch_requests = 0
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -165,8 +166,11 @@ class DynamicBatcher:
             if not batch:
                 self._maybe_idle()
                 continue
-            if self._merge and self.max_delay_s > 0:
+            # Waiting to fill a batch only pays when requests overlap: a lone request whose
+            # predecessor also ran alone goes at once instead of paying max_queue_delay.
+            if self._merge and self.max_delay_s > 0 and (self._queue or self._last_batch_requests > 1):
                 batch = await self._fill(batch)
+            self._last_batch_requests = len(batch)
             self._running += 1
             try:
                 await self._execute(batch)
