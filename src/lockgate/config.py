@@ -9,6 +9,7 @@ the signature.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +51,16 @@ class ServerSettings(_Strict):
     require_approval: bool = Field(True, description="only approved versions take live traffic; false is for development")
     tokens_file: Path | None = Field(None, description="admin API tokens (YAML/JSON, hashed); also LOCKGATE_TOKENS")
     canary_tick_s: float = Field(1.0, gt=0, description="how often canary analyses are due-checked")
+    replica_id: str | None = Field(None, description="this replica's name in the shared store [hostname-pid]")
+    spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
+    fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
+    leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
+
+    def replica(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def is_shared_store(self) -> bool:
+        return (self.store or "").startswith(("postgresql://", "postgres://"))
 
     def store_location(self) -> str:
         return self.store or str(self.state_dir / "lockgate.db")

@@ -25,7 +25,11 @@ from lockgate._descriptor_pool import POOL
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
+from lockgate.control.leader import elector_for
 from lockgate.control.plane import ControlPlane
+from lockgate.control.spool import ResilientStore
+from lockgate.control.store import Store, open_store
+from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
 from lockgate.protocol.inference_service import InferenceService
@@ -36,6 +40,16 @@ from lockgate.telemetry.integration import install as install_telemetry
 log = logging.getLogger("lockgate.server")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+CONTROL_HEALTH_SERVICE = "lockgate.control"
+
+
+def open_control_store(settings: ServerSettings) -> Store:
+    """SQLite for one machine; PostgreSQL for a fleet, wrapped so that an outage spools
+    audit entries and drift snapshots to local disk instead of failing them."""
+    store = open_store(settings.store_location())
+    if settings.is_shared_store():
+        store = ResilientStore(store, settings.spool_dir or settings.state_dir / "spool")
+    return store
 
 
 def _install_uvloop() -> bool:
@@ -74,13 +88,19 @@ class Gateway:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.control = ControlPlane.open(
-            settings.store_location(),
+        self.control = ControlPlane(
+            open_control_store(settings),
             repository_root=settings.model_repository,
             authenticator=Authenticator.load(tokens_file=settings.tokens_file),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
         )
+        self.fleet: FleetDrift | None = None
+        if settings.is_shared_store():
+            location = settings.store_location()
+            self.control.leader_factory = lambda elected, lost: elector_for(
+                location, "lockgate/leader", elected, lost, lease_s=settings.leader_lease_s
+            )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
         self.repository.verifiers.append(self.control.verify_artifact)
@@ -90,6 +110,10 @@ class Gateway:
         self.governance.subscribers.append(
             lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
         )
+        if settings.is_shared_store():
+            self.fleet = FleetDrift(self.control.store, self.governance, replica_id=settings.replica(),
+                                    window_s=settings.fleet_window_s)
+            self.control.leader_jobs.append(self.fleet.merge_loop)
         self.repository.preparers.append(self.governance.prepare)
         self.repository.releasers.append(self.governance.release)
         self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
@@ -98,6 +122,7 @@ class Gateway:
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
         self._stopping = asyncio.Event()
+        self._background: list[asyncio.Task] = []
         self.repository.listeners.append(self._on_models_changed)
         self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
         self.governance.tracing_enabled = self.telemetry.tracing is not None
@@ -125,8 +150,12 @@ class Gateway:
         address = f"{settings.host}:{settings.grpc_port}"
         creds = _credentials(settings)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
-        await self.control.start()
         await self.repository.load_all()
+        await self.control.start()
+        loop = asyncio.get_running_loop()
+        if self.fleet is not None:
+            self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
+        self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
         self.telemetry.start()
         for name in ("", INFERENCE_SERVICE):
@@ -134,6 +163,26 @@ class Gateway:
         self.ready.set()
         log.info("lockgate ready on %s:%d (pid %d)", settings.host, self.port, os.getpid())
         return self.port
+
+    async def _watch_store_health(self) -> None:
+        """Health service ``lockgate.control`` reports NOT_SERVING while the store is down.
+
+        The overall service ("") stays SERVING: serving continues on the last policy snapshot,
+        and a database outage must not pull every replica out of its load balancer.
+        """
+        last = None
+        while not self._stopping.is_set():
+            degraded = self.control.degraded
+            if degraded != last:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING if degraded else health_pb2.HealthCheckResponse.SERVING
+                await self.health.set(CONTROL_HEALTH_SERVICE, status)
+                if last is not None:
+                    log.warning("control-plane store %s", "unreachable: degraded, spooling writes" if degraded else "reachable again")
+                last = degraded
+            try:
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
 
     async def stop(self) -> None:
         """Drain: refuse new RPCs, finish every accepted one, then release the models."""
@@ -145,6 +194,9 @@ class Gateway:
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
         await self.server.stop(self.settings.drain_timeout_s)
         await self.routing.drain()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.repository.close()
         self.governance.close()
         await self.control.close()

@@ -12,11 +12,12 @@ import asyncio
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
 from lockgate.control.errors import ControlError, LifecycleError, NotFoundError
+from lockgate.control.leader import LocalLeader
 from lockgate.control.registry import Registry, State
 from lockgate.control.store import Change, ChangeKind, Store, open_store
 from lockgate.control.watch import ChangeWatcher
@@ -61,6 +62,14 @@ class ControlPlane:
         self._watcher: ChangeWatcher | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Leader-only work (canary analysis, fleet drift merge): started when this replica is
+        # elected, cancelled when it loses the lease, so each decision is made and audited once.
+        self.leader: Any = None  # LeaderElector | LocalLeader, built in start()
+        # (on_elected, on_lost) -> elector; the server installs a PostgreSQL advisory-lock one.
+        self.leader_factory: Callable[[Callable[[], Any], Callable[[], Any]], Any] = LocalLeader
+        self.leader_jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [self._canary_job]
+        self._leader_stop: asyncio.Event | None = None
+        self._leader_tasks: list[asyncio.Task] = []
         self.rollbacks_by_version: dict[tuple[str, str], int] = {}
         self.last_verify_ok: bool | None = None  # set by AuditVerify calls
         # (model, from_version, to_version, reason): telemetry turns these into span events/logs.
@@ -193,7 +202,41 @@ class ControlPlane:
 
         self._watcher = ChangeWatcher(self.store, deliver)
         self._watcher.start()
-        self._tasks.append(loop.create_task(self.canary.run(self.traffic_stats, tick_s=self.canary_tick_s, stop=self._stop)))
+        self.leader = self.leader_factory(
+            lambda: loop.call_soon_threadsafe(self._became_leader),
+            lambda: loop.call_soon_threadsafe(self._lost_leadership),
+        )
+        self.leader.start()
+
+    async def _canary_job(self, stop: asyncio.Event) -> None:
+        await self.canary.run(self.traffic_stats, tick_s=self.canary_tick_s, stop=stop)
+
+    def _became_leader(self) -> None:
+        if self._leader_stop is not None or self._stop.is_set():
+            return
+        log.info("this replica is the leader: running canary analysis and fleet drift merges")
+        self.refresh_policies()
+        self._leader_stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self.leader_jobs]
+
+    def _lost_leadership(self) -> None:
+        if self._leader_stop is None:
+            return
+        log.warning("leadership lost: stopping leader-only work")
+        self._leader_stop.set()
+        for task in self._leader_tasks:
+            task.cancel()
+        self._leader_stop, self._leader_tasks = None, []
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader_stop is not None
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store is unreachable and writes are being spooled."""
+        return bool(getattr(self.store, "degraded", False))
 
     def on_drift_alert(self, model: str, version: str, status: object, details: Mapping[str, Any] | None = None) -> None:
         """Governance hook: latch the status for canary analysis and audit DRIFT alerts."""
@@ -231,9 +274,13 @@ class ControlPlane:
 
     async def close(self) -> None:
         self._stop.set()
+        leader_tasks = list(self._leader_tasks)
+        self._lost_leadership()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *leader_tasks, return_exceptions=True)
+        if self.leader is not None:
+            await asyncio.to_thread(self.leader.release)  # another replica takes over at once
         if self._watcher is not None:
             await asyncio.to_thread(self._watcher.stop)
         self.store.close()

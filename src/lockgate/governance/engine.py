@@ -300,6 +300,8 @@ class GovernanceEngine:
         self.window_errors = 0
         self._window_start = time.time()
         self._window_rows = config.drift.window_rows
+        # False when several replicas share one drift status (lockgate.governance.fleet).
+        self.local_windows = True
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -484,7 +486,15 @@ class GovernanceEngine:
             state = self._state(reset=True)
         return self.monitor.close_window(state)
 
+    def take_window(self) -> WindowState:
+        """Take the open window's state and start a new one (fleet mode ships this to the store)."""
+        with self._window_lock:
+            self.feed_sketches()
+            return self._state(reset=True)
+
     def _due(self) -> bool:
+        if not self.local_windows:
+            return False  # fleet mode: windows are closed on the fleet's wall-clock schedule
         cfg = self.config.drift
         rows = max((t.acc.rows for t in self.inputs.values()), default=0)
         if cfg.window_rows is not None and rows >= cfg.window_rows:
