@@ -59,6 +59,13 @@ def demo(
     run(settings)
 
 
+from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+app.add_typer(traffic_app, name="traffic")
+app.add_typer(audit_app, name="audit")
+app.add_typer(tokens_app, name="tokens")
+
 from lockgate.governance.cli import drift_app, profile_app  # noqa: E402
 
 app.add_typer(profile_app, name="profile", help="reference profiles for drift detection")

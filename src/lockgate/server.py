@@ -139,9 +139,13 @@ class Gateway:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.pipeline, ready=self.ready), self.server
         )
+        from lockgate.protocol.admin_service import add_admin_service
+
+        admin_service = add_admin_service(self.server, self)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [INFERENCE_SERVICE, admin_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
             self.server,
             pool=POOL,
         )

@@ -1,0 +1,603 @@
+"""Operator commands: ``lockgate models|traffic|audit|tokens ...``, a thin layer over the admin API.
+
+Each command makes one admin call (``--server HOST:PORT --token T``, or ``LOCKGATE_SERVER`` /
+``LOCKGATE_TOKEN``) and prints a rich table, or JSON with ``--json``. A refused call prints
+its gRPC status and message and exits 1, never a traceback. ``audit verify|log|export`` also
+work offline on the store itself (``--store PATH``: a state dir, a ``.db`` file or a
+``postgresql://`` URL), because checking a trail must not depend on the server that wrote it.
+``tokens create`` is local: it prints the new token once and the hashed entry for the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import grpc
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from lockgate._proto.lockgate import admin_pb2 as pb
+from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
+
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+
+ServerOpt = Annotated[str, typer.Option("--server", envvar="LOCKGATE_SERVER", help="admin API HOST:PORT (the inference port)")]
+TokenOpt = Annotated[str, typer.Option("--token", envvar="LOCKGATE_TOKEN", help="bearer token", show_default=False)]
+CaOpt = Annotated[Optional[Path], typer.Option("--ca-file", envvar="LOCKGATE_CA_FILE", help="TLS: CA certificate of the server")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, list, show.", no_args_is_help=True)
+traffic_app = typer.Typer(help="Traffic policy: weights, shadow, canary.", no_args_is_help=True)
+canary_app = typer.Typer(help="Progressive canary with automatic rollback.", no_args_is_help=True)
+audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Admin API tokens: create (local, no server) and whoami.", no_args_is_help=True)
+traffic_app.add_typer(canary_app, name="canary")
+
+DEFAULT_SERVER = "127.0.0.1:8001"
+
+
+# ---------------------------------------------------------------------- plumbing
+class Client:
+    """One channel to the admin API with the bearer token on every call."""
+
+    def __init__(self, server: str, token: str, ca_file: Path | None = None) -> None:
+        if not token:
+            fail("no token: pass --token or set LOCKGATE_TOKEN")
+        if ca_file is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
+            self.channel = grpc.secure_channel(server, creds)
+        else:
+            self.channel = grpc.insecure_channel(server)
+        self.stub = pb_grpc.AdminServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.server = server
+
+    def call(self, method: str, request: Any, timeout: float = 120.0) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _client(server: str, token: str, ca_file: Path | None) -> Iterator[Client]:
+    client = Client(server, token, ca_file)
+    try:
+        yield client
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        if code is grpc.StatusCode.UNAVAILABLE:
+            details = f"{details} (is lockgate serving on {server}?)"
+        fail(f"{name}: {details}")
+    finally:
+        client.channel.close()
+
+
+def call(server: str, token: str, ca_file: Path | None, method: str, request: Any) -> Any:
+    with _client(server, token, ca_file) as client:
+        return client.call(method, request)
+    raise AssertionError("unreachable")  # pragma: no cover (fail() exits)
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """A JSON or YAML mapping from a file (cards, signatures)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"{path} must contain a mapping")
+    return data
+
+
+def _read_sample(path: Path) -> str:
+    """A reference sample as ``{"input": nested list}`` JSON, from .json/.yaml or .npz."""
+    if path.suffix == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return json.dumps({name: data[name].tolist() for name in data.files})
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read {path}: {exc}")
+    return json.dumps(_read_document(path))
+
+
+def parse_duration(text: str) -> float:
+    """``60s``, ``1m``, ``500ms``, ``1h`` or plain seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise typer.BadParameter(f"not a duration: {text!r} (use e.g. 60s, 1m, 500ms)")
+    value = float(match.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _version_dict(info: Any) -> dict[str, Any]:
+    return {
+        "model": info.model, "version": info.version, "state": info.state, "artifact_path": info.artifact_path,
+        "sha256": info.sha256, "registered_by": info.registered_by, "registered_at": info.registered_at,
+        "updated_at": info.updated_at, "metadata": json.loads(info.metadata_json or "{}"),
+        "can_serve": info.can_serve, "serve_denial": info.serve_denial, "can_shadow": info.can_shadow,
+        "loaded": info.loaded,
+    }
+
+
+def _versions_table(infos: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("model", "version", "state", "serve", "loaded", "registered by", "sha256", "updated"):
+        table.add_column(column)
+    for info in infos:
+        table.add_row(
+            info.model, info.version, info.state, "yes" if info.can_serve else "[red]no[/]",
+            "yes" if info.loaded else "no", info.registered_by, info.sha256[:12], info.updated_at,
+        )
+    return table
+
+
+def _print_version(info: Any) -> None:
+    table = Table(show_header=False, title=f"{info.model} / {info.version}")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in _version_dict(info).items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    console.print(table)
+
+
+# ---------------------------------------------------------------------- models
+@models_app.command("register")
+def models_register(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", help="server-side artifact path [REPO/M/V/model.onnx]")] = None,
+    metadata: Annotated[Optional[str], typer.Option("--metadata", help="JSON object kept with the version")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a version and the SHA-256 of its artifact."""
+    info = call(server, token, ca_file, "RegisterVersion", pb.RegisterVersionRequest(
+        model=model, version=version, artifact_path=artifact or "", metadata_json=metadata or ""))
+    if as_json:
+        _print_json(_version_dict(info))
+    else:
+        _print_version(info)
+
+
+@models_app.command("validate")
+def models_validate(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    sample: Annotated[Optional[Path], typer.Option("--sample", help="reference sample: .npz, or .json/.yaml {input: rows}")] = None,
+    signature: Annotated[Optional[Path], typer.Option("--signature", help="expected signature (.json/.yaml)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the automatic validation; exit 1 if it fails (the report is stored either way)."""
+    response = call(server, token, ca_file, "ValidateVersion", pb.ValidateVersionRequest(
+        model=model, version=version, sample_json=_read_sample(sample) if sample else "",
+        expected_signature_json=json.dumps(_read_document(signature)) if signature else ""))
+    report = json.loads(response.report_json)
+    if as_json:
+        _print_json(report)
+    else:
+        table = Table(title=f"validation of {model} / {version}: " + ("[green]passed[/]" if response.passed else "[red]failed[/]"))
+        for column in ("check", "status", "detail"):
+            table.add_column(column)
+        for check in report.get("checks", []):
+            style = {"passed": "green", "failed": "red"}.get(check["status"], "yellow")
+            table.add_row(check["name"], f"[{style}]{check['status']}[/]", check.get("detail", ""))
+        console.print(table)
+    if not response.passed:
+        raise typer.Exit(1)
+
+
+@models_app.command("card")
+def models_card(
+    model: str, version: str,
+    file: Annotated[Path, typer.Option("--file", help="model card (.yaml/.json): owner, intended_use, training_data, evaluation_metrics, limitations")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+) -> None:
+    """Attach (a new revision of) the model card."""
+    response = call(server, token, ca_file, "SetModelCard", pb.SetModelCardRequest(
+        model=model, version=version, card_json=json.dumps(_read_document(file))))
+    console.print(f"card {response.card_id} stored for {model} / {version}")
+
+
+@models_app.command("approve")
+def models_approve(
+    model: str, version: str,
+    reason: Annotated[str, typer.Option("--reason", help="why this version may take live traffic")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    card: Annotated[Optional[Path], typer.Option("--card", help="model card to attach with the approval")] = None,
+) -> None:
+    """Approve a validated version (four eyes: not by its registrant)."""
+    response = call(server, token, ca_file, "ApproveVersion", pb.ApproveVersionRequest(
+        model=model, version=version, reason=reason, card_json=json.dumps(_read_document(card)) if card else ""))
+    console.print(f"approved {model} / {version} (approval {response.approval_id}); state {response.version.state}")
+
+
+@models_app.command("retire")
+def models_retire(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    reason: Annotated[str, typer.Option("--reason")] = "",
+    force: Annotated[bool, typer.Option("--force", help="retire even while it takes live traffic")] = False,
+) -> None:
+    """Retire a version for good."""
+    info = call(server, token, ca_file, "RetireVersion", pb.RetireVersionRequest(
+        model=model, version=version, reason=reason, force=force))
+    console.print(f"retired {info.model} / {info.version}")
+
+
+@models_app.command("list")
+def models_list(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="only this model")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Registered versions and their lifecycle state."""
+    response = call(server, token, ca_file, "ListVersions", pb.ListVersionsRequest(model=model or ""))
+    if as_json:
+        _print_json([_version_dict(v) for v in response.versions])
+    else:
+        console.print(_versions_table(list(response.versions), "model versions"))
+
+
+@models_app.command("show")
+def models_show(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One version with its validation reports, approvals and cards."""
+    response = call(server, token, ca_file, "ShowVersion", pb.ShowVersionRequest(model=model, version=version))
+    details = json.loads(response.details_json or "{}")
+    if as_json:
+        _print_json({**_version_dict(response.version), **details})
+        return
+    _print_version(response.version)
+    for report in details.get("validation_reports", []):
+        console.print(f"validation {report.get('id')} by {report.get('actor')}: "
+                      + ("passed" if report.get("passed") else f"failed {report.get('failed_checks', '')}"))
+    for approval in details.get("approvals", []):
+        console.print(f"approved by {approval.get('approver')} at {approval.get('time')}: {approval.get('reason')}")
+    for card in details.get("cards", [])[-1:]:
+        console.print(f"card (owner {card.get('owner')}): {card.get('intended_use')}")
+
+
+# ---------------------------------------------------------------------- traffic
+def _traffic_dict(status: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "model": status.model, "has_policy": status.has_policy, "revision": status.revision,
+        "sticky": status.sticky, "default_version": status.default_version,
+        "weights": {w.version: {"weight": w.weight, "percent": w.percent} for w in status.weights},
+        "shadow": {"version": status.shadow.version, "percent": status.shadow.percent} if status.HasField("shadow") else None,
+        "canary": None,
+        "agreements": [
+            {"primary": a.primary, "shadow": a.shadow, "count": a.count, "compared_rows": a.compared_rows,
+             "agreed_rows": a.agreed_rows, "mismatched": a.mismatched,
+             "agreement_rate": a.agreement_rate if a.HasField("agreement_rate") else None,
+             "max_abs_diff": a.max_abs_diff if a.HasField("max_abs_diff") else None,
+             "mean_abs_diff": a.mean_abs_diff if a.HasField("mean_abs_diff") else None}
+            for a in status.agreements
+        ],
+        "drift": dict(status.drift),
+    }
+    if status.HasField("canary"):
+        c = status.canary
+        result["canary"] = {
+            "stable": c.stable, "canary": c.canary, "steps": list(c.steps), "interval_s": c.interval_s,
+            "step_index": c.step_index, "percent": c.percent, "failures": c.failures,
+            "failure_limit": c.failure_limit, "state": c.state, "reason": c.reason,
+            "guardrails": json.loads(c.guardrails_json or "{}"), "started_at": c.started_at,
+        }
+    return result
+
+
+def _print_traffic(status: Any, as_json: bool) -> None:
+    if as_json:
+        _print_json(_traffic_dict(status))
+        return
+    if not status.has_policy:
+        console.print(f"model {status.model}: no traffic policy; requests go to the default version "
+                      f"{status.default_version or '(none servable)'}")
+    else:
+        table = Table(title=f"traffic of {status.model} (revision {status.revision}, sticky {'on' if status.sticky else 'off'})")
+        for column in ("version", "weight", "share %", "role"):
+            table.add_column(column)
+        canary = status.canary if status.HasField("canary") else None
+        for w in status.weights:
+            role = ""
+            if canary is not None and canary.state in ("progressing", "paused"):
+                role = "canary" if w.version == canary.canary else "stable" if w.version == canary.stable else ""
+            table.add_row(w.version, str(w.weight), f"{w.percent:.2f}", role)
+        if status.HasField("shadow"):
+            table.add_row(status.shadow.version, "-", f"{status.shadow.percent:.2f} (mirrored)", "shadow")
+        console.print(table)
+        if canary is not None:
+            console.print(
+                f"canary {canary.canary} vs stable {canary.stable}: [bold]{canary.state}[/] at step "
+                f"{canary.step_index + 1}/{len(canary.steps)} ({canary.percent}%), steps {list(canary.steps)}, "
+                f"interval {canary.interval_s:g}s, failures {canary.failures}/{canary.failure_limit}"
+                + (f"; {canary.reason}" if canary.reason else ""), highlight=False)
+    if status.agreements:
+        table = Table(title="shadow agreement")
+        for column in ("primary", "shadow", "compared", "agreement", "max |diff|", "mean |diff|"):
+            table.add_column(column)
+        for a in status.agreements:
+            table.add_row(
+                a.primary, a.shadow, str(a.count),
+                f"{a.agreement_rate:.4f}" if a.HasField("agreement_rate") else "-",
+                f"{a.max_abs_diff:.4g}" if a.HasField("max_abs_diff") else "-",
+                f"{a.mean_abs_diff:.4g}" if a.HasField("mean_abs_diff") else "-",
+            )
+        console.print(table)
+    for version, drift in sorted(status.drift.items()):
+        console.print(f"drift status of version {version}: {drift}")
+
+
+@traffic_app.command("show")
+def traffic_show(
+    model: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """The live policy, canary state and shadow agreement of a model."""
+    _print_traffic(call(server, token, ca_file, "GetTraffic", pb.GetTrafficRequest(model=model)), as_json)
+
+
+@traffic_app.command("set")
+def traffic_set(
+    model: str,
+    weights: Annotated[list[str], typer.Argument(help="VERSION=WEIGHT pairs, e.g. 1=90 2=10")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    sticky: Annotated[Optional[bool], typer.Option("--sticky/--no-sticky", help="route by routing key")] = None,
+    expect_revision: Annotated[Optional[int], typer.Option("--expect-revision", help="apply only at this revision")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the traffic split (applied at once, without a restart)."""
+    parsed: dict[str, int] = {}
+    for item in weights:
+        version, sep, weight = item.partition("=")
+        if not sep or not version or not weight.strip().isdigit():
+            raise typer.BadParameter(f"{item!r}: use VERSION=WEIGHT, e.g. 1=90")
+        parsed[version.strip()] = int(weight)
+    request = pb.SetWeightsRequest(model=model, weights=parsed)
+    if sticky is not None:
+        request.sticky = sticky
+    if expect_revision is not None:
+        request.expected_revision = expect_revision
+    _print_traffic(call(server, token, ca_file, "SetWeights", request), as_json)
+
+
+@traffic_app.command("shadow")
+def traffic_shadow(
+    model: str, version: str,
+    percent: Annotated[float, typer.Option("--percent", help="share of requests mirrored; 0 removes the shadow")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Mirror a share of requests to a version (the caller only sees the primary)."""
+    _print_traffic(call(server, token, ca_file, "SetShadow", pb.SetShadowRequest(model=model, version=version, percent=percent)), as_json)
+
+
+@canary_app.command("start")
+def canary_start(
+    model: str, version: str,
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    steps: Annotated[str, typer.Option("--steps", help="canary percentages")] = "5,25,50,100",
+    interval: Annotated[str, typer.Option("--interval", help="analysis interval, e.g. 60s, 5m")] = "60s",
+    stable: Annotated[Optional[str], typer.Option("--stable", help="stable version [the only live one]")] = None,
+    failure_limit: Annotated[Optional[int], typer.Option("--failure-limit", help="failed analyses before rollback [3]")] = None,
+    max_error_rate: Annotated[Optional[float], typer.Option("--max-error-rate")] = None,
+    max_error_ratio: Annotated[Optional[float], typer.Option("--max-error-ratio")] = None,
+    max_p99_ratio: Annotated[Optional[float], typer.Option("--max-p99-ratio")] = None,
+    max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms")] = None,
+    max_disagreement: Annotated[Optional[float], typer.Option("--max-disagreement")] = None,
+    min_requests: Annotated[Optional[int], typer.Option("--min-requests")] = None,
+    fail_on_drift: Annotated[Optional[bool], typer.Option("--fail-on-drift/--ignore-drift")] = None,
+    disable: Annotated[Optional[list[str]], typer.Option("--disable", help="switch a guardrail off (repeatable)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a progressive canary; guardrail failures roll it back automatically."""
+    try:
+        step_list = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--steps {steps!r}: use comma-separated integers, e.g. 5,25,50,100") from None
+    guardrails = pb.Guardrails(disable=disable or [])
+    for name, value in (("max_error_rate", max_error_rate), ("max_error_ratio", max_error_ratio),
+                        ("max_p99_ratio", max_p99_ratio), ("max_p99_ms", max_p99_ms),
+                        ("max_disagreement", max_disagreement), ("min_requests", min_requests),
+                        ("fail_on_drift", fail_on_drift)):
+        if value is not None:
+            setattr(guardrails, name, value)
+    request = pb.StartCanaryRequest(
+        model=model, version=version, stable=stable or "", steps=step_list, interval_s=parse_duration(interval),
+        failure_limit=failure_limit or 0, guardrails=guardrails,
+    )
+    _print_traffic(call(server, token, ca_file, "StartCanary", request), as_json)
+
+
+def _canary_command(method: str, help_text: str) -> Callable[..., None]:
+    def command(
+        model: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+        reason: Annotated[str, typer.Option("--reason")] = "", as_json: JsonOpt = False,
+    ) -> None:
+        _print_traffic(call(server, token, ca_file, method, pb.CanaryCommand(model=model, reason=reason)), as_json)
+
+    command.__doc__ = help_text
+    return command
+
+
+canary_app.command("promote")(_canary_command("PromoteCanary", "Give the canary all traffic now."))
+canary_app.command("abort")(_canary_command("AbortCanary", "Send all traffic back to stable now."))
+canary_app.command("pause")(_canary_command("PauseCanary", "Hold the current step."))
+canary_app.command("resume")(_canary_command("ResumeCanary", "Continue a paused canary."))
+
+
+# ---------------------------------------------------------------------- audit
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="offline: state dir, .db file or postgresql:// URL (no server)")]
+
+
+@contextmanager
+def _local_trail(store: str) -> Iterator[Any]:
+    from lockgate.control.audit import AuditTrail
+    from lockgate.control.errors import ControlError
+    from lockgate.control.sqlite_store import resolve_db_path
+    from lockgate.control.store import open_store
+
+    if not store.startswith(("postgres://", "postgresql://")) and not resolve_db_path(store).exists():
+        fail(f"no control-plane store at {store}")
+    try:
+        opened = open_store(store)
+    except ControlError as exc:
+        fail(f"{exc.grpc_code}: {exc}")
+    try:
+        yield AuditTrail(opened)
+    except ControlError as exc:
+        fail(f"{exc.grpc_code}: {exc}")
+    finally:
+        opened.close()
+
+
+@audit_app.command("verify")
+def audit_verify(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    anchor: Annotated[Optional[str], typer.Option("--anchor", help="SEQ:HASH recorded earlier (detects truncation)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the whole hash chain; exit 1 naming the first bad entry."""
+    anchor_seq, anchor_hash = 0, ""
+    if anchor:
+        seq_text, _, anchor_hash = anchor.partition(":")
+        if not seq_text.isdigit() or not anchor_hash:
+            raise typer.BadParameter("--anchor must look like SEQ:HASH")
+        anchor_seq = int(seq_text)
+    if store is not None:
+        from lockgate.control.audit import AuditAnchor
+
+        with _local_trail(store) as trail:
+            r = trail.verify(AuditAnchor(anchor_seq, anchor_hash) if anchor_seq else None)
+        result = {"ok": r.ok, "checked": r.checked, "first_bad_seq": r.first_bad_seq or 0, "reason": r.reason,
+                  "head_seq": r.head_seq, "head_hash": r.head_hash}
+    else:
+        response = call(server, token, ca_file, "AuditVerify", pb.AuditVerifyRequest(anchor_seq=anchor_seq, anchor_hash=anchor_hash))
+        result = {"ok": response.ok, "checked": response.checked, "first_bad_seq": response.first_bad_seq,
+                  "reason": response.reason, "head_seq": response.head_seq, "head_hash": response.head_hash}
+    if as_json:
+        _print_json(result)
+    elif result["ok"]:
+        console.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
+                      f"hash {result['head_hash']}", highlight=False)
+    else:
+        err_console.print(f"[bold red]audit trail BROKEN[/] at entry seq {result['first_bad_seq']}: {result['reason']} "
+                          f"({result['checked']} entries verified before it)", highlight=False, soft_wrap=True)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+def _entries_table(entries: list[dict[str, Any]]) -> Table:
+    table = Table(title="audit trail")
+    for column in ("seq", "time", "actor", "action", "subject", "details"):
+        table.add_column(column, overflow="fold")
+    for e in entries:
+        details = json.dumps(e["details"], sort_keys=True)
+        table.add_row(str(e["seq"]), e["time"], e["actor"], e["action"], e["subject"],
+                      details if len(details) <= 160 else details[:157] + "...")
+    return table
+
+
+@audit_app.command("log")
+def audit_log(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="only entries about this model")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="ISO-8601 time, e.g. 2025-01-31T12:00:00Z")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="at most this many entries (0: all)")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the audit trail, oldest first."""
+    if store is not None:
+        with _local_trail(store) as trail:
+            try:
+                entries = [e.to_dict() for e in trail.log(model=model, since=since, limit=limit or None)]
+            except ValueError as exc:
+                fail(f"INVALID_ARGUMENT: {exc}")
+    else:
+        response = call(server, token, ca_file, "AuditLog", pb.AuditLogRequest(model=model or "", since=since or "", limit=limit))
+        entries = [
+            {"seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action, "subject": e.subject,
+             "details": json.loads(e.details_json or "{}"), "prev_hash": e.prev_hash, "hash": e.hash}
+            for e in response.entries
+        ]
+    if as_json:
+        _print_json(entries)
+    else:
+        console.print(_entries_table(entries))
+
+
+@audit_app.command("export")
+def audit_export(
+    model: Annotated[str, typer.Option("--model", help="the model whose evidence bundle to export")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="write the JSON bundle here [stdout]")] = None,
+) -> None:
+    """Evidence bundle of one model: card, reports, approvals, traffic history, rollbacks, drift."""
+    if store is not None:
+        with _local_trail(store) as trail:
+            text = json.dumps(trail.export(model), indent=2, sort_keys=True, default=str)
+    else:
+        text = call(server, token, ca_file, "AuditExport", pb.AuditExportRequest(model=model)).bundle_json
+    if out is None:
+        sys.stdout.write(text + "\n")
+    else:
+        out.write_text(text + "\n", encoding="utf-8")
+        err_console.print(f"evidence bundle for {model} written to {out}")
+
+
+# ---------------------------------------------------------------------- tokens
+@tokens_app.command("create")
+def tokens_create(
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="viewer, operator, approver or admin")],
+    file: Annotated[Optional[Path], typer.Option("--file", help="also add the hashed entry to this tokens file (YAML)")] = None,
+) -> None:
+    """Generate a token: printed once; only its SHA-256 goes into the tokens file."""
+    from lockgate.control.auth import generate_token, tokens_file_entry
+    from lockgate.control.errors import InvalidArgumentError
+
+    issued = generate_token()
+    try:
+        entry = tokens_file_entry(name, role, issued)
+    except InvalidArgumentError as exc:
+        fail(f"INVALID_ARGUMENT: {exc}")
+    if file is not None:
+        existing: dict[str, Any] = {}
+        if file.exists():
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict):
+                fail(f"{file} is not a tokens mapping")
+            existing = loaded.get("tokens", loaded) if isinstance(loaded.get("tokens", loaded), dict) else {}
+        if name in existing:
+            fail(f"{file} already has a token named {name!r}")
+        existing.update(entry)
+        file.write_text(yaml.safe_dump({"tokens": existing}, sort_keys=True), encoding="utf-8")
+    sys.stdout.write(f"token: {issued.token}\n")
+    sys.stdout.write("(shown once; store it now. The server keeps only its hash.)\n")
+    sys.stdout.write(yaml.safe_dump({"tokens": entry}, sort_keys=True))
+
+
+@tokens_app.command("whoami")
+def tokens_whoami(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None) -> None:
+    """Ask the server who the token belongs to and what it may do."""
+    me = call(server, token, ca_file, "WhoAmI", pb.WhoAmIRequest())
+    console.print(f"{me.name} (role {me.role}): {', '.join(me.permissions)}", highlight=False)
