@@ -29,7 +29,7 @@ def _drift_group() -> None:
     """Drift reports."""
 
 _REPO_DEFAULT = Path(os.environ.get("LOCKGATE_MODEL_REPOSITORY", "models"))
-_STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", "state"))
+_STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", ".lockgate"))
 
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
