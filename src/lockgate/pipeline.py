@@ -82,18 +82,23 @@ class InferencePipeline:
         if telemetry is not None and ctx.trace is None:
             ctx.trace = telemetry.start_request(ctx.method, ctx.metadata, start_ns)
         trace = ctx.trace
-        model = self.repository.get(request.model_name)
+        try:
+            model = self.repository.get(request.model_name)
 
-        # route
-        routing_key = None
-        if request.parameters:
-            param = request.parameters.get(ROUTING_KEY_PARAMETER)
-            if param is not None:
-                routing_key = str(codec._parameter_value(param))
-        if routing_key is None:
-            routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
-        route = self.routing.route(model, request.model_version, routing_key, request.id)
-        version = model.get(route.version)
+            # route
+            routing_key = None
+            if request.parameters:
+                param = request.parameters.get(ROUTING_KEY_PARAMETER)
+                if param is not None:
+                    routing_key = str(codec.parameter_value(param))
+            if routing_key is None:
+                routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
+            route = self.routing.route(model, request.model_version, routing_key, request.id)
+            version = model.get(route.version)
+        except BaseException as exc:  # NOT_FOUND / PERMISSION_DENIED before a version is known
+            if trace is not None:
+                trace.finish(exc, time.perf_counter_ns())
+            raise
         if trace is not None:
             trace.set_model(model.name, version.version)
             trace.set_route(route.decision, route.key_hash, route.shadow_version)

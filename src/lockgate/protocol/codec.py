@@ -49,14 +49,15 @@ class Signature:
         return tuple(spec.name for spec in self.outputs)
 
 
-def _parameter_value(param: Any) -> Any:
+def parameter_value(param: Any) -> Any:
+    """The value held by an InferParameter's oneof."""
     which = param.WhichOneof("parameter_choice")
     return getattr(param, which) if which else None
 
 
 def request_parameters(request: Any) -> dict[str, Any]:
     """The request-level ``parameters`` map as plain Python values."""
-    return {key: _parameter_value(value) for key, value in request.parameters.items()}
+    return {key: parameter_value(value) for key, value in request.parameters.items()}
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], max_batch_size: int) -> None:
