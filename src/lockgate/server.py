@@ -110,6 +110,8 @@ class Gateway:
         self.governance.subscribers.append(
             lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
         )
+        # An OK window clears a latched DRIFT in the canary analysis (alerts alone never would).
+        self.governance.report_listeners.append(self._on_drift_report)
         if settings.is_shared_store():
             self.fleet = FleetDrift(self.control.store, self.governance, replica_id=settings.replica(),
                                     window_s=settings.fleet_window_s)
@@ -129,6 +131,10 @@ class Gateway:
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
         self.control.rollback_listeners.append(self.telemetry.rollback)
+
+    def _on_drift_report(self, report: Any) -> None:
+        if report.status == "OK":
+            self.control.canary.on_drift_alert(report.model, report.version, "OK")
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING

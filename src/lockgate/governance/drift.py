@@ -353,6 +353,9 @@ class DriftMonitor:
         self.persist_errors = 0
         self.last_report: DriftReport | None = None
         self._subscribers: list[Subscriber] = []
+        # Called with every evaluated report, OK included, so consumers that latch an alert
+        # (the canary analysis) also learn when a version is back to normal.
+        self.report_listeners: list[Callable[[DriftReport], None]] = []
         self._lock = threading.Lock()
         self._next_index = self._first_free_index()
 
@@ -395,6 +398,13 @@ class DriftMonitor:
             _latest[(self.model, self.version)] = report
         if report.evaluated and report.status != OK:
             self._alert(report)
+        if report.evaluated:
+            for listener in list(self.report_listeners):
+                try:
+                    listener(report)
+                except Exception:
+                    self.subscriber_errors += 1
+                    log.exception("drift report listener %r failed", listener)
         return report
 
     def _persist(self, state: WindowState, index: int) -> None:

@@ -38,7 +38,8 @@ class GovernanceStage:
         self.repository_root = Path(repository_root)
         self.state_dir = Path(state_dir)
         self.tracing_enabled = tracing_enabled
-        self.subscribers: list[Callable[[DriftEvent], None]] = []
+        self.subscribers: list[Callable[[DriftEvent], None]] = []  # WARN/DRIFT alerts
+        self.report_listeners: list[Callable[[Any], None]] = []  # every evaluated window
         self._engines: dict[tuple[str, str], GovernanceEngine] = {}
 
     # -- lifecycle (repository hooks) ------------------------------------------------------
@@ -54,6 +55,7 @@ class GovernanceStage:
         )
         for subscriber in self.subscribers:
             engine.subscribe(subscriber)
+        engine.monitor.report_listeners.extend(self.report_listeners)
         version.extensions[ENGINE_KEY] = engine
         self._engines[(version.model, version.version)] = engine
 
