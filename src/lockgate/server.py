@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,8 @@ class Gateway:
                                     window_s=settings.fleet_window_s)
             self.control.leader_jobs.append(self.fleet.merge_loop)
         self.repository.preparers.append(self.governance.prepare)
+        if self.fleet is not None:
+            self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
         self.repository.releasers.append(self.governance.release)
         self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
         self.ready = asyncio.Event()
@@ -207,6 +210,10 @@ class Gateway:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.fleet is not None:
+            # Ship the open window's rows for the leader to merge; left in the engines, their
+            # close() would evaluate (and alert on) this replica's share alone.
+            await asyncio.to_thread(self.fleet.ship, self.fleet.window_of(time.time()))
         await self.repository.close()
         self.governance.close()
         await self.control.close()

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
-from lockgate.control.errors import ControlError, LifecycleError, NotFoundError
+from lockgate.control.errors import AlreadyExistsError, ControlError, LifecycleError, NotFoundError, StoreError
 from lockgate.control.leader import LocalLeader
 from lockgate.control.registry import Registry, State
 from lockgate.control.store import Change, ChangeKind, Store, open_store
@@ -137,17 +137,35 @@ class ControlPlane:
     def on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         for version in loaded:
             try:
-                self.registry.get(model, version)
-            except NotFoundError:
-                self.registry.register(model, version, None, SYSTEM_ACTOR, metadata={"discovered": True})
+                self._register_discovered(model, version)
+            except StoreError as exc:  # store down: serving goes on; the version stays unregistered
+                log.warning("model %s version %s not registered (control-plane store unavailable): %s",
+                            model, version, exc)
         previous = self._loaded.get(model, frozenset())
+        # Audit appends are spooled by a ResilientStore while the store is down.
         for version in sorted(set(loaded) - previous):
             self.audit.append(SYSTEM_ACTOR, Action.MODEL_LOAD, model_subject(model, version), {})
         for version in removed:
             if version not in loaded:
                 self.audit.append(SYSTEM_ACTOR, Action.MODEL_UNLOAD, model_subject(model, version), {})
         self._loaded = {**self._loaded, model: frozenset(loaded)}
-        self.refresh_gates([model])
+        try:
+            self.refresh_gates([model])
+        except StoreError as exc:  # keep the last gates; the watcher's resync refreshes them later
+            log.warning("gates of model %s not refreshed (control-plane store unavailable): %s", model, exc)
+
+    def _register_discovered(self, model: str, version: str) -> None:
+        try:
+            self.registry.get(model, version)
+            return
+        except NotFoundError:
+            pass
+        try:
+            self.registry.register(model, version, None, SYSTEM_ACTOR, metadata={"discovered": True})
+        except AlreadyExistsError:
+            # Another replica sharing the store registered it first (both saw it at start):
+            # our artifact must still match the hash it recorded.
+            self.registry.verify_artifact(model, version, self.registry.artifact_path(model, version), actor=SYSTEM_ACTOR)
 
     def default_version(self, model: str, loaded_default: str, loaded: Mapping[str, Any]) -> str:
         """Without a policy: the model's default if it may serve, else the highest servable one."""

@@ -17,12 +17,14 @@ import time
 from typing import TYPE_CHECKING
 
 from lockgate.control.errors import StoreError
+from lockgate.governance.stage import ENGINE_KEY
 from lockgate.governance.state import WindowState, merge_all
 
 if TYPE_CHECKING:
     from lockgate.control.store import Store
     from lockgate.governance.drift import DriftReport
     from lockgate.governance.stage import GovernanceStage
+    from lockgate.serving.repository import ModelVersion
 
 log = logging.getLogger("lockgate.governance.fleet")
 
@@ -53,6 +55,15 @@ class FleetDrift:
             return True
 
     # -- every replica ---------------------------------------------------------------------
+    def adopt(self, version: "ModelVersion") -> None:
+        """Repository preparer (after the governance one): a version loaded at any time,
+        not only at start, leaves window closing to the fleet schedule. Left local, its
+        engine would close windows itself on every replica, so rows would never be shipped
+        and each replica would alert on its own share."""
+        engine = version.extensions.get(ENGINE_KEY)
+        if engine is not None:
+            engine.local_windows = False
+
     def ship(self, window: int) -> int:
         """Take every engine's window and put it in the store; returns how many were shipped."""
         count = 0
@@ -70,8 +81,6 @@ class FleetDrift:
         return count
 
     async def ship_loop(self, stop: asyncio.Event) -> None:
-        for engine in self.stage.engines().values():
-            engine.local_windows = False
         while not stop.is_set():
             boundary = (self.window_of(time.time()) + 1) * self.window_s
             if not await self._sleep_until(boundary, stop):
