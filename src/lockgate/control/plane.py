@@ -58,6 +58,7 @@ class ControlPlane:
         self._servable: dict[str, frozenset[str]] = {}
         self._shadowable: dict[str, frozenset[str]] = {}
         self._loaded: dict[str, frozenset[str]] = {}
+        self._states: dict[str, dict[str, str]] = {}
         self._refresh_lock = threading.Lock()
         self._watcher: ChangeWatcher | None = None
         self._stop = asyncio.Event()
@@ -91,10 +92,8 @@ class ControlPlane:
         return version in self._shadowable.get(model, ())
 
     def _state_of(self, model: str, version: str) -> str | None:
-        try:
-            return str(self.registry.get(model, version).state)
-        except NotFoundError:
-            return None
+        """Lifecycle state from the cached view: a refusal must not need the store (it may be down)."""
+        return self._states.get(model, {}).get(version)
 
     def refresh_gates(self, models: Sequence[str] | None = None) -> None:
         """Re-read approval state from the store (on start, on change, on the watcher's resync)."""
@@ -102,10 +101,10 @@ class ControlPlane:
             names = set(models) if models else {r.model for r in self.registry.list_versions()} | set(self._loaded)
             servable = dict(self._servable)
             shadowable = dict(self._shadowable)
+            states = dict(self._states)
             for name in names:
-                servable[name] = frozenset(self.registry.servable_versions(name))
-                shadowable[name] = frozenset(self.registry.shadowable_versions(name))
-            self._servable, self._shadowable = servable, shadowable
+                servable[name], shadowable[name], states[name] = self.registry.gates(name)
+            self._servable, self._shadowable, self._states = servable, shadowable, states
 
     def refresh_policies(self) -> None:
         """Install the store's policies that are newer than the live ones."""

@@ -168,6 +168,15 @@ class Registry:
         record = self.store.get_version(model, version)
         return record is not None and State(record.state) in SHADOWABLE_STATES
 
+    def gates(self, model: str) -> tuple[frozenset[str], frozenset[str], dict[str, str]]:
+        """(servable, shadowable, state by version) from one read: the router's cached view."""
+        records = self.store.list_versions(model)
+        return (
+            frozenset(r.version for r in records if self._serve_denial(r) is None),
+            frozenset(r.version for r in records if State(r.state) in SHADOWABLE_STATES),
+            {r.version: str(r.state) for r in records},
+        )
+
     def servable_versions(self, model: str) -> frozenset[str]:
         """Versions that may take live traffic: for the router's snapshot (refresh on VERSION changes)."""
         return frozenset(r.version for r in self.store.list_versions(model) if self._serve_denial(r) is None)

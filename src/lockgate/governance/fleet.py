@@ -106,13 +106,23 @@ class FleetDrift:
         return reports
 
     async def merge_loop(self, stop: asyncio.Event) -> None:
+        """Merge each closed window once. Windows whose merge failed (store down) are caught up
+        when the store returns, oldest first, up to ``keep_windows`` back."""
+        pending_from: int | None = None
         while not stop.is_set():
             boundary = (self.window_of(time.time()) + 1) * self.window_s
             if not await self._sleep_until(boundary + self.grace_s, stop):
                 return
-            try:
-                await asyncio.to_thread(self.merge, self.window_of(boundary) - 1)
-            except StoreError:
-                log.warning("fleet drift merge skipped: store unavailable")
-            except Exception:
-                log.exception("fleet drift merge failed")
+            last = self.window_of(boundary) - 1
+            first = max(pending_from if pending_from is not None else last, last - self.keep_windows)
+            for window in range(first, last + 1):
+                try:
+                    await asyncio.to_thread(self.merge, window)
+                except StoreError:
+                    log.warning("fleet drift merge of window %d deferred: store unavailable", window)
+                    pending_from = window
+                    break
+                except Exception:
+                    log.exception("fleet drift merge of window %d failed", window)
+            else:
+                pending_from = None
