@@ -25,36 +25,19 @@ is how the guarantees are obtained across machines:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql as pgsql
 
-from lockgate.control.errors import (
-    AlreadyExistsError,
-    ConflictError,
-    NotFoundError,
-    StoreError,
-)
-from lockgate.control.store import (
-    AuditBuilder,
-    AuditRow,
-    Change,
-    ChangeKind,
-    PolicyRecord,
-    RecordKind,
-    StoredRecord,
-    VersionRecord,
-    WindowSnapshot,
-    sorted_versions,
-    utc_now_iso,
-)
+from lockgate.control.errors import ConflictError, StoreError
+from lockgate.control.sql_store import SqlStore, apply_migrations
+from lockgate.control.store import AuditBuilder, AuditRow, Change, ChangeKind, utc_now_iso
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +126,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def _dumps(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def _redact_dsn(dsn: str) -> str:
     """The DSN without its password, for error messages."""
     try:
@@ -167,18 +146,15 @@ def migrate(conn: psycopg.Connection[Any], migrations: Sequence[Sequence[str]] =
         )
         row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
         current = int(row[0]) if row else 0
-        if current > len(migrations):
-            raise StoreError(
-                f"database schema version {current} is newer than this lockgate "
-                f"understands ({len(migrations)}); upgrade lockgate"
-            )
-        for index in range(current, len(migrations)):
-            for statement in migrations[index]:
-                conn.execute(statement)  # type: ignore[arg-type]  # fixed, trusted DDL
-            conn.execute(
+        apply_migrations(
+            conn,
+            current,
+            migrations,
+            lambda version: conn.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
-                (index + 1, utc_now_iso()),
-            )
+                (version, utc_now_iso()),
+            ),
+        )
     return len(migrations)
 
 
@@ -190,14 +166,30 @@ class _CommitFailed(Exception):
         self.cause = cause
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """PostgreSQL implementation of ``lockgate.control.store.Store``.
 
     ``url`` is a libpq URL (``postgresql://user:pass@host:5432/db``). ``pool_size``
     bounds concurrent connections; ``connect_timeout`` bounds how long an unreachable
     server can block a call; ``poll_interval`` is the safety-net re-read of
-    ``wait_for_changes`` when a notification is lost.
+    ``wait_for_changes`` when a notification is lost. The queries live in
+    ``SqlStore``; this class owns connections, transactions, locks and LISTEN/NOTIFY.
     """
+
+    _FOR_UPDATE = " FOR UPDATE"
+    _LATEST_POLICIES_SQL = (
+        "SELECT DISTINCT ON (model) model, revision, document, actor, time FROM policies "
+        "ORDER BY model, revision DESC"
+    )
+    _UPSERT_SNAPSHOT_SQL = (
+        "INSERT INTO snapshots (model, version, window_id, replica, payload, time) "
+        "VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (model, version, window_id, replica) "
+        "DO UPDATE SET payload = EXCLUDED.payload, time = EXCLUDED.time"
+    )
+    # The exists check runs under CHANGES_LOCK, so this fires only if a writer
+    # bypassed the lock; it still means "already registered".
+    _UNIQUE_VIOLATION = (psycopg.errors.UniqueViolation,)
 
     def __init__(
         self,
@@ -315,6 +307,27 @@ class PostgresStore:
                 raise StoreError(f"PostgreSQL at {self.display_url} failed: {exc}") from exc
         raise StoreError("unreachable")  # pragma: no cover - the loop always returns or raises
 
+    def _transact(self, work: Callable[[psycopg.Connection[Any]], T], *, feed: bool = False) -> T:
+        """``work`` in one transaction (``_run``: one retry if the connection is lost before COMMIT).
+
+        ``feed``: take ``CHANGES_LOCK`` first. An identity column alone would let a later
+        revision commit before an earlier one, and ``changes_since`` could then skip the
+        late one; holding the lock from the transaction's start makes revisions commit in
+        revision order (and serialises policy revision numbering per model).
+        """
+        if not feed:
+            return self._run(work, write=True)
+
+        def locked(conn: psycopg.Connection[Any]) -> T:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+            return work(conn)
+
+        return self._run(locked, write=True)
+
+    def _q(self, sql: str) -> str:
+        """psycopg uses ``%s`` placeholders (the shared SQL has no literal ``?`` or ``%``)."""
+        return sql.replace("?", "%s")
+
     def _read(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._run(lambda conn: list(conn.execute(query, params).fetchall()), write=False)  # type: ignore[arg-type]
 
@@ -323,13 +336,12 @@ class PostgresStore:
             self._events += 1
             self._changed.notify_all()
 
-    @staticmethod
     def _record_change(
-        conn: psycopg.Connection[Any], kind: ChangeKind, model: str, version: str | None
+        self, conn: psycopg.Connection[Any], kind: ChangeKind, model: str, version: str | None
     ) -> None:
         """Insert the change row and queue its NOTIFY (sent on commit).
 
-        Callers hold ``CHANGES_LOCK`` (``_lock_changes``) from the transaction's start.
+        Runs inside ``_transact(feed=True)``, which holds ``CHANGES_LOCK`` from the start.
         """
         row = conn.execute(
             "INSERT INTO changes (kind, model, version) VALUES (%s, %s, %s) RETURNING revision",
@@ -338,223 +350,12 @@ class PostgresStore:
         assert row is not None
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(int(row[0]))))
 
-    @staticmethod
-    def _lock_changes(conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
-
-    # -- model versions ---------------------------------------------------------
-    _VERSION_COLUMNS = (
-        "model, version, state, artifact_path, sha256, registered_by, "
-        "registered_at, updated_at, metadata"
-    )
-
-    @staticmethod
-    def _version(row: Sequence[Any]) -> VersionRecord:
-        return VersionRecord(
-            model=row[0], version=row[1], state=row[2], artifact_path=row[3], sha256=row[4],
-            registered_by=row[5], registered_at=row[6], updated_at=row[7], metadata=json.loads(row[8]),
-        )
-
-    def create_version(self, record: VersionRecord) -> None:
-        def work(conn: psycopg.Connection[Any]) -> None:
-            self._lock_changes(conn)
-            exists = conn.execute(
-                "SELECT 1 FROM versions WHERE model = %s AND version = %s",
-                (record.model, record.version),
-            ).fetchone()
-            if exists:
-                raise AlreadyExistsError(
-                    f"model {record.model!r} version {record.version!r} is already registered"
-                )
-            conn.execute(
-                f"INSERT INTO versions ({self._VERSION_COLUMNS}) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    record.model, record.version, record.state, record.artifact_path, record.sha256,
-                    record.registered_by, record.registered_at, record.updated_at, _dumps(record.metadata),
-                ),
-            )
-            self._record_change(conn, ChangeKind.VERSION, record.model, record.version)
-
-        try:
-            self._run(work, write=True)
-        except psycopg.errors.UniqueViolation as exc:
-            raise AlreadyExistsError(
-                f"model {record.model!r} version {record.version!r} is already registered"
-            ) from exc
-        self._wake()
-
-    def update_version(
-        self,
-        model: str,
-        version: str,
-        *,
-        state: str,
-        expected_state: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> VersionRecord:
-        def work(conn: psycopg.Connection[Any]) -> VersionRecord:
-            self._lock_changes(conn)
-            row = conn.execute(
-                f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = %s AND version = %s FOR UPDATE",
-                (model, version),
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"model {model!r} version {version!r} is not registered")
-            current = self._version(row)
-            if expected_state is not None and current.state != expected_state:
-                raise ConflictError(
-                    f"model {model!r} version {version!r} is {current.state!r}, "
-                    f"expected {expected_state!r} (changed concurrently)"
-                )
-            merged = dict(current.metadata)
-            if metadata:
-                merged.update(metadata)
-            now = utc_now_iso()
-            conn.execute(
-                "UPDATE versions SET state = %s, metadata = %s, updated_at = %s "
-                "WHERE model = %s AND version = %s",
-                (state, _dumps(merged), now, model, version),
-            )
-            self._record_change(conn, ChangeKind.VERSION, model, version)
-            return VersionRecord(
-                model=current.model, version=current.version, state=state,
-                artifact_path=current.artifact_path, sha256=current.sha256,
-                registered_by=current.registered_by, registered_at=current.registered_at,
-                updated_at=now, metadata=merged,
-            )
-
-        result = self._run(work, write=True)
-        self._wake()
-        return result
-
-    def get_version(self, model: str, version: str) -> VersionRecord | None:
-        rows = self._read(
-            f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = %s AND version = %s",
-            (model, version),
-        )
-        return self._version(rows[0]) if rows else None
-
-    def list_versions(self, model: str | None = None) -> list[VersionRecord]:
-        if model is None:
-            rows = self._read(f"SELECT {self._VERSION_COLUMNS} FROM versions")
-        else:
-            rows = self._read(f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = %s", (model,))
-        return sorted_versions([self._version(r) for r in rows])
-
-    # -- records ------------------------------------------------------------------
-    def add_record(
-        self, kind: RecordKind, model: str, version: str, actor: str, body: Mapping[str, Any]
-    ) -> StoredRecord:
-        now = utc_now_iso()
-        text = _dumps(body)
-        kind = RecordKind(kind)
-
-        def work(conn: psycopg.Connection[Any]) -> int:
-            self._lock_changes(conn)
-            row = conn.execute(
-                "INSERT INTO records (kind, model, version, actor, time, body) "
-                "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                (kind.value, model, version, actor, now, text),
-            ).fetchone()
-            assert row is not None
-            self._record_change(conn, ChangeKind.RECORD, model, version)
-            return int(row[0])
-
-        record_id = self._run(work, write=True)
-        self._wake()
-        return StoredRecord(record_id, kind, model, version, actor, now, json.loads(text))
-
-    def list_records(
-        self,
-        kind: RecordKind | None = None,
-        model: str | None = None,
-        version: str | None = None,
-    ) -> list[StoredRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (("kind", kind), ("model", model), ("version", version)):
-            if value is not None:
-                clauses.append(f"{column} = %s")
-                params.append(str(value))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._read(
-            f"SELECT id, kind, model, version, actor, time, body FROM records {where} ORDER BY id", params
-        )
-        return [
-            StoredRecord(int(r[0]), RecordKind(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows
-        ]
-
-    # -- policies -------------------------------------------------------------------
-    @staticmethod
-    def _policy(row: Sequence[Any]) -> PolicyRecord:
-        return PolicyRecord(model=row[0], revision=int(row[1]), document=json.loads(row[2]), actor=row[3], time=row[4])
-
-    def set_policy(
-        self,
-        model: str,
-        document: Mapping[str, Any],
-        actor: str,
-        expected_revision: int | None = None,
-    ) -> PolicyRecord:
-        text = _dumps(document)
-        now = utc_now_iso()
-
-        def work(conn: psycopg.Connection[Any]) -> int:
-            self._lock_changes(conn)  # also serialises revision numbering per model
-            row = conn.execute(
-                "SELECT COALESCE(MAX(revision), 0) FROM policies WHERE model = %s", (model,)
-            ).fetchone()
-            current = int(row[0]) if row else 0
-            if expected_revision is not None and expected_revision != current:
-                raise ConflictError(
-                    f"traffic policy of {model!r} is at revision {current}, "
-                    f"expected {expected_revision} (changed concurrently)"
-                )
-            conn.execute(
-                "INSERT INTO policies (model, revision, document, actor, time) VALUES (%s, %s, %s, %s, %s)",
-                (model, current + 1, text, actor, now),
-            )
-            self._record_change(conn, ChangeKind.POLICY, model, None)
-            return current + 1
-
-        revision = self._run(work, write=True)
-        self._wake()
-        return PolicyRecord(model, revision, json.loads(text), actor, now)
-
-    def get_policy(self, model: str) -> PolicyRecord | None:
-        rows = self._read(
-            "SELECT model, revision, document, actor, time FROM policies "
-            "WHERE model = %s ORDER BY revision DESC LIMIT 1",
-            (model,),
-        )
-        return self._policy(rows[0]) if rows else None
-
-    def list_policies(self) -> list[PolicyRecord]:
-        rows = self._read(
-            "SELECT DISTINCT ON (model) model, revision, document, actor, time FROM policies "
-            "ORDER BY model, revision DESC"
-        )
-        return [self._policy(r) for r in rows]
-
-    def policy_history(self, model: str) -> list[PolicyRecord]:
-        rows = self._read(
-            "SELECT model, revision, document, actor, time FROM policies WHERE model = %s ORDER BY revision",
-            (model,),
-        )
-        return [self._policy(r) for r in rows]
+    def _insert_id(self, conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]) -> int:
+        row = conn.execute(self._q(sql) + " RETURNING id", params).fetchone()  # type: ignore[arg-type]
+        assert row is not None
+        return int(row[0])
 
     # -- change feed -------------------------------------------------------------------
-    def current_revision(self) -> int:
-        return int(self._read("SELECT COALESCE(MAX(revision), 0) FROM changes")[0][0])
-
-    def changes_since(self, revision: int) -> list[Change]:
-        rows = self._read(
-            "SELECT revision, kind, model, version FROM changes WHERE revision > %s ORDER BY revision",
-            (int(revision),),
-        )
-        return [Change(int(r[0]), ChangeKind(r[1]), r[2], r[3]) for r in rows]
-
     def wait_for_changes(self, revision: int, timeout: float) -> list[Change]:
         """Wake on NOTIFY (any replica) or a local write; re-read every ``poll_interval``."""
         self._ensure_listener()
@@ -604,91 +405,18 @@ class PostgresStore:
                 conn.close()
 
     # -- audit ----------------------------------------------------------------------------
-    _AUDIT_COLUMNS = "seq, time, actor, action, subject, details, prev_hash, hash"
-
-    @staticmethod
-    def _audit(row: Sequence[Any]) -> AuditRow:
-        return AuditRow(int(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7])
-
     def append_audit(self, build: AuditBuilder) -> AuditRow:
+        """``AUDIT_LOCK`` is taken before the head is read and held until commit, so
+        appends from any number of replicas form one linear chain."""
+
         def work(conn: psycopg.Connection[Any]) -> AuditRow:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK,))
-            row = conn.execute(
-                f"SELECT {self._AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            entry = build(self._audit(row) if row else None)
-            conn.execute(
-                f"INSERT INTO audit ({self._AUDIT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (entry.seq, entry.time, entry.actor, entry.action, entry.subject,
-                 entry.details, entry.prev_hash, entry.hash),
-            )
-            return entry
+            return self._append_audit_in(conn, build)
 
         try:
             return self._run(work, write=True)
         except psycopg.errors.UniqueViolation as exc:  # only if someone bypassed the lock
             raise ConflictError(f"audit chain head moved concurrently: {exc}") from exc
-
-    def audit_head(self) -> AuditRow | None:
-        rows = self._read(f"SELECT {self._AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1")
-        return self._audit(rows[0]) if rows else None
-
-    def audit_entries(
-        self,
-        *,
-        after_seq: int = 0,
-        limit: int | None = None,
-        model: str | None = None,
-        since: str | None = None,
-    ) -> list[AuditRow]:
-        clauses = ["seq > %s"]
-        params: list[Any] = [int(after_seq)]
-        if model is not None:
-            # "M" or "M/...": a byte-wise range ('/' + 1 == '0') under COLLATE "C".
-            clauses.append("(subject = %s OR (subject >= %s AND subject < %s))")
-            params.extend([model, model + "/", model + "0"])
-        if since is not None:
-            clauses.append("time >= %s")
-            params.append(since)
-        query = f"SELECT {self._AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY seq"
-        if limit is not None:
-            query += " LIMIT %s"
-            params.append(int(limit))
-        return [self._audit(r) for r in self._read(query, params)]
-
-    # -- window snapshots ---------------------------------------------------------------------
-    def put_snapshot(self, model: str, version: str, window: int, replica: str, payload: bytes) -> None:
-        def work(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(
-                "INSERT INTO snapshots (model, version, window_id, replica, payload, time) "
-                "VALUES (%s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (model, version, window_id, replica) "
-                "DO UPDATE SET payload = EXCLUDED.payload, time = EXCLUDED.time",
-                (model, version, int(window), replica, bytes(payload), utc_now_iso()),
-            )
-
-        self._run(work, write=True)
-
-    def get_snapshots(self, model: str, version: str, window: int) -> list[WindowSnapshot]:
-        rows = self._read(
-            "SELECT model, version, window_id, replica, payload, time FROM snapshots "
-            "WHERE model = %s AND version = %s AND window_id = %s ORDER BY replica",
-            (model, version, int(window)),
-        )
-        return [WindowSnapshot(r[0], r[1], int(r[2]), r[3], bytes(r[4]), r[5]) for r in rows]
-
-    def latest_window(self, model: str, version: str) -> int | None:
-        value = self._read(
-            "SELECT MAX(window_id) FROM snapshots WHERE model = %s AND version = %s", (model, version)
-        )[0][0]
-        return None if value is None else int(value)
-
-    def prune_snapshots(self, before_window: int) -> int:
-        def work(conn: psycopg.Connection[Any]) -> int:
-            cursor = conn.execute("DELETE FROM snapshots WHERE window_id < %s", (int(before_window),))
-            return int(cursor.rowcount)
-
-        return self._run(work, write=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -702,9 +430,3 @@ class PostgresStore:
             self._listener.join(timeout=5.0)
         self._drop_idle()
         self._wake()
-
-    def __enter__(self) -> PostgresStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -18,34 +18,19 @@ Concurrency model (why it is safe):
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lockgate.control.errors import (
-    AlreadyExistsError,
-    ConflictError,
-    NotFoundError,
-    StoreError,
-)
-from lockgate.control.store import (
-    AuditBuilder,
-    AuditRow,
-    Change,
-    ChangeKind,
-    PolicyRecord,
-    RecordKind,
-    StoredRecord,
-    VersionRecord,
-    WindowSnapshot,
-    sorted_versions,
-    utc_now_iso,
-)
+from lockgate.control.errors import StoreError
+from lockgate.control.sql_store import SqlStore, apply_migrations
+from lockgate.control.store import AuditBuilder, AuditRow, Change, ChangeKind
+
+T = TypeVar("T")
 
 DB_FILENAME = "lockgate.db"
 
@@ -133,10 +118,6 @@ def resolve_db_path(path: str | Path) -> Path:
     return target
 
 
-def _dumps(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def migrate(
     conn: sqlite3.Connection, migrations: Sequence[Sequence[str]] = MIGRATIONS
 ) -> int:
@@ -147,15 +128,9 @@ def migrate(
     conn.execute("BEGIN IMMEDIATE")
     try:
         current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if current > len(migrations):
-            raise StoreError(
-                f"database schema version {current} is newer than this lockgate "
-                f"understands ({len(migrations)}); upgrade lockgate"
-            )
-        for index in range(current, len(migrations)):
-            for statement in migrations[index]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {index + 1}")
+        apply_migrations(
+            conn, current, migrations, lambda version: conn.execute(f"PRAGMA user_version = {version}")
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -163,13 +138,25 @@ def migrate(
     return len(migrations)
 
 
-class SQLiteStore:
+class SQLiteStore(SqlStore):
     """SQLite implementation of ``lockgate.control.store.Store``.
 
     ``path`` is the database file, or a directory (the ``--state-dir``, created
     if missing) in which ``lockgate.db`` is used. ``poll_interval`` bounds how long
     ``wait_for_changes`` takes to notice a change made by another process.
+    The queries live in ``SqlStore``; this class owns connections, transactions
+    and waiting.
     """
+
+    _LATEST_POLICIES_SQL = (
+        "SELECT p.model, p.revision, p.document, p.actor, p.time FROM policies p "
+        "JOIN (SELECT model, MAX(revision) AS revision FROM policies GROUP BY model) latest "
+        "ON p.model = latest.model AND p.revision = latest.revision ORDER BY p.model"
+    )
+    _UPSERT_SNAPSHOT_SQL = (
+        "INSERT OR REPLACE INTO snapshots (model, version, window_id, replica, payload, time) "
+        "VALUES (?, ?, ?, ?, ?, ?)"
+    )
 
     def __init__(
         self,
@@ -240,6 +227,15 @@ class SQLiteStore:
             self._rollback(conn)
             raise
 
+    def _transact(self, work: Callable[[sqlite3.Connection], T], *, feed: bool = False) -> T:
+        """``work`` inside ``_write``.
+
+        ``feed`` needs nothing more: ``BEGIN IMMEDIATE`` already holds SQLite's one
+        write lock for the whole transaction, so change revisions commit in order.
+        """
+        with self._write() as conn:
+            return work(conn)
+
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
@@ -252,237 +248,22 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"read failed on {self.path}: {exc}") from exc
 
-    def _notify(self) -> None:
+    def _wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
 
-    @staticmethod
     def _record_change(
-        conn: sqlite3.Connection, kind: ChangeKind, model: str, version: str | None
+        self, conn: sqlite3.Connection, kind: ChangeKind, model: str, version: str | None
     ) -> None:
         conn.execute(
             "INSERT INTO changes (kind, model, version) VALUES (?, ?, ?)",
             (kind.value, model, version),
         )
 
-    # -- model versions -------------------------------------------------
-    @staticmethod
-    def _version(row: Sequence[Any]) -> VersionRecord:
-        return VersionRecord(
-            model=row[0],
-            version=row[1],
-            state=row[2],
-            artifact_path=row[3],
-            sha256=row[4],
-            registered_by=row[5],
-            registered_at=row[6],
-            updated_at=row[7],
-            metadata=json.loads(row[8]),
-        )
-
-    _VERSION_COLUMNS = (
-        "model, version, state, artifact_path, sha256, registered_by, "
-        "registered_at, updated_at, metadata"
-    )
-
-    def create_version(self, record: VersionRecord) -> None:
-        with self._write() as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM versions WHERE model = ? AND version = ?",
-                (record.model, record.version),
-            ).fetchone()
-            if exists:
-                raise AlreadyExistsError(
-                    f"model {record.model!r} version {record.version!r} is already registered"
-                )
-            conn.execute(
-                f"INSERT INTO versions ({self._VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.model,
-                    record.version,
-                    record.state,
-                    record.artifact_path,
-                    record.sha256,
-                    record.registered_by,
-                    record.registered_at,
-                    record.updated_at,
-                    _dumps(record.metadata),
-                ),
-            )
-            self._record_change(conn, ChangeKind.VERSION, record.model, record.version)
-        self._notify()
-
-    def update_version(
-        self,
-        model: str,
-        version: str,
-        *,
-        state: str,
-        expected_state: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> VersionRecord:
-        with self._write() as conn:
-            row = conn.execute(
-                f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = ? AND version = ?",
-                (model, version),
-            ).fetchone()
-            if row is None:
-                raise NotFoundError(f"model {model!r} version {version!r} is not registered")
-            current = self._version(row)
-            if expected_state is not None and current.state != expected_state:
-                raise ConflictError(
-                    f"model {model!r} version {version!r} is {current.state!r}, "
-                    f"expected {expected_state!r} (changed concurrently)"
-                )
-            merged = dict(current.metadata)
-            if metadata:
-                merged.update(metadata)
-            now = utc_now_iso()
-            conn.execute(
-                "UPDATE versions SET state = ?, metadata = ?, updated_at = ? "
-                "WHERE model = ? AND version = ?",
-                (state, _dumps(merged), now, model, version),
-            )
-            self._record_change(conn, ChangeKind.VERSION, model, version)
-        self._notify()
-        return VersionRecord(
-            model=current.model,
-            version=current.version,
-            state=state,
-            artifact_path=current.artifact_path,
-            sha256=current.sha256,
-            registered_by=current.registered_by,
-            registered_at=current.registered_at,
-            updated_at=now,
-            metadata=merged,
-        )
-
-    def get_version(self, model: str, version: str) -> VersionRecord | None:
-        rows = self._read(
-            f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = ? AND version = ?",
-            (model, version),
-        )
-        return self._version(rows[0]) if rows else None
-
-    def list_versions(self, model: str | None = None) -> list[VersionRecord]:
-        if model is None:
-            rows = self._read(f"SELECT {self._VERSION_COLUMNS} FROM versions")
-        else:
-            rows = self._read(
-                f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = ?", (model,)
-            )
-        return sorted_versions([self._version(r) for r in rows])
-
-    # -- records ----------------------------------------------------------
-    def add_record(
-        self, kind: RecordKind, model: str, version: str, actor: str, body: Mapping[str, Any]
-    ) -> StoredRecord:
-        now = utc_now_iso()
-        text = _dumps(body)
-        with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO records (kind, model, version, actor, time, body) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (RecordKind(kind).value, model, version, actor, now, text),
-            )
-            record_id = int(cursor.lastrowid or 0)
-            self._record_change(conn, ChangeKind.RECORD, model, version)
-        self._notify()
-        return StoredRecord(record_id, RecordKind(kind), model, version, actor, now, json.loads(text))
-
-    def list_records(
-        self,
-        kind: RecordKind | None = None,
-        model: str | None = None,
-        version: str | None = None,
-    ) -> list[StoredRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (("kind", kind), ("model", model), ("version", version)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(str(value))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._read(
-            f"SELECT id, kind, model, version, actor, time, body FROM records {where} ORDER BY id",
-            params,
-        )
-        return [
-            StoredRecord(r[0], RecordKind(r[1]), r[2], r[3], r[4], r[5], json.loads(r[6]))
-            for r in rows
-        ]
-
-    # -- policies ---------------------------------------------------------
-    @staticmethod
-    def _policy(row: Sequence[Any]) -> PolicyRecord:
-        return PolicyRecord(
-            model=row[0], revision=int(row[1]), document=json.loads(row[2]), actor=row[3], time=row[4]
-        )
-
-    def set_policy(
-        self,
-        model: str,
-        document: Mapping[str, Any],
-        actor: str,
-        expected_revision: int | None = None,
-    ) -> PolicyRecord:
-        text = _dumps(document)
-        now = utc_now_iso()
-        with self._write() as conn:
-            current = int(
-                conn.execute(
-                    "SELECT COALESCE(MAX(revision), 0) FROM policies WHERE model = ?", (model,)
-                ).fetchone()[0]
-            )
-            if expected_revision is not None and expected_revision != current:
-                raise ConflictError(
-                    f"traffic policy of {model!r} is at revision {current}, "
-                    f"expected {expected_revision} (changed concurrently)"
-                )
-            revision = current + 1
-            conn.execute(
-                "INSERT INTO policies (model, revision, document, actor, time) VALUES (?, ?, ?, ?, ?)",
-                (model, revision, text, actor, now),
-            )
-            self._record_change(conn, ChangeKind.POLICY, model, None)
-        self._notify()
-        return PolicyRecord(model, revision, json.loads(text), actor, now)
-
-    def get_policy(self, model: str) -> PolicyRecord | None:
-        rows = self._read(
-            "SELECT model, revision, document, actor, time FROM policies "
-            "WHERE model = ? ORDER BY revision DESC LIMIT 1",
-            (model,),
-        )
-        return self._policy(rows[0]) if rows else None
-
-    def list_policies(self) -> list[PolicyRecord]:
-        rows = self._read(
-            "SELECT p.model, p.revision, p.document, p.actor, p.time FROM policies p "
-            "JOIN (SELECT model, MAX(revision) AS revision FROM policies GROUP BY model) latest "
-            "ON p.model = latest.model AND p.revision = latest.revision ORDER BY p.model"
-        )
-        return [self._policy(r) for r in rows]
-
-    def policy_history(self, model: str) -> list[PolicyRecord]:
-        rows = self._read(
-            "SELECT model, revision, document, actor, time FROM policies "
-            "WHERE model = ? ORDER BY revision",
-            (model,),
-        )
-        return [self._policy(r) for r in rows]
+    def _insert_id(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
+        return int(conn.execute(sql, params).lastrowid or 0)
 
     # -- change feed --------------------------------------------------------
-    def current_revision(self) -> int:
-        return int(self._read("SELECT COALESCE(MAX(revision), 0) FROM changes")[0][0])
-
-    def changes_since(self, revision: int) -> list[Change]:
-        rows = self._read(
-            "SELECT revision, kind, model, version FROM changes WHERE revision > ? ORDER BY revision",
-            (revision,),
-        )
-        return [Change(int(r[0]), ChangeKind(r[1]), r[2], r[3]) for r in rows]
-
     def wait_for_changes(self, revision: int, timeout: float) -> list[Change]:
         """Wake at once on writes from this process; poll for other processes."""
         deadline = time.monotonic() + max(0.0, timeout)
@@ -495,90 +276,10 @@ class SQLiteStore:
                 self._changed.wait(min(remaining, self._poll_interval))
 
     # -- audit ----------------------------------------------------------------
-    _AUDIT_COLUMNS = "seq, time, actor, action, subject, details, prev_hash, hash"
-
-    @staticmethod
-    def _audit(row: Sequence[Any]) -> AuditRow:
-        return AuditRow(int(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7])
-
     def append_audit(self, build: AuditBuilder) -> AuditRow:
-        with self._write() as conn:
-            row = conn.execute(
-                f"SELECT {self._AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            entry = build(self._audit(row) if row else None)
-            conn.execute(
-                f"INSERT INTO audit ({self._AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.seq,
-                    entry.time,
-                    entry.actor,
-                    entry.action,
-                    entry.subject,
-                    entry.details,
-                    entry.prev_hash,
-                    entry.hash,
-                ),
-            )
-        return entry
-
-    def audit_head(self) -> AuditRow | None:
-        rows = self._read(f"SELECT {self._AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1")
-        return self._audit(rows[0]) if rows else None
-
-    def audit_entries(
-        self,
-        *,
-        after_seq: int = 0,
-        limit: int | None = None,
-        model: str | None = None,
-        since: str | None = None,
-    ) -> list[AuditRow]:
-        clauses = ["seq > ?"]
-        params: list[Any] = [after_seq]
-        if model is not None:
-            # "M" or "M/...": a case-sensitive range ('/' + 1 == '0'), unlike LIKE.
-            clauses.append("(subject = ? OR (subject >= ? AND subject < ?))")
-            params.extend([model, model + "/", model + "0"])
-        if since is not None:
-            clauses.append("time >= ?")
-            params.append(since)
-        sql = f"SELECT {self._AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY seq"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
-        return [self._audit(r) for r in self._read(sql, params)]
-
-    # -- window snapshots -------------------------------------------------------
-    def put_snapshot(
-        self, model: str, version: str, window: int, replica: str, payload: bytes
-    ) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO snapshots (model, version, window_id, replica, payload, time) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (model, version, int(window), replica, bytes(payload), utc_now_iso()),
-            )
-
-    def get_snapshots(self, model: str, version: str, window: int) -> list[WindowSnapshot]:
-        rows = self._read(
-            "SELECT model, version, window_id, replica, payload, time FROM snapshots "
-            "WHERE model = ? AND version = ? AND window_id = ? ORDER BY replica",
-            (model, version, int(window)),
-        )
-        return [WindowSnapshot(r[0], r[1], int(r[2]), r[3], bytes(r[4]), r[5]) for r in rows]
-
-    def latest_window(self, model: str, version: str) -> int | None:
-        value = self._read(
-            "SELECT MAX(window_id) FROM snapshots WHERE model = ? AND version = ?",
-            (model, version),
-        )[0][0]
-        return None if value is None else int(value)
-
-    def prune_snapshots(self, before_window: int) -> int:
-        with self._write() as conn:
-            cursor = conn.execute("DELETE FROM snapshots WHERE window_id < ?", (int(before_window),))
-            return int(cursor.rowcount)
+        """``BEGIN IMMEDIATE`` holds the file's write lock from before the head is
+        read until the entry commits, so every process appends to one linear chain."""
+        return self._transact(lambda conn: self._append_audit_in(conn, build))
 
     # -- lifecycle --------------------------------------------------------------
     def schema_version(self) -> int:
@@ -595,10 +296,4 @@ class SQLiteStore:
             except sqlite3.Error:
                 pass
         self._local = threading.local()
-        self._notify()
-
-    def __enter__(self) -> SQLiteStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._wake()
