@@ -26,11 +26,20 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def mlp_model(sizes: list[int], *, seed: int, input_name: str = "features", output_name: str = "probabilities",
-              softmax: bool = True) -> onnx.ModelProto:
-    """A ReLU MLP with the given layer sizes, FP32, batch dimension -1."""
+              softmax: bool = True, standardise: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A ReLU MLP with the given layer sizes, FP32, batch dimension -1.
+
+    ``standardise=(mean, std)`` puts ``(x - mean) / std`` in front, as a trained tabular model
+    would have, so raw feature scales (income in thousands, ages) do not saturate the output.
+    """
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = input_name
+    if standardise is not None:
+        mean, std = (np.asarray(a, np.float32) for a in standardise)
+        inits += [numpy_helper.from_array(mean, "mean"), numpy_helper.from_array(np.where(std > 0, std, 1).astype(np.float32), "std")]
+        nodes += [helper.make_node("Sub", [input_name, "mean"], ["centred"]), helper.make_node("Div", ["centred", "std"], ["scaled"])]
+        current = "scaled"
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
@@ -139,7 +148,9 @@ def build_demo_repository(root: Path) -> Path:
     model_dir = root / DEMO_MODEL
     sample = reference_sample()
     for version, seed in ((1, 11), (2, 12)):
-        path = _save(mlp_model([len(DEMO_FEATURES), 32, len(DEMO_CLASSES)], seed=seed), model_dir / str(version) / "model.onnx")
+        model = mlp_model([len(DEMO_FEATURES), 32, len(DEMO_CLASSES)], seed=seed,
+                          standardise=(sample.mean(axis=0), sample.std(axis=0)))
+        path = _save(model, model_dir / str(version) / "model.onnx")
         np.save(model_dir / str(version) / "reference_sample.npy", sample)
         write_reference_profile(root, str(version), path, sample)
     (model_dir / "config.yaml").write_text(DEMO_CONFIG)
