@@ -8,8 +8,10 @@ min/max and 20 quantile bins per feature — on 32 float32 features at batch 1 a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--wall", action="store_true", help="measure wall time instead of thread CPU time")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     global CLOCK
     if args.wall:
@@ -152,6 +155,17 @@ def main() -> None:
     print(f"{'KLL (k=200) feed from 16384-row buffer':<44}{feed_ns / block.size:>18.2f}{feed_ns:>12.0f}   (off the request path)")
     print(f"{'GovernanceEngine.inspect, batch 1':<44}{'':>18}{inspect_ns:>12.0f}   = {inspect_ns / 1000:.2f} us added per request")
     print(f"{'inspect + observe_outputs, batch 1':<44}{'':>18}{both_ns:>12.0f}   = {both_ns / 1000:.2f} us")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "clock": clock,
+            "repeats": args.repeats,
+            "kernel": [{"work": name, "ns_per_value": k_v, "ns_per_call": k_c, "numpy_ns_per_value": n_v, "numpy_ns_per_call": n_c}
+                       for name, k_v, k_c, n_v, n_c in rows_out],
+            "kernel_with_buffer_ns_per_value": buffered / x.size,
+            "kll_feed_ns_per_value": feed_ns / block.size,
+            "inspect_ns": inspect_ns,
+            "inspect_observe_ns": both_ns,
+        }, indent=2))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._last_batch_requests = 0
-        self._running = 0
+        self._running = 0  # workers holding a batch (filling or executing) + direct runs
+        self._direct_recent = False  # a lone request ran directly and the loop has not turned since
+        self._last_arrival_ns = 0  # perf_counter_ns of the previous submit
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = None if runtime.inline else ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{label}")
@@ -95,12 +97,54 @@ class DynamicBatcher:
             shape_key = tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in inputs.items())
         else:
             rows, shape_key = 1, ()
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, shape_key, future, deadline, time.perf_counter_ns(), trace))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        now_ns = time.perf_counter_ns()
+        pending = _Pending(inputs, rows, shape_key, future, deadline, now_ns, trace)
+        previous_ns, self._last_arrival_ns = self._last_arrival_ns, now_ns
+        if self._can_run_directly(now_ns - previous_ns):
+            return await self._run_directly(pending, loop)
+        self._queue.append(pending)
         self.stats.pending += 1
         self._idle.clear()
         self._wakeup.set()
         return await future
+
+    def _can_run_directly(self, gap_ns: int) -> bool:
+        """A lone request on an inline runtime runs in the caller's task, skipping the worker hop.
+
+        Only when a worker would take it and run it alone at once: nothing queued ahead of it, no
+        worker holding a batch, no fill wait due (the previous batch ran alone) -- and, when
+        merging, sparse traffic: the previous request arrived more than max_queue_delay ago and
+        not in this loop turn. Requests closer together than that are queued and batched by the
+        workers as before.
+        """
+        if self._executor is not None or self._queue or self._running:
+            return False
+        if not self._merge:
+            return True
+        return (
+            not self._direct_recent
+            and self._last_batch_requests <= 1
+            and gap_ns > self.max_delay_s * 1e9
+        )
+
+    async def _run_directly(self, pending: _Pending, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
+        if self._merge:
+            self._direct_recent = True
+            loop.call_soon(self._end_direct_turn)
+        self._last_batch_requests = 1
+        self._running += 1
+        self.stats.pending += 1
+        try:
+            await self._execute([pending])  # inline runtime: completes without yielding to the loop
+        finally:
+            self._running -= 1
+            self.stats.pending -= 1
+        return pending.future.result()  # the outputs, or the batch's error (as the worker path)
+
+    def _end_direct_turn(self) -> None:
+        self._direct_recent = False
 
     # -- worker side ----------------------------------------------------------------
     def _take_batch(self, rows: int = 0, shape_key: tuple | None = None) -> list[_Pending]:
@@ -166,13 +210,13 @@ class DynamicBatcher:
             if not batch:
                 self._maybe_idle()
                 continue
-            # Waiting to fill a batch only pays when requests overlap: a lone request whose
-            # predecessor also ran alone goes at once instead of paying max_queue_delay.
-            if self._merge and self.max_delay_s > 0 and (self._queue or self._last_batch_requests > 1):
-                batch = await self._fill(batch)
-            self._last_batch_requests = len(batch)
-            self._running += 1
+            self._running += 1  # counted while filling too: a direct run must not overtake it
             try:
+                # Waiting to fill a batch only pays when requests overlap: a lone request whose
+                # predecessor also ran alone goes at once instead of paying max_queue_delay.
+                if self._merge and self.max_delay_s > 0 and (self._queue or self._last_batch_requests > 1):
+                    batch = await self._fill(batch)
+                self._last_batch_requests = len(batch)
                 await self._execute(batch)
             finally:
                 self._running -= 1

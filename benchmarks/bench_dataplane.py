@@ -1,0 +1,385 @@
+"""Data-plane benchmark: lockgate vs the thin grpc.aio server vs Seldon MLServer 1.7, one run.
+
+Load: h2load sending gRPC frames (batch-1 FP32 [1, 32] requests to the MLP), unary and
+streaming, at several concurrency levels, each repeated and interleaved; medians reported.
+Then the compute-heavy model: best in-process ORT rows/s over batch sizes vs lockgate with
+dynamic batching under high-concurrency batch-1 load.
+
+    .venv/bin/python benchmarks/bench_dataplane.py            # full run (~6-8 min, 2 cores)
+    .venv/bin/python benchmarks/bench_dataplane.py --quick    # smoke run (~1-2 min)
+
+Prints markdown tables and writes bench-results/dataplane-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import Cell, Harness, Workload, load_for, prepare_workload
+from benchmarks.inprocess import sweep
+from benchmarks.models import HEAVY_MLP, MLP, write_repository
+from benchmarks.servers import (
+    LOCKGATE_BIN,
+    REPO_ROOT,
+    install_cleanup,
+    lockgate_target,
+    mlserver_target,
+    thin_target,
+)
+
+ALL_TARGETS = ("lockgate", "lockgate-nobatch", "thin", "mlserver")
+HEAVY_BATCH_SIZES = (1, 8, 32, 64, 128, 256)
+HEAVY_THREADS = (1, 2)  # the in-process ceiling is the best over thread counts and batch sizes
+DEFAULT_TARGETS = ("lockgate", "thin", "mlserver")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One target ratio from the issue: ``value`` must be >= (or <=) ``bound``."""
+
+    name: str
+    description: str
+    value: float
+    bound: float
+    higher_is_better: bool
+
+    @property
+    def met(self) -> bool | None:
+        if math.isnan(self.value):
+            return None
+        return self.value >= self.bound if self.higher_is_better else self.value <= self.bound
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "value": self.value,
+            "bound": self.bound,
+            "direction": ">=" if self.higher_is_better else "<=",
+            "met": self.met,
+        }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="lockgate data-plane benchmark (h2load)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 1.5 s runs, fewer levels")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma list of " + ",".join(ALL_TARGETS) + " (lockgate-nobatch: config.yaml without dynamic_batching, "
+        "shown in the tables for comparison; goals always use lockgate)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="processes per server (lockgate, thin; MLServer: see below)")
+    parser.add_argument(
+        "--mlserver-parallel-workers",
+        type=int,
+        default=None,
+        help="MLServer parallel_workers (default: 0 for --workers 1 -- inference in the gRPC process, "
+        "its fastest single-process mode -- else --workers)",
+    )
+    parser.add_argument("--levels", default="1,8,32,128", help="unary concurrency levels (requests in flight)")
+    parser.add_argument("--stream-levels", default="1,8", help="streaming concurrency levels (concurrent streams)")
+    parser.add_argument("--stream-frames", type=int, default=100, help="messages per streaming call")
+    parser.add_argument("--heavy-levels", default="512", help="concurrency levels for the compute-heavy model")
+    parser.add_argument("--heavy-duration", type=float, default=8.0, help="seconds per h2load run on the compute-heavy model "
+                        "(a batch of 128 runs ~0.3 s: short runs are mostly ramp-up)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per h2load run")
+    parser.add_argument("--no-heavy", action="store_true", help="skip the compute-heavy model")
+    parser.add_argument("--no-stream", action="store_true", help="skip streaming")
+    parser.add_argument("--thin-mode", choices=("inline", "executor"), default="inline")
+    parser.add_argument("--lockgate-arg", action="append", default=[], help="extra argument for lockgate serve (repeatable)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+        args.duration = 1.5
+        args.levels = "1,32"
+        args.stream_levels = "8"
+        args.heavy_levels = "512"
+        args.heavy_duration = 4.0
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _cell(cells: dict[tuple[str, str, int], Cell], target: str, workload: str, level: int) -> Cell | None:
+    return cells.get((target, workload, level))
+
+
+def _median(cells: dict, target: str, workload: str, level: int, attr: str) -> float:
+    cell = _cell(cells, target, workload, level)
+    return cell.median(attr) if cell else float("nan")
+
+
+def _best(cells: dict, target: str, workload: str, levels: list[int], attr: str) -> float:
+    values = [v for level in levels if not math.isnan(v := _median(cells, target, workload, level, attr))]
+    return max(values) if values else float("nan")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else float("nan")
+
+
+def compute_goals(
+    cells: dict, levels: list[int], stream_levels: list[int], heavy: dict | None
+) -> list[Goal]:
+    high = max(levels)
+    unary, stream = f"{MLP.name}-unary", f"{MLP.name}-stream"
+    lg_high = _median(cells, "lockgate", unary, high, "requests_per_s")
+    goals = [
+        Goal(
+            "throughput_vs_mlserver",
+            f"lockgate / MLServer req/s at c={high}",
+            _ratio(lg_high, _median(cells, "mlserver", unary, high, "requests_per_s")),
+            2.5,
+            True,
+        ),
+        Goal(
+            "throughput_vs_thin",
+            f"lockgate / thin server req/s at c={high} (same process count)",
+            _ratio(lg_high, _median(cells, "thin", unary, high, "requests_per_s")),
+            0.90,
+            True,
+        ),
+        Goal(
+            "p50_c1_vs_mlserver",
+            "lockgate / MLServer p50 latency at c=1",
+            _ratio(_median(cells, "lockgate", unary, 1, "p50_ms"), _median(cells, "mlserver", unary, 1, "p50_ms")),
+            0.8,
+            False,
+        ),
+        Goal(
+            "stream_vs_unary",
+            "lockgate best streaming msg/s / best unary req/s",
+            _ratio(_best(cells, "lockgate", stream, stream_levels, "messages_per_s"), _best(cells, "lockgate", unary, levels, "requests_per_s")),
+            2.0,
+            True,
+        ),
+    ]
+    if heavy is not None:
+        goals.append(
+            Goal(
+                "heavy_vs_inprocess",
+                f"lockgate (dynamic batching, batch-1 requests) / best in-process ORT rows/s ({HEAVY_MLP.name})",
+                _ratio(heavy["lockgate_best_rows_per_s"], heavy["inprocess_best_rows_per_s"]),
+                0.85,
+                True,
+            )
+        )
+    return goals
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def markdown_report(
+    cells: dict, targets: list[str], levels: list[int], stream_levels: list[int], heavy: dict | None, goals: list[Goal]
+) -> str:
+    unary, stream = f"{MLP.name}-unary", f"{MLP.name}-stream"
+    lines = [
+        f"### Unary ModelInfer, {MLP.name} {MLP.layers}, batch-1 (median of repeats)",
+        "",
+        "| target | in flight (c x m) | req/s | p50 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        for target in targets:
+            cell = _cell(cells, target, unary, level)
+            if cell:
+                lines.append(
+                    f"| {target} | {load_for(level)} | {_fmt(cell.median('requests_per_s'))} | "
+                    f"{_fmt(cell.median('p50_ms'), 2)} | {_fmt(cell.median('p99_ms'), 2)} | {cell.errors} |"
+                )
+    if any(key[1] == stream for key in cells):
+        lines += [
+            "",
+            f"### Streaming ModelStreamInfer, {MLP.name}, batch-1 messages (median of repeats)",
+            "",
+            "| target | streams (c x m) | msg/s | calls/s | p50 ms per call | errors |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for level in stream_levels:
+            for target in targets:
+                cell = _cell(cells, target, stream, level)
+                if cell:
+                    lines.append(
+                        f"| {target} | {load_for(level)} | {_fmt(cell.median('messages_per_s'))} | "
+                        f"{_fmt(cell.median('requests_per_s'), 1)} | {_fmt(cell.median('p50_ms'), 2)} | {cell.errors} |"
+                    )
+    if heavy is not None:
+        lines += [
+            "",
+            f"### Compute-heavy {HEAVY_MLP.name} {HEAVY_MLP.layers}: rows/s (median of repeats)",
+            "",
+            f"Served: intra_op_threads={HEAVY_MLP.intra_op_threads}, dynamic batching {HEAVY_MLP.config['dynamic_batching']}, "
+            f"max_batch_size {HEAVY_MLP.config['max_batch_size']}. In-process best: {heavy['inprocess_best']}.",
+            "",
+            "| source | batch / in flight | rows/s |",
+            "|---|---|---:|",
+        ]
+        for label, rate in heavy["inprocess_rows_per_s"].items():
+            lines.append(f"| in-process ORT | {label} | {_fmt(rate)} |")
+        for level, rate in heavy["lockgate_rows_per_s"].items():
+            lines.append(f"| lockgate, dynamic batching | batch-1 requests, {load_for(int(level))} | {_fmt(rate)} |")
+    lines += ["", "### Targets (ratios from this run)", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
+    for goal in goals:
+        met = {True: "yes", False: "**no**", None: "n/a"}[goal.met]
+        lines.append(
+            f"| {goal.description} | {_fmt(goal.value, 2)} | {'≥' if goal.higher_is_better else '≤'} {goal.bound} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def run_heavy(
+    harness: Harness, repo: Path, levels: list[int], repeats: int, seconds_per_size: float, duration_s: float
+) -> dict | None:
+    """In-process sweep and lockgate under batch-1 load, interleaved per repeat (same noise).
+
+    The in-process ceiling is the best rows/s over batch sizes *and* intra-op thread counts
+    (1 and 2), each the median of the repeats; lockgate serves with the config in models.py.
+    """
+    if "lockgate" not in harness.servers:
+        return None
+    model_path = repo / HEAVY_MLP.name / "1" / "model.onnx"
+    workload = prepare_workload(HEAVY_MLP, model_path, harness.log_dir.parent)
+    if not harness.validate("lockgate", workload):
+        return None
+    sweeps: dict[int, list[dict[int, float]]] = {t: [] for t in HEAVY_THREADS}
+    served: dict[int, list[float]] = {level: [] for level in levels}
+    for repeat in range(repeats):
+        for threads in HEAVY_THREADS:
+            sweeps[threads].append(sweep(model_path, HEAVY_MLP.row_shape, threads, HEAVY_BATCH_SIZES, seconds_per_size))
+            harness.log(f"rep {repeat + 1}/{repeats} in-process {HEAVY_MLP.name} {threads} thr: " + ", ".join(f"b{k}={v:.0f}" for k, v in sweeps[threads][-1].items()))
+        for level in levels:
+            run = harness.measure("lockgate", workload, level, duration_s)
+            served[level].append(run.requests_per_s)
+            harness.log(f"rep {repeat + 1}/{repeats} lockgate {HEAVY_MLP.name} c={level}: {run.requests_per_s:.0f} rows/s p50 {run.p50_ms:.0f} ms errors {run.failed + run.grpc_errors}")
+    inprocess = {
+        (threads, size): statistics.median(s[size] for s in sweeps[threads]) for threads in HEAVY_THREADS for size in HEAVY_BATCH_SIZES
+    }
+    lockgate = {level: statistics.median(values) for level, values in served.items()}
+    best = max(inprocess, key=inprocess.__getitem__)
+    return {
+        "model": HEAVY_MLP.name,
+        "config": HEAVY_MLP.config,
+        "inprocess_rows_per_s": {f"{t} thr, batch {b}": v for (t, b), v in inprocess.items()},
+        "inprocess_best": f"{best[0]} intra-op thread(s), batch {best[1]}",
+        "inprocess_best_rows_per_s": inprocess[best],
+        "lockgate_rows_per_s": lockgate,
+        "lockgate_best_rows_per_s": max(lockgate.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_cleanup()
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = set(targets) - set(ALL_TARGETS)
+    if unknown:
+        raise SystemExit(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
+    levels, stream_levels, heavy_levels = _ints(args.levels), _ints(args.stream_levels), _ints(args.heavy_levels)
+    mlserver_workers = args.mlserver_parallel_workers
+    if mlserver_workers is None:
+        mlserver_workers = 0 if args.workers <= 1 else args.workers
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    with tempfile.TemporaryDirectory(prefix="lockgate-bench-") as tmp:
+        work = Path(tmp)
+        repo = write_repository(work / "repo")
+        mlp_path = repo / MLP.name / "1" / "model.onnx"
+        log_dir = work / "logs"
+        workloads: list[Workload] = [prepare_workload(MLP, mlp_path, work)]
+        if not args.no_stream:
+            workloads.append(prepare_workload(MLP, mlp_path, work, streaming=True, frames=args.stream_frames))
+        with Harness(log_dir, args.duration) as harness:
+            if "lockgate" in targets:
+                if LOCKGATE_BIN.exists():
+                    harness.start(
+                        lockgate_target(repo, work / "state", args.workers, extra_args=tuple(args.lockgate_arg)),
+                        [MLP.name] + ([] if args.no_heavy else [HEAVY_MLP.name]),
+                    )
+                else:
+                    harness.failures[("lockgate", "start")] = f"{LOCKGATE_BIN} not found"
+            if "lockgate-nobatch" in targets and LOCKGATE_BIN.exists():
+                plain = write_repository(work / "repo-nobatch", (MLP,), dynamic_batching=False)
+                harness.start(
+                    lockgate_target(
+                        plain, work / "state-nobatch", args.workers, name="lockgate-nobatch", extra_args=tuple(args.lockgate_arg)
+                    ),
+                    [MLP.name],
+                )
+            if "thin" in targets:
+                harness.start(thin_target(mlp_path, MLP.name, args.workers, args.thin_mode, MLP.intra_op_threads), [MLP.name])
+            if "mlserver" in targets:
+                harness.start(mlserver_target(mlp_path, MLP.name, work / "mlserver", mlserver_workers, MLP.intra_op_threads), [MLP.name])
+            live = [t for t in targets if t in harness.servers]
+            cells = harness.run(live, workloads[:1], levels, args.repeats)
+            if not args.no_stream:
+                cells.update(harness.run(live, workloads[1:], stream_levels, args.repeats))
+            heavy = None
+            if not args.no_heavy:
+                heavy = run_heavy(harness, repo, heavy_levels, args.repeats, 0.4 if args.quick else 0.8, args.heavy_duration)
+            healthy = harness.recheck(workloads[:1])
+            failures = {f"{k[0]}/{k[1]}": v for k, v in harness.failures.items()}
+            # Server logs live in the temp dir: keep the tail of each for the JSON.
+            logs = {p.stem: p.read_text(errors="replace")[-4000:] for p in log_dir.glob("*.log")}
+            commands = {name: server.target.describe() for name, server in harness.servers.items()}
+
+    goals = compute_goals(cells, levels, stream_levels, heavy)
+    report = markdown_report(cells, targets, levels, stream_levels, heavy, goals)
+    command = "python benchmarks/bench_dataplane.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (
+        f"Command: `{command.strip()}` -- {os.cpu_count()} CPUs, workers={args.workers}, "
+        f"MLServer parallel_workers={mlserver_workers}, repeats={args.repeats}, {args.duration:g} s per run, "
+        f"streaming {args.stream_frames} msgs/call, wall {time.monotonic() - started:.0f} s"
+    )
+    print()
+    print(header)
+    print()
+    print(report)
+    total_errors = sum(cell.errors for cell in cells.values())
+    if total_errors or failures or not all(healthy.values()):
+        print(f"\nWARNING: errors={total_errors} failures={failures} healthy_after={healthy}")
+    result = {
+        "command": command.strip(),
+        "timestamp": stamp,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "mlserver_parallel_workers": mlserver_workers,
+        "server_commands": commands,
+        "cells": [cell.as_dict() for cell in cells.values()],
+        "heavy": heavy,
+        "goals": [goal.as_dict() for goal in goals],
+        "errors": total_errors,
+        "failures": failures,
+        "healthy_after": healthy,
+        "server_log_tails": logs,
+        "markdown": header + "\n\n" + report,
+    }
+    out_file = args.out / f"dataplane-{stamp}.json"
+    out_file.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out_file}")
+    return 1 if total_errors or not all(healthy.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

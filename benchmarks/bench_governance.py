@@ -1,0 +1,135 @@
+"""Governance end to end: lockgate throughput with governance on vs off, in one run (issue 3).
+
+Two lockgate servers on two repositories holding the same batch-1 ``mlp`` model:
+
+* ``gov-on``  -- config.yaml ``governance:`` with a min/max rule on each of the 32 features,
+  NaN/Inf rejected, ``sampling: {rate: 0.01}`` into the rotating payload log, drift windows,
+  and a reference profile beside the model (so the kernel also fills the quantile bins);
+* ``gov-off`` -- ``governance: {enabled: false}``.
+
+The request payload satisfies every rule (in-range values), as production traffic mostly does.
+Measured with h2load, interleaved (repeat -> level -> target), medians reported.
+Target: gov-on req/s >= 95% of gov-off at the highest level.
+
+    .venv/bin/python benchmarks/bench_governance.py [--levels 1,32] [--repeats 3] [--duration 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import yaml
+
+from benchmarks.harness import Cell, Harness, prepare_workload
+from benchmarks.models import MLP, write_repository
+from benchmarks.servers import LOCKGATE_BIN, REPO_ROOT, install_cleanup, lockgate_target
+from lockgate.governance.profile import ReferenceProfile, build_profile
+
+TARGETS = ("gov-off", "gov-on")
+GOAL = 0.95
+
+
+def governance_section() -> dict[str, Any]:
+    """Per-feature rules on every input feature, 1% payload sampling (issue 3's benchmark)."""
+    return {
+        "enabled": True,
+        "mode": "reject",
+        "inputs": {MLP.input_name: {"features": {j: {"min": -10.0, "max": 10.0} for j in range(MLP.input_dim)}}},
+        "sampling": {"rate": 0.01},
+    }
+
+
+def write_repo(root: Path, governance: dict[str, Any]) -> Path:
+    repo = write_repository(root, specs=(MLP,))
+    config_path = repo / MLP.name / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["governance"] = governance
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if governance.get("enabled", True):
+        reference = np.random.default_rng(1).standard_normal((20_000, MLP.input_dim)).astype(np.float32)
+        profile = build_profile({MLP.input_name: reference}, model=MLP.name, version="1")
+        profile.save(ReferenceProfile.path_for(repo, MLP.name, "1"))
+    return repo
+
+
+def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[str, dict[str, Any]]:
+    lines = [
+        "| config | in flight | req/s (median) | on/off | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    goals: dict[str, Any] = {}
+    for level in levels:
+        off = next((c for (t, _, lv), c in cells.items() if t == "gov-off" and lv == level), None)
+        base = off.median("requests_per_s") if off else math.nan
+        for name in TARGETS:
+            cell = next((c for (t, _, lv), c in cells.items() if t == name and lv == level), None)
+            if cell is None:
+                continue
+            rps = cell.median("requests_per_s")
+            ratio = rps / base if base else math.nan
+            lines.append(
+                f"| {name} | {level} | {rps:,.0f} | {ratio:.3f} | {cell.median('p50_ms'):.3f} | "
+                f"{cell.median('p99_ms'):.2f} | {cell.errors} |"
+            )
+            if name == "gov-on":
+                goals[f"c={level}"] = {
+                    "ratio": ratio,
+                    "bound": GOAL,
+                    "met": None if math.isnan(ratio) else ratio >= GOAL,
+                    "p50_added_us": (cell.median("p50_ms") - off.median("p50_ms")) * 1000 if off else math.nan,
+                }
+    return "\n".join(lines), goals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",") if x]
+    if not LOCKGATE_BIN.exists():
+        print(f"{LOCKGATE_BIN} not found", file=sys.stderr)
+        return 2
+    install_cleanup()
+    with tempfile.TemporaryDirectory(prefix="bench-governance-") as tmp:
+        work = Path(tmp)
+        repos = {"gov-off": write_repo(work / "repo-off", {"enabled": False}), "gov-on": write_repo(work / "repo-on", governance_section())}
+        workload = prepare_workload(MLP, repos["gov-on"] / MLP.name / "1" / "model.onnx", work)
+        with Harness(work / "logs", args.duration) as harness:
+            for name in TARGETS:
+                harness.start(lockgate_target(repos[name], work / f"state-{name}", name=name), [MLP.name])
+            cells = harness.run([n for n in TARGETS if n in harness.servers], [workload], levels, args.repeats)
+            healthy = harness.recheck([workload])
+            failures = {f"{k[0]}/{k[1]}": v for k, v in harness.failures.items()}
+            sampled = {
+                name: sum(1 for p in (work / f"state-{name}").rglob("*.jsonl") for _ in p.open()) for name in TARGETS
+            }
+    table, goals = report(cells, levels)
+    print(f"\nGovernance on vs off, {MLP.name} batch-1 unary, {args.repeats} repeats x {args.duration:g} s, "
+          f"payload records written: {sampled}\n")
+    print(table)
+    result = {"cells": [c.as_dict() for c in cells.values()], "goals": goals, "healthy_after": healthy,
+              "failures": failures, "payload_records": sampled, "governance": governance_section(), "markdown": table}
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_file = args.out / f"governance-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out_file}")
+    errors = sum(c.errors for c in cells.values())
+    return 1 if errors or failures or not all(healthy.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

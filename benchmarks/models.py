@@ -1,0 +1,192 @@
+"""Benchmark models, built in code with the ``onnx`` package (no downloads).
+
+Models, chosen to stress opposite ends of the data plane:
+
+* ``mlp`` -- FP32 MLP 32 -> 256 -> 4. Compute is ~10 us per row, so a batch-1 request is
+  dominated by transport + framework cost: this is the model the gateway-vs-thin-vs-MLServer
+  ratios are measured on.
+* ``wide_mlp`` -- FP32 MLP 256 -> 2048 -> 2048 -> 10 (~4.7 M MACs per row). Compute dominates,
+  and GEMM efficiency grows with batch size, so it shows whether dynamic batching recovers
+  the throughput that batch-1 clients would otherwise leave on the table. Too light, though:
+  batched it runs ~4,000 rows/s, above the gRPC transport ceiling, so it is kept for reference.
+* ``heavy_mlp`` -- FP32 MLP 1024 -> 5 x 4096 -> 10, the model of the batching goal (below).
+
+Weights are random with a fixed seed so every server and the in-process reference run the
+exact same graph, and results can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+# Broadly supported by onnxruntime releases (MLServer's venv may carry a different ORT).
+OPSET = 17
+IR_VERSION = 9
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a server or load generator needs to know about one benchmark model."""
+
+    name: str
+    layers: tuple[int, ...]  # feature widths, input first, output last
+    input_name: str = "INPUT__0"
+    output_name: str = "OUTPUT__0"
+    seed: int = 0
+    # Repository config.yaml content (lockgate schema): dynamic batching + thread counts.
+    config: dict = field(default_factory=dict)
+
+    @property
+    def input_dim(self) -> int:
+        return self.layers[0]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one request row (the batch dimension excluded)."""
+        return (self.layers[0],)
+
+    @property
+    def output_dim(self) -> int:
+        return self.layers[-1]
+
+    @property
+    def intra_op_threads(self) -> int:
+        return int(self.config.get("runtime", {}).get("intra_op_threads", 1))
+
+    @property
+    def inter_op_threads(self) -> int:
+        return int(self.config.get("runtime", {}).get("inter_op_threads", 1))
+
+
+def _batching_config(
+    intra_op_threads: int, max_queue_delay_us: int, preferred_batch_sizes: tuple[int, ...], instances: int = 1
+) -> dict:
+    return {
+        "max_batch_size": max(preferred_batch_sizes),
+        "dynamic_batching": {
+            "max_queue_delay_us": max_queue_delay_us,
+            "preferred_batch_sizes": list(preferred_batch_sizes),
+            "max_queue_size": 4096,
+        },
+        "runtime": {"intra_op_threads": intra_op_threads, "inter_op_threads": 1, "instances": instances},
+    }
+
+
+MLP = ModelSpec(
+    name="mlp",
+    layers=(32, 256, 4),
+    seed=0,
+    config=_batching_config(intra_op_threads=1, max_queue_delay_us=200, preferred_batch_sizes=(8, 16, 32, 64)),
+)
+
+# Two intra-op threads: the in-process reference gets the same setting, so the comparison is
+# about batching and serving overhead, not thread counts. GEMM throughput on this model keeps
+# growing up to batch ~128 on a 2-core CPU, hence the larger batches and longer queue delay.
+WIDE_MLP = ModelSpec(
+    name="wide_mlp",
+    layers=(256, 2048, 2048, 10),
+    seed=1,
+    config=_batching_config(intra_op_threads=2, max_queue_delay_us=2000, preferred_batch_sizes=(32, 64, 128)),
+)
+
+# The compute-heavy model of the batching goal. wide_mlp (~0.26 ms/row when batched) was so
+# light that the gRPC transport (~1,300 batch-1 req/s here) capped the served rate far below
+# in-process ORT. This one is ~71 M MACs per row over ~290 MB of weights: at batch 1 every run
+# streams all weights (~30-40 ms/row, memory bound); batched, the weights are reused across rows
+# (~15x more rows/s, a few hundred), so compute dominates transport and batching is what counts.
+# (A small CNN on 3x64x64 images was tried: ~6 ms/image at batch 1 but no gain from batching on
+# this CPU, so it cannot show batching.) One intra-op thread: the second core is left to the
+# gRPC loop and h2load; the in-process reference is swept at 1 and 2 threads and the best taken.
+HEAVY_MLP = ModelSpec(
+    name="heavy_mlp",
+    layers=(1024, 4096, 4096, 4096, 4096, 4096, 10),
+    seed=3,
+    config=_batching_config(intra_op_threads=1, max_queue_delay_us=50000, preferred_batch_sizes=(128,), instances=2),
+)
+
+MODELS: dict[str, ModelSpec] = {MLP.name: MLP, WIDE_MLP.name: WIDE_MLP, HEAVY_MLP.name: HEAVY_MLP}
+
+
+def build_model(spec: ModelSpec) -> onnx.ModelProto:
+    """Gemm(+Relu) chain with a symbolic batch dimension; Relu between layers, none at the end."""
+    rng = np.random.default_rng(spec.seed)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    current = spec.input_name
+    n_layers = len(spec.layers) - 1
+    for i, (fan_in, fan_out) in enumerate(zip(spec.layers[:-1], spec.layers[1:])):
+        # He-style scaling keeps activations in a sane range through the deep wide model.
+        w = (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+        initializers += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        last = i == n_layers - 1
+        gemm_out = spec.output_name if last else f"H{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"B{i}"], [gemm_out], name=f"gemm{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [gemm_out], [f"R{i}"], name=f"relu{i}"))
+            current = f"R{i}"
+    graph = helper.make_graph(
+        nodes,
+        spec.name,
+        [helper.make_tensor_value_info(spec.input_name, TensorProto.FLOAT, ["batch", spec.input_dim])],
+        [helper.make_tensor_value_info(spec.output_name, TensorProto.FLOAT, ["batch", spec.output_dim])],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate-benchmarks"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def sample_input(spec: ModelSpec, batch: int = 1, seed: int = 42) -> np.ndarray:
+    """The fixed request payload every load generator sends (deterministic, so checkable)."""
+    return np.random.default_rng(seed).standard_normal((batch, *spec.row_shape)).astype(np.float32)
+
+
+def write_model(spec: ModelSpec, path: Path) -> Path:
+    """Write ``spec`` as a plain .onnx file (used by the thin server and MLServer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_model(spec), str(path))
+    return path
+
+
+def write_repository(
+    root: Path,
+    specs: tuple[ModelSpec, ...] = (MLP, HEAVY_MLP),
+    dynamic_batching: bool = True,
+) -> Path:
+    """Write a lockgate model repository: ``root/<model>/1/model.onnx`` + ``config.yaml``.
+
+    With ``dynamic_batching=False`` the config keeps the thread settings but omits the
+    ``dynamic_batching`` section, so requests run one by one (the A/B for batching).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        write_model(spec, root / spec.name / "1" / "model.onnx")
+        config = dict(spec.config)
+        if not dynamic_batching:
+            config.pop("dynamic_batching", None)
+        (root / spec.name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="model repository to write")
+    parser.add_argument("--no-dynamic-batching", action="store_true")
+    args = parser.parse_args()
+    root = write_repository(args.directory, dynamic_batching=not args.no_dynamic_batching)
+    print(f"wrote model repository {root}: {', '.join(MODELS)}")
+
+
+if __name__ == "__main__":
+    main()
