@@ -8,6 +8,7 @@ Python process cannot use more than one core for protocol work.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -42,6 +43,16 @@ log = logging.getLogger("lockgate.server")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 CONTROL_HEALTH_SERVICE = "lockgate.control"
+
+
+def tune_gc() -> None:
+    """Move everything loaded so far (sessions, protobuf pools, modules) out of the collector's
+    view, and collect the young generation less often. The request path allocates many
+    short-lived objects; with the defaults, periodic full passes over the loaded heap showed up
+    as ~10 µs per request and in p99."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def open_control_store(settings: ServerSettings) -> Store:
@@ -164,6 +175,7 @@ class Gateway:
         creds = _credentials(settings)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         await self.repository.load_all()
+        tune_gc()
         await self.control.start()
         loop = asyncio.get_running_loop()
         if self.fleet is not None:

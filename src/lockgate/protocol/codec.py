@@ -26,6 +26,14 @@ class TensorSpec:
     name: str
     datatype: DataType
     shape: tuple[int, ...]
+    # The fixed trailing dims when only dim 0 may vary (the usual batched tensor): lets the
+    # codec accept a matching shape with one tuple comparison. None: check dim by dim.
+    fixed_tail: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tail = self.shape[1:]
+        fixed = bool(self.shape) and all(d >= 0 for d in tail)
+        object.__setattr__(self, "fixed_tail", tail if fixed else None)
 
     def shape_text(self) -> str:
         return "[" + ", ".join(str(d) for d in self.shape) + "]"
@@ -62,6 +70,11 @@ def request_parameters(request: Any) -> dict[str, Any]:
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], max_batch_size: int) -> None:
+    tail = spec.fixed_tail
+    if (tail is not None and len(shape) == len(spec.shape) and shape[1:] == tail and shape[0] >= 0
+            and (spec.shape[0] < 0 or shape[0] == spec.shape[0])
+            and (max_batch_size <= 0 or shape[0] <= max_batch_size)):
+        return  # fast path; anything else takes the checks below, which name the problem
     if len(shape) != len(spec.shape):
         raise InvalidArgument(
             f"input '{spec.name}': shape {list(shape)} has rank {len(shape)}, "

@@ -73,7 +73,6 @@ class DynamicBatcher:
         self._last_batch_requests = 0
         self._running = 0  # workers holding a batch (filling or executing) + direct runs
         self._direct_recent = False  # a lone request ran directly and the loop has not turned since
-        self._last_arrival_ns = 0  # perf_counter_ns of the previous submit
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = None if runtime.inline else ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{label}")
@@ -101,8 +100,7 @@ class DynamicBatcher:
         future = loop.create_future()
         now_ns = time.perf_counter_ns()
         pending = _Pending(inputs, rows, shape_key, future, deadline, now_ns, trace)
-        previous_ns, self._last_arrival_ns = self._last_arrival_ns, now_ns
-        if self._can_run_directly(now_ns - previous_ns):
+        if self._can_run_directly():
             return await self._run_directly(pending, loop)
         self._queue.append(pending)
         self.stats.pending += 1
@@ -110,24 +108,20 @@ class DynamicBatcher:
         self._wakeup.set()
         return await future
 
-    def _can_run_directly(self, gap_ns: int) -> bool:
+    def _can_run_directly(self) -> bool:
         """A lone request on an inline runtime runs in the caller's task, skipping the worker hop.
 
         Only when a worker would take it and run it alone at once: nothing queued ahead of it, no
-        worker holding a batch, no fill wait due (the previous batch ran alone) -- and, when
-        merging, sparse traffic: the previous request arrived more than max_queue_delay ago and
-        not in this loop turn. Requests closer together than that are queued and batched by the
-        workers as before.
+        worker holding a batch, the previous batch ran alone (so no fill wait is due), and no
+        direct run yet in this loop turn. Once requests overlap, a batch of several forms and
+        the workers take over until a batch runs alone again. Arrival gaps are no signal: one
+        sequential client sends back to back without ever overlapping.
         """
         if self._executor is not None or self._queue or self._running:
             return False
         if not self._merge:
             return True
-        return (
-            not self._direct_recent
-            and self._last_batch_requests <= 1
-            and gap_ns > self.max_delay_s * 1e9
-        )
+        return not self._direct_recent and self._last_batch_requests <= 1
 
     async def _run_directly(self, pending: _Pending, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
         if self._merge:
