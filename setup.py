@@ -33,9 +33,13 @@ BASE_DEPENDENCIES = [
     "onnx>=1.15",
     "numpy>=1.26",
     "uvloop>=0.19; sys_platform != 'win32'",
-    "opentelemetry-api>=1.24",
-    "opentelemetry-sdk>=1.24",
-    "opentelemetry-exporter-otlp>=1.24",
+    # Bounded above: lockgate.telemetry.tracing encodes OTLP spans with helpers private to
+    # opentelemetry-exporter-otlp-proto-common 1.45 (5x cheaper than the public encoder);
+    # tests/test_telemetry_tracing.py checks the output is identical to the SDK's.
+    "opentelemetry-api>=1.45,<1.46",
+    "opentelemetry-sdk>=1.45,<1.46",
+    "opentelemetry-exporter-otlp>=1.45,<1.46",
+    "opentelemetry-exporter-otlp-proto-common>=1.45,<1.46",
     "prometheus-client>=0.20",
     "datasketches>=5.0",
     "pydantic>=2.6",

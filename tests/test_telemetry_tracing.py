@@ -357,3 +357,45 @@ def test_real_lockgate_serves_with_collector_down(repo: Path, tmp_path: Path) ->
     finally:
         assert server.terminate() == 0
 
+
+
+def test_span_encoder_matches_the_sdk_encoder() -> None:
+    """lockgate's OTLP encoder (private SDK helpers, cached attributes) must produce exactly
+    what the SDK's public encoder produces, apart from the protobuf-default empty status."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import Status, StatusCode
+
+    from lockgate.telemetry.tracing import SpanEncoder
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "lockgate-test", "host.name": "h"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("lockgate.test", "1.0")
+    for i in range(3):
+        with tracer.start_as_current_span("inference.GRPCInferenceService/ModelInfer", attributes={
+            "rpc.system": "grpc", "rpc.method": "ModelInfer", "lockgate.batch.size": i + 1, "ok": i != 1,
+        }) as span:
+            span.add_event("drift", {"feature": "age", "psi": 0.3})
+            with tracer.start_as_current_span("inference", attributes={"lockgate.batch.size": 4}):
+                pass
+            if i == 1:
+                span.set_status(Status(StatusCode.ERROR, "NOT_FOUND"))
+    spans = memory.get_finished_spans()
+    assert len(spans) == 6
+    ours = SpanEncoder().encode(spans)
+    sdk = encode_spans(spans)
+    for rs in sdk.resource_spans:
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                if s.status.code == 0 and not s.status.message:
+                    s.ClearField("status")
+    for rs in ours.resource_spans:
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                if s.status.code == 0 and not s.status.message:
+                    s.ClearField("status")
+    assert ours == sdk
