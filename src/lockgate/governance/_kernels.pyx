@@ -21,7 +21,11 @@ loop over the C-contiguous (rows x features) values. For every value it
 * copies it (as float32, non-finite as NaN) into a bounded row buffer that the off-path
   sketch feeder drains; rows that do not fit are counted in ``buffer_dropped``.
 
-State, rules and scratch live in typed memoryviews held by the instance (allocated once);
+The row loop walks one packed per-feature record (rules, grid, batch sums, pointers) and
+takes a branch-light fast path for the common value (finite, inside [min, max], no allowed
+set: one combined range test, with NaN and Inf falling out of it); anything else goes to the
+rare path that checks each rule. Window state and rules also live in typed memoryviews held
+by the instance (allocated once);
 the input array is read through the numpy C-API's data pointer after its header has been
 checked, because acquiring a fresh memoryview costs ~0.5 us per call — more than the whole
 batch-1 loop. The loop is one ``nogil`` function specialised for float32, float64, int32
@@ -39,6 +43,8 @@ from cpython.pythread cimport (
     PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK, WAIT_LOCK,
 )
 from libc.math cimport INFINITY, NAN, floor
+from libc.float cimport DBL_MAX
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memset
 
 import numpy as np
@@ -81,30 +87,50 @@ ctypedef fused value_t:
     long long
 
 
-cdef inline Py_ssize_t _bin_of(const double* e, Py_ssize_t n, const unsigned char* table,
-                               double g_lo, double g_scale, double x) noexcept nogil:
-    """Number of edges <= x: grid guess, then a scan that is almost always 0 or 1 step."""
-    cdef Py_ssize_t k, c
-    cdef double t
-    if n == 0 or x < e[0]:
-        return 0
-    if x >= e[n - 1]:
-        return n
-    t = (x - g_lo) * g_scale
-    c = <Py_ssize_t>t
-    if c > GRID - 1:
-        c = GRID - 1
-    if c < 0:
-        c = 0
-    k = table[c]
-    # e[0] <= x < e[n-1] here, so 0 <= k <= n - 1 and the loads below stay in range; the
-    # decrement only fixes float rounding at a cell start, the second scan a dense cell.
-    while k > 0 and e[k - 1] > x:
+ctypedef struct feat_t:
+    # Everything one value touches, packed per feature so the row loop walks one pointer.
+    double flo, fhi          # fast-path bounds: finite, in [lo, hi], no allowed set
+    double g_lo, g_scale     # bin grid origin and cells per unit
+    double g_xlo, g_xhi      # clamp for the grid index: half a cell outside the grid
+    double shift, s1, s2     # batch sums of (x - shift) and its square
+    double mn, mx            # batch extremes
+    const double* e          # edges with sentinels: e[-1] = -inf, e[n] = +inf
+    const unsigned char* tab # GRID cells: edges <= cell start (cell 0 = below the first edge)
+    long long* bins          # this feature's bins in the window state
+    long long nonfin         # NaN and +-Inf seen in this batch
+    double lo, hi
+    const long long* aset
+    Py_ssize_t an
+    unsigned char flags
+
+
+cdef inline Py_ssize_t _bin_of(const feat_t* f, double x) noexcept nogil:
+    """Number of edges <= finite x: grid guess, then (almost always branch-free) correction.
+
+    x is clamped (min/max instructions, no branch) to half a cell beyond the grid, so the
+    cell index lands in [0, GRID - 1] without a data-dependent branch; the sentinels bound
+    both scans, so in the common case (at most one edge in the cell) none is taken either.
+    """
+    cdef double xc = x if x > f.g_xlo else f.g_xlo
+    xc = xc if xc < f.g_xhi else f.g_xhi
+    cdef Py_ssize_t k = f.tab[<int>((xc - f.g_lo) * f.g_scale + 1.0)]
+    cdef const double* e = f.e
+    # the first scan only fixes float rounding at a cell start, the last a dense cell
+    while e[k - 1] > x:
         k -= 1
     k += e[k] <= x
-    while k < n and e[k] <= x:
+    while e[k] <= x:
         k += 1
     return k
+
+
+cdef inline void _clear_scratch(feat_t* f, double shift) noexcept nogil:
+    f.s1 = 0.0
+    f.s2 = 0.0
+    f.mn = INFINITY
+    f.mx = -INFINITY
+    f.nonfin = 0
+    f.shift = shift
 
 
 cdef inline bint _in_set(const long long* s, Py_ssize_t n, long long v) noexcept nogil:
@@ -132,18 +158,15 @@ cdef class Accumulator:
     cdef readonly object edges, edge_offsets
     cdef double[::1] _edges
     cdef long long[::1] _edge_off
-    cdef double[::1] _g_lo, _g_scale
-    cdef unsigned char[::1] _g_table
+    cdef object _a_pedges, _a_table
+    cdef feat_t* _ft
+    cdef bint _fresh  # some feature may have no running mean: pick batch shifts first
     # window state (numpy arrays exposed read-only through state())
     cdef readonly long long rows
     cdef object _a_count, _a_nan, _a_inf, _a_below, _a_above, _a_sum, _a_m2, _a_min, _a_max, _a_bins
     cdef long long[::1] _count, _nan, _inf, _below, _above, _bins
     cdef double[::1] _sum, _m2, _min, _max, _mean
-    # scratch for one batch
-    cdef long long[::1] _bn
-    cdef double[::1] _bshift, _bs1, _bs2
     cdef object _a_mean
-    cdef unsigned char[::1] _bneed
     # violations of the last call and cumulative counters
     cdef readonly object violation_rows, violation_features, violation_rules, violation_values
     cdef long long[::1] _v_row
@@ -168,6 +191,7 @@ cdef class Accumulator:
     def __dealloc__(self):
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
+        PyMem_Free(self._ft)
 
     def __init__(self, Py_ssize_t n_features, *, lo=None, hi=None, allow_nan=None, allow_inf=None,
                  allowed=None, edges=None, Py_ssize_t max_violations=50,
@@ -226,27 +250,27 @@ cdef class Accumulator:
         self.edge_offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
         self._edges = self.edges
         self._edge_off = self.edge_offsets
-        # Bin lookup: a uniform grid of GRID cells over [first edge, last edge] per feature
-        # maps a value to the bin at its cell's start in O(1); a short scan corrects it.
+        # Bin lookup: a uniform grid over [first edge, last edge] per feature, plus a cell 0
+        # for values below the first edge and a last cell from the last edge up, maps a value
+        # to the bin at its cell's start in O(1); a short scan corrects it.
         g_lo = np.zeros(F)
         g_scale = np.zeros(F)
         table = np.zeros((F, GRID), dtype=np.uint8)
+        padded = []
         for j in range(F):
             e = arrays[j]
             if e.size > MAX_EDGES:
                 raise ValueError(f"feature {j} has {e.size} bin edges; at most {MAX_EDGES} are supported")
-            if e.size >= 2 and e[e.size - 1] > e[0]:
+            span = float(e[e.size - 1] - e[0]) if e.size >= 2 else 0.0
+            scale = (GRID - 2) / span if span > 0.0 else 0.0
+            if np.isfinite(span) and np.isfinite(scale) and scale > 0.0 and np.isfinite(0.5 / scale):
                 g_lo[j] = e[0]
-                g_scale[j] = GRID / (e[e.size - 1] - e[0])
-                starts = e[0] + np.arange(GRID) / g_scale[j]
-                table[j] = np.searchsorted(e, starts, side="right")
-            elif e.size:
-                g_lo[j] = e[0]
-                table[j] = 0
-        self._g_lo = g_lo
-        self._g_scale = g_scale
-        self._g_table = table.reshape(-1)
-
+                g_scale[j] = scale
+                starts = e[0] + np.arange(GRID - 1) / scale
+                table[j, 1:] = np.searchsorted(e, starts, side="right")
+            padded.append(np.concatenate([[-np.inf], e, [np.inf]]))
+        self._a_pedges = np.concatenate(padded)
+        self._a_table = table.reshape(-1)
         self._a_count = np.zeros(F, dtype=np.int64)
         self._a_nan = np.zeros(F, dtype=np.int64)
         self._a_inf = np.zeros(F, dtype=np.int64)
@@ -270,12 +294,7 @@ cdef class Accumulator:
         self._a_mean = np.zeros(F)
         self._mean = self._a_mean
         self.rows = 0
-
-        self._bn = np.zeros(F, dtype=np.int64)
-        self._bshift = np.zeros(F)
-        self._bs1 = np.zeros(F)
-        self._bs2 = np.zeros(F)
-        self._bneed = np.zeros(F, dtype=np.uint8)
+        self._build_features(lo_a, hi_a, g_lo, g_scale)
 
         self.violation_rows = np.zeros(max_violations, dtype=np.int64)
         self.violation_features = np.zeros(max_violations, dtype=np.int32)
@@ -293,6 +312,45 @@ cdef class Accumulator:
         self._spill = np.empty(F, dtype=np.float32)
         self.buffered_rows = 0
         self.buffer_dropped = 0
+
+    cdef _build_features(self, lo_a, hi_a, double[::1] g_lo, double[::1] g_scale):
+        """Pack per-feature rules and pointers into the array the row loop walks."""
+        cdef Py_ssize_t F = self.n_features, j, eo, ao
+        cdef double[::1] pe = self._a_pedges
+        cdef unsigned char[::1] tab = self._a_table
+        cdef feat_t* ft = <feat_t*>PyMem_Malloc(F * sizeof(feat_t))
+        if ft == NULL:
+            raise MemoryError("cannot allocate the accumulator's feature table")
+        PyMem_Free(self._ft)
+        self._ft = ft
+        self._fresh = True
+        for j in range(F):
+            eo = self._edge_off[j]
+            ao = self._allowed_off[j]
+            ft[j].lo = lo_a[j]
+            ft[j].hi = hi_a[j]
+            ft[j].flags = self._flags[j]
+            ft[j].aset = &self._allowed[ao] if self._allowed_off[j + 1] > ao else NULL
+            ft[j].an = self._allowed_off[j + 1] - ao
+            if self._flags[j] & F_HAS_ALLOWED:
+                ft[j].flo = INFINITY
+                ft[j].fhi = -INFINITY
+            else:
+                ft[j].flo = ft[j].lo if ft[j].lo > -DBL_MAX else -DBL_MAX
+                ft[j].fhi = ft[j].hi if ft[j].hi < DBL_MAX else DBL_MAX
+            ft[j].g_lo = g_lo[j]
+            ft[j].g_scale = g_scale[j]
+            if g_scale[j] > 0.0:
+                # half a cell outside [first edge, last edge]: cell index in [0.5, 255.5]
+                ft[j].g_xlo = g_lo[j] - 0.5 / g_scale[j]
+                ft[j].g_xhi = self._edges[eo + self._edge_off[j + 1] - eo - 1] + 0.5 / g_scale[j]
+            else:
+                # no grid (0 or 1 distinct edges): every value starts in cell 1 (= 0 edges)
+                ft[j].g_xlo = g_lo[j]
+                ft[j].g_xhi = g_lo[j]
+            ft[j].e = &pe[eo + 2 * j + 1]
+            ft[j].tab = &tab[j * GRID]
+            ft[j].bins = &self._bins[eo + j]
 
     # ------------------------------------------------------------------ locking
     cdef inline void _acquire(self):
@@ -363,53 +421,43 @@ cdef class Accumulator:
         return self._run(<const long long*>ptr, rows)
 
     cdef long long _run(self, const value_t* data, Py_ssize_t rows) noexcept nogil:
-        cdef Py_ssize_t F = self.n_features, i, j, K = self.max_violations, room, b
+        cdef Py_ssize_t F = self.n_features, i, j, K = self.max_violations, room
         cdef long long nv = 0, n, na, nb, ival
-        cdef double x, m2_b, delta, d
+        cdef double x, m2_b, delta, d, inv
         cdef const value_t* row
         cdef float* brow
         cdef unsigned char fl
         cdef int code
-        cdef bint is_inf
-        cdef double* lo = &self._lo[0]
-        cdef double* hi = &self._hi[0]
-        cdef unsigned char* flags = &self._flags[0]
-        cdef const long long* aset = &self._allowed[0] if self._allowed.shape[0] else NULL
-        cdef long long* aoff = &self._allowed_off[0]
-        cdef const double* edges = &self._edges[0] if self._edges.shape[0] else NULL
-        cdef long long* eoff = &self._edge_off[0]
-        cdef const unsigned char* gtab = &self._g_table[0]
-        cdef const double* g_lo = &self._g_lo[0]
-        cdef const double* g_scale = &self._g_scale[0]
-        cdef long long* bins = &self._bins[0]
+        cdef feat_t* ft = self._ft
+        cdef feat_t* f
         cdef long long* cnan = &self._nan[0]
         cdef long long* cinf = &self._inf[0]
         cdef long long* cbelow = &self._below[0]
         cdef long long* cabove = &self._above[0]
         cdef double* vmin = &self._min[0]
         cdef double* vmax = &self._max[0]
-        cdef long long* bn = &self._bn[0]
-        cdef double* shift = &self._bshift[0]
-        cdef double* s1 = &self._bs1[0]
-        cdef double* s2 = &self._bs2[0]
         cdef double* mean = &self._mean[0]
         cdef long long* cnt = &self._count[0]
         cdef double* vsum = &self._sum[0]
         cdef double* vm2 = &self._m2[0]
-        cdef double inv
-        cdef unsigned char* need = &self._bneed[0]
         cdef long long* vtot = &self._v_tot[0]
         cdef float* buf = &self._buf[0]
         cdef float* spill = &self._spill[0]
 
-        # Batch moments are shifted sums around the running mean (no division per value);
-        # a feature's first value becomes its shift when it has no running mean yet.
-        memset(bn, 0, F * sizeof(long long))
-        memset(s1, 0, F * sizeof(double))
-        memset(s2, 0, F * sizeof(double))
-        for j in range(F):
-            shift[j] = mean[j]
-            need[j] = cnt[j] == 0
+        # Batch moments are shifted sums around the running mean (no division per value); a
+        # feature with no running mean yet is shifted by its first finite value in the batch.
+        # The batch scratch is cleared (and the shift set to the running mean) by the fold at
+        # the end of the previous call, so this only runs after a reset.
+        if self._fresh:
+            for j in range(F):
+                f = ft + j
+                _clear_scratch(f, mean[j])
+                if cnt[j] == 0:
+                    for i in range(rows):
+                        x = <double>data[i * F + j]
+                        if x - x == 0.0:  # finite
+                            f.shift = x
+                            break
 
         room = self.buffer_capacity - self.buffered_rows
         if room > rows:
@@ -422,9 +470,21 @@ cdef class Accumulator:
             brow = buf + (self.buffered_rows + i) * F if i < room else spill
             for j in range(F):
                 x = <double>row[j]
-                fl = flags[j]
+                f = ft + j
+                if (x >= f.flo) & (x <= f.fhi):
+                    # common case: finite, within [min, max], no allowed set to check
+                    d = x - f.shift
+                    f.s1 += d
+                    f.s2 += d * d
+                    f.mn = x if x < f.mn else f.mn
+                    f.mx = x if x > f.mx else f.mx
+                    f.bins[_bin_of(f, x)] += 1
+                    brow[j] = <float>x
+                    continue
+                fl = f.flags
                 if x != x:
                     cnan[j] += 1
+                    f.nonfin += 1
                     brow[j] = NAN
                     if not (fl & F_ALLOW_NAN):
                         vtot[j * C_NRULES + C_NAN] += 1
@@ -436,15 +496,15 @@ cdef class Accumulator:
                         nv += 1
                     continue
                 code = 0
-                if x < lo[j]:
+                if x < f.lo:
                     cbelow[j] += 1
                     code = C_MIN
-                elif x > hi[j]:
+                elif x > f.hi:
                     cabove[j] += 1
                     code = C_MAX
-                is_inf = x == INFINITY or x == -INFINITY
-                if is_inf:
+                if x == INFINITY or x == -INFINITY:
                     cinf[j] += 1
+                    f.nonfin += 1
                     brow[j] = NAN
                     if not (fl & F_ALLOW_INF):
                         code = C_INF
@@ -455,26 +515,21 @@ cdef class Accumulator:
                                 code = C_ALLOWED
                             else:
                                 ival = <long long>x
-                                if not _in_set(aset + aoff[j], aoff[j + 1] - aoff[j], ival):
+                                if not _in_set(f.aset, f.an, ival):
                                     code = C_ALLOWED
                         else:
                             ival = <long long>row[j]
-                            if not _in_set(aset + aoff[j], aoff[j + 1] - aoff[j], ival):
+                            if not _in_set(f.aset, f.an, ival):
                                 code = C_ALLOWED
                     # moments, extremes, bins and buffer: finite values only
-                    if need[j]:
-                        shift[j] = x
-                        need[j] = 0
-                    bn[j] += 1
-                    d = x - shift[j]
-                    s1[j] += d
-                    s2[j] += d * d
-                    if x < vmin[j]:
-                        vmin[j] = x
-                    if x > vmax[j]:
-                        vmax[j] = x
-                    b = eoff[j]
-                    bins[b + j + _bin_of(edges + b, eoff[j + 1] - b, gtab + j * GRID, g_lo[j], g_scale[j], x)] += 1
+                    d = x - f.shift
+                    f.s1 += d
+                    f.s2 += d * d
+                    if x < f.mn:
+                        f.mn = x
+                    if x > f.mx:
+                        f.mx = x
+                    f.bins[_bin_of(f, x)] += 1
                     brow[j] = <float>x
                 if code:
                     vtot[j * C_NRULES + code] += 1
@@ -487,36 +542,46 @@ cdef class Accumulator:
 
         # Fold the batch into the running state: Welford's update for a single value (the
         # batch-1 case: one division), Chan et al.'s pairwise update for a batch.
+        cdef bint fresh = False
         for j in range(F):
-            nb = bn[j]
+            f = ft + j
+            nb = rows - f.nonfin
             if nb == 0:
+                fresh |= cnt[j] == 0
+                _clear_scratch(f, mean[j])
                 continue
+            if f.mn < vmin[j]:
+                vmin[j] = f.mn
+            if f.mx > vmax[j]:
+                vmax[j] = f.mx
             na = cnt[j]
             n = na + nb
             if na == 0:
                 inv = 1.0 / nb
-                mean[j] = shift[j] + s1[j] * inv
-                m2_b = s2[j] - s1[j] * s1[j] * inv
+                mean[j] = f.shift + f.s1 * inv
+                m2_b = f.s2 - f.s1 * f.s1 * inv
                 vm2[j] = m2_b if m2_b > 0.0 else 0.0
-                vsum[j] = nb * shift[j] + s1[j]
+                vsum[j] = nb * f.shift + f.s1
             elif nb == 1:
                 # shift == running mean, so s1 = x - mean
-                delta = s1[j]
+                delta = f.s1
                 inv = 1.0 / n
                 mean[j] = mean[j] + delta * inv
                 vm2[j] = vm2[j] + delta * delta * na * inv
-                vsum[j] = vsum[j] + (shift[j] + s1[j])
+                vsum[j] = vsum[j] + (f.shift + f.s1)
             else:
                 inv = 1.0 / nb
-                delta = s1[j] * inv  # mean_b - mean_a, as the shift is the running mean
-                m2_b = s2[j] - s1[j] * s1[j] * inv
+                delta = f.s1 * inv  # mean_b - mean_a, as the shift is the running mean
+                m2_b = f.s2 - f.s1 * f.s1 * inv
                 if m2_b < 0.0:
                     m2_b = 0.0
                 inv = 1.0 / n
                 mean[j] = mean[j] + delta * nb * inv
                 vm2[j] = vm2[j] + m2_b + delta * delta * (<double>na) * (<double>nb) * inv
-                vsum[j] = vsum[j] + (nb * shift[j] + s1[j])
+                vsum[j] = vsum[j] + (nb * f.shift + f.s1)
             cnt[j] = n
+            _clear_scratch(f, mean[j])
+        self._fresh = fresh
         self.rows += rows
         self.buffered_rows += room
         self.buffer_dropped += rows - room
@@ -559,6 +624,7 @@ cdef class Accumulator:
         self._a_bins.fill(0)
         self._a_mean.fill(0.0)
         self.rows = 0
+        self._fresh = True
 
     def reset(self):
         """Zero the window state (not the cumulative violation totals nor the buffer)."""
