@@ -46,13 +46,18 @@ def _version(model: str = "iris", version: str = "1", state: str = "registered")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
-    """Opens stores on one shared location; every test below runs against both backends."""
-    opened: list[Store] = []
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One fresh store location per backend; every contract test runs against both."""
     if request.param == "sqlite":
-        location = str(tmp_path / "lockgate.db")
-    else:
-        location = request.getfixturevalue("pg_dsn")
+        return str(tmp_path / "lockgate.db")
+    return request.getfixturevalue("pg_dsn")
+
+
+@pytest.fixture()
+def opener(store_location: str) -> Iterator[Opener]:
+    """Opens stores on one shared location."""
+    opened: list[Store] = []
+    location = store_location
 
     def make() -> Store:
         store = open_store(location)
@@ -261,27 +266,29 @@ def test_pg_notify_wakes_other_replica_without_polling(pg_dsn: str) -> None:
         writer.close()
 
 
-def _append_many(dsn: str, worker: int, count: int, start: float) -> None:
+def _append_many(location: str, worker: int, count: int, start: float) -> None:
     while time.time() < start:  # line the processes up so their appends interleave
         time.sleep(0.005)
-    store = PostgresStore(dsn)
+    store = open_store(location)
     trail = AuditTrail(store)
     for i in range(count):
         trail.append(f"worker-{worker}", "test.append", "m", {"i": i})
     store.close()
 
 
-def test_pg_two_processes_append_one_linear_chain(pg_dsn: str) -> None:
-    PostgresStore(pg_dsn).close()
+def test_contract_two_processes_append_one_linear_chain(store_location: str) -> None:
+    """SQLite serialises on BEGIN IMMEDIATE, PostgreSQL on an advisory lock: either way two
+    processes appending at once must leave one linear chain that verifies."""
+    open_store(store_location).close()
     ctx = multiprocessing.get_context("spawn")
     start = time.time() + 2.0
-    procs = [ctx.Process(target=_append_many, args=(pg_dsn, w, 40, start)) for w in range(2)]
+    procs = [ctx.Process(target=_append_many, args=(store_location, w, 40, start)) for w in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    with PostgresStore(pg_dsn) as store:
+    with open_store(store_location) as store:  # type: ignore[attr-defined]
         trail = AuditTrail(store)
         result = trail.verify()
         assert result.ok, result.reason
