@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-levels", default="1,8", help="streaming concurrency levels (concurrent streams)")
     parser.add_argument("--stream-frames", type=int, default=100, help="messages per streaming call")
     parser.add_argument("--heavy-levels", default="512", help="concurrency levels for the compute-heavy model")
+    parser.add_argument("--heavy-stream-levels", default="8", help="concurrent ModelStreamInfer streams for the "
+                        "compute-heavy model (its batch-1 messages batch the same way; 0 to skip)")
+    parser.add_argument("--heavy-stream-frames", type=int, default=64, help="messages per streaming call, compute-heavy model")
     parser.add_argument("--heavy-duration", type=float, default=8.0, help="seconds per h2load run on the compute-heavy model "
                         "(a batch of 128 runs ~0.3 s: short runs are mostly ramp-up)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -182,6 +185,16 @@ def compute_goals(
                 True,
             )
         )
+        if heavy.get("lockgate_stream_rows_per_s"):
+            goals.append(
+                Goal(
+                    "heavy_stream_vs_inprocess",
+                    f"lockgate (dynamic batching, batch-1 messages on ModelStreamInfer) / best in-process ORT rows/s ({HEAVY_MLP.name})",
+                    _ratio(heavy["lockgate_stream_best_rows_per_s"], heavy["inprocess_best_rows_per_s"]),
+                    0.85,
+                    True,
+                )
+            )
     return goals
 
 
@@ -238,6 +251,8 @@ def markdown_report(
             lines.append(f"| in-process ORT | {label} | {_fmt(rate)} |")
         for level, rate in heavy["lockgate_rows_per_s"].items():
             lines.append(f"| lockgate, dynamic batching | batch-1 requests, {load_for(int(level))} | {_fmt(rate)} |")
+        for level, rate in heavy.get("lockgate_stream_rows_per_s", {}).items():
+            lines.append(f"| lockgate, dynamic batching, streaming | batch-1 messages, {level} streams x {heavy['stream_frames']} msgs/call | {_fmt(rate)} |")
     lines += ["", "### Targets (ratios from this run)", "", "| goal | value | target | met |", "|---|---:|---:|---|"]
     for goal in goals:
         met = {True: "yes", False: "**no**", None: "n/a"}[goal.met]
@@ -248,7 +263,8 @@ def markdown_report(
 
 
 def run_heavy(
-    harness: Harness, repo: Path, levels: list[int], repeats: int, seconds_per_size: float, duration_s: float
+    harness: Harness, repo: Path, levels: list[int], repeats: int, seconds_per_size: float, duration_s: float,
+    stream_levels: list[int] = (), stream_frames: int = 64,
 ) -> dict | None:
     """In-process sweep and lockgate under batch-1 load, interleaved per repeat (same noise).
 
@@ -261,6 +277,14 @@ def run_heavy(
     workload = prepare_workload(HEAVY_MLP, model_path, harness.log_dir.parent)
     if not harness.validate("lockgate", workload):
         return None
+    # The same batch-1 requests over ModelStreamInfer: each message still batches with the others
+    # in the dynamic batcher; the transport costs less per message than a unary call does.
+    streaming = None
+    if stream_levels:
+        streaming = prepare_workload(HEAVY_MLP, model_path, harness.log_dir.parent, streaming=True, frames=stream_frames)
+        if not harness.validate("lockgate", streaming):
+            streaming = None
+    streamed: dict[int, list[float]] = {level: [] for level in stream_levels} if streaming is not None else {}
     sweeps: dict[int, list[dict[int, float]]] = {t: [] for t in HEAVY_THREADS}
     served: dict[int, list[float]] = {level: [] for level in levels}
     for repeat in range(repeats):
@@ -271,6 +295,10 @@ def run_heavy(
             run = harness.measure("lockgate", workload, level, duration_s)
             served[level].append(run.requests_per_s)
             harness.log(f"rep {repeat + 1}/{repeats} lockgate {HEAVY_MLP.name} c={level}: {run.requests_per_s:.0f} rows/s p50 {run.p50_ms:.0f} ms errors {run.failed + run.grpc_errors}")
+        for level in streamed:
+            run = harness.measure("lockgate", streaming, level, duration_s)
+            streamed[level].append(run.messages_per_s)
+            harness.log(f"rep {repeat + 1}/{repeats} lockgate {HEAVY_MLP.name} streaming c={level}: {run.messages_per_s:.0f} rows/s errors {run.failed + run.grpc_errors}")
     inprocess = {
         (threads, size): statistics.median(s[size] for s in sweeps[threads]) for threads in HEAVY_THREADS for size in HEAVY_BATCH_SIZES
     }
@@ -284,6 +312,9 @@ def run_heavy(
         "inprocess_best_rows_per_s": inprocess[best],
         "lockgate_rows_per_s": lockgate,
         "lockgate_best_rows_per_s": max(lockgate.values()),
+        "lockgate_stream_rows_per_s": {level: statistics.median(v) for level, v in streamed.items()},
+        "lockgate_stream_best_rows_per_s": max((statistics.median(v) for v in streamed.values()), default=float("nan")),
+        "stream_frames": stream_frames,
     }
 
 
@@ -337,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells.update(harness.run(live, workloads[1:], stream_levels, args.repeats))
             heavy = None
             if not args.no_heavy:
-                heavy = run_heavy(harness, repo, heavy_levels, args.repeats, 0.4 if args.quick else 0.8, args.heavy_duration)
+                heavy = run_heavy(harness, repo, heavy_levels, args.repeats, 0.4 if args.quick else 0.8, args.heavy_duration,
+                                  [lv for lv in _ints(args.heavy_stream_levels) if lv > 0], args.heavy_stream_frames)
             healthy = harness.recheck(workloads[:1])
             failures = {f"{k[0]}/{k[1]}": v for k, v in harness.failures.items()}
             # Server logs live in the temp dir: keep the tail of each for the JSON.

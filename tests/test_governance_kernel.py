@@ -320,3 +320,27 @@ def test_concurrent_updates_lose_nothing():
     assert state["bins"].sum() == 4 * 10 * 2048 * 16
     assert acc.buffered_rows + acc.buffer_dropped == 4 * 10 * 2048  # every row buffered or counted
     np.testing.assert_allclose(state["sum"], 40 * x.sum(axis=0), rtol=1e-9, atol=1e-6)
+
+
+def test_row_by_row_stream_equals_one_pass():
+    """Batch-1 calls gather in the batch scratch and fold every few hundred rows (and on read):
+    the moments of 3,000 single-row updates far from zero equal one numpy pass, and a read in
+    the middle sees every row so far."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(3000, 4)) * [1.0, 50.0, 1e-3, 7.0] + [1e4, -3.0, 0.5, 0.0]).astype(np.float64)
+    x[17, 2] = math.nan
+    acc = Accumulator(4, lo=[-math.inf] * 4, hi=[math.inf] * 4, allow_nan=[True] * 4, edges=[[0.0]] * 4, buffer_rows=0)
+    for i in range(1000):
+        acc.update(x[i : i + 1])
+    middle = acc.take(reset=False)
+    assert middle["rows"] == 1000 and middle["count"].tolist() == [1000, 1000, 999, 1000]
+    for i in range(1000, 3000):
+        acc.update(x[i : i + 1])
+    got = acc.take()
+    finite = np.where(np.isfinite(x), x, np.nan)
+    assert got["count"].tolist() == [3000, 3000, 2999, 3000]
+    np.testing.assert_array_equal(got["min"], np.nanmin(finite, axis=0))
+    np.testing.assert_array_equal(got["max"], np.nanmax(finite, axis=0))
+    np.testing.assert_allclose(got["sum"], np.nansum(finite, axis=0), rtol=1e-12)
+    m2 = np.nansum((finite - np.nanmean(finite, axis=0)) ** 2, axis=0)
+    np.testing.assert_allclose(got["m2"], m2, rtol=1e-9)

@@ -14,8 +14,7 @@ Routing and governance plug in through two small protocols so each stays in its 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -28,17 +27,40 @@ ROUTING_KEY_PARAMETER = "routing_key"
 ROUTING_KEY_HEADER = "x-lockgate-routing-key"
 
 
-@dataclass(slots=True)
 class RequestContext:
-    """What the transport knows about a request that the data plane needs."""
+    """What the transport knows about a request that the data plane needs.
 
-    deadline: float | None = None  # time.monotonic() deadline
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    trace: Any = None  # telemetry span handle, when tracing is on
-    method: str = "ModelInfer"
+    Metadata is read lazily through ``metadata_source``: copying gRPC's invocation metadata
+    costs ~5 µs per request, and most requests (no sticky policy, tracing off) never look.
+    """
+
+    __slots__ = ("deadline", "_metadata", "_metadata_source", "trace", "method")
+
+    def __init__(
+        self,
+        deadline: float | None = None,  # time.monotonic() deadline
+        metadata: Mapping[str, str] | None = None,
+        trace: Any = None,  # telemetry span handle, when tracing is on
+        method: str = "ModelInfer",
+        metadata_source: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
+        self.deadline = deadline
+        self._metadata = metadata
+        self._metadata_source = metadata_source
+        self.trace = trace
+        self.method = method
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        metadata = self._metadata
+        if metadata is None:
+            source = self._metadata_source
+            metadata = self._metadata = source() if source is not None else {}
+        return metadata
 
 
 class RoutingStage(Protocol):
+    def uses_routing_key(self, model: str) -> bool: ...
     def route(self, model: LoadedModel, requested_version: str, routing_key: str | None, request_id: str) -> Route: ...
     def after_response(self, model: LoadedModel, route: Route, ok: bool, latency_ns: int,
                        inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray] | None) -> None: ...
@@ -52,6 +74,9 @@ class GovernanceStage(Protocol):
 
 class DefaultRouting:
     """Without a traffic policy: the requested version, or the model's default version."""
+
+    def uses_routing_key(self, model: str) -> bool:
+        return False
 
     def route(self, model: LoadedModel, requested_version: str, routing_key: str | None, request_id: str) -> Route:
         if requested_version:
@@ -79,21 +104,23 @@ class InferencePipeline:
     async def infer(self, request: Any, response_type: type, ctx: RequestContext) -> Any:
         start_ns = time.perf_counter_ns()
         telemetry = self.telemetry
-        if telemetry is not None and ctx.trace is None:
+        if telemetry is not None and ctx.trace is None and telemetry.tracing is not None:
             ctx.trace = telemetry.start_request(ctx.method, ctx.metadata, start_ns)
         trace = ctx.trace
         try:
             model = self.repository.get(request.model_name)
 
             # route
+            routing = self.routing
             routing_key = None
-            if request.parameters:
-                param = request.parameters.get(ROUTING_KEY_PARAMETER)
-                if param is not None:
-                    routing_key = str(codec.parameter_value(param))
-            if routing_key is None:
-                routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
-            route = self.routing.route(model, request.model_version, routing_key, request.id)
+            if routing.uses_routing_key(model.name):
+                if request.parameters:
+                    param = request.parameters.get(ROUTING_KEY_PARAMETER)
+                    if param is not None:
+                        routing_key = str(codec.parameter_value(param))
+                if routing_key is None:
+                    routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
+            route = routing.route(model, request.model_version, routing_key, request.id)
             version = model.get(route.version)
         except BaseException as exc:  # NOT_FOUND / PERMISSION_DENIED before a version is known
             if trace is not None:
@@ -114,7 +141,10 @@ class InferencePipeline:
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
-            outputs = await version.batcher.submit(inputs, ctx.deadline, trace)
+            batcher = version.batcher
+            outputs = batcher.run_now(inputs, ctx.deadline, trace)
+            if outputs is None:
+                outputs = await batcher.submit(inputs, ctx.deadline, trace)
             # encode
             response = response_type(model_name=model.name, model_version=version.version, id=request.id)
             codec.encode_outputs(response, outputs, output_names)

@@ -79,6 +79,9 @@ cdef enum:
 # Release the GIL only for batches this large: below it the lock round trip costs more
 # than the loop.
 cdef Py_ssize_t NOGIL_VALUES = 1 << 15
+# Batch sums are folded into the running moments once this many rows have gathered (or when
+# the state is read): a batch-1 call then costs only its row loop, not a per-feature fold.
+cdef Py_ssize_t FOLD_ROWS = 256
 
 ctypedef fused value_t:
     float
@@ -161,6 +164,7 @@ cdef class Accumulator:
     cdef object _a_pedges, _a_table
     cdef feat_t* _ft
     cdef bint _fresh  # some feature may have no running mean: pick batch shifts first
+    cdef Py_ssize_t _pending  # rows in the batch scratch (s1, s2, mn, mx, nonfin) not yet folded
     # window state (numpy arrays exposed read-only through state())
     cdef readonly long long rows
     cdef object _a_count, _a_nan, _a_inf, _a_below, _a_above, _a_sum, _a_m2, _a_min, _a_max, _a_bins
@@ -182,6 +186,11 @@ cdef class Accumulator:
     cdef readonly Py_ssize_t buffered_rows
     cdef readonly long long buffer_dropped
     cdef PyThread_type_lock _lock
+    # Set (under the GIL) while some thread holds _lock. A small update runs entirely under the
+    # GIL, so when no one holds the lock it cannot interleave with anything: it skips the lock.
+    # A holder may drop the GIL (a large update's nogil loop, a numpy copy in take), but only
+    # after setting this flag, so an unlocked update never overlaps a locked section.
+    cdef bint _held
 
     def __cinit__(self):
         self._lock = PyThread_allocate_lock()
@@ -324,7 +333,9 @@ cdef class Accumulator:
         PyMem_Free(self._ft)
         self._ft = ft
         self._fresh = True
+        self._pending = 0
         for j in range(F):
+            _clear_scratch(&ft[j], 0.0)
             eo = self._edge_off[j]
             ao = self._allowed_off[j]
             ft[j].lo = lo_a[j]
@@ -357,9 +368,29 @@ cdef class Accumulator:
         if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
             with nogil:
                 PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        self._held = True
 
     cdef inline void _release(self):
+        self._held = False
         PyThread_release_lock(self._lock)
+
+    cdef tuple _found(self, long long nv):
+        """Copies of the first violations, made without releasing the GIL (numpy's copy may)."""
+        cdef Py_ssize_t k = nv if nv < self.max_violations else self.max_violations, i
+        rows = np.empty(k, dtype=np.int64)
+        feats = np.empty(k, dtype=np.int32)
+        rules = np.empty(k, dtype=np.int8)
+        values = np.empty(k, dtype=np.float64)
+        cdef long long[::1] r = rows
+        cdef int[::1] f = feats
+        cdef signed char[::1] c = rules
+        cdef double[::1] v = values
+        for i in range(k):
+            r[i] = self._v_row[i]
+            f[i] = self._v_feat[i]
+            c[i] = self._v_rule[i]
+            v[i] = self._v_value[i]
+        return (nv, rows, feats, rules, values)
 
     # ------------------------------------------------------------------ the kernel
     def update(self, cnp.ndarray x not None):
@@ -389,27 +420,20 @@ cdef class Accumulator:
             raise TypeError(f"the kernel handles float32, float64, int32 and int64, not {(<object>x).dtype}")
         if not cnp.PyArray_ISNOTSWAPPED(x):
             raise ValueError("the kernel needs native byte order")
+        if not release_gil and not self._held:
+            # the GIL is held from here to the return: nothing else can touch the state
+            nv = self._dispatch(ptr, typenum, rows)
+            return 0 if nv == 0 else self._found(nv)
         self._acquire()
         if release_gil:
             with nogil:
                 nv = self._dispatch(ptr, typenum, rows)
         else:
             nv = self._dispatch(ptr, typenum, rows)
-        if nv == 0:
-            self._release()
-            return 0
         try:
-            k = nv if nv < self.max_violations else self.max_violations
-            found = (
-                nv,
-                self.violation_rows[:k].copy(),
-                self.violation_features[:k].copy(),
-                self.violation_rules[:k].copy(),
-                self.violation_values[:k].copy(),
-            )
+            return 0 if nv == 0 else self._found(nv)
         finally:
             self._release()
-        return found
 
     cdef inline long long _dispatch(self, void* ptr, int typenum, Py_ssize_t rows) noexcept nogil:
         if typenum == cnp.NPY_FLOAT32:
@@ -445,14 +469,13 @@ cdef class Accumulator:
         cdef float* spill = &self._spill[0]
 
         # Batch moments are shifted sums around the running mean (no division per value); a
-        # feature with no running mean yet is shifted by its first finite value in the batch.
-        # The batch scratch is cleared (and the shift set to the running mean) by the fold at
-        # the end of the previous call, so this only runs after a reset.
+        # feature with no running mean yet is shifted by its first finite value. The scratch
+        # spans calls until the fold, which clears it and sets the shift to the new running
+        # mean; so this only runs after a reset, until a finite value has been seen.
         if self._fresh:
             for j in range(F):
                 f = ft + j
-                _clear_scratch(f, mean[j])
-                if cnt[j] == 0:
+                if cnt[j] == 0 and self._pending == f.nonfin:  # no finite value anywhere yet
                     for i in range(rows):
                         x = <double>data[i * F + j]
                         if x - x == 0.0:  # finite
@@ -540,8 +563,31 @@ cdef class Accumulator:
                         self._v_value[nv] = x
                     nv += 1
 
-        # Fold the batch into the running state: Welford's update for a single value (the
-        # batch-1 case: one division), Chan et al.'s pairwise update for a batch.
+        self.rows += rows
+        self.buffered_rows += room
+        self.buffer_dropped += rows - room
+        self._pending += rows
+        if self._pending >= FOLD_ROWS:
+            self._fold()
+        return nv
+
+    cdef void _fold(self) noexcept nogil:
+        """Fold the batch scratch into the running state: Welford's update for a single value,
+        Chan et al.'s pairwise update for a batch. Called with the lock held."""
+        cdef Py_ssize_t F = self.n_features, j
+        cdef long long n, na, nb
+        cdef double m2_b, delta, inv
+        cdef feat_t* ft = self._ft
+        cdef feat_t* f
+        cdef double* vmin = &self._min[0]
+        cdef double* vmax = &self._max[0]
+        cdef double* mean = &self._mean[0]
+        cdef long long* cnt = &self._count[0]
+        cdef double* vsum = &self._sum[0]
+        cdef double* vm2 = &self._m2[0]
+        cdef Py_ssize_t rows = self._pending
+        if rows == 0:
+            return
         cdef bint fresh = False
         for j in range(F):
             f = ft + j
@@ -582,16 +628,14 @@ cdef class Accumulator:
             cnt[j] = n
             _clear_scratch(f, mean[j])
         self._fresh = fresh
-        self.rows += rows
-        self.buffered_rows += room
-        self.buffer_dropped += rows - room
-        return nv
+        self._pending = 0
 
     # ------------------------------------------------------------------ state access
     def take(self, bint reset=True):
         """Copy (and by default reset) the window state atomically: a dict of numpy arrays."""
         self._acquire()
         try:
+            self._fold()
             out = {
                 "rows": np.int64(self.rows),
                 "count": self._a_count.copy(),
@@ -625,6 +669,10 @@ cdef class Accumulator:
         self._a_mean.fill(0.0)
         self.rows = 0
         self._fresh = True
+        self._pending = 0
+        cdef Py_ssize_t j
+        for j in range(self.n_features):
+            _clear_scratch(self._ft + j, 0.0)
 
     def reset(self):
         """Zero the window state (not the cumulative violation totals nor the buffer)."""

@@ -47,13 +47,14 @@ async def abort(context: grpc.aio.ServicerContext, exc: LockgateError) -> None:
     await context.abort_with_status(status_for(exc))
 
 
-def _context(context: grpc.aio.ServicerContext, with_metadata: bool = True) -> RequestContext:
+def _text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _context(context: grpc.aio.ServicerContext) -> RequestContext:
     remaining = context.time_remaining()
     deadline = time.monotonic() + remaining if remaining is not None else None
-    metadata = {}
-    if with_metadata:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    return RequestContext(deadline=deadline, metadata=metadata)
+    return RequestContext(deadline=deadline, metadata_source=lambda: _text_metadata(context))
 
 
 def _duration(d: Any, target: Any) -> None:

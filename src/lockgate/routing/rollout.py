@@ -113,7 +113,7 @@ class WindowStats:
             if seen < self.capacity:
                 self._sample[seen] = latency_ms
             else:
-                slot = self._rng.randrange(seen + 1)
+                slot = int(self._rng.random() * (seen + 1))  # Algorithm R; random() is ~10x cheaper than randrange
                 if slot < self.capacity:
                     self._sample[slot] = latency_ms
 

@@ -41,6 +41,13 @@ class PolicyRouting:
         plane = self.plane
         name = model.name
         versions = model.versions
+        if requested_version and requested_version not in versions:
+            model.get(requested_version)  # NOT_FOUND naming the loaded versions
+        if not requested_version and plane.book.get(name) is None:
+            default = plane.default_version(name, model.default_version, versions)
+            if default not in versions or not plane.can_serve(name, default):
+                raise self.router.deny(name, default, pinned=False, policy=None)
+            return RouteDecision(default, "default")
 
         def servable(version: str) -> bool:
             return version in versions and plane.can_serve(name, version)
@@ -48,17 +55,15 @@ class PolicyRouting:
         def shadowable(version: str) -> bool:
             return version in versions and plane.can_shadow(name, version)
 
-        if requested_version and requested_version not in versions:
-            model.get(requested_version)  # NOT_FOUND naming the loaded versions
-        if plane.book.get(name) is None and not requested_version:
-            default = plane.default_version(name, model.default_version, versions)
-            if not servable(default):
-                raise self.router.deny(name, default, pinned=False, policy=None)
-            return RouteDecision(default, "default")
         decision = self.router.route(name, requested_version, routing_key, request_id, servable, shadowable)
         if decision.version not in versions:
             raise Unavailable(f"model '{name}': the traffic policy routes to version {decision.version}, which is not loaded")
         return decision
+
+    def uses_routing_key(self, model: str) -> bool:
+        """Only a sticky policy reads the key: otherwise the pipeline need not look for one."""
+        policy = self.plane.book.get(model)
+        return policy is not None and policy.sticky
 
     def after_response(self, model: "LoadedModel", route: RouteDecision, ok: bool, latency_ns: int,
                        inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray] | None) -> None:

@@ -75,10 +75,47 @@ class DynamicBatcher:
         self._direct_recent = False  # a lone request ran directly and the loop has not turned since
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loop = asyncio.get_running_loop()
         self._executor = None if runtime.inline else ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{label}")
         self._workers = [asyncio.get_running_loop().create_task(self._work()) for _ in range(instances)]
 
     # -- request side ---------------------------------------------------------------
+    def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray] | None:
+        """Run a lone request at once in the caller, or return None when it must queue (``submit``).
+
+        Taken only when a worker would run it alone at once anyway (see ``_can_run_directly``):
+        no future, no queue entry, no coroutine, no loop turn. Under gRPC load each request
+        arrives in its own loop turn, so this is the path nearly every batch-1 request takes
+        until requests really overlap.
+        """
+        if self._closing or not self._can_run_directly():
+            return None
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"{self.label}: the request's deadline passed before it was queued")
+        if self._merge:
+            self._direct_recent = True
+            self._loop.call_soon(self._end_direct_turn)
+        self._last_batch_requests = 1
+        start_ns = time.perf_counter_ns()
+        try:
+            outputs = self.runtime.run(inputs)
+        except LockgateError as exc:
+            if trace is not None:
+                trace.batch(start_ns, start_ns, time.perf_counter_ns(), 1, exc)
+            raise
+        except Exception as exc:  # ORT raised: fail this request only, keep serving
+            log.exception("%s: inference failed for a batch of 1 request", self.label)
+            error = InferenceFailed(f"{self.label}: inference failed: {exc}")
+            if trace is not None:
+                trace.batch(start_ns, start_ns, time.perf_counter_ns(), 1, error)
+            raise error from None
+        end_ns = time.perf_counter_ns()
+        rows = next(iter(inputs.values())).shape[0] if self._merge else 1
+        if trace is not None:
+            trace.batch(start_ns, start_ns, end_ns, rows, None)
+        self.stats.record_single(rows, 0, 0, end_ns - start_ns, 0)
+        return outputs
+
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its own rows of the batch result."""
         if self._closing:

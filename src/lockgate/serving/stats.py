@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 
 @dataclass(slots=True)
@@ -30,7 +30,7 @@ class BatchStat:
 
 # Listeners get (batch_size, queue_ns_per_request, compute_ns) after each execution; the
 # telemetry layer subscribes here so the batcher needs no knowledge of metrics backends.
-BatchListener = Callable[[int, list[int], int], None]
+BatchListener = Callable[[int, Sequence[int], int], None]
 
 
 @dataclass(slots=True)
@@ -66,6 +66,35 @@ class VersionStats:
         stat.compute_output.add(output_ns)
         for listener in self.listeners:
             listener(rows, queue_ns, input_ns + infer_ns + output_ns)
+
+    def record_single(self, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """``record_batch`` for an execution of one request (the common case), without the lists."""
+        self.execution_count += 1
+        self.inference_count += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        d = self.queue
+        d.count += 1
+        d.ns += queue_ns
+        d = self.compute_input
+        d.count += 1
+        d.ns += input_ns
+        d = self.compute_infer
+        d.count += 1
+        d.ns += infer_ns
+        d = self.compute_output
+        d.count += 1
+        d.ns += output_ns
+        stat = self.batch_stats.get(rows)
+        if stat is None:
+            stat = self.batch_stats[rows] = BatchStat()
+        stat.compute_input.add(input_ns)
+        stat.compute_infer.add(infer_ns)
+        stat.compute_output.add(output_ns)
+        if self.listeners:
+            queued = (queue_ns,)
+            compute_ns = input_ns + infer_ns + output_ns
+            for listener in self.listeners:
+                listener(rows, queued, compute_ns)
 
     def record_request(self, ok: bool, duration_ns: int, reason: str = "") -> None:
         if ok:

@@ -31,7 +31,7 @@ import os
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -153,7 +153,7 @@ class VersionInstruments:
         self.decisions: dict[str, int] = {}
         self.exemplars = settings.exemplars
 
-    def on_batch(self, rows: int, queue_ns: list[int], compute_ns: int) -> None:
+    def on_batch(self, rows: int, queue_ns: Sequence[int], compute_ns: int) -> None:
         """``VersionStats.listeners`` hook: called once per model execution."""
         queue = self.queue
         for ns in queue_ns:
