@@ -27,6 +27,9 @@ log = logging.getLogger("lockgate.routing")
 MAX_SHADOW_IN_FLIGHT = 256
 
 
+_DEFAULT_ROUTES: dict[str, RouteDecision] = {}
+
+
 class PolicyRouting:
     def __init__(self, plane: "ControlPlane") -> None:
         self.plane = plane
@@ -44,10 +47,15 @@ class PolicyRouting:
         if requested_version and requested_version not in versions:
             model.get(requested_version)  # NOT_FOUND naming the loaded versions
         if not requested_version and plane.book.get(name) is None:
-            default = plane.default_version(name, model.default_version, versions)
-            if default not in versions or not plane.can_serve(name, default):
-                raise self.router.deny(name, default, pinned=False, policy=None)
-            return RouteDecision(default, "default")
+            default = model.default_version
+            if not plane.can_serve(name, default):  # else the highest version that may serve
+                default = plane.default_version(name, default, versions)
+                if default not in versions or not plane.can_serve(name, default):
+                    raise self.router.deny(name, default, pinned=False, policy=None)
+            decision = _DEFAULT_ROUTES.get(default)
+            if decision is None:  # immutable: one shared instance per version string
+                decision = _DEFAULT_ROUTES[default] = RouteDecision(default, "default")
+            return decision
 
         def servable(version: str) -> bool:
             return version in versions and plane.can_serve(name, version)

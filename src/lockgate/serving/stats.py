@@ -87,9 +87,15 @@ class VersionStats:
         stat = self.batch_stats.get(rows)
         if stat is None:
             stat = self.batch_stats[rows] = BatchStat()
-        stat.compute_input.add(input_ns)
-        stat.compute_infer.add(infer_ns)
-        stat.compute_output.add(output_ns)
+        d = stat.compute_input
+        d.count += 1
+        d.ns += input_ns
+        d = stat.compute_infer
+        d.count += 1
+        d.ns += infer_ns
+        d = stat.compute_output
+        d.count += 1
+        d.ns += output_ns
         if self.listeners:
             queued = (queue_ns,)
             compute_ns = input_ns + infer_ns + output_ns
