@@ -167,6 +167,9 @@ class InferencePipeline:
                 version.stats.record_request(True, elapsed)
             self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
             if telemetry is not None:
-                telemetry.observe_request(version, ok, elapsed, route.decision, trace)
+                metrics = telemetry.metrics  # direct: this runs for every request
+                if metrics is not None:
+                    metrics.observe_request(version, ok, elapsed, decision=route.decision,
+                                            trace_id=trace.trace_id_hex if trace is not None else None)
             if trace is not None:
                 trace.finish(error, start_ns + elapsed)

@@ -154,12 +154,21 @@ class VersionInstruments:
         self.exemplars = settings.exemplars
 
     def on_batch(self, rows: int, queue_ns: Sequence[int], compute_ns: int) -> None:
-        """``VersionStats.listeners`` hook: called once per model execution."""
-        queue = self.queue
+        """``VersionStats.listeners`` hook: called once per model execution (inlined: it runs
+        for every batch-1 request)."""
+        h = self.queue
+        bounds, counts = h.bounds, h.counts
         for ns in queue_ns:
-            queue.observe(ns * 1e-9)
-        self.compute.observe(compute_ns * 1e-9)
-        self.batch.observe(rows)
+            value = ns * 1e-9
+            counts[bisect_left(bounds, value)] += 1
+            h.sum += value
+        h = self.compute
+        value = compute_ns * 1e-9
+        h.counts[bisect_left(h.bounds, value)] += 1
+        h.sum += value
+        h = self.batch
+        h.counts[bisect_left(h.bounds, rows)] += 1
+        h.sum += rows
 
 
 class GatewayMetrics:
@@ -218,10 +227,13 @@ class GatewayMetrics:
             decisions = inst.decisions
             decisions[decision] = decisions.get(decision, 0) + 1
         if ok:
+            value = duration_ns * 1e-9
             if trace_id is not None and inst.exemplars:
-                inst.request.observe_with_exemplar(duration_ns * 1e-9, trace_id)
+                inst.request.observe_with_exemplar(value, trace_id)
             else:
-                inst.request.observe(duration_ns * 1e-9)
+                h = inst.request
+                h.counts[bisect_left(h.bounds, value)] += 1
+                h.sum += value
 
     # -- sources ---------------------------------------------------------------------
     def define_family(self, name: str, kind: Literal["counter", "gauge"], help: str, labels: Iterable[str]) -> None:
