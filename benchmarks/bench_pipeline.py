@@ -4,8 +4,10 @@ Profiling under h2load shows both servers spend most of their CPU in grpc.aio's 
 event loop, which a Python sampler cannot attribute. This isolates what lockgate does *on top*:
 ``Gateway.pipeline.infer`` (routing, decode, governance inspect, batcher hop, encode, stats,
 telemetry hooks) vs the thin server's decode/run/encode, on the same request object, in one
-process, one event loop, N concurrent callers. Reports µs per request (wall, median of repeats)
-and a cProfile breakdown of the lockgate path.
+process, one event loop, N concurrent callers. Each caller yields one loop turn after each
+call, as under gRPC, where every request arrives in its own loop turn (so a lone request takes
+the batcher's direct path there and here alike). Reports µs per request (wall, median of
+repeats) and a cProfile breakdown of the lockgate path.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--requests 20000] [--concurrency 1,32] [--profile]
 """
