@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from lockgate._descriptor_pool import POOL
 from lockgate._proto import inference_pb2_grpc as pb_grpc
@@ -93,6 +93,26 @@ def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+class GenericHandlersOnly:
+    """What the generated ``add_*Servicer_to_server`` helpers see instead of the server: it keeps
+    their generic handler and drops the "registered method" copy.
+
+    For every incoming call, grpc.aio's server loop re-arms one pending request per registered
+    method and waits on all of them with ``asyncio.wait``: with this gateway's ~35 methods that
+    was ~190 µs of profiled time per call (a third of the request's Python). Generic handlers
+    share one pending request and are found with one dict lookup in the first handler.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        return None
+
+
 class Gateway:
     """Everything one serving process owns, started and stopped in order."""
 
@@ -156,18 +176,21 @@ class Gateway:
 
     async def start(self) -> int:
         settings = self.settings
+        services = GenericHandlersOnly(self.server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.pipeline, ready=self.ready), self.server
+            InferenceService(self.repository, self.pipeline, ready=self.ready), services
         )
         from lockgate.protocol.admin_service import add_admin_service
 
-        admin_service = add_admin_service(self.server, self)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [INFERENCE_SERVICE, admin_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            self.server,
-            pool=POOL,
+        admin_service = add_admin_service(services, self)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                [INFERENCE_SERVICE, admin_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME],
+                pool=POOL,
+            ),
+            services,
         )
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
