@@ -82,6 +82,8 @@ cdef Py_ssize_t NOGIL_VALUES = 1 << 15
 # Batch sums are folded into the running moments once this many rows have gathered (or when
 # the state is read): a batch-1 call then costs only its row loop, not a per-feature fold.
 cdef Py_ssize_t FOLD_ROWS = 256
+# From this many rows a batch is walked feature by feature first (see Accumulator._run).
+cdef Py_ssize_t COLUMN_ROWS = 8
 
 ctypedef fused value_t:
     float
@@ -108,16 +110,21 @@ ctypedef struct feat_t:
 
 
 cdef inline Py_ssize_t _bin_of(const feat_t* f, double x) noexcept nogil:
+    return _bin_at(x, f.g_xlo, f.g_xhi, f.g_lo, f.g_scale, f.tab, f.e)
+
+
+cdef inline Py_ssize_t _bin_at(double x, double xlo, double xhi, double glo, double gscale,
+                               const unsigned char* tab, const double* e) noexcept nogil:
     """Number of edges <= finite x: grid guess, then (almost always branch-free) correction.
 
     x is clamped (min/max instructions, no branch) to half a cell beyond the grid, so the
     cell index lands in [0, GRID - 1] without a data-dependent branch; the sentinels bound
     both scans, so in the common case (at most one edge in the cell) none is taken either.
+    The grid parameters come as arguments so a column loop keeps them in registers.
     """
-    cdef double xc = x if x > f.g_xlo else f.g_xlo
-    xc = xc if xc < f.g_xhi else f.g_xhi
-    cdef Py_ssize_t k = f.tab[<int>((xc - f.g_lo) * f.g_scale + 1.0)]
-    cdef const double* e = f.e
+    cdef double xc = x if x > xlo else xlo
+    xc = xc if xc < xhi else xhi
+    cdef Py_ssize_t k = tab[<int>((xc - glo) * gscale + 1.0)]
     # the first scan only fixes float rounding at a cell start, the last a dense cell
     while e[k - 1] > x:
         k -= 1
@@ -488,13 +495,62 @@ cdef class Accumulator:
         if room < 0:
             room = 0
 
-        for i in range(rows):
+        # A batch of several rows: first one pass per feature over the common case (finite, in
+        # range, no allowed set), with the feature's sums, extremes, bounds and bin grid held in
+        # registers for the whole column. Only if some value needs a rule does the row-major pass
+        # below run, handling just those values, so violations still come out in row order.
+        cdef bint by_column = rows >= COLUMN_ROWS
+        cdef long long others = 0
+        cdef double s1, s2, mn, mx, flo, fhi, shift, gxlo, gxhi, glo, gscale
+        cdef const unsigned char* tab
+        cdef const double* edges
+        cdef long long* fbins
+        cdef float* bcol
+        if by_column:
+            for j in range(F):
+                f = ft + j
+                flo = f.flo
+                fhi = f.fhi
+                shift = f.shift
+                s1 = f.s1
+                s2 = f.s2
+                mn = f.mn
+                mx = f.mx
+                gxlo = f.g_xlo
+                gxhi = f.g_xhi
+                glo = f.g_lo
+                gscale = f.g_scale
+                tab = f.tab
+                edges = f.e
+                fbins = f.bins
+                bcol = buf + self.buffered_rows * F + j
+                for i in range(rows):
+                    x = <double>data[i * F + j]
+                    if (x >= flo) & (x <= fhi):
+                        d = x - shift
+                        s1 += d
+                        s2 += d * d
+                        mn = x if x < mn else mn
+                        mx = x if x > mx else mx
+                        fbins[_bin_at(x, gxlo, gxhi, glo, gscale, tab, edges)] += 1
+                        if i < room:
+                            bcol[i * F] = <float>x
+                    else:
+                        others += 1
+                f.s1 = s1
+                f.s2 = s2
+                f.mn = mn
+                f.mx = mx
+
+        for i in range(rows if (others or not by_column) else 0):
             row = data + i * F
             brow = buf + (self.buffered_rows + i) * F if i < room else spill
             for j in range(F):
                 x = <double>row[j]
                 f = ft + j
                 if (x >= f.flo) & (x <= f.fhi):
+                    if by_column:
+                        continue  # counted in the column pass
                     # common case: finite, within [min, max], no allowed set to check
                     d = x - f.shift
                     f.s1 += d
