@@ -2,11 +2,8 @@
 
 Load: h2load sending gRPC frames (batch-1 FP32 [1, 32] requests to the MLP), unary and
 streaming, at several concurrency levels, each repeated and interleaved; medians reported.
-Two thin servers: ``thin`` registers its service the way generated code does (generic +
-registered methods: a plain grpc.aio server), ``thin-generic`` only the generic handler, as
-lockgate does; the second is the real transport ceiling for lockgate, both are reported.
 Then the compute-heavy model: best in-process ORT rows/s over batch sizes vs lockgate with
-dynamic batching under high-concurrency batch-1 load (unary, and streaming clients).
+dynamic batching under high-concurrency batch-1 load.
 
     .venv/bin/python benchmarks/bench_dataplane.py            # full run (~6-8 min, 2 cores)
     .venv/bin/python benchmarks/bench_dataplane.py --quick    # smoke run (~1-2 min)
@@ -43,10 +40,10 @@ from benchmarks.servers import (
     thin_target,
 )
 
-ALL_TARGETS = ("lockgate", "lockgate-nobatch", "thin", "thin-generic", "mlserver")
+ALL_TARGETS = ("lockgate", "lockgate-nobatch", "thin", "mlserver")
 HEAVY_BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 HEAVY_THREADS = (1, 2)  # the in-process ceiling is the best over thread counts and batch sizes
-DEFAULT_TARGETS = ("lockgate", "thin", "thin-generic", "mlserver")
+DEFAULT_TARGETS = ("lockgate", "thin", "mlserver")
 
 
 @dataclass(frozen=True)
@@ -160,13 +157,6 @@ def compute_goals(
             "throughput_vs_thin",
             f"lockgate / thin server req/s at c={high} (same process count)",
             _ratio(lg_high, _median(cells, "thin", unary, high, "requests_per_s")),
-            0.90,
-            True,
-        ),
-        Goal(
-            "throughput_vs_thin_generic",
-            f"lockgate / thin server with generic-only registration (as lockgate registers) req/s at c={high}",
-            _ratio(lg_high, _median(cells, "thin-generic", unary, high, "requests_per_s")),
             0.90,
             True,
         ),
@@ -370,9 +360,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if "thin" in targets:
                 harness.start(thin_target(mlp_path, MLP.name, args.workers, args.thin_mode, MLP.intra_op_threads), [MLP.name])
-            if "thin-generic" in targets:
-                harness.start(thin_target(mlp_path, MLP.name, args.workers, args.thin_mode, MLP.intra_op_threads,
-                                          registration="generic", name="thin-generic"), [MLP.name])
             if "mlserver" in targets:
                 harness.start(mlserver_target(mlp_path, MLP.name, work / "mlserver", mlserver_workers, MLP.intra_op_threads), [MLP.name])
             live = [t for t in targets if t in harness.servers]

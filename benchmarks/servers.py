@@ -99,8 +99,7 @@ def lockgate_target(
     return Target(name=name, argv=argv, env=dict(env or {}), port=port, processes=workers)
 
 
-def thin_target(model_path: Path, model_name: str, workers: int = 1, mode: str = "inline", threads: int = 1,
-                registration: str = "registered", name: str = "thin") -> Target:
+def thin_target(model_path: Path, model_name: str, workers: int = 1, mode: str = "inline", threads: int = 1) -> Target:
     """The transport-ceiling server (benchmarks/thin_server.py) with the same process count."""
     port = free_port()
     argv = [
@@ -111,9 +110,8 @@ def thin_target(model_path: Path, model_name: str, workers: int = 1, mode: str =
         "--workers", str(workers),
         "--mode", mode,
         "--intra-op-threads", str(threads),
-        "--registration", registration,
     ]  # fmt: skip
-    return Target(name=name, argv=argv, port=port, processes=workers)
+    return Target(name="thin", argv=argv, port=port, processes=workers)
 
 
 def mlserver_target(

@@ -128,22 +128,6 @@ class ThinServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message=str(exc))
 
 
-def _method_handlers(servicer: "ThinServicer") -> dict:
-    """The generated registration's method handlers, captured without registering them."""
-
-    class _Capture:
-        handlers: dict = {}
-
-        def add_generic_rpc_handlers(self, generic: tuple) -> None:
-            pass
-
-        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-            _Capture.handlers = handlers
-
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Capture())
-    return _Capture.handlers
-
-
 async def _serve(args: argparse.Namespace, ready: object | None) -> None:
     model = ThinModel(args.model_name, args.model, args.intra_op_threads, args.inter_op_threads)
     server = grpc.aio.server(
@@ -153,14 +137,7 @@ async def _serve(args: argparse.Namespace, ready: object | None) -> None:
             ("grpc.max_send_message_length", _MAX_MESSAGE),
         ]
     )
-    servicer = ThinServicer(model, args.mode == "inline")
-    if args.registration == "generic":
-        # Only the generic handler: grpc.aio then keeps one pending request for all methods
-        # instead of one per registered method (what lockgate does; see lockgate.server).
-        handlers = {name: h for name, h in _method_handlers(servicer).items()}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
-    else:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(ThinServicer(model, args.mode == "inline"), server)
     server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     stop = asyncio.Event()
@@ -192,9 +169,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--mode", choices=("inline", "executor"), default="inline")
-    parser.add_argument("--registration", choices=("registered", "generic"), default="registered",
-                        help="registered: the generated add_*_to_server (generic + registered methods, "
-                        "what a plain grpc.aio server does); generic: the generic handler only")
     parser.add_argument("--intra-op-threads", type=int, default=1)
     parser.add_argument("--inter-op-threads", type=int, default=1)
     return parser.parse_args(argv)
