@@ -3,7 +3,7 @@
 Load: h2load sending gRPC frames (batch-1 FP32 [1, 32] requests to the MLP), unary and
 streaming, at several concurrency levels, each repeated and interleaved; medians reported.
 Then the compute-heavy model: best in-process ORT rows/s over batch sizes vs lockgate with
-dynamic batching under high-concurrency batch-1 load.
+dynamic batching under high-concurrency batch-1 load (unary, and streaming clients).
 
     .venv/bin/python benchmarks/bench_dataplane.py            # full run (~6-8 min, 2 cores)
     .venv/bin/python benchmarks/bench_dataplane.py --quick    # smoke run (~1-2 min)

@@ -9,6 +9,10 @@ ORT calls run inline on the event loop by default: for a batch-1 MLP the run tak
 far less than the ~30-60 us a thread-pool hop (run_in_executor) costs, and measured throughput
 at every concurrency level was higher inline (see benchmarks/README.md). ``--mode executor``
 keeps the other variant available for compute-heavy models.
+
+The service comes from tritonclient's generated stubs, which register a generic handler only
+(no grpc "registered methods"): grpc.aio keeps one pending request for it, as for lockgate's
+services (see ``lockgate.server.GenericHandlersOnly``), so both pay the same transport cost.
 """
 
 from __future__ import annotations
