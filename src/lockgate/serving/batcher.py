@@ -127,18 +127,17 @@ class DynamicBatcher:
             )
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"{self.label}: the request's deadline passed before it was queued")
+        outputs = self.run_now(inputs, deadline, trace)
+        if outputs is not None:
+            return outputs
         first = next(iter(inputs.values()))
         if self._merge:
             rows = first.shape[0]
             shape_key = tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in inputs.items())
         else:
             rows, shape_key = 1, ()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        now_ns = time.perf_counter_ns()
-        pending = _Pending(inputs, rows, shape_key, future, deadline, now_ns, trace)
-        if self._can_run_directly():
-            return await self._run_directly(pending, loop)
+        future = self._loop.create_future()
+        pending = _Pending(inputs, rows, shape_key, future, deadline, time.perf_counter_ns(), trace)
         self._queue.append(pending)
         self.stats.pending += 1
         self._idle.clear()
@@ -159,20 +158,6 @@ class DynamicBatcher:
         if not self._merge:
             return True
         return not self._direct_recent and self._last_batch_requests <= 1
-
-    async def _run_directly(self, pending: _Pending, loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
-        if self._merge:
-            self._direct_recent = True
-            loop.call_soon(self._end_direct_turn)
-        self._last_batch_requests = 1
-        self._running += 1
-        self.stats.pending += 1
-        try:
-            await self._execute([pending])  # inline runtime: completes without yielding to the loop
-        finally:
-            self._running -= 1
-            self.stats.pending -= 1
-        return pending.future.result()  # the outputs, or the batch's error (as the worker path)
 
     def _end_direct_turn(self) -> None:
         self._direct_recent = False

@@ -72,30 +72,16 @@ class VersionStats:
         self.execution_count += 1
         self.inference_count += rows
         self.last_inference_ms = time.time_ns() // 1_000_000
-        d = self.queue
-        d.count += 1
-        d.ns += queue_ns
-        d = self.compute_input
-        d.count += 1
-        d.ns += input_ns
-        d = self.compute_infer
-        d.count += 1
-        d.ns += infer_ns
-        d = self.compute_output
-        d.count += 1
-        d.ns += output_ns
+        self.queue.add(queue_ns)
+        self.compute_input.add(input_ns)
+        self.compute_infer.add(infer_ns)
+        self.compute_output.add(output_ns)
         stat = self.batch_stats.get(rows)
         if stat is None:
             stat = self.batch_stats[rows] = BatchStat()
-        d = stat.compute_input
-        d.count += 1
-        d.ns += input_ns
-        d = stat.compute_infer
-        d.count += 1
-        d.ns += infer_ns
-        d = stat.compute_output
-        d.count += 1
-        d.ns += output_ns
+        stat.compute_input.add(input_ns)
+        stat.compute_infer.add(infer_ns)
+        stat.compute_output.add(output_ns)
         if self.listeners:
             queued = (queue_ns,)
             compute_ns = input_ns + infer_ns + output_ns
