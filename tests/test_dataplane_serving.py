@@ -230,8 +230,14 @@ def test_workers_share_one_port(tmp_path: Path):
     repo = tmp_path / "models"
     write_model(repo, "clf", 1, mlp_model([8, 16, 3], seed=1), "max_batch_size: 8\n")
     with LockgateProcess(repo, args=["--workers", "2"]) as proc:
-        pids = set()
-        for _ in range(40):
+        pids: set[str] = set()
+        # Readiness is one worker answering; the other may still be loading its models, and
+        # until it listens the kernel hands every connection to the first. New connections
+        # until both have answered (or the deadline says the second never came up).
+        deadline = time.monotonic() + 60
+        connections = 0
+        while (len(pids) < 2 or connections < 40) and time.monotonic() < deadline:
+            connections += 1
             with grpc.insecure_channel(proc.url) as channel:
                 stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
                 _, call = stub.ServerMetadata.with_call(service_pb2.ServerMetadataRequest())
