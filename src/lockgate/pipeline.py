@@ -142,6 +142,7 @@ class InferencePipeline:
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
             batcher = version.batcher
+            # the lone-request path without a coroutine; submit() queues the rest
             outputs = batcher.run_now(inputs, ctx.deadline, trace)
             if outputs is None:
                 outputs = await batcher.submit(inputs, ctx.deadline, trace)

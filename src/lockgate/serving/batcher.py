@@ -77,7 +77,7 @@ class DynamicBatcher:
         self._idle.set()
         self._loop = asyncio.get_running_loop()
         self._executor = None if runtime.inline else ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{label}")
-        self._workers = [asyncio.get_running_loop().create_task(self._work()) for _ in range(instances)]
+        self._workers = [self._loop.create_task(self._work()) for _ in range(instances)]
 
     # -- request side ---------------------------------------------------------------
     def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray] | None:
@@ -99,13 +99,8 @@ class DynamicBatcher:
         start_ns = time.perf_counter_ns()
         try:
             outputs = self.runtime.run(inputs)
-        except LockgateError as exc:
-            if trace is not None:
-                trace.batch(start_ns, start_ns, time.perf_counter_ns(), 1, exc)
-            raise
-        except Exception as exc:  # ORT raised: fail this request only, keep serving
-            log.exception("%s: inference failed for a batch of 1 request", self.label)
-            error = InferenceFailed(f"{self.label}: inference failed: {exc}")
+        except Exception as exc:
+            error = self._failure(exc, 1)
             if trace is not None:
                 trace.batch(start_ns, start_ns, time.perf_counter_ns(), 1, error)
             raise error from None
@@ -113,8 +108,16 @@ class DynamicBatcher:
         rows = next(iter(inputs.values())).shape[0] if self._merge else 1
         if trace is not None:
             trace.batch(start_ns, start_ns, end_ns, rows, None)
-        self.stats.record_single(rows, 0, 0, end_ns - start_ns, 0)
+        self.stats.record_batch(rows, (0,), 0, end_ns - start_ns, 0)
         return outputs
+
+    def _failure(self, exc: Exception, requests: int) -> LockgateError:
+        """What the callers of a failed execution get: our own errors as they are; anything ORT
+        raised is logged and becomes INTERNAL for this batch only, and serving goes on."""
+        if isinstance(exc, LockgateError):
+            return exc
+        log.exception("%s: inference failed for a batch of %d request(s)", self.label, requests, exc_info=exc)
+        return InferenceFailed(f"{self.label}: inference failed: {exc}")
 
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its own rows of the batch result."""
@@ -259,15 +262,8 @@ class DynamicBatcher:
                 loop = asyncio.get_running_loop()
                 outputs = await loop.run_in_executor(self._executor, self.runtime.run, feeds)
             infer_done = time.perf_counter_ns()
-        except LockgateError as exc:
-            self._trace_batch(batch, start_ns, len(batch), exc)
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
-        except Exception as exc:  # ORT raised: fail this batch only, keep serving
-            log.exception("%s: inference failed for a batch of %d requests", self.label, len(batch))
-            error = InferenceFailed(f"{self.label}: inference failed: {exc}")
+        except Exception as exc:
+            error = self._failure(exc, len(batch))
             self._trace_batch(batch, start_ns, len(batch), error)
             for p in batch:
                 if not p.future.done():

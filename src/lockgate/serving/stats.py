@@ -49,7 +49,7 @@ class VersionStats:
     batch_stats: dict[int, BatchStat] = field(default_factory=dict)
     listeners: list[BatchListener] = field(default_factory=list)
 
-    def record_batch(self, rows: int, queue_ns: list[int], input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def record_batch(self, rows: int, queue_ns: Sequence[int], input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.execution_count += 1
         self.inference_count += rows
         self.last_inference_ms = time.time_ns() // 1_000_000
@@ -66,27 +66,6 @@ class VersionStats:
         stat.compute_output.add(output_ns)
         for listener in self.listeners:
             listener(rows, queue_ns, input_ns + infer_ns + output_ns)
-
-    def record_single(self, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """``record_batch`` for an execution of one request (the common case), without the lists."""
-        self.execution_count += 1
-        self.inference_count += rows
-        self.last_inference_ms = time.time_ns() // 1_000_000
-        self.queue.add(queue_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
-        stat = self.batch_stats.get(rows)
-        if stat is None:
-            stat = self.batch_stats[rows] = BatchStat()
-        stat.compute_input.add(input_ns)
-        stat.compute_infer.add(infer_ns)
-        stat.compute_output.add(output_ns)
-        if self.listeners:
-            queued = (queue_ns,)
-            compute_ns = input_ns + infer_ns + output_ns
-            for listener in self.listeners:
-                listener(rows, queued, compute_ns)
 
     def record_request(self, ok: bool, duration_ns: int, reason: str = "") -> None:
         if ok:
