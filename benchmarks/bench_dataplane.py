@@ -90,6 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MLServer parallel_workers (default: 0 for --workers 1 -- inference in the gRPC process, "
         "its fastest single-process mode -- else --workers)",
     )
+    parser.add_argument(
+        "--scale-workers",
+        type=int,
+        default=None,
+        help="after the one-process tables, run lockgate and thin with this many processes and MLServer with "
+        "parallel_workers=N at --scale-levels (default: the CPU count when > 1 and --workers is 1; 0 to skip)",
+    )
+    parser.add_argument("--scale-levels", default="32,128", help="unary concurrency levels of the scale-out run")
     parser.add_argument("--levels", default="1,8,32,128", help="unary concurrency levels (requests in flight)")
     parser.add_argument("--stream-levels", default="1,8", help="streaming concurrency levels (concurrent streams)")
     parser.add_argument("--stream-frames", type=int, default=100, help="messages per streaming call")
@@ -114,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.stream_levels = "8"
         args.heavy_levels = "512"
         args.heavy_duration = 4.0
+        args.scale_levels = "32"
+    if args.scale_workers is None:
+        cpus = os.cpu_count() or 1
+        args.scale_workers = cpus if cpus > 1 and args.workers == 1 else 0
     return args
 
 
@@ -140,7 +152,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def compute_goals(
-    cells: dict, levels: list[int], stream_levels: list[int], heavy: dict | None
+    cells: dict, levels: list[int], stream_levels: list[int], heavy: dict | None, scale: dict | None = None
 ) -> list[Goal]:
     high = max(levels)
     unary, stream = f"{MLP.name}-unary", f"{MLP.name}-stream"
@@ -148,14 +160,14 @@ def compute_goals(
     goals = [
         Goal(
             "throughput_vs_mlserver",
-            f"lockgate / MLServer req/s at c={high}",
+            f"lockgate / MLServer req/s at c={high} (one process each)",
             _ratio(lg_high, _median(cells, "mlserver", unary, high, "requests_per_s")),
             2.5,
             True,
         ),
         Goal(
             "throughput_vs_thin",
-            f"lockgate / thin server req/s at c={high} (same process count)",
+            f"lockgate / thin server req/s at c={high} (one process each)",
             _ratio(lg_high, _median(cells, "thin", unary, high, "requests_per_s")),
             0.90,
             True,
@@ -175,6 +187,34 @@ def compute_goals(
             True,
         ),
     ]
+    if scale is not None and scale["levels"]:
+        n, top = scale["workers"], max(scale["levels"])
+        lg_n = _median(cells, scale_name("lockgate", n), unary, top, "requests_per_s")
+        goals.append(
+            Goal(
+                "throughput_vs_thin_scaled",
+                f"lockgate / thin server req/s at c={top} ({n} processes each)",
+                _ratio(lg_n, _median(cells, scale_name("thin", n), unary, top, "requests_per_s")),
+                0.90,
+                True,
+            )
+        )
+        # Each server in its best way of using this machine's cores, measured in this run:
+        # lockgate with 1 or n processes, MLServer with parallel_workers 0 or n.
+        lg_best = max((v for v in (lg_n, _median(cells, "lockgate", unary, top, "requests_per_s")) if not math.isnan(v)),
+                      default=float("nan"))
+        ml = [v for v in (_median(cells, "mlserver", unary, top, "requests_per_s"),
+                          _median(cells, scale_name("mlserver", n), unary, top, "requests_per_s")) if not math.isnan(v)]
+        goals.append(
+            Goal(
+                "throughput_vs_mlserver_best",
+                f"lockgate / MLServer req/s at c={top}, each at its best process count here "
+                f"(lockgate 1 or {n} processes, MLServer parallel_workers 0 or {n})",
+                _ratio(lg_best, max(ml) if len(ml) == 2 else float("nan")),
+                2.5,
+                True,
+            )
+        )
     if heavy is not None:
         goals.append(
             Goal(
@@ -203,7 +243,8 @@ def _fmt(value: float, digits: int = 0) -> str:
 
 
 def markdown_report(
-    cells: dict, targets: list[str], levels: list[int], stream_levels: list[int], heavy: dict | None, goals: list[Goal]
+    cells: dict, targets: list[str], levels: list[int], stream_levels: list[int], heavy: dict | None, goals: list[Goal],
+    scale: dict | None = None,
 ) -> str:
     unary, stream = f"{MLP.name}-unary", f"{MLP.name}-stream"
     lines = [
@@ -220,6 +261,24 @@ def markdown_report(
                     f"| {target} | {load_for(level)} | {_fmt(cell.median('requests_per_s'))} | "
                     f"{_fmt(cell.median('p50_ms'), 2)} | {_fmt(cell.median('p99_ms'), 2)} | {cell.errors} |"
                 )
+    if scale is not None and scale["targets"]:
+        n = scale["workers"]
+        lines += [
+            "",
+            f"### Scale-out: unary ModelInfer, {MLP.name}, batch-1, every server using the {os.cpu_count()} cores its own way "
+            f"(lockgate and thin: {n} processes on one port; MLServer: one gRPC process + parallel_workers={n})",
+            "",
+            "| target | in flight (c x m) | req/s | p50 ms | p99 ms | errors |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for level in scale["levels"]:
+            for target in scale["targets"]:
+                cell = _cell(cells, target, unary, level)
+                if cell:
+                    lines.append(
+                        f"| {target} | {load_for(level)} | {_fmt(cell.median('requests_per_s'))} | "
+                        f"{_fmt(cell.median('p50_ms'), 2)} | {_fmt(cell.median('p99_ms'), 2)} | {cell.errors} |"
+                    )
     if any(key[1] == stream for key in cells):
         lines += [
             "",
@@ -318,6 +377,51 @@ def run_heavy(
     }
 
 
+def scale_name(target: str, workers: int) -> str:
+    return f"{target}-x{workers}" if target != "mlserver" else f"mlserver-pw{workers}"
+
+
+def run_scale_out(
+    work: Path, repo: Path, mlp_path: Path, workload: Workload, targets: list[str], workers: int, levels: list[int],
+    repeats: int, duration: float, thin_mode: str, lockgate_args: tuple[str, ...],
+) -> dict:
+    """The same unary load with every server using the machine's cores its own way.
+
+    lockgate and thin run ``workers`` processes on one port (SO_REUSEPORT); MLServer, which has
+    one gRPC front process, runs ``parallel_workers=workers`` inference processes. Started only
+    after the one-process servers are stopped, so each phase has the machine to itself.
+    """
+    names = {t: scale_name(t, workers) for t in ("lockgate", "thin", "mlserver") if t in targets}
+    with Harness(work / "logs-scale", duration) as harness:
+        if "lockgate" in names and LOCKGATE_BIN.exists():
+            harness.start(
+                lockgate_target(repo, work / "state-scale", workers, name=names["lockgate"], extra_args=lockgate_args),
+                [MLP.name],
+            )
+        if "thin" in names:
+            harness.start(
+                thin_target(mlp_path, MLP.name, workers, thin_mode, MLP.intra_op_threads, name=names["thin"]), [MLP.name]
+            )
+        if "mlserver" in names:
+            harness.start(
+                mlserver_target(mlp_path, MLP.name, work / "mlserver-scale", workers, MLP.intra_op_threads,
+                                name=names["mlserver"]),
+                [MLP.name],
+            )
+        live = [name for name in names.values() if name in harness.servers]
+        cells = harness.run(live, [workload], levels, repeats)
+        healthy = harness.recheck([workload])
+        return {
+            "workers": workers,
+            "levels": levels,
+            "targets": live,
+            "cells": cells,
+            "healthy_after": healthy,
+            "failures": {f"{k[0]}/{k[1]}": v for k, v in harness.failures.items()},
+            "commands": {name: server.target.describe() for name, server in harness.servers.items()},
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_cleanup()
@@ -375,9 +479,19 @@ def main(argv: list[str] | None = None) -> int:
             # Server logs live in the temp dir: keep the tail of each for the JSON.
             logs = {p.stem: p.read_text(errors="replace")[-4000:] for p in log_dir.glob("*.log")}
             commands = {name: server.target.describe() for name, server in harness.servers.items()}
+        scale = None
+        if args.scale_workers > 1:
+            scale = run_scale_out(
+                work, repo, mlp_path, workloads[0], targets, args.scale_workers, _ints(args.scale_levels), args.repeats,
+                args.duration, args.thin_mode, tuple(args.lockgate_arg),
+            )
+            failures.update(scale["failures"])
+            commands.update(scale["commands"])
+            cells.update(scale["cells"])
+            healthy.update(scale["healthy_after"])
 
-    goals = compute_goals(cells, levels, stream_levels, heavy)
-    report = markdown_report(cells, targets, levels, stream_levels, heavy, goals)
+    goals = compute_goals(cells, levels, stream_levels, heavy, scale)
+    report = markdown_report(cells, targets, levels, stream_levels, heavy, goals, scale)
     command = "python benchmarks/bench_dataplane.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (
         f"Command: `{command.strip()}` -- {os.cpu_count()} CPUs, workers={args.workers}, "
@@ -400,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_commands": commands,
         "cells": [cell.as_dict() for cell in cells.values()],
         "heavy": heavy,
+        "scale_out": None if scale is None else {k: v for k, v in scale.items() if k != "cells"},
         "goals": [goal.as_dict() for goal in goals],
         "errors": total_errors,
         "failures": failures,

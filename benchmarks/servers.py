@@ -99,7 +99,9 @@ def lockgate_target(
     return Target(name=name, argv=argv, env=dict(env or {}), port=port, processes=workers)
 
 
-def thin_target(model_path: Path, model_name: str, workers: int = 1, mode: str = "inline", threads: int = 1) -> Target:
+def thin_target(
+    model_path: Path, model_name: str, workers: int = 1, mode: str = "inline", threads: int = 1, name: str = "thin"
+) -> Target:
     """The transport-ceiling server (benchmarks/thin_server.py) with the same process count."""
     port = free_port()
     argv = [
@@ -111,7 +113,7 @@ def thin_target(model_path: Path, model_name: str, workers: int = 1, mode: str =
         "--mode", mode,
         "--intra-op-threads", str(threads),
     ]  # fmt: skip
-    return Target(name="thin", argv=argv, port=port, processes=workers)
+    return Target(name=name, argv=argv, port=port, processes=workers)
 
 
 def mlserver_target(
@@ -120,6 +122,7 @@ def mlserver_target(
     workdir: Path,
     parallel_workers: int = 0,
     threads: int = 1,
+    name: str = "mlserver",
 ) -> Target:
     """MLServer 1.7 with the custom runtime in benchmarks/mlserver_runtime/.
 
@@ -151,7 +154,7 @@ def mlserver_target(
     model_settings["parameters"]["extra"].update(intra_op_threads=threads)
     (folder / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
     return Target(
-        name="mlserver",
+        name=name,
         argv=[str(MLSERVER_BIN), "start", str(folder)],
         env={"PYTHONPATH": str(folder)},
         cwd=folder,
