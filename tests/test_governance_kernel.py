@@ -344,3 +344,38 @@ def test_row_by_row_stream_equals_one_pass():
     np.testing.assert_allclose(got["sum"], np.nansum(finite, axis=0), rtol=1e-12)
     m2 = np.nansum((finite - np.nanmean(finite, axis=0)) ** 2, axis=0)
     np.testing.assert_allclose(got["m2"], m2, rtol=1e-9)
+
+
+@pytest.mark.parametrize("rows_per_call", [1, 3, 64])
+def test_bins_equal_searchsorted_at_edges_and_cell_boundaries(rows_per_call):
+    """The bin grid's exact cells (no edge inside: the table entry is the bin) and flagged
+    cells (scan from the cell's start) must both give ``searchsorted(edges, x, 'right')``,
+    for values on, just below and just above every edge and every grid cell boundary."""
+    rng = np.random.default_rng(7)
+    reference_data = rng.normal(size=20_000) * 3.0 + 1.0
+    quantiles = np.quantile(reference_data, np.linspace(0.05, 0.95, 19))
+    edge_sets = [
+        quantiles,
+        np.array([0.0, 0.0, 0.0, 1e-12, 1.0]),  # duplicates and a dense cluster
+        np.array([-1e6, -1.0, 1e6]),  # wide span: many edges-free cells
+        np.array([2.0]),  # one edge: no grid
+        np.array([]),  # no edge: one bin
+    ]
+    values = [rng.normal(size=400) * 4.0]
+    for e in edge_sets:
+        if e.size:
+            values += [e, np.nextafter(e, -np.inf), np.nextafter(e, np.inf)]
+        if e.size >= 2 and e[-1] > e[0]:
+            starts = e[0] + np.arange(256) * (e[-1] - e[0]) / 254
+            values += [starts, np.nextafter(starts, -np.inf), np.nextafter(starts, np.inf)]
+    column = np.concatenate(values)
+    F = len(edge_sets)
+    x = np.ascontiguousarray(np.repeat(column[:, None], F, axis=1))
+    acc = Accumulator(F, edges=[list(e) for e in edge_sets], buffer_rows=0)
+    for start in range(0, x.shape[0], rows_per_call):
+        acc.update(np.ascontiguousarray(x[start:start + rows_per_call]))
+    got = acc.take()["bins"]
+    offsets = acc.edge_offsets
+    for j, e in enumerate(edge_sets):
+        expected = np.bincount(np.searchsorted(e, column, side="right"), minlength=e.size + 1)
+        np.testing.assert_array_equal(got[offsets[j] + j: offsets[j + 1] + j + 1], expected, err_msg=f"feature {j}")

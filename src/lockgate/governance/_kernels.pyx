@@ -15,19 +15,22 @@ loop over the C-contiguous (rows x features) values. For every value it
 * counts it in the bin cut by the reference quantile edges (``bisect_right`` semantics: a
   value equal to an edge goes to the upper bin; bin 0 and the last bin are the overflow
   bins, so a feature with E <= 254 edges has E + 1 bins). The bin is found in O(1): a
-  256-cell uniform grid over [first edge, last edge] gives the bin at the cell's start and a
-  scan of (almost always) zero or one edge finishes the search; a binary search over
-  random data mispredicts a branch per level and measured ~3x slower;
+  256-cell uniform grid over [first edge, last edge] maps the value to a cell; a cell with
+  no edge inside (most of them) stores its bin, and only a cell holding an edge scans
+  (almost always) zero or one edge from its start. A binary search over random data
+  mispredicts a branch per level and measured ~3x slower;
 * copies it (as float32, non-finite as NaN) into a bounded row buffer that the off-path
   sketch feeder drains; rows that do not fit are counted in ``buffer_dropped``.
 
-The row loop walks one packed per-feature record (rules, grid, batch sums, pointers) and
-takes a branch-light fast path for the common value (finite, inside [min, max], no allowed
-set: one combined range test, with NaN and Inf falling out of it); anything else goes to the
-rare path that checks each rule. Window state and rules also live in typed memoryviews held
-by the instance (allocated once);
-the input array is read through the numpy C-API's data pointer after its header has been
-checked, because acquiring a fresh memoryview costs ~0.5 us per call — more than the whole
+Per-feature rules, grid and pointers are packed in one record per feature; bounds, batch
+sums and grid parameters also live as arrays (structure of arrays). A batch of a few rows is
+walked row by row: the common row (every value finite, inside [min, max], no allowed set) is
+one vectorised range test, one vectorised update of sums and extremes, one vectorised grid
+cell computation, then the table lookups -- on x86-64 Linux these loops are also built for
+AVX2 and picked at load time. A row with any other value goes value by value through the
+rule checks. A batch of 8 rows or more is walked feature by feature first (see ``_run``).
+The input array is read through the numpy C-API's data pointer after its header has been
+checked, because acquiring a fresh memoryview costs ~0.5 us per call -- more than the whole
 batch-1 loop. The loop is one ``nogil`` function specialised for float32, float64, int32
 and int64 (a fused type); batches of 32k values or more release the GIL while it runs.
 
@@ -75,6 +78,7 @@ cdef enum:
 cdef enum:
     GRID = 256
     MAX_EDGES = 254
+    CELL_CHECK = 0x8000  # table flag: an edge lies in (or within rounding of) this cell
 
 # Release the GIL only for batches this large: below it the lock round trip costs more
 # than the loop.
@@ -93,14 +97,13 @@ ctypedef fused value_t:
 
 
 ctypedef struct feat_t:
-    # Everything one value touches, packed per feature so the row loop walks one pointer.
-    double flo, fhi          # fast-path bounds: finite, in [lo, hi], no allowed set
+    # What the bin lookup and the rule checks touch, packed per feature. The fast-path bounds
+    # and the batch sums live in separate arrays (structure of arrays, see Accumulator._soa)
+    # so the common-case loops over a row are plain array arithmetic the compiler vectorises.
     double g_lo, g_scale     # bin grid origin and cells per unit
     double g_xlo, g_xhi      # clamp for the grid index: half a cell outside the grid
-    double shift, s1, s2     # batch sums of (x - shift) and its square
-    double mn, mx            # batch extremes
     const double* e          # edges with sentinels: e[-1] = -inf, e[n] = +inf
-    const unsigned char* tab # GRID cells: edges <= cell start (cell 0 = below the first edge)
+    const unsigned short* tab # GRID cells: edges <= cell start, | CELL_CHECK if an edge is inside
     long long* bins          # this feature's bins in the window state
     long long nonfin         # NaN and +-Inf seen in this batch
     double lo, hi
@@ -113,19 +116,11 @@ cdef inline Py_ssize_t _bin_of(const feat_t* f, double x) noexcept nogil:
     return _bin_at(x, f.g_xlo, f.g_xhi, f.g_lo, f.g_scale, f.tab, f.e)
 
 
-cdef inline Py_ssize_t _bin_at(double x, double xlo, double xhi, double glo, double gscale,
-                               const unsigned char* tab, const double* e) noexcept nogil:
-    """Number of edges <= finite x: grid guess, then (almost always branch-free) correction.
-
-    x is clamped (min/max instructions, no branch) to half a cell beyond the grid, so the
-    cell index lands in [0, GRID - 1] without a data-dependent branch; the sentinels bound
-    both scans, so in the common case (at most one edge in the cell) none is taken either.
-    The grid parameters come as arguments so a column loop keeps them in registers.
-    """
-    cdef double xc = x if x > xlo else xlo
-    xc = xc if xc < xhi else xhi
-    cdef Py_ssize_t k = tab[<int>((xc - glo) * gscale + 1.0)]
-    # the first scan only fixes float rounding at a cell start, the last a dense cell
+cdef inline Py_ssize_t _bin_in_cell(double x, unsigned short t, const double* e) noexcept nogil:
+    """The bin of finite x from its cell's table entry: exact, unless an edge lies in the cell."""
+    if t < CELL_CHECK:
+        return t
+    cdef Py_ssize_t k = t - CELL_CHECK
     while e[k - 1] > x:
         k -= 1
     k += e[k] <= x
@@ -134,13 +129,70 @@ cdef inline Py_ssize_t _bin_at(double x, double xlo, double xhi, double glo, dou
     return k
 
 
-cdef inline void _clear_scratch(feat_t* f, double shift) noexcept nogil:
-    f.s1 = 0.0
-    f.s2 = 0.0
-    f.mn = INFINITY
-    f.mx = -INFINITY
-    f.nonfin = 0
-    f.shift = shift
+cdef inline Py_ssize_t _bin_at(double x, double xlo, double xhi, double glo, double gscale,
+                               const unsigned short* tab, const double* e) noexcept nogil:
+    """Number of edges <= finite x: the grid cell, then (only in a cell holding an edge) a scan.
+
+    x is clamped (min/max instructions, no branch) to half a cell beyond the grid, so the
+    cell index lands in [0, GRID - 1] without a data-dependent branch. Most cells hold no
+    edge: their entry is the bin itself. In the others the entry is the bin at the cell's
+    start; the sentinels bound both scans (the first only fixes float rounding at a cell
+    start, the last a dense cell). The grid parameters come as arguments so a column loop
+    keeps them in registers.
+    """
+    cdef double xc = x if x > xlo else xlo
+    xc = xc if xc < xhi else xhi
+    return _bin_in_cell(x, tab[<int>((xc - glo) * gscale + 1.0)], e)
+
+
+cdef extern from *:
+    """
+    /* The common case of one row, over arrays of one double per feature: restrict and plain
+       indexing let the compiler vectorise both loops. x86-64's baseline (SSE2) cannot
+       vectorise the range test's mask reduction, so on x86-64 Linux with GCC each function is
+       also built for AVX2 and the loader picks the build the CPU runs (target_clones, an
+       ifunc resolved once at load); elsewhere the portable build is the only one. */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #define LOCKGATE_CLONES __attribute__((target_clones("avx2", "default")))
+    #else
+    #define LOCKGATE_CLONES
+    #endif
+    LOCKGATE_CLONES
+    static int lockgate_row_in_range(const double* restrict x, const double* restrict lo,
+                                     const double* restrict hi, Py_ssize_t n) {
+        int ok = 1;
+        for (Py_ssize_t j = 0; j < n; j++) ok &= (x[j] >= lo[j]) & (x[j] <= hi[j]);
+        return ok;
+    }
+    LOCKGATE_CLONES
+    static void lockgate_row_cells(const double* restrict x, const double* restrict xlo,
+                                   const double* restrict xhi, const double* restrict glo,
+                                   const double* restrict gscale, int* restrict cell, Py_ssize_t n) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            double v = x[j];
+            v = v > xlo[j] ? v : xlo[j];
+            v = v < xhi[j] ? v : xhi[j];
+            cell[j] = (int)((v - glo[j]) * gscale[j] + 1.0);
+        }
+    }
+    LOCKGATE_CLONES
+    static void lockgate_row_moments(const double* restrict x, const double* restrict shift,
+                                     double* restrict s1, double* restrict s2,
+                                     double* restrict mn, double* restrict mx, Py_ssize_t n) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            double v = x[j], d = v - shift[j];
+            s1[j] += d;
+            s2[j] += d * d;
+            mn[j] = v < mn[j] ? v : mn[j];
+            mx[j] = v > mx[j] ? v : mx[j];
+        }
+    }
+    """
+    bint lockgate_row_in_range(const double* x, const double* lo, const double* hi, Py_ssize_t n) noexcept nogil
+    void lockgate_row_moments(const double* x, const double* shift, double* s1, double* s2,
+                              double* mn, double* mx, Py_ssize_t n) noexcept nogil
+    void lockgate_row_cells(const double* x, const double* xlo, const double* xhi, const double* glo,
+                            const double* gscale, int* cell, Py_ssize_t n) noexcept nogil
 
 
 cdef inline bint _in_set(const long long* s, Py_ssize_t n, long long v) noexcept nogil:
@@ -170,6 +222,23 @@ cdef class Accumulator:
     cdef long long[::1] _edge_off
     cdef object _a_pedges, _a_table
     cdef feat_t* _ft
+    # Structure of arrays, F doubles each, in one allocation: fast-path bounds (finite, in
+    # [lo, hi], no allowed set), the batch scratch -- sums of (x - shift) and its square,
+    # extremes -- and one row converted to double.
+    cdef double* _soa
+    cdef double* _flo
+    cdef double* _fhi
+    cdef double* _shift
+    cdef double* _s1
+    cdef double* _s2
+    cdef double* _mn
+    cdef double* _mx
+    cdef double* _xrow
+    cdef double* _gxlo
+    cdef double* _gxhi
+    cdef double* _glo
+    cdef double* _gscale
+    cdef int* _cell
     cdef bint _fresh  # some feature may have no running mean: pick batch shifts first
     cdef Py_ssize_t _pending  # rows in the batch scratch (s1, s2, mn, mx, nonfin) not yet folded
     # window state (numpy arrays exposed read-only through state())
@@ -208,6 +277,7 @@ cdef class Accumulator:
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
         PyMem_Free(self._ft)
+        PyMem_Free(self._soa)
 
     def __init__(self, Py_ssize_t n_features, *, lo=None, hi=None, allow_nan=None, allow_inf=None,
                  allowed=None, edges=None, Py_ssize_t max_violations=50,
@@ -271,7 +341,7 @@ cdef class Accumulator:
         # to the bin at its cell's start in O(1); a short scan corrects it.
         g_lo = np.zeros(F)
         g_scale = np.zeros(F)
-        table = np.zeros((F, GRID), dtype=np.uint8)
+        table = np.zeros((F, GRID), dtype=np.uint16)
         padded = []
         for j in range(F):
             e = arrays[j]
@@ -284,6 +354,17 @@ cdef class Accumulator:
                 g_scale[j] = scale
                 starts = e[0] + np.arange(GRID - 1) / scale
                 table[j, 1:] = np.searchsorted(e, starts, side="right")
+                # A cell is exact when no edge maps into it (with a margin for rounding): the
+                # map x -> (x - first edge) * scale + 1 the kernel computes is monotone, so
+                # every x of such a cell has the same edges below it. Others get the flag
+                # and the kernel scans from the bin at the cell's start.
+                where = (e - e[0]) * scale + 1.0
+                lo_cell = np.clip(np.floor(where - 1e-6).astype(np.int64), 0, GRID - 1)
+                hi_cell = np.clip(np.floor(where + 1e-6).astype(np.int64), 0, GRID - 1)
+                for a, b in zip(lo_cell, hi_cell):
+                    table[j, a:b + 1] |= CELL_CHECK
+            else:
+                table[j, :] = CELL_CHECK  # no grid: every value takes the scan
             padded.append(np.concatenate([[-np.inf], e, [np.inf]]))
         self._a_pedges = np.concatenate(padded)
         self._a_table = table.reshape(-1)
@@ -333,16 +414,34 @@ cdef class Accumulator:
         """Pack per-feature rules and pointers into the array the row loop walks."""
         cdef Py_ssize_t F = self.n_features, j, eo, ao
         cdef double[::1] pe = self._a_pedges
-        cdef unsigned char[::1] tab = self._a_table
+        cdef unsigned short[::1] tab = self._a_table
         cdef feat_t* ft = <feat_t*>PyMem_Malloc(F * sizeof(feat_t))
-        if ft == NULL:
+        cdef double* soa = <double*>PyMem_Malloc(13 * F * sizeof(double))
+        if ft == NULL or soa == NULL:
+            PyMem_Free(ft)
+            PyMem_Free(soa)
             raise MemoryError("cannot allocate the accumulator's feature table")
         PyMem_Free(self._ft)
+        PyMem_Free(self._soa)
         self._ft = ft
+        self._soa = soa
+        self._flo = soa
+        self._fhi = soa + F
+        self._shift = soa + 2 * F
+        self._s1 = soa + 3 * F
+        self._s2 = soa + 4 * F
+        self._mn = soa + 5 * F
+        self._mx = soa + 6 * F
+        self._xrow = soa + 7 * F
+        self._gxlo = soa + 8 * F
+        self._gxhi = soa + 9 * F
+        self._glo = soa + 10 * F
+        self._gscale = soa + 11 * F
+        self._cell = <int*>(soa + 12 * F)  # F ints in F doubles' room
         self._fresh = True
         self._pending = 0
         for j in range(F):
-            _clear_scratch(&ft[j], 0.0)
+            self._clear(j, 0.0)
             eo = self._edge_off[j]
             ao = self._allowed_off[j]
             ft[j].lo = lo_a[j]
@@ -351,11 +450,11 @@ cdef class Accumulator:
             ft[j].aset = &self._allowed[ao] if self._allowed_off[j + 1] > ao else NULL
             ft[j].an = self._allowed_off[j + 1] - ao
             if self._flags[j] & F_HAS_ALLOWED:
-                ft[j].flo = INFINITY
-                ft[j].fhi = -INFINITY
+                self._flo[j] = INFINITY
+                self._fhi[j] = -INFINITY
             else:
-                ft[j].flo = ft[j].lo if ft[j].lo > -DBL_MAX else -DBL_MAX
-                ft[j].fhi = ft[j].hi if ft[j].hi < DBL_MAX else DBL_MAX
+                self._flo[j] = ft[j].lo if ft[j].lo > -DBL_MAX else -DBL_MAX
+                self._fhi[j] = ft[j].hi if ft[j].hi < DBL_MAX else DBL_MAX
             ft[j].g_lo = g_lo[j]
             ft[j].g_scale = g_scale[j]
             if g_scale[j] > 0.0:
@@ -366,9 +465,22 @@ cdef class Accumulator:
                 # no grid (0 or 1 distinct edges): every value starts in cell 1 (= 0 edges)
                 ft[j].g_xlo = g_lo[j]
                 ft[j].g_xhi = g_lo[j]
+            self._gxlo[j] = ft[j].g_xlo
+            self._gxhi[j] = ft[j].g_xhi
+            self._glo[j] = ft[j].g_lo
+            self._gscale[j] = ft[j].g_scale
             ft[j].e = &pe[eo + 2 * j + 1]
             ft[j].tab = &tab[j * GRID]
             ft[j].bins = &self._bins[eo + j]
+
+    cdef inline void _clear(self, Py_ssize_t j, double shift) noexcept nogil:
+        """Empty feature j's batch scratch; its sums restart around ``shift``."""
+        self._s1[j] = 0.0
+        self._s2[j] = 0.0
+        self._mn[j] = INFINITY
+        self._mx[j] = -INFINITY
+        self._shift[j] = shift
+        self._ft[j].nonfin = 0
 
     # ------------------------------------------------------------------ locking
     cdef inline void _acquire(self):
@@ -486,7 +598,7 @@ cdef class Accumulator:
                     for i in range(rows):
                         x = <double>data[i * F + j]
                         if x - x == 0.0:  # finite
-                            f.shift = x
+                            self._shift[j] = x
                             break
 
         room = self.buffer_capacity - self.buffered_rows
@@ -502,20 +614,33 @@ cdef class Accumulator:
         cdef bint by_column = rows >= COLUMN_ROWS
         cdef long long others = 0
         cdef double s1, s2, mn, mx, flo, fhi, shift, gxlo, gxhi, glo, gscale
-        cdef const unsigned char* tab
+        cdef const unsigned short* tab
+        cdef int* cell = self._cell
+        cdef double* gxlo_a = self._gxlo
+        cdef double* gxhi_a = self._gxhi
+        cdef double* glo_a = self._glo
+        cdef double* gscale_a = self._gscale
         cdef const double* edges
         cdef long long* fbins
         cdef float* bcol
+        cdef double* aflo = self._flo
+        cdef double* afhi = self._fhi
+        cdef double* ashift = self._shift
+        cdef double* as1 = self._s1
+        cdef double* as2 = self._s2
+        cdef double* amn = self._mn
+        cdef double* amx = self._mx
+        cdef double* xrow = self._xrow
         if by_column:
             for j in range(F):
                 f = ft + j
-                flo = f.flo
-                fhi = f.fhi
-                shift = f.shift
-                s1 = f.s1
-                s2 = f.s2
-                mn = f.mn
-                mx = f.mx
+                flo = aflo[j]
+                fhi = afhi[j]
+                shift = ashift[j]
+                s1 = as1[j]
+                s2 = as2[j]
+                mn = amn[j]
+                mx = amx[j]
                 gxlo = f.g_xlo
                 gxhi = f.g_xhi
                 glo = f.g_lo
@@ -537,26 +662,43 @@ cdef class Accumulator:
                             bcol[i * F] = <float>x
                     else:
                         others += 1
-                f.s1 = s1
-                f.s2 = s2
-                f.mn = mn
-                f.mx = mx
+                as1[j] = s1
+                as2[j] = s2
+                amn[j] = mn
+                amx[j] = mx
 
         for i in range(rows if (others or not by_column) else 0):
             row = data + i * F
             brow = buf + (self.buffered_rows + i) * F if i < room else spill
+            if not by_column:
+                # A small batch, row by row. Common case first: every value of the row finite,
+                # within [min, max] and free of an allowed set. Then the row is one vectorised
+                # range test, one vectorised update of sums and extremes, the bin lookups and
+                # the buffer copy; otherwise each value goes through the checks below.
+                for j in range(F):
+                    xrow[j] = <double>row[j]
+                if lockgate_row_in_range(xrow, aflo, afhi, F):
+                    lockgate_row_moments(xrow, ashift, as1, as2, amn, amx, F)
+                    lockgate_row_cells(xrow, gxlo_a, gxhi_a, glo_a, gscale_a, cell, F)
+                    for j in range(F):
+                        f = ft + j
+                        f.bins[_bin_in_cell(xrow[j], f.tab[cell[j]], f.e)] += 1
+                    if i < room:
+                        for j in range(F):
+                            brow[j] = <float>xrow[j]
+                    continue
             for j in range(F):
                 x = <double>row[j]
                 f = ft + j
-                if (x >= f.flo) & (x <= f.fhi):
+                if (x >= aflo[j]) & (x <= afhi[j]):
                     if by_column:
                         continue  # counted in the column pass
                     # common case: finite, within [min, max], no allowed set to check
-                    d = x - f.shift
-                    f.s1 += d
-                    f.s2 += d * d
-                    f.mn = x if x < f.mn else f.mn
-                    f.mx = x if x > f.mx else f.mx
+                    d = x - ashift[j]
+                    as1[j] += d
+                    as2[j] += d * d
+                    amn[j] = x if x < amn[j] else amn[j]
+                    amx[j] = x if x > amx[j] else amx[j]
                     f.bins[_bin_of(f, x)] += 1
                     brow[j] = <float>x
                     continue
@@ -601,13 +743,13 @@ cdef class Accumulator:
                             if not _in_set(f.aset, f.an, ival):
                                 code = C_ALLOWED
                     # moments, extremes, bins and buffer: finite values only
-                    d = x - f.shift
-                    f.s1 += d
-                    f.s2 += d * d
-                    if x < f.mn:
-                        f.mn = x
-                    if x > f.mx:
-                        f.mx = x
+                    d = x - ashift[j]
+                    as1[j] += d
+                    as2[j] += d * d
+                    if x < amn[j]:
+                        amn[j] = x
+                    if x > amx[j]:
+                        amx[j] = x
                     f.bins[_bin_of(f, x)] += 1
                     brow[j] = <float>x
                 if code:
@@ -645,44 +787,47 @@ cdef class Accumulator:
         if rows == 0:
             return
         cdef bint fresh = False
+        cdef double* s1 = self._s1
+        cdef double* s2 = self._s2
+        cdef double* shift = self._shift
         for j in range(F):
             f = ft + j
             nb = rows - f.nonfin
             if nb == 0:
                 fresh |= cnt[j] == 0
-                _clear_scratch(f, mean[j])
+                self._clear(j, mean[j])
                 continue
-            if f.mn < vmin[j]:
-                vmin[j] = f.mn
-            if f.mx > vmax[j]:
-                vmax[j] = f.mx
+            if self._mn[j] < vmin[j]:
+                vmin[j] = self._mn[j]
+            if self._mx[j] > vmax[j]:
+                vmax[j] = self._mx[j]
             na = cnt[j]
             n = na + nb
             if na == 0:
                 inv = 1.0 / nb
-                mean[j] = f.shift + f.s1 * inv
-                m2_b = f.s2 - f.s1 * f.s1 * inv
+                mean[j] = shift[j] + s1[j] * inv
+                m2_b = s2[j] - s1[j] * s1[j] * inv
                 vm2[j] = m2_b if m2_b > 0.0 else 0.0
-                vsum[j] = nb * f.shift + f.s1
+                vsum[j] = nb * shift[j] + s1[j]
             elif nb == 1:
                 # shift == running mean, so s1 = x - mean
-                delta = f.s1
+                delta = s1[j]
                 inv = 1.0 / n
                 mean[j] = mean[j] + delta * inv
                 vm2[j] = vm2[j] + delta * delta * na * inv
-                vsum[j] = vsum[j] + (f.shift + f.s1)
+                vsum[j] = vsum[j] + (shift[j] + s1[j])
             else:
                 inv = 1.0 / nb
-                delta = f.s1 * inv  # mean_b - mean_a, as the shift is the running mean
-                m2_b = f.s2 - f.s1 * f.s1 * inv
+                delta = s1[j] * inv  # mean_b - mean_a, as the shift is the running mean
+                m2_b = s2[j] - s1[j] * s1[j] * inv
                 if m2_b < 0.0:
                     m2_b = 0.0
                 inv = 1.0 / n
                 mean[j] = mean[j] + delta * nb * inv
                 vm2[j] = vm2[j] + m2_b + delta * delta * (<double>na) * (<double>nb) * inv
-                vsum[j] = vsum[j] + (nb * f.shift + f.s1)
+                vsum[j] = vsum[j] + (nb * shift[j] + s1[j])
             cnt[j] = n
-            _clear_scratch(f, mean[j])
+            self._clear(j, mean[j])
         self._fresh = fresh
         self._pending = 0
 
@@ -728,7 +873,7 @@ cdef class Accumulator:
         self._pending = 0
         cdef Py_ssize_t j
         for j in range(self.n_features):
-            _clear_scratch(self._ft + j, 0.0)
+            self._clear(j, 0.0)
 
     def reset(self):
         """Zero the window state (not the cumulative violation totals nor the buffer)."""
