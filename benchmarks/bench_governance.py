@@ -8,8 +8,9 @@ Two lockgate servers on two repositories holding the same batch-1 ``mlp`` model:
 * ``gov-off`` -- ``governance: {enabled: false}``.
 
 The request payload satisfies every rule (in-range values), as production traffic mostly does.
-Measured with h2load, interleaved (repeat -> level -> target), medians reported.
-Target: gov-on req/s >= 95% of gov-off at the highest level.
+Measured with h2load, interleaved (repeat -> level -> target, the order of the two targets
+reversed every other repeat); on/off is the median of the per-repeat ratios.
+Target: gov-on req/s >= 95% of gov-off.
 
     .venv/bin/python benchmarks/bench_governance.py [--levels 1,32] [--repeats 3] [--duration 4]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -65,7 +67,7 @@ def write_repo(root: Path, governance: dict[str, Any]) -> Path:
 
 def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[str, dict[str, Any]]:
     lines = [
-        "| config | in flight | req/s (median) | on/off | p50 ms | p99 ms | errors |",
+        "| config | in flight | req/s (median) | on/off (median of paired repeats) | p50 ms | p99 ms | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     goals: dict[str, Any] = {}
@@ -77,7 +79,10 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[
             if cell is None:
                 continue
             rps = cell.median("requests_per_s")
-            ratio = rps / base if base else math.nan
+            # The median of the per-repeat ratios: each repeat measures on and off back to back
+            # (in alternating order), so a slow minute on the shared machine hits both alike.
+            pairs = [r.requests_per_s / o.requests_per_s for r, o in zip(cell.runs, off.runs)] if off else []
+            ratio = statistics.median(pairs) if pairs and all(o.requests_per_s for o in off.runs) else math.nan
             lines.append(
                 f"| {name} | {level} | {rps:,.0f} | {ratio:.3f} | {cell.median('p50_ms'):.3f} | "
                 f"{cell.median('p99_ms'):.2f} | {cell.errors} |"
@@ -85,6 +90,8 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[
             if name == "gov-on":
                 goals[f"c={level}"] = {
                     "ratio": ratio,
+                    "ratio_of_medians": rps / base if base else math.nan,
+                    "paired_ratios": pairs,
                     "bound": GOAL,
                     "met": None if math.isnan(ratio) else ratio >= GOAL,
                     "p50_added_us": (cell.median("p50_ms") - off.median("p50_ms")) * 1000 if off else math.nan,
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         with Harness(work / "logs", args.duration) as harness:
             for name in TARGETS:
                 harness.start(lockgate_target(repos[name], work / f"state-{name}", name=name), [MLP.name])
-            cells = harness.run([n for n in TARGETS if n in harness.servers], [workload], levels, args.repeats)
+            cells = harness.run([n for n in TARGETS if n in harness.servers], [workload], levels, args.repeats, alternate=True)
             healthy = harness.recheck([workload])
             failures = {f"{k[0]}/{k[1]}": v for k, v in harness.failures.items()}
             sampled = {

@@ -139,9 +139,13 @@ class Harness:
         return True
 
     def run(
-        self, targets: list[str], workloads: list[Workload], levels: list[int], repeats: int
+        self, targets: list[str], workloads: list[Workload], levels: list[int], repeats: int, alternate: bool = False
     ) -> dict[tuple[str, str, int], Cell]:
-        """Interleaved matrix; cells whose check failed are left out (and listed in failures)."""
+        """Interleaved matrix; cells whose check failed are left out (and listed in failures).
+
+        ``alternate``: every other repeat measures the targets in reverse order (A B, B A, ...),
+        so a drift in the machine's load does not always favour the target measured first.
+        """
         cells: dict[tuple[str, str, int], Cell] = {}
         valid = [
             (name, workload)
@@ -151,7 +155,7 @@ class Harness:
         ]
         for repeat in range(repeats):
             for level in levels:
-                for name, workload in valid:
+                for name, workload in (valid[::-1] if alternate and repeat % 2 else valid):
                     cell = cells.setdefault((name, workload.name, level), Cell(name, workload.name, level))
                     cell.runs.append(self.measure(name, workload, level))
                     run = cell.runs[-1]

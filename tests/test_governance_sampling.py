@@ -26,6 +26,14 @@ def test_sampled_fraction_within_ten_percent_of_rate(rate):
     assert sampler.sampled == chosen and sampler.capped == 0
 
 
+@pytest.mark.parametrize("rate", [0.01, 0.1])
+def test_requests_without_an_id_are_sampled_at_the_rate(rate):
+    """tritonclient sends id="" by default: those requests must not share one decision."""
+    sampler = Sampler(SamplingConfig(rate=rate, max_per_second=1e12, follow_trace=False))
+    chosen = sum(sampler.decide("") for _ in range(50_000))
+    assert abs(chosen / 50_000 - rate) <= 0.15 * rate
+
+
 def test_same_id_same_decision_in_two_processes():
     ids = IDS[:2000]
     script = (

@@ -7,12 +7,18 @@ which is salted per process. A token bucket then caps the samples per
 second. Requests that broke a rule are always recorded: they bypass the bucket (they are
 already bounded by the payload log's queue, whose drops are counted), so an operator never
 misses a rejected payload because healthy traffic spent the budget.
+
+A request with neither an id nor a trace id (tritonclient sends ``id=""`` unless told
+otherwise) has nothing to agree on across replicas; hashing the empty string would give every
+such request the same decision -- all sampled or none. Those get an independent random draw
+at the same rate instead.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from random import getrandbits
 
 from ._kernels import stable_hash64
 from .config import SamplingConfig
@@ -78,7 +84,12 @@ class Sampler:
         else:
             key = trace_id if (self.config.follow_trace and trace_id) else request_id
             threshold = self._threshold
-            chosen = True if threshold is None else stable_hash64(key) < threshold
+            if threshold is None:
+                chosen = True
+            elif key:
+                chosen = stable_hash64(key) < threshold
+            else:  # no id to agree on: a random draw, not one fixed decision for all of them
+                chosen = getrandbits(64) < threshold
         if not chosen:
             return False
         self.selected += 1
