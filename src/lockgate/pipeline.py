@@ -101,7 +101,10 @@ class InferencePipeline:
         self.governance = governance
         self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
 
-    async def infer(self, request: Any, response_type: type, ctx: RequestContext) -> Any:
+    async def infer(self, request: Any, response_type: type, ctx: RequestContext,
+                    wrap: Callable[[], tuple[Any, Any]] | None = None) -> Any:
+        """Serve one request. ``wrap``, if given, returns ``(outer, response)``: the response is
+        filled in place inside ``outer`` (a stream message), which is returned -- no copy."""
         start_ns = time.perf_counter_ns()
         telemetry = self.telemetry
         if telemetry is not None and ctx.trace is None and telemetry.tracing is not None:
@@ -147,13 +150,19 @@ class InferencePipeline:
             if outputs is None:
                 outputs = await batcher.submit(inputs, ctx.deadline, trace)
             # encode
-            response = response_type(model_name=model.name, model_version=version.version, id=request.id)
+            if wrap is None:
+                outer = response = response_type(model_name=model.name, model_version=version.version, id=request.id)
+            else:
+                outer, response = wrap()
+                response.model_name = model.name
+                response.model_version = version.version
+                response.id = request.id
             codec.encode_outputs(response, outputs, output_names)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
             ok = True
-            return response
+            return outer
         except LockgateError as exc:
             error = exc
             version.stats.record_request(False, time.perf_counter_ns() - start_ns, exc.reason)

@@ -57,6 +57,12 @@ def _context(context: grpc.aio.ServicerContext) -> RequestContext:
     return RequestContext(deadline=deadline, metadata_source=lambda: _text_metadata(context))
 
 
+def _stream_message() -> tuple[Any, Any]:
+    """A stream reply and the ModelInferResponse inside it, filled in place (no copy)."""
+    outer = pb.ModelStreamInferResponse()
+    return outer, outer.infer_response
+
+
 def _duration(d: Any, target: Any) -> None:
     target.count = d.count
     target.ns = d.ns
@@ -217,8 +223,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # one context per message: each gets its own trace
         ctx = RequestContext(deadline=ctx.deadline, metadata=ctx.metadata, method="ModelStreamInfer")
         try:
-            response = await self.pipeline.infer(request, pb.ModelInferResponse, ctx)
-            return pb.ModelStreamInferResponse(infer_response=response)
+            return await self.pipeline.infer(request, pb.ModelInferResponse, ctx, _stream_message)
         except LockgateError as exc:
             return pb.ModelStreamInferResponse(
                 error_message=exc.message,
