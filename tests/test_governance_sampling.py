@@ -56,11 +56,15 @@ def test_same_id_same_decision_in_two_processes():
 
 
 def test_trace_id_and_trace_decision_are_followed():
-    sampler = Sampler(SamplingConfig(rate=0.5, max_per_second=1e9))
+    sampler = Sampler(SamplingConfig(rate=0.5, max_per_second=1e9, follow_trace=True))
     trace = next(t for t in (f"t{i}" for i in range(100)) if hash_selects(t, 0.5))
     assert all(sampler.decide(f"r{i}", trace_id=trace) for i in range(20))
     assert not sampler.decide("x", trace_id=trace, trace_sampled=False)
     assert sampler.decide("x", trace_sampled=True)
+    # by default the request id decides, whatever the trace says
+    default = Sampler(SamplingConfig(rate=0.5, max_per_second=1e9))
+    keep = next(i for i in (f"r{i}" for i in range(100)) if hash_selects(i, 0.5))
+    assert default.decide(keep, trace_id=trace, trace_sampled=False)
 
 
 def test_token_bucket_caps_samples():

@@ -399,3 +399,46 @@ def test_span_encoder_matches_the_sdk_encoder() -> None:
                 if s.status.code == 0 and not s.status.message:
                     s.ClearField("status")
     assert ours == sdk
+
+
+def test_span_encoder_wire_bytes_match_the_sdk_for_remote_parents_state_and_links() -> None:
+    """The bytes the exporter sends parse to the SDK's message: remote parent (flags),
+    W3C tracestate, links, dropped counts, two scopes and a span without attributes."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
+
+    from lockgate.telemetry.tracing import SpanEncoder
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "lockgate-test"}),
+                              span_limits=SpanLimits(max_span_attributes=2))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    remote = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                         trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "v1"), ("other", "x")]))
+    parent = otel_trace.set_span_in_context(NonRecordingSpan(remote))
+    linked = SpanContext(0x1, 0x2, is_remote=False, trace_flags=TraceFlags(1))
+    with provider.get_tracer("lockgate.a", "1").start_as_current_span(
+        "server", context=parent, kind=SpanKind.SERVER, links=[Link(linked, {"why": "batch"})],
+        attributes={"a": 1, "b": 2.5, "c": "dropped"},
+    ):
+        with provider.get_tracer("lockgate.b").start_as_current_span("bare"):
+            pass
+    spans = memory.get_finished_spans()
+    sent = ExportTraceServiceRequest.FromString(SpanEncoder().encode_bytes(spans))
+    sdk = encode_spans(spans)
+    for message in (sent, sdk):
+        for rs in message.resource_spans:
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    if s.status.code == 0 and not s.status.message:
+                        s.ClearField("status")
+    assert sent == sdk
+    server = next(s for rs in sent.resource_spans for ss in rs.scope_spans for s in ss.spans if s.name == "server")
+    assert server.trace_state == "vendor=v1,other=x" and server.dropped_attributes_count == 1
+    assert server.flags & 0x200 and server.parent_span_id == (0xB7AD6B7169203331).to_bytes(8, "big")

@@ -130,9 +130,10 @@ class SamplingConfig(_Strict):
     max_per_second: float = Field(default=100.0, gt=0.0)
     burst: float | None = Field(default=None, gt=0.0, description="bucket size; default max(1, max_per_second)")
     follow_trace: bool = Field(
-        default=True,
-        description="hash the trace id (not the request id) when there is one, and follow an explicit "
-        "trace sampling decision, so payload samples line up with sampled traces",
+        default=False,
+        description="opt in: hash the trace id (not the request id) when there is one, and follow an "
+        "explicit trace sampling decision, so payload samples line up with sampled traces (with tracing "
+        "at 100% every request is then a candidate, up to max_per_second)",
     )
     always_sample_violations: bool = True
 

@@ -37,7 +37,7 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_resource,
 )
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import _encode_events, _encode_links, _encode_status
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope as PB2InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PB2Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PB2Span
@@ -50,6 +50,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 import lockgate
+from lockgate.telemetry._otlp import encode_export_request, probe_private_fields
 from lockgate.telemetry.config import TracingSettings
 from lockgate.telemetry.metrics import Sample
 
@@ -69,6 +70,7 @@ _INTERNAL = SpanKind.INTERNAL
 _PB2_KIND = {SpanKind.INTERNAL: PB2Span.SPAN_KIND_INTERNAL, SpanKind.SERVER: PB2Span.SPAN_KIND_SERVER,
              SpanKind.CLIENT: PB2Span.SPAN_KIND_CLIENT, SpanKind.PRODUCER: PB2Span.SPAN_KIND_PRODUCER,
              SpanKind.CONSUMER: PB2Span.SPAN_KIND_CONSUMER}
+_KIND_BY_ID = {id(kind): number for kind, number in _PB2_KIND.items()}
 _FLAGS_HAS_IS_REMOTE = PB2SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 _FLAGS_IS_REMOTE = _FLAGS_HAS_IS_REMOTE | PB2SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
@@ -185,15 +187,16 @@ def make_span_exporter(s: TracingSettings) -> SpanExporter:
 
 # -- OTLP encoding -------------------------------------------------------------------
 class SpanEncoder:
-    """ReadableSpans -> ``ExportTraceServiceRequest``, reusing what repeats from span to span.
+    """ReadableSpans -> a serialized ``ExportTraceServiceRequest``, reusing what repeats.
 
     Why not the SDK's ``encode_spans`` (~70 us/span here): it hashes each span's ``Resource``
     (a JSON dump of its attributes) to group spans, builds a fresh ``KeyValue``/``AnyValue``
     pair per attribute and then copies every span into its parent message. Here resources
-    are grouped by identity and encoded once, spans are built in place in their parent, and
-    attributes come from a bounded cache of their serialized form (model, version, route,
-    method... repeat on every request), merged into the span by the C parser. The result is
-    the same message the SDK builds (an UNSET status is left out: the proto default).
+    are grouped by identity and encoded once, attributes come from a bounded cache of their
+    serialized form (model, version, route, method... repeat on every request), and the
+    Cython writer in ``lockgate.telemetry._otlp`` puts each span's own fields straight into
+    the wire format. The parsed result is the message the SDK builds (an UNSET status is left
+    out: the proto default).
     """
 
     def __init__(self, max_cached_attributes: int = 4096) -> None:
@@ -202,6 +205,8 @@ class SpanEncoder:
         self._scopes: dict[InstrumentationScope | None, PB2InstrumentationScope] = {}
         # (key, type, value) -> that attribute serialized as a Span's ``attributes`` field
         self._attrs: dict[tuple[str, type, Any], bytes] = {}
+        self._resource_wire: dict[int, tuple[Resource, bytes]] = {}
+        self._scope_wire: dict[InstrumentationScope | None, bytes] = {}
 
     def _resource(self, resource: Resource) -> PB2Resource:
         cached = self._resources.get(id(resource))
@@ -219,95 +224,85 @@ class SpanEncoder:
             encoded = self._scopes[scope] = _encode_instrumentation_scope(scope)
         return encoded
 
-    def _attributes(self, attributes: Mapping[str, Any]) -> bytes:
-        """The span's attributes as serialized ``Span.attributes`` fields."""
-        cache = self._attrs
-        parts = []
-        for key, value in attributes.items():
-            cache_key = (key, value.__class__, value)  # the type keeps True, 1 and 1.0 apart
-            try:
-                part = cache.get(cache_key)
-            except TypeError:  # unhashable (a list): encode, do not cache
-                parts.append(PB2Span(attributes=[_encode_key_value(key, value)]).SerializeToString())
-                continue
-            if part is None:
-                part = PB2Span(attributes=[_encode_key_value(key, value)]).SerializeToString()
-                if len(cache) >= self.max_cached_attributes:  # high-cardinality values (key hashes): start over
-                    cache.clear()
-                cache[cache_key] = part
-            parts.append(part)
-        return b"".join(parts)
+    @staticmethod
+    def _encode_attribute(key: str, value: Any) -> bytes:
+        """One attribute serialized as a Span's ``attributes`` field (cached by the caller)."""
+        return PB2Span(attributes=[_encode_key_value(key, value)]).SerializeToString()
 
-    def _fill(self, add: Any, spans: list[ReadableSpan]) -> None:
-        for span in spans:
-            ctx = span.get_span_context()
-            parent = span.parent
-            state = ctx.trace_state
-            pb = add(
-                trace_id=ctx.trace_id.to_bytes(16, "big"),
-                span_id=ctx.span_id.to_bytes(8, "big"),
-                trace_state=",".join(f"{k}={v}" for k, v in state.items()) if state else None,
-                parent_span_id=parent.span_id.to_bytes(8, "big") if parent is not None else None,
-                name=span.name,
-                kind=_PB2_KIND[span.kind],
-                start_time_unix_nano=span.start_time,
-                end_time_unix_nano=span.end_time,
-                flags=_FLAGS_IS_REMOTE if parent is not None and parent.is_remote else _FLAGS_HAS_IS_REMOTE,
-            )
-            attributes = span.attributes
-            if attributes:
-                pb.MergeFromString(self._attributes(attributes))
-            dropped = span.dropped_attributes
-            if dropped:
-                pb.dropped_attributes_count = dropped
-            status = span.status
-            if status is not None and status.status_code is not StatusCode.UNSET:
-                pb.status.CopyFrom(_encode_status(status))
-            events = span.events
-            if events:
-                pb.events.extend(_encode_events(events))
-            if span.dropped_events:
-                pb.dropped_events_count = span.dropped_events
-            links = span.links
-            if links:
-                pb.links.extend(_encode_links(links))
-            if span.dropped_links:
-                pb.dropped_links_count = span.dropped_links
+    def _resource_bytes(self, resource: Resource) -> bytes:
+        cached = self._resource_wire.get(id(resource))
+        if cached is None or cached[0] is not resource:
+            if len(self._resource_wire) >= 16:
+                self._resource_wire.clear()
+            cached = self._resource_wire[id(resource)] = (resource, self._resource(resource).SerializeToString())
+        return cached[1]
+
+    def _scope_bytes(self, scope: InstrumentationScope | None) -> bytes:
+        encoded = self._scope_wire.get(scope)
+        if encoded is None:
+            if len(self._scope_wire) >= 64:
+                self._scope_wire.clear()
+            encoded = self._scope_wire[scope] = self._scope(scope).SerializeToString()
+        return encoded
+
+    @staticmethod
+    def _rare_fields(span: ReadableSpan) -> bytes:
+        """Status, events and links as serialized Span fields; b"" when the span has none."""
+        status = span.status
+        events = span.events
+        links = span.links
+        has_status = status is not None and status.status_code is not StatusCode.UNSET
+        if not (has_status or events or links):
+            return b""
+        pb = PB2Span()
+        if has_status:
+            pb.status.CopyFrom(_encode_status(status))
+        if events:
+            pb.events.extend(_encode_events(events))
+        if links:
+            pb.links.extend(_encode_links(links))
+        return pb.SerializeToString()
+
+    def encode_bytes(self, spans: Sequence[ReadableSpan]) -> bytes:
+        """The serialized request, as the exporter sends it."""
+        return encode_export_request(spans, self, _KIND_BY_ID, _UNSET, _EMPTY_STATE)
 
     def encode(self, spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        groups: dict[int, tuple[Resource, dict[InstrumentationScope | None, list[ReadableSpan]]]] = {}
-        for span in spans:
-            resource = span.resource
-            group = groups.get(id(resource))
-            if group is None:
-                group = groups[id(resource)] = (resource, {})
-            scope = span.instrumentation_scope or None
-            members = group[1].get(scope)
-            if members is None:
-                members = group[1][scope] = []
-            members.append(span)
-        request = ExportTraceServiceRequest()
-        for resource, scopes in groups.values():
-            resource_spans = request.resource_spans.add(schema_url=resource.schema_url)
-            resource_spans.resource.CopyFrom(self._resource(resource))
-            for scope, members in scopes.items():
-                scope_spans = resource_spans.scope_spans.add(schema_url=scope.schema_url if scope is not None else None)
-                scope_spans.scope.CopyFrom(self._scope(scope))
-                self._fill(scope_spans.spans.add, members)
-        return request
+        """The request as a message (tests, tools); the exporter sends ``encode_bytes``."""
+        return ExportTraceServiceRequest.FromString(self.encode_bytes(spans))
+
+
+# Once: does this SDK keep ReadableSpan's fields where the Cython writer reads them directly?
+probe_private_fields(ReadableSpan("probe", context=SpanContext(1, 1, False), parent=SpanContext(1, 2, True),
+                                  resource=Resource({}), start_time=1, end_time=2))
+
+
+class _RawTraceServiceStub:
+    """``TraceServiceStub`` whose Export takes the already serialized request (bytes)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None,  # bytes go out as they are
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
 
 
 def _grpc_exporter_class() -> type[SpanExporter]:
-    """The SDK's OTLP/gRPC span exporter with ``SpanEncoder`` in place of ``encode_spans``."""
+    """The SDK's OTLP/gRPC span exporter (retries, TLS, headers, compression) sending the
+    bytes ``SpanEncoder`` writes, instead of a message built by ``encode_spans``."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     class FastOTLPSpanExporter(OTLPSpanExporter):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._encoder = SpanEncoder()
+            # The mixin builds ``_client = _stub(_channel)`` now and again on reconnect.
+            self._stub = _RawTraceServiceStub
+            self._client = _RawTraceServiceStub(self._channel)
 
-        def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-            return self._encoder.encode(data)
+        def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
+            return self._encoder.encode_bytes(data)
 
     return FastOTLPSpanExporter
 
