@@ -427,6 +427,11 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
+            try:  # fast path, as in inspect: already (rows x features), C-contiguous, a kernel dtype
+                tensor.acc.update(array)
+                continue
+            except (TypeError, ValueError):  # the kernel checks before touching any state
+                pass
             rows = tensor.rows_of(np.asarray(array))
             if rows is None:
                 self.skipped_tensors += 1
