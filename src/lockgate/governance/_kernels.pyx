@@ -103,8 +103,8 @@ ctypedef struct feat_t:
     double g_lo, g_scale     # bin grid origin and cells per unit
     double g_xlo, g_xhi      # clamp for the grid index: half a cell outside the grid
     const double* e          # edges with sentinels: e[-1] = -inf, e[n] = +inf
-    const unsigned short* tab # GRID cells: edges <= cell start, | CELL_CHECK if an edge is inside
-    long long* bins          # this feature's bins in the window state
+    const unsigned short* tab # GRID cells: the bin (flat index), or CELL_CHECK | local bin at the start
+    Py_ssize_t bin0          # flat index of this feature's bin 0 in the window's bins
     long long nonfin         # NaN and +-Inf seen in this batch
     double lo, hi
     const long long* aset
@@ -113,11 +113,12 @@ ctypedef struct feat_t:
 
 
 cdef inline Py_ssize_t _bin_of(const feat_t* f, double x) noexcept nogil:
-    return _bin_at(x, f.g_xlo, f.g_xhi, f.g_lo, f.g_scale, f.tab, f.e)
+    return _bin_at(x, f.g_xlo, f.g_xhi, f.g_lo, f.g_scale, f.tab, f.e, f.bin0)
 
 
-cdef inline Py_ssize_t _bin_in_cell(double x, unsigned short t, const double* e) noexcept nogil:
-    """The bin of finite x from its cell's table entry: exact, unless an edge lies in the cell."""
+cdef inline Py_ssize_t _bin_in_cell(double x, unsigned short t, const double* e, Py_ssize_t bin0) noexcept nogil:
+    """The flat bin index of finite x from its cell's table entry: the entry itself, unless an
+    edge lies in the cell; then a scan from the cell's start (``bisect_right`` over the edges)."""
     if t < CELL_CHECK:
         return t
     cdef Py_ssize_t k = t - CELL_CHECK
@@ -126,23 +127,24 @@ cdef inline Py_ssize_t _bin_in_cell(double x, unsigned short t, const double* e)
     k += e[k] <= x
     while e[k] <= x:
         k += 1
-    return k
+    return bin0 + k
 
 
 cdef inline Py_ssize_t _bin_at(double x, double xlo, double xhi, double glo, double gscale,
-                               const unsigned short* tab, const double* e) noexcept nogil:
-    """Number of edges <= finite x: the grid cell, then (only in a cell holding an edge) a scan.
+                               const unsigned short* tab, const double* e, Py_ssize_t bin0) noexcept nogil:
+    """Flat index (into the window's bins) of finite x's bin: the grid cell, then (only in a
+    cell holding an edge) a scan.
 
     x is clamped (min/max instructions, no branch) to half a cell beyond the grid, so the
     cell index lands in [0, GRID - 1] without a data-dependent branch. Most cells hold no
-    edge: their entry is the bin itself. In the others the entry is the bin at the cell's
-    start; the sentinels bound both scans (the first only fixes float rounding at a cell
-    start, the last a dense cell). The grid parameters come as arguments so a column loop
-    keeps them in registers.
+    edge: their entry is the bin itself, as a flat index. In the others the entry is the
+    local bin at the cell's start; the sentinels bound both scans (the first only fixes float
+    rounding at a cell start, the last a dense cell). The grid parameters come as arguments
+    so a column loop keeps them in registers.
     """
     cdef double xc = x if x > xlo else xlo
     xc = xc if xc < xhi else xhi
-    return _bin_in_cell(x, tab[<int>((xc - glo) * gscale + 1.0)], e)
+    return _bin_in_cell(x, tab[<int>((xc - glo) * gscale + 1.0)], e, bin0)
 
 
 cdef extern from *:
@@ -353,18 +355,25 @@ cdef class Accumulator:
                 g_lo[j] = e[0]
                 g_scale[j] = scale
                 starts = e[0] + np.arange(GRID - 1) / scale
-                table[j, 1:] = np.searchsorted(e, starts, side="right")
+                local = np.zeros(GRID, dtype=np.int64)
+                local[1:] = np.searchsorted(e, starts, side="right")
                 # A cell is exact when no edge maps into it (with a margin for rounding): the
                 # map x -> (x - first edge) * scale + 1 the kernel computes is monotone, so
-                # every x of such a cell has the same edges below it. Others get the flag
-                # and the kernel scans from the bin at the cell's start.
+                # every x of such a cell has the same edges below it; its entry is then the
+                # bin's flat index in the window state. Others get the flag and the local bin
+                # at the cell's start, from which the kernel scans.
+                check = np.zeros(GRID, dtype=bool)
                 where = (e - e[0]) * scale + 1.0
                 lo_cell = np.clip(np.floor(where - 1e-6).astype(np.int64), 0, GRID - 1)
                 hi_cell = np.clip(np.floor(where + 1e-6).astype(np.int64), 0, GRID - 1)
                 for a, b in zip(lo_cell, hi_cell):
-                    table[j, a:b + 1] |= CELL_CHECK
+                    check[a:b + 1] = True
+                bin0 = int(self.edge_offsets[j]) + j
+                if bin0 + e.size >= CELL_CHECK:  # flat indices would not fit: scan every cell
+                    check[:] = True
+                table[j, :] = np.where(check, CELL_CHECK + local, bin0 + local)
             else:
-                table[j, :] = CELL_CHECK  # no grid: every value takes the scan
+                table[j, :] = CELL_CHECK  # no grid: every value scans (0 or 1 edge)
             padded.append(np.concatenate([[-np.inf], e, [np.inf]]))
         self._a_pedges = np.concatenate(padded)
         self._a_table = table.reshape(-1)
@@ -471,7 +480,7 @@ cdef class Accumulator:
             self._gscale[j] = ft[j].g_scale
             ft[j].e = &pe[eo + 2 * j + 1]
             ft[j].tab = &tab[j * GRID]
-            ft[j].bins = &self._bins[eo + j]
+            ft[j].bin0 = eo + j
 
     cdef inline void _clear(self, Py_ssize_t j, double shift) noexcept nogil:
         """Empty feature j's batch scratch; its sums restart around ``shift``."""
@@ -616,12 +625,15 @@ cdef class Accumulator:
         cdef double s1, s2, mn, mx, flo, fhi, shift, gxlo, gxhi, glo, gscale
         cdef const unsigned short* tab
         cdef int* cell = self._cell
+        cdef const unsigned short* tab0 = ft[0].tab  # the features' tables, GRID cells each, back to back
+        cdef unsigned short t
         cdef double* gxlo_a = self._gxlo
         cdef double* gxhi_a = self._gxhi
         cdef double* glo_a = self._glo
         cdef double* gscale_a = self._gscale
         cdef const double* edges
-        cdef long long* fbins
+        cdef long long* bins = &self._bins[0]
+        cdef Py_ssize_t bin0
         cdef float* bcol
         cdef double* aflo = self._flo
         cdef double* afhi = self._fhi
@@ -647,7 +659,7 @@ cdef class Accumulator:
                 gscale = f.g_scale
                 tab = f.tab
                 edges = f.e
-                fbins = f.bins
+                bin0 = f.bin0
                 bcol = buf + self.buffered_rows * F + j
                 for i in range(rows):
                     x = <double>data[i * F + j]
@@ -657,7 +669,7 @@ cdef class Accumulator:
                         s2 += d * d
                         mn = x if x < mn else mn
                         mx = x if x > mx else mx
-                        fbins[_bin_at(x, gxlo, gxhi, glo, gscale, tab, edges)] += 1
+                        bins[_bin_at(x, gxlo, gxhi, glo, gscale, tab, edges, bin0)] += 1
                         if i < room:
                             bcol[i * F] = <float>x
                     else:
@@ -681,8 +693,12 @@ cdef class Accumulator:
                     lockgate_row_moments(xrow, ashift, as1, as2, amn, amx, F)
                     lockgate_row_cells(xrow, gxlo_a, gxhi_a, glo_a, gscale_a, cell, F)
                     for j in range(F):
-                        f = ft + j
-                        f.bins[_bin_in_cell(xrow[j], f.tab[cell[j]], f.e)] += 1
+                        t = tab0[j * GRID + cell[j]]
+                        if t < CELL_CHECK:  # the cell holds no edge: t is the bin
+                            bins[t] += 1
+                        else:
+                            f = ft + j
+                            bins[_bin_in_cell(xrow[j], t, f.e, f.bin0)] += 1
                     if i < room:
                         for j in range(F):
                             brow[j] = <float>xrow[j]
@@ -699,7 +715,7 @@ cdef class Accumulator:
                     as2[j] += d * d
                     amn[j] = x if x < amn[j] else amn[j]
                     amx[j] = x if x > amx[j] else amx[j]
-                    f.bins[_bin_of(f, x)] += 1
+                    bins[_bin_of(f, x)] += 1
                     brow[j] = <float>x
                     continue
                 fl = f.flags
@@ -750,7 +766,7 @@ cdef class Accumulator:
                         amn[j] = x
                     if x > amx[j]:
                         amx[j] = x
-                    f.bins[_bin_of(f, x)] += 1
+                    bins[_bin_of(f, x)] += 1
                     brow[j] = <float>x
                 if code:
                     vtot[j * C_NRULES + code] += 1
