@@ -229,8 +229,9 @@ def run_servers(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
 
 
 def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[str, dict[str, Any]]:
-    lines = ["| config | in flight | req/s (median) | cost vs off (median of paired repeats) | p50 ms | p99 ms | errors |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | in flight | req/s (median) | cost vs off (median of paired repeats) | server CPU µs/request (median) "
+             "| CPU cost vs off (median of paired repeats) | p50 ms | p99 ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     goals: dict[str, Any] = {}
     for level in levels:
         base = next((c.median("requests_per_s") for (t, _, lv), c in cells.items() if t == "off" and lv == level), math.nan)
@@ -245,12 +246,21 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[
             off = next((c for (t, _, lv), c in cells.items() if t == "off" and lv == level), None)
             pairs = [r.requests_per_s / o.requests_per_s for r, o in zip(cell.runs, off.runs) if o.requests_per_s] if off else []
             cost = 1 - statistics.median(pairs) if pairs else math.nan
-            lines.append(f"| {name} | {level} | {rps:,.0f} | {cost:+.1%} | {cell.median('p50_ms'):.2f} | {cell.median('p99_ms'):.2f} | {cell.errors} |")
+            # The same from the server's CPU time per request: at a fixed load the extra work per
+            # request, what throughput loses when the server is the bottleneck.
+            cpu_pairs = [r.server_cpu_us_per_request / o.server_cpu_us_per_request
+                         for r, o in zip(cell.runs, off.runs) if o.server_cpu_us_per_request > 0] if off else []
+            cpu_pairs = [x for x in cpu_pairs if not math.isnan(x)]
+            cpu_cost = 1 - 1 / statistics.median(cpu_pairs) if cpu_pairs else math.nan
+            lines.append(f"| {name} | {level} | {rps:,.0f} | {cost:+.1%} | {cell.median('server_cpu_us_per_request'):.0f} | "
+                         f"{cpu_cost:+.1%} | {cell.median('p50_ms'):.2f} | {cell.median('p99_ms'):.2f} | {cell.errors} |")
             if name in GOALS:
                 goals[f"{name}@{level}"] = {"cost": cost, "bound": GOALS[name],
                                             "met": None if math.isnan(cost) else cost <= GOALS[name],
                                             "runs_req_per_s": [r.requests_per_s for r in cell.runs],
                                             "paired_ratios": pairs,
+                                            "cpu_cost": cpu_cost,
+                                            "cpu_paired_ratios": cpu_pairs,
                                             "off_runs_req_per_s": statistics.median([base]) if not math.isnan(base) else None}
     return "\n".join(lines), goals
 

@@ -97,6 +97,10 @@ class H2LoadResult:
     p99_ms: float
     mean_ms: float
     max_ms: float
+    # CPU time (user + system, every thread, worker processes included) the server spent per
+    # succeeded request during the run; NaN when not measured. Less sensitive than req/s to
+    # other work on a shared machine taking the cores away.
+    server_cpu_us_per_request: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)

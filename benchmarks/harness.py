@@ -10,6 +10,7 @@ drifts of a shared noisy machine hit every target alike; medians are reported.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from contextlib import ExitStack
@@ -93,6 +94,27 @@ class Cell:
         }
 
 
+def process_tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its child processes (``--workers``), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending, seen = [pid], set()
+    try:
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pending.extend(int(c) for c in children)
+    except (OSError, ValueError, IndexError):
+        return None if not seen else total
+    return total
+
+
 class Harness:
     """Owns the running servers (stopped on close) and the validated response sizes."""
 
@@ -173,7 +195,8 @@ class Harness:
         load = load_for(level)
         check = self.checks[(target_name, workload.name)]
         warm_up(server.port, workload.rpc_path, workload.body, load, requests=max(50, 400 // workload.frames))
-        return run_h2load(
+        cpu_before = process_tree_cpu_s(server.proc.pid) if server.proc is not None else None
+        result = run_h2load(
             server.port,
             workload.rpc_path,
             workload.body,
@@ -182,6 +205,11 @@ class Harness:
             response_bytes=check.response_bytes,
             frames=workload.frames,
         )
+        if cpu_before is not None and result.succeeded:
+            cpu_after = process_tree_cpu_s(server.proc.pid)
+            if cpu_after is not None:
+                result.server_cpu_us_per_request = (cpu_after - cpu_before) / result.succeeded * 1e6
+        return result
 
     def recheck(self, workloads: list[Workload]) -> dict[str, bool]:
         """After the load: every server still alive and still answering correctly."""

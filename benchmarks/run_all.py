@@ -128,6 +128,9 @@ def targets_table(out: Path) -> tuple[list[str], list[tuple[str, str, str, str]]
     if gov:
         for level, goal in gov["goals"].items():
             rows.append((f"governance: on / off req/s ({level})", f"{goal['ratio']:.3f}", "≥ 0.95", _met(goal["ratio"], 0.95, True)))
+            if not math.isnan(goal.get("cpu_ratio", math.nan)):
+                rows.append((f"governance: on / off from server CPU per request ({level})", f"{goal['cpu_ratio']:.3f}", "≥ 0.95",
+                             _met(goal["cpu_ratio"], 0.95, True)))
     kernel = _load(out / "kernel.json")
     if kernel:
         for k in kernel["kernel"]:
@@ -141,6 +144,10 @@ def targets_table(out: Path) -> tuple[list[str], list[tuple[str, str, str, str]]
         for key, goal in tel.get("goals", {}).items():
             rows.append((f"telemetry: throughput cost of {key} vs off", f"{goal['cost']:+.1%}", f"≤ {goal['bound']:.0%}",
                          "n/a" if goal["met"] is None else ("yes" if goal["met"] else "**no**")))
+            cpu_cost = goal.get("cpu_cost", math.nan)
+            if not math.isnan(cpu_cost):
+                rows.append((f"telemetry: cost of {key} vs off from server CPU per request", f"{cpu_cost:+.1%}",
+                             f"≤ {goal['bound']:.0%}", _met(cpu_cost, goal["bound"], False)))
     lines = ["| goal | value (this run) | target | met |", "|---|---:|---:|---|"]
     lines += [f"| {g} | {v} | {t} | {m} |" for g, v, t, m in rows]
     return lines, rows
