@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "parallel_workers=N at --scale-levels (default: the CPU count when > 1 and --workers is 1; 0 to skip)",
     )
     parser.add_argument("--scale-levels", default="32,128", help="unary concurrency levels of the scale-out run")
+    parser.add_argument("--scale-repeats", type=int, default=5, help="repeats of the scale-out run (SO_REUSEPORT "
+                        "spreads 8 connections unevenly over the workers, so single runs vary more)")
     parser.add_argument("--levels", default="1,8,32,128", help="unary concurrency levels (requests in flight)")
     parser.add_argument("--stream-levels", default="1,8", help="streaming concurrency levels (concurrent streams)")
     parser.add_argument("--stream-frames", type=int, default=100, help="messages per streaming call")
@@ -409,7 +411,7 @@ def run_scale_out(
                 [MLP.name],
             )
         live = [name for name in names.values() if name in harness.servers]
-        cells = harness.run(live, [workload], levels, repeats)
+        cells = harness.run(live, [workload], levels, repeats, alternate=True)
         healthy = harness.recheck([workload])
         return {
             "workers": workers,
@@ -482,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         scale = None
         if args.scale_workers > 1:
             scale = run_scale_out(
-                work, repo, mlp_path, workloads[0], targets, args.scale_workers, _ints(args.scale_levels), args.repeats,
+                work, repo, mlp_path, workloads[0], targets, args.scale_workers, _ints(args.scale_levels),
+                1 if args.quick else args.scale_repeats,
                 args.duration, args.thin_mode, tuple(args.lockgate_arg),
             )
             failures.update(scale["failures"])
