@@ -359,6 +359,16 @@ def test_real_lockgate_serves_with_collector_down(repo: Path, tmp_path: Path) ->
 
 
 
+def _without_unset_status(message):
+    """An UNSET status is the proto default: the SDK writes it, lockgate leaves it out."""
+    for rs in message.resource_spans:
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                if s.status.code == 0 and not s.status.message:
+                    s.ClearField("status")
+    return message
+
+
 def test_span_encoder_matches_the_sdk_encoder() -> None:
     """lockgate's OTLP encoder (private SDK helpers, cached attributes) must produce exactly
     what the SDK's public encoder produces, apart from the protobuf-default empty status."""
@@ -388,17 +398,7 @@ def test_span_encoder_matches_the_sdk_encoder() -> None:
     assert len(spans) == 6
     ours = SpanEncoder().encode(spans)
     sdk = encode_spans(spans)
-    for rs in sdk.resource_spans:
-        for ss in rs.scope_spans:
-            for s in ss.spans:
-                if s.status.code == 0 and not s.status.message:
-                    s.ClearField("status")
-    for rs in ours.resource_spans:
-        for ss in rs.scope_spans:
-            for s in ss.spans:
-                if s.status.code == 0 and not s.status.message:
-                    s.ClearField("status")
-    assert ours == sdk
+    assert _without_unset_status(ours) == _without_unset_status(sdk)
 
 
 def test_span_encoder_wire_bytes_match_the_sdk_for_remote_parents_state_and_links() -> None:
@@ -432,13 +432,7 @@ def test_span_encoder_wire_bytes_match_the_sdk_for_remote_parents_state_and_link
     spans = memory.get_finished_spans()
     sent = ExportTraceServiceRequest.FromString(SpanEncoder().encode_bytes(spans))
     sdk = encode_spans(spans)
-    for message in (sent, sdk):
-        for rs in message.resource_spans:
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    if s.status.code == 0 and not s.status.message:
-                        s.ClearField("status")
-    assert sent == sdk
+    assert _without_unset_status(sent) == _without_unset_status(sdk)
     server = next(s for rs in sent.resource_spans for ss in rs.scope_spans for s in ss.spans if s.name == "server")
     assert server.trace_state == "vendor=v1,other=x" and server.dropped_attributes_count == 1
     assert server.flags & 0x200 and server.parent_span_id == (0xB7AD6B7169203331).to_bytes(8, "big")

@@ -38,8 +38,6 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
 )
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import _encode_events, _encode_links, _encode_status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope as PB2InstrumentationScope
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PB2Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PB2Span
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags as PB2SpanFlags
 from opentelemetry.sdk.resources import Resource
@@ -201,28 +199,10 @@ class SpanEncoder:
 
     def __init__(self, max_cached_attributes: int = 4096) -> None:
         self.max_cached_attributes = max_cached_attributes
-        self._resources: dict[int, tuple[Resource, PB2Resource]] = {}
-        self._scopes: dict[InstrumentationScope | None, PB2InstrumentationScope] = {}
+        self._resources: dict[int, tuple[Resource, bytes]] = {}
+        self._scopes: dict[InstrumentationScope | None, bytes] = {}
         # (key, type, value) -> that attribute serialized as a Span's ``attributes`` field
         self._attrs: dict[tuple[str, type, Any], bytes] = {}
-        self._resource_wire: dict[int, tuple[Resource, bytes]] = {}
-        self._scope_wire: dict[InstrumentationScope | None, bytes] = {}
-
-    def _resource(self, resource: Resource) -> PB2Resource:
-        cached = self._resources.get(id(resource))
-        if cached is None or cached[0] is not resource:
-            if len(self._resources) >= 16:  # one per provider: a handful at most
-                self._resources.clear()
-            cached = self._resources[id(resource)] = (resource, _encode_resource(resource))
-        return cached[1]
-
-    def _scope(self, scope: InstrumentationScope | None) -> PB2InstrumentationScope:
-        encoded = self._scopes.get(scope)
-        if encoded is None:
-            if len(self._scopes) >= 64:
-                self._scopes.clear()
-            encoded = self._scopes[scope] = _encode_instrumentation_scope(scope)
-        return encoded
 
     @staticmethod
     def _encode_attribute(key: str, value: Any) -> bytes:
@@ -230,19 +210,20 @@ class SpanEncoder:
         return PB2Span(attributes=[_encode_key_value(key, value)]).SerializeToString()
 
     def _resource_bytes(self, resource: Resource) -> bytes:
-        cached = self._resource_wire.get(id(resource))
+        """The serialized Resource, encoded once per resource object (one per provider)."""
+        cached = self._resources.get(id(resource))
         if cached is None or cached[0] is not resource:
-            if len(self._resource_wire) >= 16:
-                self._resource_wire.clear()
-            cached = self._resource_wire[id(resource)] = (resource, self._resource(resource).SerializeToString())
+            if len(self._resources) >= 16:  # one per provider: a handful at most
+                self._resources.clear()
+            cached = self._resources[id(resource)] = (resource, _encode_resource(resource).SerializeToString())
         return cached[1]
 
     def _scope_bytes(self, scope: InstrumentationScope | None) -> bytes:
-        encoded = self._scope_wire.get(scope)
+        encoded = self._scopes.get(scope)
         if encoded is None:
-            if len(self._scope_wire) >= 64:
-                self._scope_wire.clear()
-            encoded = self._scope_wire[scope] = self._scope(scope).SerializeToString()
+            if len(self._scopes) >= 64:
+                self._scopes.clear()
+            encoded = self._scopes[scope] = _encode_instrumentation_scope(scope).SerializeToString()
         return encoded
 
     @staticmethod
