@@ -178,6 +178,15 @@ class _Tensor:
             lg_max_k=config.drift.frequent_lg_max_k,
         )  # fmt: skip
 
+    def update(self, array: Any) -> Any:
+        """Run the kernel over ``array``: its result (0, or the violations tuple), or None when
+        the array cannot be viewed as (rows x features)."""
+        try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
+            return self.acc.update(array)
+        except (TypeError, ValueError):  # the kernel checks before touching any state
+            rows = self.rows_of(np.asarray(array))
+            return None if rows is None else self.acc.update(rows)
+
     def rows_of(self, array: np.ndarray) -> np.ndarray | None:
         """The (rows x features) kernel view of ``array``; None if it does not fit."""
         if array.dtype not in _KERNEL_DTYPES:
@@ -378,14 +387,10 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
-            try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
-                found = tensor.acc.update(array)
-            except (TypeError, ValueError):  # the kernel checks before touching any state
-                rows = tensor.rows_of(array)
-                if rows is None:
-                    self.skipped_tensors += 1
-                    continue
-                found = tensor.acc.update(rows)
+            found = tensor.update(array)
+            if found is None:
+                self.skipped_tensors += 1
+                continue
             if found:
                 count += found[0]
                 self._describe(tensor, found, violations)
@@ -427,16 +432,8 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
-            try:  # fast path, as in inspect: already (rows x features), C-contiguous, a kernel dtype
-                tensor.acc.update(array)
-                continue
-            except (TypeError, ValueError):  # the kernel checks before touching any state
-                pass
-            rows = tensor.rows_of(np.asarray(array))
-            if rows is None:
+            if tensor.update(array) is None:
                 self.skipped_tensors += 1
-                continue
-            tensor.acc.update(rows)
 
     def log_payload(
         self, inspection: Inspection, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None,
