@@ -64,10 +64,10 @@ def plan(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
     return {
         "dataplane": [py, str(BENCH_DIR / "bench_dataplane.py"), "--out", str(out), *(["--quick"] if q else []), *args.dataplane_arg],
         "governance": [py, str(BENCH_DIR / "bench_governance.py"), "--out", str(out),
-                       "--repeats", "1" if q else "12", "--duration", "2" if q else "2.5"],
+                       "--repeats", "1" if q else "30", "--duration", "2" if q else "1"],
         "kernel": [py, str(BENCH_DIR / "bench_kernel.py"), "--repeats", "3" if q else "7", "--json", str(out / "kernel.json")],
         "telemetry": [py, str(BENCH_DIR / "bench_telemetry.py"), "--out", str(out),
-                      "--repeats", "1" if q else "12", "--duration", "2" if q else "2.5"],
+                      "--repeats", "1" if q else "30", "--duration", "2" if q else "1"],
         "pipeline": [py, str(BENCH_DIR / "bench_pipeline.py"), "--requests", "4000" if q else "20000",
                      "--repeats", "1" if q else "3", "--json", str(out / "pipeline.json")],
     }
