@@ -574,8 +574,8 @@ cdef class Accumulator:
 
     cdef long long _run(self, const value_t* data, Py_ssize_t rows) noexcept nogil:
         cdef Py_ssize_t F = self.n_features, i, j, K = self.max_violations, room
-        cdef long long nv = 0, n, na, nb, ival
-        cdef double x, m2_b, delta, d, inv
+        cdef long long nv = 0, ival
+        cdef double x, d
         cdef const value_t* row
         cdef float* brow
         cdef unsigned char fl
@@ -586,12 +586,7 @@ cdef class Accumulator:
         cdef long long* cinf = &self._inf[0]
         cdef long long* cbelow = &self._below[0]
         cdef long long* cabove = &self._above[0]
-        cdef double* vmin = &self._min[0]
-        cdef double* vmax = &self._max[0]
-        cdef double* mean = &self._mean[0]
         cdef long long* cnt = &self._count[0]
-        cdef double* vsum = &self._sum[0]
-        cdef double* vm2 = &self._m2[0]
         cdef long long* vtot = &self._v_tot[0]
         cdef float* buf = &self._buf[0]
         cdef float* spill = &self._spill[0]
