@@ -39,7 +39,6 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import _encode_events, _encode_links, _encode_status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PB2Span
-from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags as PB2SpanFlags
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -69,8 +68,6 @@ _PB2_KIND = {SpanKind.INTERNAL: PB2Span.SPAN_KIND_INTERNAL, SpanKind.SERVER: PB2
              SpanKind.CLIENT: PB2Span.SPAN_KIND_CLIENT, SpanKind.PRODUCER: PB2Span.SPAN_KIND_PRODUCER,
              SpanKind.CONSUMER: PB2Span.SPAN_KIND_CONSUMER}
 _KIND_BY_ID = {id(kind): number for kind, number in _PB2_KIND.items()}
-_FLAGS_HAS_IS_REMOTE = PB2SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
-_FLAGS_IS_REMOTE = _FLAGS_HAS_IS_REMOTE | PB2SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
 # Attribute keys (lockgate.* for our own, semconv names for the RPC ones).
 ATTR_MODEL = "lockgate.model.name"
