@@ -12,7 +12,7 @@ alike; req/s are medians, each cost is 1 - the median of the per-repeat ratios t
 
 Targets (issue 5): prom+tr1 costs <= 3% of ``off`` throughput; prom+tr100 <= 25%.
 A micro-benchmark of the per-request hooks (unsampled / sampled ``start_request``,
-``observe_request``) runs first and needs no server.
+``VersionStats.record_request``/``record_direct``) runs first and needs no server.
 
     .venv/bin/python benchmarks/bench_telemetry.py            # ~4-5 min on 2 cores
     .venv/bin/python benchmarks/bench_telemetry.py --quick    # smoke run
@@ -142,9 +142,13 @@ def micro(n: int = 20000) -> dict[str, float]:
 
     metrics = GatewayMetrics(_Repo(), MetricsSettings(process=False, gpu=False))  # type: ignore[arg-type]
     version = _Version()
-    out["observe_request_ns"] = timeit.timeit(lambda: metrics.observe_request(version, True, 250_000, decision="default"), number=n) / n * 1e9  # type: ignore[arg-type]
-    inst = metrics.attach(version)  # type: ignore[arg-type]
-    out["batch_listener_ns"] = timeit.timeit(lambda: inst.on_batch(1, [20_000], 80_000), number=n) / n * 1e9
+    stats = version.stats
+    # the per-request and per-execution bookkeeping without and with the histograms attached
+    out["record_request_ns"] = timeit.timeit(lambda: stats.record_request(True, 250_000, "", "default", None), number=n) / n * 1e9
+    out["record_direct_ns"] = timeit.timeit(lambda: stats.record_direct(1, 80_000), number=n) / n * 1e9
+    metrics.attach(version)  # type: ignore[arg-type]
+    out["record_request_with_histogram_ns"] = timeit.timeit(lambda: stats.record_request(True, 250_000, "", "default", None), number=n) / n * 1e9
+    out["record_direct_with_histograms_ns"] = timeit.timeit(lambda: stats.record_direct(1, 80_000), number=n) / n * 1e9
     on.shutdown()
     off.shutdown()
     del asyncio

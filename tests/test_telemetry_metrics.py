@@ -54,11 +54,11 @@ def request(rows: int = 1, width: int = 4, model: str = "mlp") -> Any:
 
 
 async def infer(pipeline: InferencePipeline, telemetry: Telemetry, req: Any, metadata: dict | None = None) -> bool:
-    """What the integrated pipeline does per request (the calls the lead wires in)."""
+    """What the integrated pipeline does per request (the calls the lead wires in); the
+    pipeline itself records the outcome into the version's stats and histograms."""
     start = time.perf_counter_ns()
     trace = telemetry.start_request("ModelInfer", metadata or {}, start)
     ok, error = False, None
-    version = pipeline.repository.get(req.model_name).get(req.model_version)
     try:
         await pipeline.infer(req, pb.ModelInferResponse, RequestContext(trace=trace))
         ok = True
@@ -66,7 +66,6 @@ async def infer(pipeline: InferencePipeline, telemetry: Telemetry, req: Any, met
         error = exc
     finally:
         elapsed = time.perf_counter_ns() - start
-        telemetry.observe_request(version, ok, elapsed, "default", trace)
         if trace is not None:
             trace.finish(error, start + elapsed)
     return ok

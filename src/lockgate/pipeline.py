@@ -136,11 +136,12 @@ class InferencePipeline:
         inputs = None
         outputs = None
         ok = False
+        reason = ""
         error: BaseException | None = None
         try:
             # decode
             inputs = codec.decode_inputs(request, version.signature)
-            output_names = codec.requested_outputs(request, version.signature)
+            output_names = codec.requested_outputs(request, version.signature) if request.outputs else version.signature.output_names
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
@@ -165,21 +166,17 @@ class InferencePipeline:
             return outer
         except LockgateError as exc:
             error = exc
-            version.stats.record_request(False, time.perf_counter_ns() - start_ns, exc.reason)
+            reason = exc.reason
             raise
         except Exception as exc:
             error = exc
-            version.stats.record_request(False, time.perf_counter_ns() - start_ns, "internal")
+            reason = "internal"
             raise
         finally:
             elapsed = time.perf_counter_ns() - start_ns
-            if ok:
-                version.stats.record_request(True, elapsed)
+            # counters, route decisions and (when metrics attached them) histograms, in C
+            version.stats.record_request(ok, elapsed, reason, route.decision,
+                                         trace.trace_id_hex if trace is not None else None)
             self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
-            if telemetry is not None:
-                metrics = telemetry.metrics  # direct: this runs for every request
-                if metrics is not None:
-                    metrics.observe_request(version, ok, elapsed, decision=route.decision,
-                                            trace_id=trace.trace_id_hex if trace is not None else None)
             if trace is not None:
                 trace.finish(error, start_ns + elapsed)

@@ -72,7 +72,7 @@ def _fmt(value: float) -> str:
     return repr(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Inspection:
     violations: list[Violation]
     violation_count: int
@@ -100,6 +100,10 @@ class Inspection:
                 description=v.describe(),
             )
         return detail
+
+
+# The outcome of a request that broke no rule and was not sampled: shared, immutable.
+CLEAN = Inspection([], 0, False, False)
 
 
 def _rule_limit(rule: FeatureRule | None, code: int) -> str:
@@ -405,6 +409,8 @@ class GovernanceEngine:
             first = next(iter(self.inputs.values()))
             if first.acc.rows >= self._window_rows:
                 self._wake.set()
+        if not count and not sampled:
+            return CLEAN  # nearly every request: nothing to report or record, nothing to build
         return Inspection(violations, count, count > 0 and self.reject_mode, sampled, request_id, trace_id)
 
     def _describe(self, tensor: _Tensor, found: tuple, out: list[Violation]) -> None:

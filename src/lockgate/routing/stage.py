@@ -1,7 +1,8 @@
 """The routing step of the request pipeline: policy routing, gates, stats and shadow calls.
 
 Adapts `Router` to the pipeline: gates come from the control plane's in-memory caches
-(intersected with what is loaded), every primary request feeds the canary statistics, and a
+(intersected with what is loaded), every primary request routed by a policy feeds the canary
+statistics (a model without a policy has no canary: its requests skip them), and a
 mirrored request runs on the shadow version as a detached task after the caller's response
 is built, so it can neither change the caller's result nor add to its latency. Shadow tasks
 are bounded; a mirror that finds the bound full is dropped and counted.
@@ -75,6 +76,8 @@ class PolicyRouting:
 
     def after_response(self, model: "LoadedModel", route: RouteDecision, ok: bool, latency_ns: int,
                        inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray] | None) -> None:
+        if route.decision == "default":
+            return  # the model had no traffic policy: no canary to judge, no shadow to call
         self.plane.traffic_stats.record(model.name, route.version, latency_ns / 1e6, ok)
         if route.shadow_version is None or not ok or inputs is None or outputs is None:
             return

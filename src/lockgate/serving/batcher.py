@@ -83,12 +83,18 @@ class DynamicBatcher:
     def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray] | None:
         """Run a lone request at once in the caller, or return None when it must queue (``submit``).
 
-        Taken only when a worker would run it alone at once anyway (see ``_can_run_directly``):
-        no future, no queue entry, no coroutine, no loop turn. Under gRPC load each request
-        arrives in its own loop turn, so this is the path nearly every batch-1 request takes
-        until requests really overlap.
+        Taken only when a worker would run it alone at once anyway: no future, no queue entry,
+        no coroutine, no loop turn. That is: an inline runtime, nothing queued ahead of it, no
+        worker holding a batch, the previous batch ran alone (so no fill wait is due), and no
+        direct run yet in this loop turn. Once requests overlap, a batch of several forms and
+        the workers take over until a batch runs alone again. Arrival gaps are no signal: one
+        sequential client sends back to back without ever overlapping. Under gRPC load each
+        request arrives in its own loop turn, so this is the path nearly every batch-1 request
+        takes until requests really overlap.
         """
-        if self._closing or not self._can_run_directly():
+        if self._closing or self._executor is not None or self._queue or self._running:
+            return None
+        if self._merge and (self._direct_recent or self._last_batch_requests > 1):
             return None
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"{self.label}: the request's deadline passed before it was queued")
@@ -108,7 +114,7 @@ class DynamicBatcher:
         rows = next(iter(inputs.values())).shape[0] if self._merge else 1
         if trace is not None:
             trace.batch(start_ns, start_ns, end_ns, rows, None)
-        self.stats.record_batch(rows, (0,), 0, end_ns - start_ns, 0)
+        self.stats.record_direct(rows, end_ns - start_ns)
         return outputs
 
     def _failure(self, exc: Exception, requests: int) -> LockgateError:
@@ -146,21 +152,6 @@ class DynamicBatcher:
         self._idle.clear()
         self._wakeup.set()
         return await future
-
-    def _can_run_directly(self) -> bool:
-        """A lone request on an inline runtime runs in the caller's task, skipping the worker hop.
-
-        Only when a worker would take it and run it alone at once: nothing queued ahead of it, no
-        worker holding a batch, the previous batch ran alone (so no fill wait is due), and no
-        direct run yet in this loop turn. Once requests overlap, a batch of several forms and
-        the workers take over until a batch runs alone again. Arrival gaps are no signal: one
-        sequential client sends back to back without ever overlapping.
-        """
-        if self._executor is not None or self._queue or self._running:
-            return False
-        if not self._merge:
-            return True
-        return not self._direct_recent and self._last_batch_requests <= 1
 
     def _end_direct_turn(self) -> None:
         self._direct_recent = False

@@ -1,13 +1,10 @@
 """One object the gateway owns: metrics + tracing, built from settings, started and stopped.
 
 The gateway calls ``install(gateway)`` once, ``start()`` after the gRPC server is up and
-``close()`` after it drained. The request path calls two methods:
-
-* ``start_request(method, metadata, start_perf_ns)`` -> ``RequestTrace | None``
-* ``observe_request(version, ok, duration_ns, decision, trace)`` (the pipeline calls
-  ``metrics.observe_request`` directly, one call fewer per request)
-
-Both are cheap no-ops for what is switched off, so callers need no extra flags.
+``close()`` after it drained. The request path calls one method,
+``start_request(method, metadata, start_perf_ns)`` -> ``RequestTrace | None`` (None with
+tracing off). Metrics need no per-request call: ``GatewayMetrics.attach`` hands each version's
+``VersionStats`` its histograms, which the pipeline's own request/batch bookkeeping fills.
 """
 
 from __future__ import annotations
@@ -68,13 +65,6 @@ class Telemetry:
         if tracing is None:
             return None
         return tracing.start_request(method, metadata, start_perf_ns)
-
-    def observe_request(self, version: "ModelVersion", ok: bool, duration_ns: int, decision: str | None = None,
-                        trace: RequestTrace | None = None) -> None:
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.observe_request(version, ok, duration_ns, decision=decision,
-                                    trace_id=trace.trace_id_hex if trace is not None else None)
 
     # -- for other subsystems --------------------------------------------------------
     def register_source(self, name: str, source: Source) -> None:
