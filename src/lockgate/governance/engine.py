@@ -188,8 +188,12 @@ class _Tensor:
         try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
             return self.acc.update(array)
         except (TypeError, ValueError):  # the kernel checks before touching any state
-            rows = self.rows_of(np.asarray(array))
-            return None if rows is None else self.acc.update(rows)
+            return self.update_reshaped(array)
+
+    def update_reshaped(self, array: Any) -> Any:
+        """``update`` for an array the kernel refused as it is (other layout or dtype)."""
+        rows = self.rows_of(np.asarray(array))
+        return None if rows is None else self.acc.update(rows)
 
     def rows_of(self, array: np.ndarray) -> np.ndarray | None:
         """The (rows x features) kernel view of ``array``; None if it does not fit."""
@@ -391,7 +395,10 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
-            found = tensor.update(array)
+            try:  # _Tensor.update, inlined (once per input per request)
+                found = tensor.acc.update(array)
+            except (TypeError, ValueError):
+                found = tensor.update_reshaped(array)
             if found is None:
                 self.skipped_tensors += 1
                 continue
@@ -438,8 +445,11 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
-            if tensor.update(array) is None:
-                self.skipped_tensors += 1
+            try:  # _Tensor.update, inlined (once per output per request)
+                tensor.acc.update(array)
+            except (TypeError, ValueError):
+                if tensor.update_reshaped(array) is None:
+                    self.skipped_tensors += 1
 
     def log_payload(
         self, inspection: Inspection, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None,

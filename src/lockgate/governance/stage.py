@@ -81,13 +81,11 @@ class GovernanceStage:
         if engine is None or not engine.enabled:
             return None
         trace = ctx.trace
-        t0 = time.perf_counter_ns()
-        inspection = engine.inspect(
-            inputs, request_id,
-            trace_id=trace.trace_id_hex if trace is not None else None,
-            trace_sampled=(trace is not None) if self.tracing_enabled else None,
-        )
-        if trace is not None:
+        if trace is None:  # the common case: no span to fill
+            inspection = engine.inspect(inputs, request_id, None, False if self.tracing_enabled else None)
+        else:
+            t0 = time.perf_counter_ns()
+            inspection = engine.inspect(inputs, request_id, trace.trace_id_hex, True if self.tracing_enabled else None)
             outcome = "rejected" if inspection.reject else ("flagged" if inspection.violation_count else "ok")
             trace.governance(t0, time.perf_counter_ns(), outcome=outcome, violations=inspection.violation_count,
                              payload_sampled=inspection.sampled)
