@@ -104,3 +104,41 @@ def test_pending_is_writable_by_the_batcher() -> None:
     s.pending += 4
     s.pending -= 1
     assert s.pending == 3
+
+
+def test_a_request_cancelled_mid_run_is_a_failure_named_cancelled(tmp_path) -> None:
+    """The pipeline records every request's outcome once: a caller that goes away while its
+    request waits on the model counts as a failure with reason ``cancelled``."""
+    import asyncio
+
+    import numpy as np
+
+    from conftest import slow_model, write_model
+    from lockgate._proto import inference_pb2 as pb
+    from lockgate.pipeline import InferencePipeline, RequestContext
+    from lockgate.serving.repository import ModelRepository
+
+    write_model(tmp_path, "slow", 1, slow_model(), "max_batch_size: 0\nruntime: {execution: thread}\n")
+
+    async def scenario() -> VersionStats:
+        repository = ModelRepository(tmp_path)
+        await repository.load_all()
+        try:
+            pipeline = InferencePipeline(repository)
+            request = pb.ModelInferRequest(model_name="slow")
+            request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 384])
+            request.raw_input_contents.append(np.ones((1, 384), np.float32).tobytes())
+            await pipeline.infer(request, pb.ModelInferResponse, RequestContext())  # one success
+            task = asyncio.ensure_future(pipeline.infer(request, pb.ModelInferResponse, RequestContext()))
+            await asyncio.sleep(0)  # one loop turn: the request is now waiting on the worker thread
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return repository.get("slow").get("1").stats
+        finally:
+            await repository.close()
+
+    stats = asyncio.run(scenario())
+    assert stats.success.count == 1
+    assert stats.fail.count == 1 and stats.failures_by_reason == {"cancelled": 1}
+    assert stats.decisions == {"default": 2}

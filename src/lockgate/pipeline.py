@@ -136,7 +136,7 @@ class InferencePipeline:
         inputs = None
         outputs = None
         ok = False
-        reason = ""
+        reason = "cancelled"  # unless an error below names it: the caller went away mid-request
         error: BaseException | None = None
         try:
             # decode
