@@ -9,7 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lockgate.governance._kernels import RULE_ALLOWED, RULE_INF, RULE_MAX, RULE_MIN, RULE_NAN, Accumulator
+from lockgate.governance._kernels import (
+    BIN_GRID_CELLS,
+    RULE_ALLOWED,
+    RULE_INF,
+    RULE_MAX,
+    RULE_MIN,
+    RULE_NAN,
+    Accumulator,
+)
 from lockgate.governance.config import GovernanceConfig
 from lockgate.governance.engine import GovernanceEngine
 from lockgate.governance.sketches import SketchSet
@@ -366,7 +374,7 @@ def test_bins_equal_searchsorted_at_edges_and_cell_boundaries(rows_per_call):
         if e.size:
             values += [e, np.nextafter(e, -np.inf), np.nextafter(e, np.inf)]
         if e.size >= 2 and e[-1] > e[0]:
-            starts = e[0] + np.arange(256) * (e[-1] - e[0]) / 254
+            starts = e[0] + np.arange(BIN_GRID_CELLS) * (e[-1] - e[0]) / (BIN_GRID_CELLS - 2)
             values += [starts, np.nextafter(starts, -np.inf), np.nextafter(starts, np.inf)]
     column = np.concatenate(values)
     F = len(edge_sets)

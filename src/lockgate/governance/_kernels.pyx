@@ -76,9 +76,15 @@ cdef enum:
     F_HAS_ALLOWED = 4
 
 cdef enum:
-    GRID = 256
+    # Cells of the bin-lookup grid per feature. With quantile edges the data is densest where
+    # the edges are, so the share of values landing in a cell that holds an edge (and need a
+    # scan, an unpredictable branch) falls with the cell count: ~18% of values at 256 cells,
+    # a few % at 1,024, which made batch-1 calls ~10-15% faster for 2 KB of table per feature.
+    GRID = 1024
     MAX_EDGES = 254
     CELL_CHECK = 0x8000  # table flag: an edge lies in (or within rounding of) this cell
+
+BIN_GRID_CELLS = GRID  # for tests that probe every cell boundary
 
 # Release the GIL only for batches this large: below it the lock round trip costs more
 # than the loop.
