@@ -141,7 +141,7 @@ class InferencePipeline:
         try:
             # decode
             inputs = codec.decode_inputs(request, version.signature)
-            output_names = codec.requested_outputs(request, version.signature) if request.outputs else version.signature.output_names
+            output_names = codec.requested_outputs(request, version.signature)
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run

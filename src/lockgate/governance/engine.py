@@ -182,16 +182,10 @@ class _Tensor:
             lg_max_k=config.drift.frequent_lg_max_k,
         )  # fmt: skip
 
-    def update(self, array: Any) -> Any:
-        """Run the kernel over ``array``: its result (0, or the violations tuple), or None when
-        the array cannot be viewed as (rows x features)."""
-        try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
-            return self.acc.update(array)
-        except (TypeError, ValueError):  # the kernel checks before touching any state
-            return self.update_reshaped(array)
-
     def update_reshaped(self, array: Any) -> Any:
-        """``update`` for an array the kernel refused as it is (other layout or dtype)."""
+        """The kernel's result for an array it refused as it is (other layout or dtype): 0 or
+        the violations tuple, or None when the array cannot be viewed as (rows x features).
+        Callers try ``acc.update(array)`` first; the kernel checks before touching any state."""
         rows = self.rows_of(np.asarray(array))
         return None if rows is None else self.acc.update(rows)
 
@@ -395,7 +389,7 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
-            try:  # _Tensor.update, inlined (once per input per request)
+            try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
                 found = tensor.acc.update(array)
             except (TypeError, ValueError):
                 found = tensor.update_reshaped(array)
@@ -445,7 +439,7 @@ class GovernanceEngine:
                 if tensor is None:
                     self.skipped_tensors += 1
                     continue
-            try:  # _Tensor.update, inlined (once per output per request)
+            try:  # fast path, as for inputs
                 tensor.acc.update(array)
             except (TypeError, ValueError):
                 if tensor.update_reshaped(array) is None:

@@ -235,7 +235,7 @@ def encode_outputs(
     raw = response.raw_output_contents
     for name in names:
         arr = outputs[name]
-        dt = _DATATYPE_OF.get(arr.dtype) or _datatype_of(arr.dtype)
+        dt = _datatype_of(arr.dtype)
         out = add_output()
         out.name = name
         out.datatype = dt.name
