@@ -101,6 +101,10 @@ class H2LoadResult:
     # succeeded request during the run; NaN when not measured. Less sensitive than req/s to
     # other work on a shared machine taking the cores away.
     server_cpu_us_per_request: float = float("nan")
+    # Good calls per second over the run minus its first ``steady_after_s`` seconds (NaN when
+    # not asked for): the steady state of a server whose first responses wait for a full batch.
+    steady_requests_per_s: float = float("nan")
+    steady_after_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,18 +135,32 @@ def parse_output(text: str) -> dict[str, float]:
     }
 
 
-def latency_percentiles_ms(log_file: Path) -> tuple[float, float, float, float]:
-    """p50, p99, mean, max from h2load's per-request log (3rd column: microseconds)."""
-    values = []
+def read_log(log_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Start times and durations (µs) of the HTTP-200 calls in h2load's per-request log
+    (columns: start as µs since the epoch, status, µs until the end of the response)."""
+    starts, durations = [], []
     for line in log_file.read_text().splitlines():
         parts = line.split("\t")
         if len(parts) >= 3 and parts[1] == "200":
-            values.append(int(parts[2]))
-    if not values:
+            starts.append(int(parts[0]))
+            durations.append(int(parts[2]))
+    return np.asarray(starts, dtype=np.float64), np.asarray(durations, dtype=np.float64)
+
+
+def latency_percentiles_ms(durations_us: np.ndarray) -> tuple[float, float, float, float]:
+    """p50, p99, mean, max of per-call durations (µs) in ms."""
+    if not durations_us.size:
         return (math.nan,) * 4  # type: ignore[return-value]
-    us = np.asarray(values, dtype=np.float64)
-    p50, p99 = np.percentile(us, [50, 99])
-    return p50 / 1e3, p99 / 1e3, float(us.mean()) / 1e3, float(us.max()) / 1e3
+    p50, p99 = np.percentile(durations_us, [50, 99])
+    return p50 / 1e3, p99 / 1e3, float(durations_us.mean()) / 1e3, float(durations_us.max()) / 1e3
+
+
+def steady_rate(starts_us: np.ndarray, durations_us: np.ndarray, duration_s: float, after_s: float) -> float:
+    """Calls/s that ended between ``after_s`` and ``duration_s`` after the first call started."""
+    if not starts_us.size or duration_s <= after_s:
+        return math.nan
+    ends = (starts_us + durations_us - starts_us.min()) / 1e6
+    return float(np.count_nonzero((ends >= after_s) & (ends <= duration_s))) / (duration_s - after_s)
 
 
 def run_h2load(
@@ -156,12 +174,15 @@ def run_h2load(
     threads: int = 1,
     host: str = "127.0.0.1",
     timeout_s: float | None = None,
+    steady_after_s: float = 0.0,
 ) -> H2LoadResult:
     """Run h2load for ``duration_s`` at ``load`` against ``host:port`` + ``path``.
 
     ``response_bytes`` is the DATA size of one good response (all frames of it), used to
     detect gRPC errors hidden behind HTTP 200. No h2load warm-up phase is used: it would
     count warm-up DATA bytes in the totals; callers warm up with a separate short run.
+    ``steady_after_s`` > 0 also counts, from the per-call log, the rate after that many seconds
+    (``steady_requests_per_s``), scaled by the share of calls that carried a good response.
     """
     binary = ensure_h2load()
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
@@ -184,12 +205,17 @@ def run_h2load(
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}: {proc.stderr[-1000:]}{proc.stdout[-1000:]}")
         summary = parse_output(proc.stdout)
-        p50, p99, mean, mx = latency_percentiles_ms(log_file)
+        starts, durations = read_log(log_file)
+        p50, p99, mean, mx = latency_percentiles_ms(durations)
     expected = summary["succeeded"] * response_bytes
     missing = max(0, expected - summary["data_bytes"])
     grpc_errors = math.ceil(missing / response_bytes) if response_bytes else 0
     good = summary["succeeded"] - grpc_errors
     duration = summary["duration_s"] or duration_s
+    steady = math.nan
+    if steady_after_s > 0:
+        good_share = good / summary["succeeded"] if summary["succeeded"] else 0.0
+        steady = steady_rate(starts, durations, duration, steady_after_s) * good_share
     return H2LoadResult(
         requests_per_s=good / duration,
         messages_per_s=good * frames / duration,
@@ -202,6 +228,8 @@ def run_h2load(
         p99_ms=p99,
         mean_ms=mean,
         max_ms=mx,
+        steady_requests_per_s=steady,
+        steady_after_s=steady_after_s,
     )
 
 

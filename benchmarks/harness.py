@@ -188,7 +188,9 @@ class Harness:
                     )
         return cells
 
-    def measure(self, target_name: str, workload: Workload, level: int, duration_s: float | None = None) -> H2LoadResult:
+    def measure(
+        self, target_name: str, workload: Workload, level: int, duration_s: float | None = None, steady_after_s: float = 0.0
+    ) -> H2LoadResult:
         server = self.servers[target_name]
         if not server.alive():
             raise RuntimeError(f"{target_name} died; see {server.log_path}")
@@ -204,6 +206,7 @@ class Harness:
             duration_s or self.duration_s,
             response_bytes=check.response_bytes,
             frames=workload.frames,
+            steady_after_s=steady_after_s,
         )
         if cpu_before is not None and result.succeeded:
             cpu_after = process_tree_cpu_s(server.proc.pid)

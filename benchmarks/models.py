@@ -9,7 +9,13 @@ Models, chosen to stress opposite ends of the data plane:
   and GEMM efficiency grows with batch size, so it shows whether dynamic batching recovers
   the throughput that batch-1 clients would otherwise leave on the table. Too light, though:
   batched it runs ~4,000 rows/s, above the gRPC transport ceiling, so it is kept for reference.
-* ``heavy_mlp`` -- FP32 MLP 1024 -> 5 x 4096 -> 10, the model of the batching goal (below).
+* ``heavy_mlp`` -- FP32 MLP 1024 -> 5 x 4096 -> 10 (~71 M MACs per row): batching pays ~15x,
+  but on this 2-core machine the gRPC transport (~0.75 ms of CPU per request) is a third of its
+  compute (~2.2 ms per row), which caps lockgate at ~0.79 of in-process ORT whatever the batcher
+  does. Reported, with that bound.
+* ``xl_mlp`` -- FP32 MLP 1024 -> 5 x 8192 -> 10 (~277 M MACs, ~1.1 GB of weights, ~8 ms per row
+  batched, ~80 ms at batch 1): compute-heavy enough that transport is < 10% of the work, so the
+  batching goal measures batching.
 
 Weights are random with a fixed seed so every server and the in-process reference run the
 exact same graph, and results can be compared bit for bit.
@@ -96,14 +102,16 @@ WIDE_MLP = ModelSpec(
     config=_batching_config(intra_op_threads=2, max_queue_delay_us=2000, preferred_batch_sizes=(32, 64, 128)),
 )
 
-# The compute-heavy model of the batching goal. wide_mlp (~0.26 ms/row when batched) was so
-# light that the gRPC transport (~1,300 batch-1 req/s here) capped the served rate far below
-# in-process ORT. This one is ~71 M MACs per row over ~290 MB of weights: at batch 1 every run
-# streams all weights (~30-40 ms/row, memory bound); batched, the weights are reused across rows
-# (~15x more rows/s, a few hundred), so compute dominates transport and batching is what counts.
-# (A small CNN on 3x64x64 images was tried: ~6 ms/image at batch 1 but no gain from batching on
-# this CPU, so it cannot show batching.) One intra-op thread: the second core is left to the
-# gRPC loop and h2load; the in-process reference is swept at 1 and 2 threads and the best taken.
+# A compute-heavy model. wide_mlp (~0.26 ms/row when batched) was so light that the gRPC
+# transport (~1,300 batch-1 req/s here) capped the served rate far below in-process ORT. This
+# one is ~71 M MACs per row over ~290 MB of weights: at batch 1 every run streams all weights
+# (~30-40 ms/row, memory bound); batched, the weights are reused across rows (~15x more rows/s,
+# a few hundred). Still too light for the goal on 2 cores: per-thread CPU under load (512 in
+# flight) was ~2.4 ms of ORT per row against ~0.55 ms on the event loop, ~0.12 ms in grpc's
+# threads and ~0.07-0.1 ms of governance per request, plus h2load's share, which bounds lockgate
+# at ~0.79 of in-process ORT. (A small CNN on 3x64x64 images was tried: ~6 ms/image at batch 1
+# but no gain from batching on this CPU, so it cannot show batching.) One intra-op thread per
+# instance; the in-process reference is swept at 1 and 2 threads and the best taken.
 HEAVY_MLP = ModelSpec(
     name="heavy_mlp",
     layers=(1024, 4096, 4096, 4096, 4096, 4096, 10),
@@ -111,7 +119,18 @@ HEAVY_MLP = ModelSpec(
     config=_batching_config(intra_op_threads=1, max_queue_delay_us=50000, preferred_batch_sizes=(128,), instances=2),
 )
 
-MODELS: dict[str, ModelSpec] = {MLP.name: MLP, WIDE_MLP.name: WIDE_MLP, HEAVY_MLP.name: HEAVY_MLP}
+# The model of the batching goal: ~8 ms of compute per row batched, so the ~0.75 ms of transport
+# CPU per batch-1 request (h2load included) is under a tenth of the work on these 2 cores. Two
+# single-threaded instances at batch 128 (measured, same conditions, one 20 s run each at 256 in
+# flight: 2 x 1 thread batch 128 ~218 rows/s, 2 x 1 batch 64 ~205, 1 x 2 threads batch 64 ~170).
+XL_MLP = ModelSpec(
+    name="xl_mlp",
+    layers=(1024, 8192, 8192, 8192, 8192, 8192, 10),
+    seed=4,
+    config=_batching_config(intra_op_threads=1, max_queue_delay_us=100000, preferred_batch_sizes=(128,), instances=2),
+)
+
+MODELS: dict[str, ModelSpec] = {MLP.name: MLP, WIDE_MLP.name: WIDE_MLP, HEAVY_MLP.name: HEAVY_MLP, XL_MLP.name: XL_MLP}
 
 
 def build_model(spec: ModelSpec) -> onnx.ModelProto:
@@ -123,8 +142,10 @@ def build_model(spec: ModelSpec) -> onnx.ModelProto:
     n_layers = len(spec.layers) - 1
     for i, (fan_in, fan_out) in enumerate(zip(spec.layers[:-1], spec.layers[1:])):
         # He-style scaling keeps activations in a sane range through the deep wide model.
-        w = (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-        b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+        # float32 draws: xl_mlp has ~277 M weights, and float64 draws + a cast took ~20 s more
+        w = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
+        w *= np.float32(np.sqrt(2.0 / fan_in))
+        b = rng.standard_normal(fan_out, dtype=np.float32) * np.float32(0.01)
         initializers += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
         last = i == n_layers - 1
         gemm_out = spec.output_name if last else f"H{i}"
@@ -161,7 +182,7 @@ def write_model(spec: ModelSpec, path: Path) -> Path:
 
 def write_repository(
     root: Path,
-    specs: tuple[ModelSpec, ...] = (MLP, HEAVY_MLP),
+    specs: tuple[ModelSpec, ...] = (MLP, HEAVY_MLP, XL_MLP),
     dynamic_batching: bool = True,
 ) -> Path:
     """Write a lockgate model repository: ``root/<model>/1/model.onnx`` + ``config.yaml``.
