@@ -436,3 +436,59 @@ def test_span_encoder_wire_bytes_match_the_sdk_for_remote_parents_state_and_link
     server = next(s for rs in sent.resource_spans for ss in rs.scope_spans for s in ss.spans if s.name == "server")
     assert server.trace_state == "vendor=v1,other=x" and server.dropped_attributes_count == 1
     assert server.flags & 0x200 and server.parent_span_id == (0xB7AD6B7169203331).to_bytes(8, "big")
+
+
+def test_real_lockgate_concurrent_calls_each_keep_their_own_traceparent(repo: Path, receiver: OtlpReceiver, tmp_path: Path) -> None:
+    """The server reads each call's metadata from what grpc decoded to find its handler (a
+    context variable per call): under concurrency no call may see another's traceparent,
+    and every message of a stream sees the stream's."""
+    import asyncio
+
+    from lockgate._proto import inference_pb2 as pb
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver.endpoint}", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+           "OTEL_TRACES_SAMPLER_ARG": "0", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    rng = random.Random(11)
+    calls = [(f"{rng.getrandbits(128):032x}", f"{rng.getrandbits(64) | 1:016x}", i % 2 == 0) for i in range(96)]
+    stream_trace, stream_parent = f"{rng.getrandbits(128):032x}", f"{rng.getrandbits(64) | 1:016x}"
+
+    def request() -> Any:
+        req = pb.ModelInferRequest(model_name="mlp")
+        req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+        req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+        return req
+
+    async def drive(url: str) -> tuple[int, int]:
+        async with grpc.aio.insecure_channel(url) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=pb.ModelInferRequest.SerializeToString,
+                                        response_deserializer=pb.ModelInferResponse.FromString)
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                           request_serializer=pb.ModelInferRequest.SerializeToString,
+                                           response_deserializer=pb.ModelStreamInferResponse.FromString)
+
+            async def one(trace_id: str, span_id: str, sampled: bool) -> bool:
+                header = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+                response = await infer(request(), metadata=(("traceparent", header),))
+                return len(response.raw_output_contents) == 1
+
+            async def streamed() -> int:
+                header = f"00-{stream_trace}-{stream_parent}-01"
+                call = stream(iter([request() for _ in range(5)]), metadata=(("traceparent", header),))
+                return sum([not r.error_message async for r in call])
+
+            results = await asyncio.gather(*(one(*c) for c in calls), streamed())
+            return sum(results[:-1]), results[-1]
+
+    server = LockgateProcess(repo, env=env, state_dir=tmp_path / "state").wait_ready()
+    try:
+        assert asyncio.run(drive(server.url)) == (len(calls), 5)
+    finally:
+        assert server.terminate() == 0  # spans flushed at shutdown
+    expected = {trace_id: parent for trace_id, parent, sampled in calls if sampled}
+    servers = [s for s in receiver.wait_spans(len(expected) + 5) if s.kind == s.SPAN_KIND_SERVER]
+    got: dict[str, list[str]] = {}
+    for span in servers:
+        got.setdefault(span.trace_id.hex(), []).append(span.parent_span_id.hex())
+    assert got.pop(stream_trace) == [stream_parent] * 5
+    assert got == {trace_id: [parent] for trace_id, parent in expected.items()}

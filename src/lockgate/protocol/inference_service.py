@@ -23,6 +23,7 @@ from lockgate._proto import inference_pb2 as pb
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.errors import InferenceFailed, LockgateError
 from lockgate.pipeline import InferencePipeline, RequestContext
+from lockgate.protocol.call_metadata import text_metadata
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
 
 log = logging.getLogger("lockgate.grpc")
@@ -47,14 +48,10 @@ async def abort(context: grpc.aio.ServicerContext, exc: LockgateError) -> None:
     await context.abort_with_status(status_for(exc))
 
 
-def _text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-
-
 def _context(context: grpc.aio.ServicerContext) -> RequestContext:
     remaining = context.time_remaining()
     deadline = time.monotonic() + remaining if remaining is not None else None
-    return RequestContext(deadline=deadline, metadata_source=lambda: _text_metadata(context))
+    return RequestContext(deadline=deadline, metadata_source=lambda: text_metadata(context))
 
 
 def _stream_message() -> tuple[Any, Any]:
