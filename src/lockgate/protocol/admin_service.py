@@ -35,6 +35,7 @@ from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
+from lockgate.protocol.call_metadata import call_metadata
 from lockgate.routing.changes import NotServable
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
 
@@ -118,7 +119,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> T:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
         header = None
-        for key, value in context.invocation_metadata() or ():
+        for key, value in call_metadata(context):
             if key.lower() == AUTHORIZATION:
                 header = value if isinstance(value, str) else value.decode("latin-1")
                 break

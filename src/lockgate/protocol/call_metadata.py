@@ -33,9 +33,14 @@ class MetadataCapture(grpc.GenericRpcHandler):
         return self._inner.service(handler_call_details)
 
 
-def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The call's text (non ``-bin``) metadata as a dict; lower-case keys, as gRPC delivers them."""
+def call_metadata(context: grpc.aio.ServicerContext) -> tuple:
+    """The call's metadata as grpc decoded it: ``(key, value)`` pairs, ``-bin`` values as bytes."""
     metadata = _CALL_METADATA.get()
     if metadata is None:  # a handler registered without MetadataCapture
         metadata = context.invocation_metadata()
-    return {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    return metadata or ()
+
+
+def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text (non ``-bin``) metadata as a dict; lower-case keys, as gRPC delivers them."""
+    return {k: v for k, v in call_metadata(context) if isinstance(v, str)}
