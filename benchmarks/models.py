@@ -204,9 +204,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="model repository to write")
     parser.add_argument("--no-dynamic-batching", action="store_true")
+    parser.add_argument("--models", default="mlp,heavy_mlp,xl_mlp", help=f"comma list of {', '.join(MODELS)}")
     args = parser.parse_args()
-    root = write_repository(args.directory, dynamic_batching=not args.no_dynamic_batching)
-    print(f"wrote model repository {root}: {', '.join(MODELS)}")
+    specs = tuple(MODELS[name] for name in args.models.split(",") if name)
+    root = write_repository(args.directory, specs, dynamic_batching=not args.no_dynamic_batching)
+    print(f"wrote model repository {root}: {', '.join(spec.name for spec in specs)}")
 
 
 if __name__ == "__main__":
