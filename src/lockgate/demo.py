@@ -45,7 +45,7 @@ def mlp_model(sizes: list[int], *, seed: int, input_name: str = "features", outp
         b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
         last = i == len(sizes) - 2
-        out = (f"logits" if softmax else output_name) if last else f"h{i}"
+        out = ("logits" if softmax else output_name) if last else f"h{i}"
         nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"B{i}"], [out if last else f"g{i}"]))
         if not last:
             nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))

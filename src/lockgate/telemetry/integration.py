@@ -17,7 +17,7 @@ from lockgate.telemetry.metrics import GatewayMetrics, MetricsServer, Source, st
 from lockgate.telemetry.tracing import RequestTrace, Tracing, resolve
 
 if TYPE_CHECKING:
-    from lockgate.serving.repository import ModelRepository, ModelVersion
+    from lockgate.serving.repository import ModelRepository
 
 log = logging.getLogger("lockgate.telemetry")
 
