@@ -2,9 +2,13 @@
 
 Not runnable without a CUDA GPU and onnxruntime-gpu. One script, under 5 minutes:
   1. the CUDA execution provider is active for lockgate's runtime (no silent fallback);
-  2. IO binding runs and gives the same results as the CPU session within tolerance;
-  3. throughput at batch 1, 8 and 64: lockgate's dynamic batcher (batch-1 requests from many
-     concurrent callers, in-process, no gRPC) against in-process ORT CUDA at the same batch.
+  2. IO binding runs (inputs staged through pinned host buffers) and gives the same results as
+     the CPU session within tolerance;
+  3. throughput at batch 1, 8 and 64: plain ``session.run``, IO binding from pageable memory,
+     IO binding through pinned buffers, and lockgate's dynamic batcher (batch-1 requests from
+     many concurrent callers, in-process, no gRPC) against the best in-process ORT CUDA rate.
+The real server on the GPU (ModelConfig, batching over gRPC, GPU metrics) is covered by
+``pytest tests/test_gpu_cuda.py``, run in the same device session.
 
 The device image has Python 3.12, numpy, grpcio and a CPU onnxruntime, but not lockgate's
 other dependencies: carry wheels for pydantic(+core), pyyaml, typer, rich, prometheus-client,
@@ -81,24 +85,34 @@ def main(argv: list[str] | None = None) -> int:
     onnx.save(mlp_model(SIZES, seed=1), str(path))
 
     gpu = OrtRuntime(path, RuntimeConfig(providers=["cuda", "cpu"], io_binding=True, execution="thread"), label="gpu")
+    pageable = OrtRuntime(path, RuntimeConfig(providers=["cuda", "cpu"], io_binding=True, pinned_memory=False,
+                                              execution="thread"), label="gpu-pageable")
+    plain = OrtRuntime(path, RuntimeConfig(providers=["cuda", "cpu"], io_binding=False, execution="thread"), label="gpu-plain")
     cpu = OrtRuntime(path, RuntimeConfig(providers=["cpu"], intra_op_threads=0), label="cpu")
     report["gpu_providers"] = list(gpu.provider.active)
     report["gpu_device"] = gpu.provider.device
     report["fallback_reason"] = gpu.provider.fallback_reason
-    ok = gpu.on_cuda
+    report["pinned_staging"] = gpu.staging is not None
+    ok = gpu.on_cuda and gpu.staging is not None
     x = np.random.default_rng(1).standard_normal((64, SIZES[0])).astype(np.float32)
     out_gpu = gpu.run({"features": x})["probabilities"]  # IO binding path on CUDA
     out_cpu = cpu.run({"features": x})["probabilities"]
     report["max_abs_diff_vs_cpu"] = float(np.max(np.abs(out_gpu - out_cpu)))
-    ok &= report["max_abs_diff_vs_cpu"] < 1e-3
-    gpu.warm_up(gpu.signature(128))
+    ok &= report["max_abs_diff_vs_cpu"] < 5e-3  # TF32 MatMuls on the GPU
+    report["max_abs_diff_pageable_vs_pinned"] = float(np.max(np.abs(pageable.run({"features": x})["probabilities"] - out_gpu)))
+    ok &= report["max_abs_diff_pageable_vs_pinned"] < 1e-5
+    for runtime in (gpu, pageable, plain):
+        runtime.warm_up(runtime.signature(128))
     rows = {}
     for batch in (1, 8, 64):
         xb = x[:batch]
-        inproc = _rate(lambda: gpu.run({"features": xb}), args.seconds) * batch
+        rates = {name: round(_rate(lambda r=r: r.run({"features": xb}), args.seconds) * batch, 1)
+                 for name, r in (("session_run", plain), ("io_binding_pageable", pageable), ("io_binding_pinned", gpu))}
         served = asyncio.run(_served_rows_per_s(gpu, batch, args.seconds))
-        rows[batch] = {"in_process_rows_per_s": round(inproc, 1), "batcher_rows_per_s": round(served, 1),
-                       "ratio": round(served / inproc, 3)}
+        best = max(rates.values())
+        rows[batch] = {**{f"{k}_rows_per_s": v for k, v in rates.items()}, "batcher_rows_per_s": round(served, 1),
+                       "batcher_vs_best_in_process": round(served / best, 3)}
+        print(f"batch {batch}: {rows[batch]}", flush=True)
     report["throughput"] = rows
     report["ok"] = bool(ok)
     print(json.dumps(report, indent=2))

@@ -128,7 +128,8 @@ class RuntimeConfig(_Strict):
     intra_op_threads: int = Field(1, ge=0, description="0 lets ONNX Runtime decide")
     inter_op_threads: int = Field(1, ge=0)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    io_binding: bool = Field(True, description="bind inputs/outputs explicitly on CUDA (pinned host buffers)")
+    io_binding: bool = Field(True, description="bind inputs/outputs explicitly on CUDA; outputs stay on the device until one copy back")
+    pinned_memory: bool = Field(True, description="with io_binding, stage inputs through page-locked host buffers (Triton's input_pinned_memory)")
     instances: int = Field(1, ge=1, description="concurrent batch executions per version (Triton instance_group count)")
     execution: Literal["auto", "inline", "thread"] = Field(
         "auto",

@@ -141,6 +141,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             group.gpus.append(model.config.runtime.device_id)
             acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="cuda")
             acc.parameters["io_binding"] = str(model.config.runtime.io_binding).lower()
+            cfg.optimization.input_pinned_memory.enable = mv.runtime.staging is not None
         else:
             group.kind = pb.ModelInstanceGroup.KIND_CPU
             cfg.optimization.execution_accelerators.cpu_execution_accelerator.add(name="cpu")

@@ -251,6 +251,8 @@ class ModelRepository:
         finished = await version.batcher.drain(self.drain_timeout_s)
         if not finished:
             log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
+        else:
+            version.runtime.close()  # a batch still running after a timeout keeps its buffers
         for release in self.releasers:
             try:
                 release(version)
