@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from lockgate.demo import OPSET, build_demo_repository, identity_model, mlp_model, reference_sample  # noqa: E402
+from lockgate.demo import build_demo_repository, identity_model, mlp_model, onnx_model, reference_sample  # noqa: E402
 from lockgate_process import LockgateProcess  # noqa: E402
 
 def credit_rows(n: int, seed: int = 0) -> np.ndarray:
@@ -38,7 +38,7 @@ def slow_model(width: int = 384, depth: int = 48) -> onnx.ModelProto:
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
         initializer=[numpy_helper.from_array(w, "W")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return onnx_model(graph)
 
 
 def write_model(repo: Path, name: str, version: int, model: onnx.ModelProto, config: str | None = None) -> Path:

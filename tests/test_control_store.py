@@ -237,3 +237,22 @@ def test_change_watcher_survives_store_errors(tmp_path: Path) -> None:
         assert watcher._thread.is_alive()
     finally:
         watcher.stop()
+
+
+def test_server_and_cli_import_without_the_postgres_extra() -> None:
+    """psycopg is the [postgres] extra: a base install must still serve (SQLite, one leader)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['psycopg'] = None  # as if not installed: import raises\n"
+        "import lockgate.server, lockgate.cli\n"
+        "from lockgate.control.leader import LeaderElector\n"
+        "try:\n"
+        "    LeaderElector('postgresql://127.0.0.1/x', 'k')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "lockgate[postgres]" in done.stdout

@@ -59,14 +59,15 @@ def cpu_reference(path: Path, x: np.ndarray) -> np.ndarray:
 def test_pinned_staging_allocates_page_locked_memory_or_says_why() -> None:
     staging, reason = PinnedStaging.create()
     if staging is None:
-        assert not CUDA
+        assert not CUDA, f"a GPU is usable but no pinned buffer could be allocated: {reason}"
         assert "cudaHostAlloc" in reason or "CUDA runtime library" in reason, reason
         return
     try:
         small = np.arange(12, dtype=np.float32).reshape(3, 4)
         view = staging.stage("x", small)
         np.testing.assert_array_equal(view, small)
-        assert staging.is_pinned(view) and not staging.is_pinned(small)
+        assert staging.is_pinned(view), "the staged copy is not in page-locked memory"
+        assert not staging.is_pinned(small), "ordinary numpy memory reported as page-locked"
         big = np.arange(4 * 5000, dtype=np.float32).reshape(4, 5000)[:, ::2]  # non-contiguous, larger
         view = staging.stage("x", big)
         np.testing.assert_array_equal(view, big)

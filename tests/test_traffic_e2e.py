@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from conftest import write_model
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
-from lockgate.demo import DEMO_CARD, OPSET, mlp_model
+from lockgate.demo import DEMO_CARD, mlp_model, onnx_model
 from lockgate.routing import router as routing_router
 from lockgate.routing.policy import SPACE
 from lockgate_process import LockgateProcess
@@ -49,7 +49,7 @@ def failing_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 3])],
         initializer=[table],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return onnx_model(graph)
 
 
 def slow_model(width: int = 640, depth: int = 64) -> onnx.ModelProto:
@@ -70,7 +70,7 @@ def slow_model(width: int = 640, depth: int = 64) -> onnx.ModelProto:
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 3])],
         initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return onnx_model(graph)
 
 
 def governance_wired() -> bool:

@@ -13,6 +13,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+# IR 9 loads in every onnxruntime lockgate supports (>= 1.17). onnx >= 1.23 writes a newer IR by
+# default, which older runtimes refuse ("Unsupported model IR version: 14"; onnxruntime-gpu 1.31).
+IR_VERSION = 9
+
+
+def onnx_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """A model around ``graph`` at lockgate's opset and IR version."""
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate",
+                             ir_version=IR_VERSION)
 DEMO_MODEL = "credit"
 DEMO_FEATURES = ["age", "income", "debt_ratio", "credit_lines", "late_payments", "utilization", "tenure_months", "region"]
 DEMO_CLASSES = ["approve", "review", "decline"]
@@ -58,7 +67,7 @@ def mlp_model(sizes: list[int], *, seed: int, input_name: str = "features", outp
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", sizes[-1]])],
         initializer=inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate")
+    return onnx_model(graph)
 
 
 ONNX_TYPES = {
@@ -77,7 +86,7 @@ def identity_model(datatype: str, width: int = 4) -> onnx.ModelProto:
         [helper.make_tensor_value_info("INPUT0", t, ["batch", width])],
         [helper.make_tensor_value_info("OUTPUT0", t, ["batch", width])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate")
+    return onnx_model(graph)
 
 
 def reference_sample(rows: int = 5000, seed: int = 7) -> np.ndarray:

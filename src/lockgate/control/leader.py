@@ -20,7 +20,10 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-import psycopg
+try:
+    import psycopg
+except ImportError:  # the [postgres] extra is not installed: only LocalLeader can be used
+    psycopg = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,8 @@ class LeaderElector:
     ) -> None:
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
+        if psycopg is None:
+            raise RuntimeError("leader election over PostgreSQL needs psycopg: pip install 'lockgate[postgres]'")
         self.dsn = dsn
         self.key = lock_key(key)
         self.lease_s = lease_s

@@ -26,9 +26,12 @@ _MIN_CAPACITY = 4096
 
 
 class _PointerAttributes(ctypes.Structure):
-    # cudaPointerAttributes (CUDA >= 11): type, device, devicePointer, hostPointer
+    # cudaPointerAttributes: type, device, devicePointer, hostPointer, then ``long reserved[8]``
+    # since CUDA 12. The runtime writes the whole struct: the spare room keeps a later CUDA that
+    # grows it from writing past ours.
     _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p)]
+                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p),
+                ("reserved", ctypes.c_long * 32)]
 
 
 def _load_cudart() -> ctypes.CDLL | None:

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""OTLP trace export encoding: finished spans -> a serialized ``ExportTraceServiceRequest``.
+"""OTLP trace export: finished spans -> a serialized ``ExportTraceServiceRequest``.
 
 Why by hand: at 100% tracing every request ends 3-4 spans, and building each one as a
 protobuf message (a constructor call with a dozen keyword arguments, a merge of its
