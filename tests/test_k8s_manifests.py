@@ -195,10 +195,13 @@ def test_dockerfile_has_cpu_and_cuda_variants() -> None:
     args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.MULTILINE))
     assert args["VARIANT"] == "cpu"
     assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
-    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu22\.04", args["CUDA_IMAGE"])
+    # onnxruntime-gpu >= 1.27 is built for CUDA 13 (<= 1.26 for CUDA 12): image and wheel must agree.
+    assert re.fullmatch(r"nvidia/cuda:13\.[\d.]+-cudnn-runtime-ubuntu24\.04", args["CUDA_IMAGE"])
+    assert args["ORT_GPU_CONSTRAINT"] == "onnxruntime-gpu>=1.27"
+    assert 'pip install -c /tmp/constraints.txt' in text and 'ldd "$lib" | grep "not found"' in text
     gpu_stage = text.split("AS base-gpu", 1)[1].split("FROM ", 1)[0]
     assert "LOCKGATE_ONNXRUNTIME=gpu" in gpu_stage and "gpu,postgres" in gpu_stage
-    assert 'pip install ".[${LOCKGATE_EXTRAS}]"' in text
+    assert 'pip install -c /tmp/constraints.txt ".[${LOCKGATE_EXTRAS}]"' in text
     assert re.search(r'^ENTRYPOINT \["tini", "--", "lockgate"\]', text, flags=re.MULTILINE)
     assert re.search(r'^CMD \["serve"', text, flags=re.MULTILINE)
     assert re.search(r"^USER 10001", text, flags=re.MULTILINE)
