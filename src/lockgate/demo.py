@@ -22,6 +22,8 @@ def onnx_model(graph: onnx.GraphProto) -> onnx.ModelProto:
     """A model around ``graph`` at lockgate's opset and IR version."""
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lockgate",
                              ir_version=IR_VERSION)
+
+
 DEMO_MODEL = "credit"
 DEMO_FEATURES = ["age", "income", "debt_ratio", "credit_lines", "late_payments", "utilization", "tenure_months", "region"]
 DEMO_CLASSES = ["approve", "review", "decline"]
