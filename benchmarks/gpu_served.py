@@ -20,8 +20,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,13 +31,9 @@ if __package__ in (None, ""):
 import numpy as np
 
 from benchmarks.h2load import UNARY_PATH, infer_request
+from benchmarks.inprocess import rows_per_second
 from benchmarks.models import MODELS, sample_input, write_repository
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.servers import RunningServer, Target, free_port
 
 
 def _gpu_spec(name: str, max_batch: int, delay_us: int, instances: int):
@@ -52,20 +46,13 @@ def _gpu_spec(name: str, max_batch: int, delay_us: int, instances: int):
     return dataclasses.replace(spec, config=config)
 
 
-def in_process_best(model_path: Path, input_name: str, row_shape: tuple[int, ...], seconds: float) -> dict:
+def in_process_best(model_path: Path, row_shape: tuple[int, ...], seconds: float) -> dict:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    rates = {}
-    for batch in (1, 8, 32, 64, 128, 256):
-        x = np.random.default_rng(batch).standard_normal((batch, *row_shape)).astype(np.float32)
-        for _ in range(5):
-            session.run(None, {input_name: x})
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            session.run(None, {input_name: x})
-            n += 1
-        rates[batch] = round(n * batch / (time.perf_counter() - start), 1)
+    rng = np.random.default_rng(7)
+    rates = {batch: round(rows_per_second(session, rng.standard_normal((batch, *row_shape)).astype(np.float32), seconds), 1)
+             for batch in (1, 8, 32, 64, 128, 256)}
     return {"providers": session.get_providers(), "rows_per_s": rates}
 
 
@@ -98,30 +85,17 @@ def _client(port: int, body: bytes, concurrency: int, warmup: float, seconds: fl
     out.put(asyncio.run(main()))
 
 
-def served(repo: Path, workers: int, clients: int, concurrency: int, body: bytes, warmup: float, seconds: float) -> dict:
-    port = _free_port()
+def served(repo: Path, model: str, workers: int, clients: int, concurrency: int, body: bytes, warmup: float,
+           seconds: float) -> dict:
+    # ``python -m lockgate.cli``, not .venv/bin/lockgate: the device machine has no virtualenv.
+    port = free_port()
     state = Path(tempfile.mkdtemp())
-    cmd = [sys.executable, "-m", "lockgate.cli", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
-           "--metrics-port", str(_free_port()), "--host", "127.0.0.1", "--state-dir", str(state), "--allow-unapproved",
-           "--workers", str(workers)]
-    log = open(state / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        import grpc
-        from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-        deadline = time.monotonic() + 180
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"lockgate did not start:\n{(state / 'server.log').read_text()[-3000:]}")
-                try:
-                    if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready:
-                        break
-                except grpc.RpcError:
-                    time.sleep(0.2)
-        time.sleep(1.0 * workers)  # the other workers load the model too
+    argv = [sys.executable, "-m", "lockgate.cli", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
+            "--metrics-port", str(free_port()), "--host", "127.0.0.1", "--state-dir", str(state / "state"),
+            "--allow-unapproved", "--workers", str(workers)]
+    target = Target(name=f"lockgate-x{workers}", argv=argv, env={}, port=port, processes=workers, ready_timeout_s=180.0)
+    # RunningServer waits for ServerReady + ModelReady over several connections: every worker loaded.
+    with RunningServer(target, [model], state) as server:
         queue: mp.Queue = mp.Queue()
         procs = [mp.Process(target=_client, args=(port, body, concurrency, warmup, seconds, queue)) for _ in range(clients)]
         for p in procs:
@@ -129,19 +103,11 @@ def served(repo: Path, workers: int, clients: int, concurrency: int, body: bytes
         results = [queue.get(timeout=warmup + seconds + 120) for _ in procs]
         for p in procs:
             p.join(30)
-        ok = sum(r[0] for r in results)
-        failed = sum(r[1] for r in results)
-        text = (state / "server.log").read_text(errors="replace")
-        return {"workers": workers, "clients": clients, "in_flight": clients * concurrency,
-                "rows_per_s": round(ok / seconds, 1), "failed": failed,
-                "on_cuda": "on cuda:" in text, "log_tail": text[-600:]}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        text = server.log_path.read_text(errors="replace")
+    ok = sum(r[0] for r in results)
+    return {"workers": workers, "clients": clients, "in_flight": clients * concurrency,
+            "rows_per_s": round(ok / seconds, 1), "failed": sum(r[1] for r in results),
+            "on_cuda": "on cuda:" in text, "log_tail": text[-600:]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     repo = write_repository(Path(tempfile.mkdtemp()) / "repo", specs=(spec,))
     body = infer_request(spec.name, spec.input_name, sample_input(spec)).SerializeToString()
     report: dict = {"model": spec.name, "layers": spec.layers, "config": spec.config, "cpus": os.cpu_count()}
-    report["in_process"] = in_process_best(repo / spec.name / "1" / "model.onnx", spec.input_name, spec.row_shape, 2.0)
+    report["in_process"] = in_process_best(repo / spec.name / "1" / "model.onnx", spec.row_shape, 2.0)
     best = max(report["in_process"]["rows_per_s"].values())
     print(json.dumps(report["in_process"]), flush=True)
     report["served"] = []
     for workers in args.workers:
-        row = served(repo, workers, args.clients, args.concurrency, body, args.warmup, args.seconds)
+        row = served(repo, spec.name, workers, args.clients, args.concurrency, body, args.warmup, args.seconds)
         row["vs_best_in_process"] = round(row["rows_per_s"] / best, 4)
         report["served"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)

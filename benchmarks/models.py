@@ -32,9 +32,7 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-# Broadly supported by onnxruntime releases (MLServer's venv may carry a different ORT).
-OPSET = 17
-IR_VERSION = 9
+from lockgate.demo import IR_VERSION, OPSET  # IR 9: loads in every onnxruntime >= 1.17 (and MLServer's)
 
 
 @dataclass(frozen=True)

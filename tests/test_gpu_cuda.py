@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
@@ -45,8 +46,6 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and onnxruntim
 
 def _write_mlp(tmp_path: Path) -> Path:
     path = tmp_path / "mlp.onnx"
-    import onnx
-
     onnx.save(mlp_model([64, 512, 512, 8], seed=5), str(path))
     return path
 
