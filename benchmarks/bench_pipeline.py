@@ -37,7 +37,7 @@ from benchmarks.thin_server import ThinModel
 from lockgate._proto import inference_pb2 as lpb
 from lockgate.config import ServerSettings
 from lockgate.pipeline import RequestContext
-from lockgate.server import Gateway
+from lockgate.transport.server import Gateway
 
 
 def _lockgate_request() -> lpb.ModelInferRequest:

@@ -18,7 +18,7 @@ A micro-benchmark of the per-request hooks (unsampled / sampled ``start_request`
     .venv/bin/python benchmarks/bench_telemetry.py --quick    # smoke run
     .venv/bin/python benchmarks/bench_telemetry.py --micro-only
 
-Writes bench-results/telemetry-<timestamp>.json. Needs lockgate.server to run
+Writes bench-results/telemetry-<timestamp>.json. Needs lockgate.transport.server to run
 ``lockgate.telemetry.integration`` (the ``telemetry:`` config section).
 """
 

@@ -12,7 +12,7 @@ keeps the other variant available for compute-heavy models.
 
 The service comes from tritonclient's generated stubs, which register a generic handler only
 (no grpc "registered methods"): grpc.aio keeps one pending request for it, as for lockgate's
-services (see ``lockgate.server.GenericHandlersOnly``), so both pay the same transport cost.
+services (see ``lockgate.transport.server.GenericHandlersOnly``), so both pay the same transport cost.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def test_tampered_artifact_refuses_to_load_and_is_audited(admin: Admin, server: 
     inference = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
         inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="tamper"), timeout=60)
-    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    # FAILED_PRECONDITION, not UNAVAILABLE: retrying cannot help until the artifact is restored.
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "refusing to load" in info.value.details() and "sha256 mismatch" in info.value.details()
     tampered = [e for e in actions(admin, "tamper") if e.action == "artifact.tampered"]
     assert tampered, "the refused load must be audited"

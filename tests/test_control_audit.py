@@ -17,7 +17,7 @@ from lockgate.control.audit import (
     canonical_json,
     entry_hash,
 )
-from lockgate.control.errors import NotFoundError
+from lockgate.errors import NotFound
 from lockgate.control.sqlite_store import SQLiteStore
 from lockgate.control.store import RecordKind, utc_now_iso
 
@@ -184,7 +184,7 @@ def test_log_filters_by_model_and_time(trail: AuditTrail) -> None:
 def test_export_bundle(tmp_path: Path) -> None:
     with SQLiteStore(tmp_path) as store:
         trail = AuditTrail(store)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(NotFound):
             trail.export("fraud")
         store.add_record(RecordKind.CARD, "fraud", "2", "carol", {"owner": "risk-team"})
         store.add_record(RecordKind.VALIDATION, "fraud", "2", "bob", {"passed": True})

@@ -19,7 +19,7 @@ from lockgate.control.auth import (
     hash_token,
     tokens_file_entry,
 )
-from lockgate.control.errors import InvalidArgumentError, PermissionDenied, Unauthenticated
+from lockgate.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 ADMIN = generate_token()
 VIEWER = generate_token()
@@ -55,7 +55,7 @@ def test_valid_tokens_map_to_principals(auth: Authenticator) -> None:
 def test_missing_or_malformed_token_unauthenticated(auth: Authenticator, header: str | None) -> None:
     with pytest.raises(Unauthenticated) as info:
         auth.check(header, Permission.READ)
-    assert info.value.grpc_code == "UNAUTHENTICATED"
+    assert info.value.code == "UNAUTHENTICATED"
 
 
 def test_wrong_token_unauthenticated_and_not_echoed(auth: Authenticator) -> None:
@@ -70,7 +70,7 @@ def test_wrong_token_unauthenticated_and_not_echoed(auth: Authenticator) -> None
 def test_wrong_role_permission_denied(auth: Authenticator) -> None:
     with pytest.raises(PermissionDenied) as info:
         auth.check(f"Bearer {VIEWER.token}", Permission.TRAFFIC)
-    assert info.value.grpc_code == "PERMISSION_DENIED"
+    assert info.value.code == "PERMISSION_DENIED"
     assert "reader" in str(info.value) and VIEWER.token not in str(info.value)
     with pytest.raises(PermissionDenied):
         auth.check(f"Bearer {OPERATOR_PLAIN}", Permission.APPROVE)
@@ -112,13 +112,13 @@ def test_json_file_and_bad_config(tmp_path: Path) -> None:
     assert Authenticator.load(good, env={}).authenticate(f"Bearer {VIEWER.token}").role is Role.OPERATOR
     bad_role = tmp_path / "bad.yaml"
     bad_role.write_text("x: {role: superuser, token_sha256: " + "a" * 64 + "}\n")
-    with pytest.raises(InvalidArgumentError, match="unknown role"):
+    with pytest.raises(InvalidArgument, match="unknown role"):
         Authenticator.load(bad_role, env={})
-    with pytest.raises(InvalidArgumentError, match="64 hex"):
+    with pytest.raises(InvalidArgument, match="64 hex"):
         Authenticator.load(_write(tmp_path, "y: {role: admin, token_sha256: abc}\n"), env={})
-    with pytest.raises(InvalidArgumentError, match="name:role:token"):
+    with pytest.raises(InvalidArgument, match="name:role:token"):
         Authenticator.load(None, env={"LOCKGATE_TOKENS": "justaname"})
-    with pytest.raises(InvalidArgumentError, match="twice"):
+    with pytest.raises(InvalidArgument, match="twice"):
         Authenticator.load(None, env={"LOCKGATE_TOKENS": "a:admin:t1,a:viewer:t2"})
 
 

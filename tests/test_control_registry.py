@@ -11,13 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lockgate.control.audit import Action, AuditTrail
-from lockgate.control.errors import (
-    AlreadyExistsError,
+from lockgate.errors import (
+    AlreadyExists,
     ApprovalError,
     ArtifactTamperedError,
-    InvalidArgumentError,
+    InvalidArgument,
     LifecycleError,
-    NotFoundError,
+    NotFound,
 )
 from lockgate.control.registry import Registry, State
 from lockgate.control.sqlite_store import SQLiteStore
@@ -164,7 +164,7 @@ def test_tampered_artifact_refuses_load_and_is_audited(env: tuple[Registry, Path
     write_add_model(artifact, bias=np.array([9.0, 9.0, 9.0, 9.0], dtype=np.float32))  # swapped weights
     with pytest.raises(ArtifactTamperedError, match="sha256 mismatch") as info:
         registry.verify_artifact("iris", "1", actor="server")
-    assert info.value.grpc_code == "FAILED_PRECONDITION"
+    assert info.value.code == "FAILED_PRECONDITION"
     tampered = [e for e in registry.audit.log(model="iris") if e.action == Action.ARTIFACT_TAMPERED]
     assert len(tampered) == 1 and tampered[0].actor == "server"
     assert tampered[0].details["expected_sha256"] == registry.get("iris", "1").sha256
@@ -275,10 +275,10 @@ def test_retire_rules(env: tuple[Registry, Path]) -> None:
 def test_register_errors(env: tuple[Registry, Path]) -> None:
     registry, _ = env
     registry.register("iris", "1", None, "alice")
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExists):
         registry.register("iris", "1", None, "alice")
     for model, version in (("../etc", "1"), ("iris", "v1"), ("iris", "0"), ("", "1")):
-        with pytest.raises(InvalidArgumentError):
+        with pytest.raises(InvalidArgument):
             registry.register(model, version, None, "alice")
-    with pytest.raises(NotFoundError, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         registry.register("iris", "7", None, "alice")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lockgate.control.audit import AuditTrail
-from lockgate.control.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
+from lockgate.errors import AlreadyExists, ConflictError, NotFound, StoreError
 from lockgate.control.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, migrate
 from lockgate.control.store import (
     ChangeKind,
@@ -88,14 +88,14 @@ def test_versions_cas_and_errors(tmp_path: Path) -> None:
     with SQLiteStore(tmp_path) as store:
         store.create_version(_version("m", "2"))
         store.create_version(_version("m", "10"))
-        with pytest.raises(AlreadyExistsError):
+        with pytest.raises(AlreadyExists):
             store.create_version(_version("m", "2"))
         assert [v.version for v in store.list_versions("m")] == ["2", "10"]
         updated = store.update_version("m", "2", state="validated", expected_state="registered", metadata={"x": 2})
         assert updated.state == "validated" and updated.metadata == {"k": 1, "x": 2}
         with pytest.raises(ConflictError):
             store.update_version("m", "2", state="approved", expected_state="registered")
-        with pytest.raises(NotFoundError):
+        with pytest.raises(NotFound):
             store.update_version("m", "3", state="validated")
 
 
@@ -246,7 +246,7 @@ def test_server_and_cli_import_without_the_postgres_extra() -> None:
 
     code = (
         "import sys; sys.modules['psycopg'] = None  # as if not installed: import raises\n"
-        "import lockgate.server, lockgate.cli\n"
+        "import lockgate.transport.server, lockgate.cli\n"
         "from lockgate.control.leader import LeaderElector\n"
         "try:\n"
         "    LeaderElector('postgresql://127.0.0.1/x', 'k')\n"

@@ -188,8 +188,8 @@ def test_wire_contract_matches_triton():
 @pytest.mark.parametrize(
     "servicer, generated",
     [
-        ("lockgate.protocol.inference_service:InferenceService", "lockgate._proto.inference_pb2_grpc:GRPCInferenceServiceServicer"),
-        ("lockgate.protocol.admin_service:AdminService", "lockgate._proto.lockgate.admin_pb2_grpc:AdminServiceServicer"),
+        ("lockgate.transport.grpc.inference:InferenceService", "lockgate._proto.inference_pb2_grpc:GRPCInferenceServiceServicer"),
+        ("lockgate.transport.grpc.admin:AdminService", "lockgate._proto.lockgate.admin_pb2_grpc:AdminServiceServicer"),
     ],
 )
 def test_every_rpc_is_implemented(servicer, generated):

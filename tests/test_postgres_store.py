@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pg_server import PgServer, pg_dsn, pg_server  # noqa: E402,F401  (fixtures)
 
 from lockgate.control.audit import AuditTrail  # noqa: E402
-from lockgate.control.errors import (  # noqa: E402
-    AlreadyExistsError,
+from lockgate.errors import (  # noqa: E402
+    AlreadyExists,
     ConflictError,
-    NotFoundError,
+    NotFound,
     StoreError,
 )
 from lockgate.control.postgres_store import MIGRATIONS, SCHEMA_VERSION, PostgresStore, migrate  # noqa: E402
@@ -82,7 +82,7 @@ def test_contract_versions_cas_and_errors(opener: Opener) -> None:
     store.create_version(_version("m", "2"))
     store.create_version(_version("m", "10"))
     store.create_version(_version("a", "1"))
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExists):
         store.create_version(_version("m", "2"))
     assert [(v.model, v.version) for v in store.list_versions()] == [("a", "1"), ("m", "2"), ("m", "10")]
     assert [v.version for v in store.list_versions("m")] == ["2", "10"]
@@ -92,7 +92,7 @@ def test_contract_versions_cas_and_errors(opener: Opener) -> None:
     assert store.get_version("m", "3") is None
     with pytest.raises(ConflictError):
         store.update_version("m", "2", state="approved", expected_state="registered")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         store.update_version("m", "3", state="validated")
 
 

@@ -199,7 +199,7 @@ def test_pin_servable_and_denied_with_reason() -> None:
     with pytest.raises(RouteDenied) as denied:
         router.route("m", "3", None, "rid", servable)
     assert str(denied.value) == "version 3 of model 'm' is not approved to serve (state: validated)"
-    assert isinstance(denied.value, PermissionDenied) and denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert isinstance(denied.value, PermissionDenied) and denied.value.code == "PERMISSION_DENIED"
     with pytest.raises(UnknownVersion) as unknown:
         router.route("m", "9", None, "rid", servable)
     assert isinstance(unknown.value, NotFound) and "9" in str(unknown.value)

@@ -27,7 +27,7 @@ def serve(
     allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="development: serve versions without approval"),
 ) -> None:
     """Serve the models in a repository."""
-    from lockgate.server import run
+    from lockgate.transport.server import run
 
     settings = ServerSettings.load(
         config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
@@ -46,7 +46,7 @@ def demo(
 ) -> None:
     """Build the demo models in code (no downloads) and serve them."""
     from lockgate.demo import approve_demo_versions, build_demo_repository
-    from lockgate.server import run
+    from lockgate.transport.server import run
 
     root = build_demo_repository(dir)
     settings = ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,

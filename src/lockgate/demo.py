@@ -184,7 +184,7 @@ def approve_demo_versions(repo_root: Path, store_location: str) -> list[str]:
     exactly as if operators had done it through the admin API.
     """
     from lockgate.control.audit import AuditTrail
-    from lockgate.control.errors import NotFoundError
+    from lockgate.errors import NotFound
     from lockgate.control.registry import Registry, State
     from lockgate.control.store import open_store
 
@@ -196,7 +196,7 @@ def approve_demo_versions(repo_root: Path, store_location: str) -> list[str]:
         for version in sorted((p.name for p in model_dir.iterdir() if p.name.isdigit()), key=int):
             try:
                 state = registry.get(DEMO_MODEL, version).state
-            except NotFoundError:
+            except NotFound:
                 registry.register(DEMO_MODEL, version, None, "demo-registrant")
                 state = State.REGISTERED
             if state == State.REGISTERED:

@@ -1,20 +1,29 @@
-"""Errors that cross the request path, each carrying the gRPC status it maps to.
+"""The one error hierarchy of lockgate, shared by the data plane and the control plane.
 
-The data plane raises these; only the protocol layer turns them into gRPC statuses, so the
-pipeline stays transport-agnostic and every failure has exactly one, precise status code.
+Every failure a caller can see is a ``LockgateError`` that names its status (``code``, the
+canonical gRPC status name) and its failure reason (the ``reason`` label on metrics). Nothing
+here imports a transport: ``transport.grpc.status`` maps ``code`` to a gRPC status and
+``transport.http`` maps it to an HTTP status, each in exactly one place, so a failure has the
+same precise meaning whichever way the request came in.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
+#: The canonical status codes (google.rpc.Code), by name: traces record them as numbers.
+CODE_NUMBERS: dict[str, int] = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
 
 
 class LockgateError(Exception):
     """Base class: a client-visible failure with a status code and a precise message."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
     reason: str = "internal"
 
     def __init__(self, message: str, *, details: Any = None) -> None:
@@ -24,46 +33,92 @@ class LockgateError(Exception):
         self.details = details
 
 
+# -- the status classes ------------------------------------------------------------------
 class InvalidArgument(LockgateError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
     reason = "invalid_argument"
 
 
 class NotFound(LockgateError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
     reason = "not_found"
 
 
+class AlreadyExists(LockgateError):
+    code = "ALREADY_EXISTS"
+    reason = "already_exists"
+
+
 class ResourceExhausted(LockgateError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
     reason = "queue_full"
 
 
 class DeadlineExceeded(LockgateError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
     reason = "deadline_exceeded"
 
 
 class PermissionDenied(LockgateError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    """A known principal whose role lacks the permission asked for."""
+
+    code = "PERMISSION_DENIED"
     reason = "permission_denied"
 
 
 class Unauthenticated(LockgateError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    """Missing, malformed or unknown bearer token."""
+
+    code = "UNAUTHENTICATED"
     reason = "unauthenticated"
 
 
 class Unavailable(LockgateError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
     reason = "unavailable"
 
 
 class FailedPrecondition(LockgateError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
     reason = "failed_precondition"
 
 
+class Aborted(LockgateError):
+    code = "ABORTED"
+    reason = "aborted"
+
+
 class InferenceFailed(LockgateError):
-    code = grpc.StatusCode.INTERNAL
+    code = "INTERNAL"
     reason = "inference_failed"
+
+
+# -- control-plane refinements (each keeps its status class) -----------------------------
+class StoreError(Unavailable):
+    """The store could not be opened or used (I/O, schema, unreachable)."""
+
+    reason = "store_unavailable"
+
+
+class ConflictError(Aborted):
+    """A compare-and-set lost a race (state or revision changed underneath)."""
+
+    reason = "conflict"
+
+
+class LifecycleError(FailedPrecondition):
+    """An illegal lifecycle transition, e.g. registered -> serving."""
+
+    reason = "lifecycle"
+
+
+class ApprovalError(FailedPrecondition):
+    """An approval that breaks a rule: four eyes, empty reason, incomplete card."""
+
+    reason = "approval"
+
+
+class ArtifactTamperedError(FailedPrecondition):
+    """The artifact's SHA-256 differs from the one recorded at registration."""
+
+    reason = "artifact_tampered"

@@ -452,7 +452,7 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", help="offline: state
 @contextmanager
 def _local_trail(store: str) -> Iterator[Any]:
     from lockgate.control.audit import AuditTrail
-    from lockgate.control.errors import ControlError
+    from lockgate.errors import LockgateError
     from lockgate.control.sqlite_store import resolve_db_path
     from lockgate.control.store import open_store
 
@@ -460,12 +460,12 @@ def _local_trail(store: str) -> Iterator[Any]:
         fail(f"no control-plane store at {store}")
     try:
         opened = open_store(store)
-    except ControlError as exc:
-        fail(f"{exc.grpc_code}: {exc}")
+    except LockgateError as exc:
+        fail(f"{exc.code}: {exc}")
     try:
         yield AuditTrail(opened)
-    except ControlError as exc:
-        fail(f"{exc.grpc_code}: {exc}")
+    except LockgateError as exc:
+        fail(f"{exc.code}: {exc}")
     finally:
         opened.close()
 
@@ -573,12 +573,12 @@ def tokens_create(
 ) -> None:
     """Generate a token: printed once; only its SHA-256 goes into the tokens file."""
     from lockgate.control.auth import generate_token, tokens_file_entry
-    from lockgate.control.errors import InvalidArgumentError
+    from lockgate.errors import InvalidArgument
 
     issued = generate_token()
     try:
         entry = tokens_file_entry(name, role, issued)
-    except InvalidArgumentError as exc:
+    except InvalidArgument as exc:
         fail(f"INVALID_ARGUMENT: {exc}")
     if file is not None:
         existing: dict[str, Any] = {}

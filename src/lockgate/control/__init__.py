@@ -24,16 +24,15 @@ from lockgate.control.auth import (
     tokens_file_entry,
 )
 from lockgate.control.card import REQUIRED_CARD_FIELDS, ModelCard, parse_card
-from lockgate.control.errors import (
-    AlreadyExistsError,
+from lockgate.errors import (
+    LockgateError,
+    AlreadyExists,
     ApprovalError,
     ArtifactTamperedError,
-    AuthError,
     ConflictError,
-    ControlError,
-    InvalidArgumentError,
+    InvalidArgument,
     LifecycleError,
-    NotFoundError,
+    NotFound,
     PermissionDenied,
     StoreError,
     Unauthenticated,
@@ -55,10 +54,10 @@ from lockgate.control.validation import Signature, TensorSpec, Tolerance, Valida
 from lockgate.control.watch import ChangeWatcher
 
 __all__ = [
-    "Action", "AlreadyExistsError", "ApprovalError", "ArtifactTamperedError", "AuditAnchor",
-    "AuditEntry", "AuditTrail", "AuthError", "Authenticator", "Change", "ChangeKind", "ChangeWatcher",
-    "ConflictError", "ControlError", "InvalidArgumentError", "IssuedToken", "LIFECYCLE",
-    "LifecycleError", "ModelCard", "NotFoundError", "PERMISSIONS", "Permission",
+    "Action", "AlreadyExists", "ApprovalError", "ArtifactTamperedError", "AuditAnchor",
+    "AuditEntry", "AuditTrail", "Authenticator", "Change", "ChangeKind", "ChangeWatcher",
+    "ConflictError", "InvalidArgument", "LockgateError", "IssuedToken", "LIFECYCLE",
+    "LifecycleError", "ModelCard", "NotFound", "PERMISSIONS", "Permission",
     "PermissionDenied", "PolicyRecord", "Principal", "REQUIRED_CARD_FIELDS", "RecordKind",
     "Registry", "Role", "SQLiteStore", "Signature", "State", "Store", "StoreError",
     "StoredRecord", "TensorSpec", "Tolerance", "Unauthenticated", "ValidationReport",

@@ -24,7 +24,7 @@ from enum import Enum, StrEnum
 from pathlib import PurePath
 from typing import Any
 
-from lockgate.control.errors import NotFoundError
+from lockgate.errors import NotFound
 from lockgate.control.store import (
     AuditRow,
     JSONDict,
@@ -302,7 +302,7 @@ class AuditTrail:
         policies = self.store.policy_history(model)
         entries = self.log(model=model)
         if not versions and not policies and not entries:
-            raise NotFoundError(f"no registry, policy or audit data for model {model!r}")
+            raise NotFound(f"no registry, policy or audit data for model {model!r}")
 
         def records(kind: RecordKind) -> list[JSONDict]:
             return [

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from lockgate.control.errors import InvalidArgumentError, PermissionDenied, Unauthenticated
+from lockgate.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 TOKENS_ENV = "LOCKGATE_TOKENS"
 TOKEN_PREFIX = "lgt_"
@@ -109,7 +109,7 @@ def _parse_role(name: str, role: Any) -> Role:
         return Role(str(role).strip().lower())
     except ValueError:
         allowed = ", ".join(r.value for r in Role)
-        raise InvalidArgumentError(f"token {name!r}: unknown role {role!r} (use one of {allowed})") from None
+        raise InvalidArgument(f"token {name!r}: unknown role {role!r} (use one of {allowed})") from None
 
 
 def _entry(name: str, spec: Mapping[str, Any]) -> TokenEntry:
@@ -119,11 +119,11 @@ def _entry(name: str, spec: Mapping[str, Any]) -> TokenEntry:
     if digest is not None:
         digest = str(digest).strip().lower()
         if not _HEX64.match(digest):
-            raise InvalidArgumentError(f"token {name!r}: token_sha256 must be 64 hex characters")
+            raise InvalidArgument(f"token {name!r}: token_sha256 must be 64 hex characters")
     elif plain:
         digest = hash_token(str(plain))
     else:
-        raise InvalidArgumentError(f"token {name!r}: needs 'token_sha256' (or 'token')")
+        raise InvalidArgument(f"token {name!r}: needs 'token_sha256' (or 'token')")
     return TokenEntry(name=name, role=role, token_sha256=digest)
 
 
@@ -134,11 +134,11 @@ def parse_tokens_file(path: str | Path) -> list[TokenEntry]:
     if isinstance(data, Mapping) and "tokens" in data:
         data = data["tokens"]
     if not isinstance(data, Mapping):
-        raise InvalidArgumentError(f"{path}: expected a mapping of name -> {{role, token_sha256}}")
+        raise InvalidArgument(f"{path}: expected a mapping of name -> {{role, token_sha256}}")
     entries: list[TokenEntry] = []
     for name, spec in data.items():
         if not isinstance(spec, Mapping):
-            raise InvalidArgumentError(f"{path}: token {name!r} must be a mapping")
+            raise InvalidArgument(f"{path}: token {name!r} must be a mapping")
         entries.append(_entry(str(name), spec))
     return entries
 
@@ -151,7 +151,7 @@ def parse_tokens_env(value: str) -> list[TokenEntry]:
             continue
         pieces = item.split(":", 2)
         if len(pieces) != 3 or not pieces[0] or not pieces[2]:
-            raise InvalidArgumentError(f"{TOKENS_ENV} entry {index + 1} must look like name:role:token")
+            raise InvalidArgument(f"{TOKENS_ENV} entry {index + 1} must look like name:role:token")
         name, role, token = pieces
         entries.append(TokenEntry(name=name, role=_parse_role(name, role), token_sha256=hash_token(token)))
     return entries
@@ -165,7 +165,7 @@ class Authenticator:
         seen: set[str] = set()
         for entry in self._entries:
             if entry.name in seen:
-                raise InvalidArgumentError(f"token name {entry.name!r} is defined twice")
+                raise InvalidArgument(f"token name {entry.name!r} is defined twice")
             seen.add(entry.name)
 
     @classmethod

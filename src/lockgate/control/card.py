@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from lockgate.control.errors import InvalidArgumentError
+from lockgate.errors import InvalidArgument
 
 FilledText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -42,7 +42,7 @@ class ModelCard(BaseModel):
 def parse_card(data: ModelCard | Mapping[str, Any]) -> ModelCard:
     """Validate ``data`` into a ``ModelCard``; the error names every bad field.
 
-    Raises ``InvalidArgumentError`` (callers that gate on the card re-raise it
+    Raises ``InvalidArgument`` (callers that gate on the card re-raise it
     as their own error type).
     """
     if isinstance(data, ModelCard):
@@ -59,4 +59,4 @@ def parse_card(data: ModelCard | Mapping[str, Any]) -> ModelCard:
                 problems.append(f"{name} is empty")
             else:
                 problems.append(f"{name}: {error['msg']}")
-        raise InvalidArgumentError("model card incomplete: " + "; ".join(problems)) from exc
+        raise InvalidArgument("model card incomplete: " + "; ".join(problems)) from exc

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
-from lockgate.control.errors import AlreadyExistsError, ControlError, LifecycleError, NotFoundError, StoreError
+from lockgate.errors import AlreadyExists, LifecycleError, LockgateError, NotFound, StoreError
 from lockgate.control.leader import LocalLeader
 from lockgate.control.registry import Registry, State
 from lockgate.control.store import Change, ChangeKind, Store, open_store
@@ -129,7 +129,7 @@ class ControlPlane:
         """Refuse a load whose artifact differs from what was registered (audited)."""
         try:
             self.registry.get(model, version)
-        except NotFoundError:
+        except NotFound:
             return  # first sight: registered (with this hash) right after the load
         self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR)
 
@@ -157,11 +157,11 @@ class ControlPlane:
         try:
             self.registry.get(model, version)
             return
-        except NotFoundError:
+        except NotFound:
             pass
         try:
             self.registry.register(model, version, None, SYSTEM_ACTOR, metadata={"discovered": True})
-        except AlreadyExistsError:
+        except AlreadyExists:
             # Another replica sharing the store registered it first (both saw it at start):
             # our artifact must still match the hash it recorded.
             self.registry.verify_artifact(model, version, self.registry.artifact_path(model, version), actor=SYSTEM_ACTOR)
@@ -203,7 +203,7 @@ class ControlPlane:
             record = self.registry.get(model, version)
             if record.state != target:
                 self.registry.transition(model, version, target, actor)
-        except (LifecycleError, NotFoundError) as exc:
+        except (LifecycleError, NotFound) as exc:
             if not quiet:
                 log.info("lifecycle of %s/%s not moved to %s: %s", model, version, target, exc)
         self.refresh_gates([model])
@@ -262,7 +262,7 @@ class ControlPlane:
         if str(name).upper() == "DRIFT":
             try:
                 self.audit.append("system:governance", Action.DRIFT_ALERT, model_subject(model, version), dict(details or {}))
-            except ControlError:
+            except LockgateError:
                 log.exception("drift alert for %s/%s could not be audited", model, version)
 
     # -- metrics (read at scrape time, on the metrics thread) ---------------------------------

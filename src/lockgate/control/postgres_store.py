@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql as pgsql
 
-from lockgate.control.errors import ConflictError, StoreError
+from lockgate.errors import ConflictError, StoreError
 from lockgate.control.sql_store import SqlStore, apply_migrations
 from lockgate.control.store import AuditBuilder, AuditRow, Change, ChangeKind, utc_now_iso
 

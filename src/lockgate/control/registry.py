@@ -29,12 +29,12 @@ from typing import Any
 
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.card import ModelCard, parse_card
-from lockgate.control.errors import (
+from lockgate.errors import (
     ApprovalError,
     ArtifactTamperedError,
-    InvalidArgumentError,
+    InvalidArgument,
     LifecycleError,
-    NotFoundError,
+    NotFound,
 )
 from lockgate.control.store import RecordKind, Store, StoredRecord, VersionRecord, utc_now_iso
 from lockgate.control.validation import (
@@ -80,11 +80,11 @@ _TRAFFIC_TARGETS = frozenset({State.SERVING, State.CANARY, State.SHADOW, State.A
 def check_names(model: str, version: str) -> None:
     """Model names are path-safe identifiers; versions are positive integers as strings."""
     if not _MODEL_NAME.match(model):
-        raise InvalidArgumentError(
+        raise InvalidArgument(
             f"invalid model name {model!r}: use letters, digits, '_', '.', '-' (max 128)"
         )
     if not _VERSION_ID.match(version):
-        raise InvalidArgumentError(f"invalid version {version!r}: must be a positive integer such as '1'")
+        raise InvalidArgument(f"invalid version {version!r}: must be a positive integer such as '1'")
 
 
 def _is_approved(record: VersionRecord) -> bool:
@@ -107,7 +107,7 @@ class Registry:
     def get(self, model: str, version: str) -> VersionRecord:
         record = self.store.get_version(model, version)
         if record is None:
-            raise NotFoundError(f"model {model!r} version {version!r} is not registered")
+            raise NotFound(f"model {model!r} version {version!r} is not registered")
         return record
 
     def list_versions(self, model: str | None = None) -> list[VersionRecord]:
@@ -189,7 +189,7 @@ class Registry:
     # -- register -----------------------------------------------------------
     def artifact_path(self, model: str, version: str) -> Path:
         if self.repository is None:
-            raise InvalidArgumentError("no artifact path given and no model repository configured")
+            raise InvalidArgument("no artifact path given and no model repository configured")
         return self.repository / model / version / ARTIFACT_FILENAME
 
     def register(
@@ -205,7 +205,7 @@ class Registry:
         check_names(model, version)
         path = Path(artifact_path) if artifact_path is not None else self.artifact_path(model, version)
         if not path.is_file():
-            raise NotFoundError(f"artifact {path} does not exist")
+            raise NotFound(f"artifact {path} does not exist")
         digest = sha256_file(path)
         now = utc_now_iso()
         record = VersionRecord(
@@ -336,7 +336,7 @@ class Registry:
         if card is not None:
             try:
                 parsed = parse_card(card)
-            except InvalidArgumentError as exc:
+            except InvalidArgument as exc:
                 raise ApprovalError(str(exc)) from exc
             card_record = self.set_card(model, version, parsed, approver)
         else:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lockgate.control.audit import GENESIS_HASH, canonical_json, entry_hash
-from lockgate.control.errors import StoreError
+from lockgate.errors import StoreError
 from lockgate.control.store import (
     AuditBuilder,
     AuditRow,

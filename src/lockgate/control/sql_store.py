@@ -17,7 +17,7 @@ concrete store supplies only what genuinely differs:
 * ``_insert_id(conn, sql, params)``: the id of the row just inserted;
 * dialect SQL: ``_FOR_UPDATE``, ``_LATEST_POLICIES_SQL``, ``_UPSERT_SNAPSHOT_SQL``;
 * ``_UNIQUE_VIOLATION``: the driver's unique-key error that ``create_version``
-  reports as ``AlreadyExistsError`` (empty where serialisation rules it out).
+  reports as ``AlreadyExists`` (empty where serialisation rules it out).
 
 Connections, migrations (DDL, version bookkeeping and the migration lock; the
 shared loop is ``apply_migrations``), audit-append locking (``append_audit``; the
@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
-from lockgate.control.errors import AlreadyExistsError, ConflictError, NotFoundError, StoreError
+from lockgate.errors import AlreadyExists, ConflictError, NotFound, StoreError
 from lockgate.control.store import (
     AuditBuilder,
     AuditRow,
@@ -116,7 +116,7 @@ class SqlStore(ABC):
     _UPSERT_SNAPSHOT_SQL: ClassVar[str]
     """Insert-or-replace one snapshot row (model, version, window_id, replica, payload, time)."""
     _UNIQUE_VIOLATION: ClassVar[tuple[type[Exception], ...]] = ()
-    """Driver errors that ``create_version`` reports as ``AlreadyExistsError``."""
+    """Driver errors that ``create_version`` reports as ``AlreadyExists``."""
 
     def _q(self, sql: str) -> str:
         """``sql`` (``?`` placeholders) in this driver's placeholder style."""
@@ -211,7 +211,7 @@ class SqlStore(ABC):
                 (record.model, record.version),
             ).fetchone()
             if exists:
-                raise AlreadyExistsError(
+                raise AlreadyExists(
                     f"model {record.model!r} version {record.version!r} is already registered"
                 )
             self._exec(
@@ -234,7 +234,7 @@ class SqlStore(ABC):
         try:
             self._write_change(work)
         except self._UNIQUE_VIOLATION as exc:  # only if a writer bypassed the serialisation
-            raise AlreadyExistsError(
+            raise AlreadyExists(
                 f"model {record.model!r} version {record.version!r} is already registered"
             ) from exc
 
@@ -255,7 +255,7 @@ class SqlStore(ABC):
                 (model, version),
             ).fetchone()
             if row is None:
-                raise NotFoundError(f"model {model!r} version {version!r} is not registered")
+                raise NotFound(f"model {model!r} version {version!r} is not registered")
             current = self._version(row)
             if expected_state is not None and current.state != expected_state:
                 raise ConflictError(

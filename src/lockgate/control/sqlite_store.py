@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lockgate.control.errors import StoreError
+from lockgate.errors import StoreError
 from lockgate.control.sql_store import SqlStore, apply_migrations
 from lockgate.control.store import AuditBuilder, AuditRow, Change, ChangeKind
 

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from lockgate.control.errors import StoreError
+from lockgate.errors import StoreError
 
 JSONDict = dict[str, Any]
 
@@ -156,7 +156,7 @@ class Store(Protocol):
 
     # -- model versions -------------------------------------------------
     def create_version(self, record: VersionRecord) -> None:
-        """Insert a version; ``AlreadyExistsError`` if (model, version) exists."""
+        """Insert a version; ``AlreadyExists`` if (model, version) exists."""
         ...
 
     def update_version(
@@ -171,7 +171,7 @@ class Store(Protocol):
         """Set state (and merge ``metadata`` keys) atomically.
 
         ``expected_state`` makes it a compare-and-set: ``ConflictError`` when
-        the stored state differs. ``NotFoundError`` if the version is unknown.
+        the stored state differs. ``NotFound`` if the version is unknown.
         """
         ...
 

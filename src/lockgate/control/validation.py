@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from lockgate.control.errors import InvalidArgumentError
+from lockgate.errors import InvalidArgument
 
 GOLDEN_INPUTS = "golden_inputs.npz"
 GOLDEN_OUTPUTS = "golden_outputs.npz"
@@ -130,7 +130,7 @@ def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
     try:
         return Signature.model_validate(dict(data))
     except Exception as exc:  # pydantic.ValidationError: report it as a caller error
-        raise InvalidArgumentError(f"invalid expected signature: {exc}") from exc
+        raise InvalidArgument(f"invalid expected signature: {exc}") from exc
 
 
 def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpec], exact: bool) -> list[str]:
@@ -168,7 +168,7 @@ def generate_sample(session: Any, seed: int = 0) -> dict[str, np.ndarray]:
     for value in session.get_inputs():
         dtype = _ORT_TO_NUMPY.get(value.type)
         if dtype is None:
-            raise InvalidArgumentError(f"cannot generate a sample for input {value.name!r} of type {value.type}")
+            raise InvalidArgument(f"cannot generate a sample for input {value.name!r} of type {value.type}")
         shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in value.shape)
         if dtype is np.object_:
             sample[value.name] = np.full(shape, "", dtype=object)
@@ -191,7 +191,7 @@ def find_golden(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str, np.nda
         return None
     if not (inputs.exists() and outputs.exists()):
         missing = GOLDEN_OUTPUTS if inputs.exists() else GOLDEN_INPUTS
-        raise InvalidArgumentError(f"{missing} missing beside {artifact}")
+        raise InvalidArgument(f"{missing} missing beside {artifact}")
     return load_npz(inputs), load_npz(outputs)
 
 
@@ -277,7 +277,7 @@ def run_checks(
     if golden is None:
         try:
             golden = find_golden(path)
-        except (InvalidArgumentError, OSError, ValueError) as exc:
+        except (InvalidArgument, OSError, ValueError) as exc:
             checks.append(CheckResult(name="golden_outputs", status="failed", detail=str(exc)))
             golden = None
 
@@ -292,7 +292,7 @@ def run_checks(
         feed = dict(sample) if sample is not None else dict(golden[0]) if golden is not None else generate_sample(session)
         missing = [i.name for i in session.get_inputs() if i.name not in feed]
         if missing:
-            raise InvalidArgumentError(f"reference sample lacks input(s) {', '.join(missing)}")
+            raise InvalidArgument(f"reference sample lacks input(s) {', '.join(missing)}")
         names = [o.name for o in session.get_outputs()]
         results = session.run(names, feed)
         non_finite = int(sum(int(np.size(r) - np.count_nonzero(np.isfinite(r))) for r in results

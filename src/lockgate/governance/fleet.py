@@ -16,7 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from lockgate.control.errors import StoreError
+from lockgate.errors import StoreError
 from lockgate.governance.stage import ENGINE_KEY
 from lockgate.governance.state import WindowState, merge_all
 

@@ -38,6 +38,9 @@ SYSTEM_ACTOR = "system:canary"
 class NotServable(PolicyError):
     """A change would give traffic to a version its lifecycle state does not allow."""
 
+    code = "FAILED_PRECONDITION"
+    reason = "not_servable"
+
 
 class PolicyChanges:
     """Validated, audited writes to a `PolicyBook`."""

@@ -18,17 +18,24 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
+from lockgate.errors import InvalidArgument
+
 #: The routing space: a key or request id is mapped to a point in ``[0, SPACE)``.
 #: Weights are percentages, so one percent is 100 points and 0.01 % is the finest split.
 SPACE = 10_000
 
 
-class PolicyError(ValueError):
+class PolicyError(InvalidArgument, ValueError):
     """A traffic policy is malformed (bad weights, unknown version, percent out of range)."""
+
+    reason = "invalid_policy"
 
 
 class StaleRevision(PolicyError):
     """A compare-and-swap on the `PolicyBook` lost the race against another writer."""
+
+    code = "ABORTED"
+    reason = "stale_revision"
 
 
 class CanaryState(str, Enum):

@@ -47,6 +47,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 import lockgate
+from lockgate.errors import CODE_NUMBERS
 from lockgate.telemetry._otlp import encode_export_request, probe_private_fields
 from lockgate.telemetry.config import TracingSettings
 from lockgate.telemetry.metrics import Sample
@@ -465,8 +466,7 @@ class RequestTrace:
         if error is None:
             attrs["rpc.grpc.status_code"] = 0
         else:
-            code = getattr(error, "code", None)
-            number = code.value[0] if code is not None and hasattr(code, "value") else 13  # INTERNAL
+            number = CODE_NUMBERS.get(getattr(error, "code", None), 13)  # INTERNAL unless it names one
             attrs["rpc.grpc.status_code"] = number
             attrs["error.type"] = getattr(error, "reason", type(error).__name__)
             if number in _SERVER_ERROR_CODES:

@@ -14,16 +14,14 @@ import time
 from typing import Any, AsyncIterator
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, status_pb2
-from grpc_status import rpc_status
 
 import lockgate
 from lockgate._proto import inference_pb2 as pb
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.errors import InferenceFailed, LockgateError
 from lockgate.pipeline import InferencePipeline, RequestContext
-from lockgate.protocol.call_metadata import text_metadata
+from lockgate.transport.grpc.call_metadata import text_metadata
+from lockgate.transport.grpc.status import abort
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
 
 log = logging.getLogger("lockgate.grpc")
@@ -32,20 +30,6 @@ PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["model_repository", "statistics", "health", "reflection", "lockgate_governance"]
 # Bounded look-ahead per stream: how many messages of one stream may be in flight at once.
 STREAM_WINDOW = 256
-
-
-def status_for(exc: LockgateError) -> Any:
-    """A grpc.Status for abort_with_status, with google.rpc details when the error has some."""
-    status = status_pb2.Status(code=getattr(code_pb2, exc.code.name), message=exc.message)
-    if exc.details is not None:
-        detail = any_pb2.Any()
-        detail.Pack(exc.details)
-        status.details.append(detail)
-    return rpc_status.to_status(status)
-
-
-async def abort(context: grpc.aio.ServicerContext, exc: LockgateError) -> None:
-    await context.abort_with_status(status_for(exc))
 
 
 def _context(context: grpc.aio.ServicerContext) -> RequestContext:

@@ -32,13 +32,14 @@ from lockgate.control.plane import ControlPlane
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.governance.fleet import FleetDrift
-from lockgate.protocol.call_metadata import MetadataCapture
 from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
-from lockgate.protocol.inference_service import InferenceService
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import install as install_telemetry
+from lockgate.transport.grpc.admin import add_admin_service
+from lockgate.transport.grpc.call_metadata import MetadataCapture
+from lockgate.transport.grpc.inference import InferenceService
 
 log = logging.getLogger("lockgate.server")
 
@@ -183,9 +184,7 @@ class Gateway:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.pipeline, ready=self.ready), services
         )
-        from lockgate.protocol.admin_service import add_admin_service
-
-        admin_service = add_admin_service(services, self)
+        admin_service = add_admin_service(services, self.control, self.repository)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(

@@ -4,12 +4,9 @@ Served on the inference port. Every call authenticates the ``authorization: Bear
 metadata and checks one permission before doing anything; the principal's name is the
 actor in the audit trail. Store writes (SQLite with ``synchronous=FULL``) and validation
 (an ONNX Runtime session) run in worker threads so an admin call never stalls inference on
-the event loop. Errors map to one precise status each:
-
-* control-plane errors carry ``grpc_code`` (NOT_FOUND, FAILED_PRECONDITION, ...);
-* routing: ``StaleRevision`` → ABORTED, ``NotServable`` → FAILED_PRECONDITION, any other
-  ``PolicyError`` → INVALID_ARGUMENT;
-* data-plane ``LockgateError`` keeps its own code; anything unexpected is INTERNAL (logged).
+the event loop. Errors map to one precise status each, through ``transport.grpc.status``:
+every ``LockgateError`` (control plane, routing and data plane alike) carries its own code;
+anything unexpected is INTERNAL (logged).
 
 Tokens never reach a log line or an error message.
 """
@@ -30,18 +27,19 @@ import numpy as np
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
-from lockgate.control.errors import ControlError, InvalidArgumentError, NotFoundError
+from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
-from lockgate.protocol.call_metadata import call_metadata
+from lockgate.transport.grpc.call_metadata import call_metadata
+from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
 
 if TYPE_CHECKING:
     from lockgate.control.plane import ControlPlane
-    from lockgate.server import Gateway
+    from lockgate.serving.repository import ModelRepository
 
 log = logging.getLogger("lockgate.admin")
 
@@ -57,19 +55,8 @@ T = TypeVar("T")
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status one admin failure maps to (order matters: subclasses first)."""
-    if isinstance(exc, StaleRevision):
-        return grpc.StatusCode.ABORTED, str(exc)
-    if isinstance(exc, NotServable):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, PolicyError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ControlError):
-        code = getattr(grpc.StatusCode, str(exc.grpc_code), grpc.StatusCode.INTERNAL)
-        return code, str(exc)
-    if isinstance(exc, LockgateError):
-        return exc.code, exc.message
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+    """The gRPC status one admin failure maps to (the one mapping in ``status``)."""
+    return grpc_code(exc), message_of(exc)
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
@@ -79,9 +66,9 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidArgumentError(f"{what} is not valid JSON: {exc}") from None
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise InvalidArgumentError(f"{what} must be a JSON object")
+        raise InvalidArgument(f"{what} must be a JSON object")
     return value
 
 
@@ -91,7 +78,7 @@ def _dumps(value: Any) -> str:
 
 def _required(value: str, what: str) -> str:
     if not value:
-        raise InvalidArgumentError(f"{what} is required")
+        raise InvalidArgument(f"{what} is required")
     return value
 
 
@@ -100,14 +87,15 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
-    """The servicer; holds the gateway only to reach its control plane and repository."""
+    """The servicer: the control plane it governs and the repository it checks loads against."""
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gateway = gateway
+    def __init__(self, plane: "ControlPlane", repository: "ModelRepository") -> None:
+        self._plane = plane
+        self.repository = repository
 
     @property
     def plane(self) -> "ControlPlane":
-        return self.gateway.control
+        return self._plane
 
     # ------------------------------------------------------------------ plumbing
     async def _serve(
@@ -128,7 +116,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             principal = auth.authenticate(header)
             if permission is not None:
                 auth.authorize(principal, permission)
-        except ControlError as exc:
+        except LockgateError as exc:
             code, message = status_of(exc)
             log.info("admin %s refused: %s", method, message)
             await context.abort(code, message)
@@ -149,7 +137,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         return result
 
     def _loaded_versions(self, model: str) -> dict[str, Any]:
-        loaded = self.gateway.repository.models().get(model)
+        loaded = self.repository.models().get(model)
         return dict(loaded.versions) if loaded is not None else {}
 
     def _version_info(self, record: VersionRecord) -> pb.VersionInfo:
@@ -241,11 +229,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
         for name, value in data.items():
             dt = datatypes.BY_NAME.get(types.get(name, ""))
             if dt is None:
-                raise InvalidArgumentError(f"sample_json names {name!r}, which is not a supported input of the model")
+                raise InvalidArgument(f"sample_json names {name!r}, which is not a supported input of the model")
             try:
                 sample[name] = np.asarray(value, dtype=dt.numpy)
             except (TypeError, ValueError) as exc:
-                raise InvalidArgumentError(f"sample_json[{name!r}] is not a {dt.name} array: {exc}") from None
+                raise InvalidArgument(f"sample_json[{name!r}] is not a {dt.name} array: {exc}") from None
         return sample
 
     async def ValidateVersion(self, request: Any, context: Any) -> Any:
@@ -327,9 +315,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
     def _traffic(self, model: str) -> Any:
         plane = self.plane
         policy = plane.book.get(model)
-        loaded = self.gateway.repository.models().get(model)
+        loaded = self.repository.models().get(model)
         if policy is None and loaded is None and not plane.registry.list_versions(model):
-            raise NotFoundError(f"model {model!r} has no traffic policy, is not loaded and is not registered")
+            raise NotFound(f"model {model!r} has no traffic policy, is not loaded and is not registered")
         status = pb.TrafficStatus(model=model, has_policy=policy is not None)
         named: set[str] = set(loaded.versions) if loaded is not None else set()
         if policy is None:
@@ -399,7 +387,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             model = _required(request.model, "model")
             weights = {str(v): int(w) for v, w in request.weights.items()}
             if not weights:
-                raise InvalidArgumentError("weights are required, e.g. {'1': 90, '2': 10}")
+                raise InvalidArgument("weights are required, e.g. {'1': 90, '2': 10}")
             if request.HasField("expected_revision"):
                 current = self.plane.book.get(model)
                 revision = current.revision if current is not None else 0
@@ -511,7 +499,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 try:
                     since = parse_time(request.since)
                 except ValueError as exc:
-                    raise InvalidArgumentError(str(exc)) from None
+                    raise InvalidArgument(str(exc)) from None
             entries = self.plane.audit.log(model=request.model or None, since=since, limit=request.limit or None)
             return pb.AuditLogResponse(entries=[_entry(e.to_dict()) for e in entries])
 
@@ -538,9 +526,9 @@ def policy_from_status(status: Any) -> TrafficPolicy | None:
     return TrafficPolicy.from_json(status.policy_json) if status.policy_json else None
 
 
-def add_admin_service(server: grpc.aio.Server, gateway: "Gateway") -> str:
+def add_admin_service(server: grpc.aio.Server, plane: "ControlPlane", repository: "ModelRepository") -> str:
     """Register the admin servicer on ``server``; returns its full name for reflection."""
-    pb_grpc.add_AdminServiceServicer_to_server(AdminService(gateway), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminService(plane, repository), server)
     return SERVICE_NAME
 
 

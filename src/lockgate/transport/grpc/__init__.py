@@ -1,0 +1,1 @@
+"""gRPC adapters: ``inference.GRPCInferenceService`` and ``lockgate.admin.v1.AdminService``."""

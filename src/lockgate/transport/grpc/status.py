@@ -1,0 +1,55 @@
+"""The one mapping from lockgate's error hierarchy to gRPC statuses.
+
+Every servicer answers a failure through ``status_for``/``abort``, so a ``LockgateError`` has
+exactly one gRPC status, and anything that is not one is INTERNAL with a message that names
+the exception type but never its arguments (they can carry request data or secrets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, status_pb2
+from grpc_status import rpc_status
+
+from lockgate.errors import LockgateError
+
+#: Cap on the text of an error message sent to a caller: the message names the input, row,
+#: feature and rule, never an unbounded echo of what the caller sent.
+MAX_MESSAGE_CHARS = 1024
+
+
+def grpc_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code of one failure: the error's own, INTERNAL for anything else."""
+    if isinstance(exc, LockgateError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode.INTERNAL
+
+
+def message_of(exc: BaseException) -> str:
+    """The caller-visible message, capped in size."""
+    if isinstance(exc, LockgateError):
+        text = exc.message
+    else:
+        text = f"internal error ({type(exc).__name__}); see the server log"
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 15] + "... (truncated)"
+    return text
+
+
+def status_for(exc: BaseException) -> Any:
+    """A grpc.Status for abort_with_status, with google.rpc details when the error has some."""
+    code = grpc_code(exc)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message_of(exc))
+    details = getattr(exc, "details", None)
+    if details is not None:
+        detail = any_pb2.Any()
+        detail.Pack(details)
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    await context.abort_with_status(status_for(exc))
