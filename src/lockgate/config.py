@@ -149,6 +149,8 @@ class ModelConfigFile(_Strict):
     default_version: int | None = Field(None, description="served when a request names no version; default: highest")
     # Owned by the governance package; validated there to keep this module free of its details.
     governance: dict[str, Any] | None = None
+    # Owned by the outcomes package (prediction ledger, quality, fairness); validated there.
+    outcomes: dict[str, Any] | None = None
     # Free-form labels shown in ModelConfig.parameters.
     parameters: dict[str, str] = Field(default_factory=dict)
 

@@ -5,6 +5,7 @@
     inspect -> governance (plug.)    fused validation + sketches + sampling decision
     batch   -> serving.batcher       merged with concurrent requests into one ORT run
     encode  -> protocol.codec        raw_output_contents, served version, route decision
+    record  -> outcomes (pluggable)  the prediction queued for the ledger (written off the path)
 
 The pipeline knows nothing about gRPC: it takes a decoded protobuf request plus a small
 context and returns a protobuf response, raising ``LockgateError`` subclasses on failure.
@@ -13,6 +14,7 @@ Routing and governance plug in through two small protocols so each stays in its 
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any, Callable, Mapping, Protocol
 
@@ -66,6 +68,20 @@ class RoutingStage(Protocol):
                        inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray] | None) -> None: ...
 
 
+class OutcomeStage(Protocol):
+    def record(self, version: ModelVersion, request_id: str, request: Any, inputs: dict[str, np.ndarray],
+               outputs: dict[str, np.ndarray]) -> None: ...
+
+
+def new_request_id() -> str:
+    """A server-generated request id: milliseconds since the epoch (hex) and 64 random bits.
+
+    Given to requests without an id when the model records outcomes, and returned in the
+    response ``id``, so feedback can name the prediction.
+    """
+    return f"{time.time_ns() // 1_000_000:x}-{secrets.token_hex(8)}"
+
+
 class GovernanceStage(Protocol):
     def inspect(self, version: ModelVersion, inputs: dict[str, np.ndarray], request_id: str, ctx: RequestContext) -> Any: ...
     def after_inference(self, version: ModelVersion, inspection: Any, inputs: dict[str, np.ndarray],
@@ -95,10 +111,12 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        outcomes: OutcomeStage | None = None,
     ) -> None:
         self.repository = repository
         self.routing: RoutingStage = routing or DefaultRouting()
         self.governance = governance
+        self.outcomes = outcomes
         self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
@@ -123,7 +141,10 @@ class InferencePipeline:
                         routing_key = str(codec.parameter_value(param))
                 if routing_key is None:
                     routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
-            route = routing.route(model, request.model_version, routing_key, request.id)
+            request_id = request.id
+            if not request_id and model.config.outcomes is not None:
+                request_id = new_request_id()  # feedback names the prediction by it
+            route = routing.route(model, request.model_version, routing_key, request_id)
             version = model.get(route.version)
         except BaseException as exc:  # NOT_FOUND / PERMISSION_DENIED before a version is known
             if trace is not None:
@@ -143,7 +164,7 @@ class InferencePipeline:
             inputs = codec.decode_inputs(request, version.signature)
             output_names = codec.requested_outputs(request, version.signature)
             # inspect
-            inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
+            inspection = self.governance.inspect(version, inputs, request_id, ctx) if self.governance else None
             # batch + run
             batcher = version.batcher
             # the lone-request path without a coroutine; submit() queues the rest
@@ -152,16 +173,18 @@ class InferencePipeline:
                 outputs = await batcher.submit(inputs, ctx.deadline, trace)
             # encode
             if wrap is None:
-                outer = response = response_type(model_name=model.name, model_version=version.version, id=request.id)
+                outer = response = response_type(model_name=model.name, model_version=version.version, id=request_id)
             else:
                 outer, response = wrap()
                 response.model_name = model.name
                 response.model_version = version.version
-                response.id = request.id
+                response.id = request_id
             codec.encode_outputs(response, outputs, output_names)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
+            if self.outcomes is not None:
+                self.outcomes.record(version, request_id, request, inputs, outputs)  # queued, not written here
             ok = True
             return outer
         except LockgateError as exc:

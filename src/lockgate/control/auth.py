@@ -43,6 +43,7 @@ class Role(StrEnum):
     OPERATOR = "operator"
     APPROVER = "approver"
     ADMIN = "admin"
+    LABELER = "labeler"
 
 
 class Permission(StrEnum):
@@ -54,6 +55,7 @@ class Permission(StrEnum):
     RETIRE = "retire"  # retire a version
     LOAD = "load"  # load/unload versions in the running server
     ADMIN = "admin"  # anything else administrative (tokens, config)
+    FEEDBACK = "feedback"  # send ground-truth labels (they can decide a canary's outcome guardrails)
 
 
 # The explicit permission matrix. Roles are not a strict hierarchy: an
@@ -64,6 +66,8 @@ PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     Role.OPERATOR: frozenset({Permission.READ, Permission.TRAFFIC}),
     Role.APPROVER: frozenset({Permission.READ, Permission.APPROVE}),
     Role.ADMIN: frozenset(Permission),
+    # A labeling pipeline's identity: labels only, nothing else.
+    Role.LABELER: frozenset({Permission.FEEDBACK}),
 }
 
 

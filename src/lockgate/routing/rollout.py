@@ -22,7 +22,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal, Protocol
@@ -242,6 +242,7 @@ def analyse(
     drift_status: object = None,
     disagreement: float | None = None,
     baseline: VersionWindow | None = None,
+    extra: Sequence[GuardrailResult] = (),
 ) -> Analysis:
     """Judge one analysis window. Pure: same inputs, same verdict.
 
@@ -369,6 +370,7 @@ def analyse(
                 )
             )
 
+    results.extend(extra)  # verdicts judged elsewhere (the outcome guardrails)
     statuses = {r.status for r in results}
     outcome: Outcome = "fail" if "fail" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
     return Analysis(outcome, tuple(results))
@@ -427,6 +429,9 @@ class CanaryController:
         #: model → (analysis generation, due time) of the next evaluation.
         self._schedule: dict[str, tuple[tuple[Any, ...], float]] = {}
         self.tick_errors = 0
+        #: (model, canary spec, now) -> verdicts of the outcome guardrails (quality, fairness,
+        #: label coverage); installed by the server (``lockgate.outcomes``).
+        self.outcome_guardrails: Callable[[str, CanarySpec, float], Sequence[GuardrailResult]] | None = None
 
     # ---------------------------------------------------------------- governance hook
     def on_drift_alert(self, model: str, version: str, status: object) -> None:
@@ -559,7 +564,13 @@ class CanaryController:
         g = spec.guardrails
         if stats_stable.requests >= g.min_requests:
             self._baseline[model] = stats_stable
-        analysis = analyse(g, stats_stable, stats_canary, drift_status_canary, disagreement, self._baseline.get(model))
+        if not g.uses_outcomes:
+            extra: Sequence[GuardrailResult] = ()
+        elif self.outcome_guardrails is None:  # configured but nothing can judge them: fail closed
+            extra = (GuardrailResult("outcomes", "inconclusive", None, None, "no outcome evaluator in this process"),)
+        else:
+            extra = self.outcome_guardrails(model, spec, now)
+        analysis = analyse(g, stats_stable, stats_canary, drift_status_canary, disagreement, self._baseline.get(model), extra)
         windows = {"stable": stats_stable, "canary": stats_canary}
         evidence = {
             "canary": spec.canary,

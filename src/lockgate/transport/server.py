@@ -33,12 +33,15 @@ from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
+from lockgate.outcomes.service import OutcomeService
+from lockgate.outcomes.store import OutcomeStore
 from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import install as install_telemetry
 from lockgate.transport.grpc.admin import add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
+from lockgate.transport.grpc.feedback import add_feedback_service
 from lockgate.transport.grpc.inference import InferenceService
 
 log = logging.getLogger("lockgate.server")
@@ -156,7 +159,15 @@ class Gateway:
         if self.fleet is not None:
             self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
         self.repository.releasers.append(self.governance.release)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
+        # The prediction ledger and feedback join live in the control-plane database (its own
+        # connections: ledger writes must not queue behind the outage spool).
+        self.outcomes = OutcomeService(OutcomeStore.open(settings.store_location()), replica=settings.replica(),
+                                       audit=self.control.audit.append)
+        self.repository.preparers.append(self.outcomes.prepare)
+        self.repository.releasers.append(self.outcomes.release)
+        self.control.canary.outcome_guardrails = self.outcomes.canary_guardrails
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
+                                          outcomes=self.outcomes)
         self.ready = asyncio.Event()
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
@@ -168,6 +179,7 @@ class Gateway:
         self.governance.tracing_enabled = self.telemetry.tracing is not None
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
+        self.telemetry.register_source("outcomes", self.outcomes.metric_samples)
         self.control.rollback_listeners.append(self.telemetry.rollback)
 
     def _on_drift_report(self, report: Any) -> None:
@@ -185,10 +197,11 @@ class Gateway:
             InferenceService(self.repository, self.pipeline, ready=self.ready), services
         )
         admin_service = add_admin_service(services, self.control, self.repository)
+        feedback_service = add_feedback_service(services, self.outcomes, self.control.auth)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
-                [INFERENCE_SERVICE, admin_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                [INFERENCE_SERVICE, admin_service, feedback_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME],
                 pool=POOL,
             ),
@@ -202,6 +215,7 @@ class Gateway:
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
+        self.outcomes.start()
         loop = asyncio.get_running_loop()
         if self.fleet is not None:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
@@ -252,6 +266,7 @@ class Gateway:
             # close() would evaluate (and alert on) this replica's share alone.
             await asyncio.to_thread(self.fleet.ship, self.fleet.window_of(time.time()))
         await self.repository.close()
+        await asyncio.to_thread(self.outcomes.close)  # writes what the ledger still holds
         self.governance.close()
         await self.control.close()
         self.telemetry.close()  # flush spans (bounded), close /metrics
