@@ -71,5 +71,10 @@ from lockgate.governance.cli import drift_app, profile_app  # noqa: E402
 app.add_typer(profile_app, name="profile", help="reference profiles for drift detection")
 app.add_typer(drift_app, name="drift", help="drift reports")
 
+from lockgate.outcomes.cli import feedback_app, outcomes_app  # noqa: E402
+
+app.add_typer(feedback_app, name="feedback", help="ground-truth labels for served predictions")
+app.add_typer(outcomes_app, name="outcomes", help="live quality and fairness reports")
+
 if __name__ == "__main__":
     app()

@@ -54,6 +54,7 @@ class ServerSettings(_Strict):
     replica_id: str | None = Field(None, description="this replica's name in the shared store [hostname-pid]")
     spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
     fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
+    outcomes_refresh_s: float = Field(5.0, gt=0, description="how often the exported quality/fairness figures are recomputed")
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
 
     def replica(self) -> str:

@@ -407,6 +407,12 @@ def canary_start(
     min_requests: Annotated[Optional[int], typer.Option("--min-requests")] = None,
     fail_on_drift: Annotated[Optional[bool], typer.Option("--fail-on-drift/--ignore-drift")] = None,
     disable: Annotated[Optional[list[str]], typer.Option("--disable", help="switch a guardrail off (repeatable)")] = None,
+    max_quality_drop: Annotated[Optional[str], typer.Option(
+        "--max-quality-drop", help="outcome guardrail: METRIC=DROP,... e.g. accuracy=0.02,auc=0.03 (vs stable)")] = None,
+    max_fairness_gap: Annotated[Optional[float], typer.Option("--max-fairness-gap", help="outcome guardrail: largest group gap")] = None,
+    min_label_coverage: Annotated[Optional[float], typer.Option(
+        "--min-label-coverage", help="labeled share both versions need; below it the analysis is inconclusive")] = None,
+    min_labels: Annotated[Optional[int], typer.Option("--min-labels", help="labeled rows each version needs [100]")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a progressive canary; guardrail failures roll it back automatically."""
@@ -418,9 +424,18 @@ def canary_start(
     for name, value in (("max_error_rate", max_error_rate), ("max_error_ratio", max_error_ratio),
                         ("max_p99_ratio", max_p99_ratio), ("max_p99_ms", max_p99_ms),
                         ("max_disagreement", max_disagreement), ("min_requests", min_requests),
-                        ("fail_on_drift", fail_on_drift)):
+                        ("fail_on_drift", fail_on_drift), ("max_fairness_gap", max_fairness_gap),
+                        ("min_label_coverage", min_label_coverage), ("min_labels", min_labels)):
         if value is not None:
             setattr(guardrails, name, value)
+    for item in (max_quality_drop or "").split(","):
+        if not item.strip():
+            continue
+        metric, _, bound = item.partition("=")
+        try:
+            guardrails.max_quality_drop[metric.strip()] = float(bound)
+        except ValueError:
+            raise typer.BadParameter(f"--max-quality-drop {item!r}: use METRIC=DROP, e.g. accuracy=0.02") from None
     request = pb.StartCanaryRequest(
         model=model, version=version, stable=stable or "", steps=step_list, interval_s=parse_duration(interval),
         failure_limit=failure_limit or 0, guardrails=guardrails,
@@ -550,11 +565,15 @@ def audit_export(
     model: Annotated[str, typer.Option("--model", help="the model whose evidence bundle to export")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="write the JSON bundle here [stdout]")] = None,
+    model_repository: Annotated[Optional[Path], typer.Option(
+        "--model-repository", help="with --store: also the outcomes history (the model's outcomes: section)")] = None,
 ) -> None:
-    """Evidence bundle of one model: card, reports, approvals, traffic history, rollbacks, drift."""
+    """Evidence bundle of one model: card, reports, approvals, traffic, rollbacks, drift, outcomes."""
     if store is not None:
         with _local_trail(store) as trail:
-            text = json.dumps(trail.export(model), indent=2, sort_keys=True, default=str)
+            bundle = trail.export(model)
+            bundle["outcomes"] = _offline_outcomes(store, model_repository, model, trail)
+            text = json.dumps(bundle, indent=2, sort_keys=True, default=str)
     else:
         text = call(server, token, ca_file, "AuditExport", pb.AuditExportRequest(model=model)).bundle_json
     if out is None:
@@ -562,6 +581,20 @@ def audit_export(
     else:
         out.write_text(text + "\n", encoding="utf-8")
         err_console.print(f"evidence bundle for {model} written to {out}")
+
+
+def _offline_outcomes(store: str, repository: Path | None, model: str, trail: Any) -> dict[str, Any]:
+    """The evidence bundle's outcomes section read from the store (history needs the repository)."""
+    from lockgate.outcomes.service import evidence, guardrail_decisions
+
+    section: dict[str, Any] = {"history": {}}
+    if repository is not None and (repository / model / "config.yaml").exists():
+        from lockgate.outcomes.cli import offline_report
+
+        if "outcomes" in (yaml.safe_load((repository / model / "config.yaml").read_text()) or {}):
+            section = evidence(offline_report(store, repository, model, None, None))
+    section["guardrail_decisions"] = guardrail_decisions(trail.log(model=model))
+    return section
 
 
 # ---------------------------------------------------------------------- tokens

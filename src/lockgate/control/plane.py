@@ -75,6 +75,8 @@ class ControlPlane:
         self.last_verify_ok: bool | None = None  # set by AuditVerify calls
         # (model, from_version, to_version, reason): telemetry turns these into span events/logs.
         self.rollback_listeners: list[Any] = []
+        # Extra sections of a model's evidence bundle (``audit export``): name -> model -> section.
+        self.evidence_sources: dict[str, Callable[[str], Any]] = {}
 
     @classmethod
     def open(cls, location: str | Path, **kwargs: Any) -> "ControlPlane":

@@ -302,3 +302,23 @@ def evidence(report: dict[str, Any]) -> dict[str, Any]:
         ]
     return {"format": "lockgate.outcomes.history/v1", "window_seconds": report["window_seconds"],
             "task": report["task"], "protected": report["protected"], "history": history}
+
+
+def guardrail_decisions(entries: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every canary analysis verdict in an audit log (the entries that carry guardrail results)."""
+    out = []
+    for entry in entries:
+        details = entry.details if hasattr(entry, "details") else entry.get("details", {})
+        if isinstance(details, Mapping) and "guardrails" in details:
+            out.append({"seq": entry.seq, "time": entry.time, "action": entry.action, "actor": entry.actor,
+                        "outcome": details.get("outcome"), "reason": details.get("reason"),
+                        "guardrails": details["guardrails"]})
+    return out
+
+
+def evidence_section(store: OutcomeStore, spec: OutcomeSpec | None, audit_entries: Sequence[Any]) -> dict[str, Any]:
+    """The ``outcomes`` section of a model's evidence bundle: the quality and fairness history
+    of every window still kept, and every guardrail decision of its canaries."""
+    section = evidence(build_report(store, spec)) if spec is not None else {"history": {}}
+    section["guardrail_decisions"] = guardrail_decisions(audit_entries)
+    return section

@@ -33,7 +33,7 @@ from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
-from lockgate.outcomes.service import OutcomeService
+from lockgate.outcomes.service import OutcomeService, evidence_section
 from lockgate.outcomes.store import OutcomeStore
 from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
@@ -162,10 +162,12 @@ class Gateway:
         # The prediction ledger and feedback join live in the control-plane database (its own
         # connections: ledger writes must not queue behind the outage spool).
         self.outcomes = OutcomeService(OutcomeStore.open(settings.store_location()), replica=settings.replica(),
-                                       audit=self.control.audit.append)
+                                       audit=self.control.audit.append, refresh_s=settings.outcomes_refresh_s)
         self.repository.preparers.append(self.outcomes.prepare)
         self.repository.releasers.append(self.outcomes.release)
         self.control.canary.outcome_guardrails = self.outcomes.canary_guardrails
+        self.control.evidence_sources["outcomes"] = lambda model: evidence_section(
+            self.outcomes.store, self.outcomes.specs().get(model), self.control.audit.log(model=model))
         self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
                                           outcomes=self.outcomes)
         self.ready = asyncio.Event()

@@ -47,7 +47,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 AUTHORIZATION = "authorization"
 _GUARDRAIL_FIELDS = (
     "max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement",
-    "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms",
+    "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms", "max_fairness_gap", "min_label_coverage",
+    "min_labels",
 )
 _DISABLEABLE = frozenset({"max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement"})
 
@@ -430,8 +431,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if name not in _DISABLEABLE:
                 raise PolicyError(f"cannot disable guardrail {name!r}; use one of {sorted(_DISABLEABLE)}")
             values[name] = None
-        if "min_requests" in values:
-            values["min_requests"] = int(values["min_requests"])
+        for name in ("min_requests", "min_labels"):
+            if name in values:
+                values[name] = int(values[name])
+        if message.max_quality_drop:
+            values["max_quality_drop"] = dict(message.max_quality_drop)
         return Guardrails(**values)
 
     async def StartCanary(self, request: Any, context: Any) -> Any:
@@ -508,6 +512,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
     async def AuditExport(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
             bundle = self.plane.audit.export(_required(request.model, "model"))
+            for name, source in self.plane.evidence_sources.items():
+                bundle[name] = source(request.model)
             return pb.AuditExportResponse(bundle_json=json.dumps(bundle, indent=2, sort_keys=True, default=str))
 
         return await self._serve(context, "AuditExport", Permission.READ, body)
