@@ -115,6 +115,8 @@ class RetentionConfig(_Strict):
 
     max_age_s: float = Field(14 * 86400.0, gt=0, description="predictions older than this are evicted (14 days)")
     max_rows: int = Field(10_000_000, ge=1, description="at most this many predictions of the model are kept")
+    remember_expired_s: float | None = Field(
+        None, gt=0, description="evicted keys are remembered this long, so a late label counts as expired [max_age_s]")
     history_s: float = Field(90 * 86400.0, gt=0, description="window states (quality/fairness history) are kept this long")
     check_interval_s: float = Field(60.0, gt=0, description="how often retention runs")
 

@@ -267,7 +267,7 @@ class PredictionLedger:
             try:
                 self.evicted += self.store.evict(
                     spec.model, older_than_ms=now_ms - int(retention.max_age_s * 1000), max_rows=retention.max_rows,
-                    now_ms=now_ms, tombstone_ms=int(retention.max_age_s * 1000),
+                    now_ms=now_ms, tombstone_ms=int((retention.remember_expired_s or retention.max_age_s) * 1000),
                     history_before_ms=now_ms - int(retention.history_s * 1000), span_ms=spec.span_ms,
                 )
             except StoreError as exc:
