@@ -144,8 +144,12 @@ class LedgerConfig(_Strict):
     """The bounded queue between the request path and the ledger writer."""
 
     queue_rows: int = Field(65_536, ge=1, description="rows waiting to be written; beyond this, dropped and counted")
+    queue_bytes: int = Field(64 * 1024 * 1024, ge=1024,
+                             description="bytes of outputs and segment inputs the queue may hold on to; beyond, dropped and counted")
     batch_rows: int = Field(4096, ge=1, description="rows per write transaction")
-    flush_interval_s: float = Field(0.1, gt=0, le=10, description="a partial batch is written after this long")
+    flush_interval_s: float = Field(
+        0.5, gt=0, le=10, description="a partial batch is written after this long (feedback for a prediction "
+        "still queued flushes it first; each write transaction has a fixed cost, so fewer, larger ones are cheaper)")
 
 
 class OutcomesConfig(_Strict):

@@ -65,12 +65,12 @@ def _rounded(value: Any) -> Any:
 
 class OutcomeService:
     def __init__(self, store: OutcomeStore, *, replica: str, audit: AuditFn | None = None,
-                 refresh_s: float = 5.0, flush_interval_s: float = 0.1) -> None:
+                 refresh_s: float = 5.0) -> None:
         self.store = store
         self.replica = replica
         self._audit = audit
         self.book = WindowBook(store, replica)
-        self.ledger = PredictionLedger(store, self.book, flush_interval_s=flush_interval_s)
+        self.ledger = PredictionLedger(store, self.book)
         self.feedback = FeedbackIngest(self)
         self._specs: dict[str, OutcomeSpec] = {}
         self._without: set[str] = set()  # loaded models without an outcomes section

@@ -36,11 +36,15 @@ class OutcomeConfigError(ValueError):
     """The ``outcomes:`` section does not fit the model (raised at load; the load fails)."""
 
 
+_HASH_PROTO = hashlib.blake2b(digest_size=8, person=_KEY_PERSON)
+
+
 def request_hash(request_id: str) -> int:
     """64-bit BLAKE2b of a request id: every replica computes the same value."""
-    return int.from_bytes(
-        hashlib.blake2b(request_id.encode("utf-8", "surrogatepass"), digest_size=8, person=_KEY_PERSON).digest(), "little"
-    )
+    state = _HASH_PROTO.copy()  # ~2x cheaper than building a keyed state per call
+    state.update(request_id.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(state.digest(), "little")
+
 
 
 def row_keys(hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
