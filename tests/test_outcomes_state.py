@@ -245,3 +245,42 @@ def test_outcome_guardrails_fail_closed_and_judge_the_drop() -> None:
     with pytest.raises(PolicyError, match="max_quality_drop"):
         Guardrails(max_quality_drop={"accuracy": -1})
     assert Guardrails.from_dict(g.to_dict()) == g and g.to_dict()["max_quality_drop"] == {"accuracy": 0.05}
+
+
+def test_alert_rules_and_dashboard_cover_the_outcome_families() -> None:
+    """The shipped alerting rules (and the kustomize copy) and the Grafana row use the families lockgate exports."""
+    from pathlib import Path
+
+    import yaml
+
+    from lockgate.telemetry.metrics import FAMILIES
+
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    rules = yaml.safe_load((root / "prometheus" / "alerts.yml").read_text())
+    assert (root / "prometheus" / "alerts.yml").read_text() == (root / "k8s" / "monitoring" / "alerts.yml").read_text()
+    group = next(g for g in rules["groups"] if g["name"] == "lockgate-outcomes")
+    names = {r["alert"] for r in group["rules"]}
+    assert {"LockgateFairnessBreach", "LockgateQualityBelowOtherVersion", "LockgateLowLabelCoverage",
+            "LockgateOutcomeRecordsDropped"} <= names
+    exprs = " ".join(r["expr"] for r in group["rules"])
+    dashboard = (root / "grafana" / "lockgate-dashboard.json").read_text()
+    for family in ("lockgate_model_quality", "lockgate_fairness", "lockgate_label_coverage", "lockgate_outcome_dropped"):
+        assert family in FAMILIES
+        assert family in exprs and family in dashboard
+
+
+def test_demo_model_compiles_its_outcomes_section(tmp_path) -> None:
+    import yaml
+
+    from lockgate.control.validation import onnx_signature
+    from lockgate.demo import build_demo_repository
+    from lockgate.outcomes.service import compile_spec
+
+    root = build_demo_repository(tmp_path / "demo")
+    config = yaml.safe_load((root / "credit" / "config.yaml").read_text())
+    signature = onnx_signature(root / "credit" / "1" / "model.onnx")
+    spec = compile_spec("credit", config["outcomes"], [(s.name, s.shape) for s in signature.outputs],
+                        [(s.name, s.shape) for s in signature.inputs], config["governance"])
+    assert spec.task == "multiclass" and spec.classes[spec.favourable] == "approve"
+    assert [s.name for s in spec.segments] == ["age_band", "region", "gender"] and spec.segments[0].column == 0
+    assert [c for c in spec.protected_combinations()] == [(2,), (0,), (2, 0)]

@@ -107,7 +107,7 @@ def reference_sample(rows: int = 5000, seed: int = 7) -> np.ndarray:
 
 
 DEMO_CONFIG = """\
-# Demo credit-risk classifier: two versions, dynamic batching, governance constraints.
+# Demo credit-risk classifier: two versions, dynamic batching, governance constraints, outcomes.
 max_batch_size: 64
 dynamic_batching:
   max_queue_delay_us: 100
@@ -133,6 +133,17 @@ governance:
   drift:
     window_rows: 10000
     window_seconds: 300
+outcomes:
+  task: multiclass
+  class_names: [approve, review, decline]
+  positive_class: approve
+  favourable_outcome: approve
+  segments:
+    age_band: {input: features, feature: age, bins: [30, 45, 65]}
+    region: {input: features, feature: region, categories: [0, 1, 2, 3, 4]}
+    gender: {parameter: gender, categories: [f, m, x]}   # a request parameter the model never sees
+  protected: [gender, age_band]
+  fairness: {max_depth: 2, min_group_size: 30}
 parameters:
   task: tabular-classification
   classes: approve,review,decline
