@@ -92,7 +92,7 @@ def test_label_joins_across_replicas_and_the_leaders_merge_equals_one_process(
                                               ids=[f"{rid}-{i}" for i in range(200)]))
     outcome_store = OutcomeStore(PostgresStore(dsn, pool_size=2))
     try:
-        wait_for(lambda: outcome_store.count_predictions("fleet") == 2000, 60, "both replicas' ledger rows")
+        wait_for(lambda: outcome_store.count_predictions("fleet") == 2000, 60, what="both replicas' ledger rows")
         truth = {rid: [(x[:, 0] + 0.5 * rng.standard_normal(rows) > 0).astype(int) for x in inputs[rid]] for rid in inputs}
 
         def labels_of(rid: str, part: slice) -> list:
