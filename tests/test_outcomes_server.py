@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from lockgate.control.sqlite_store import SQLiteStore
 from lockgate.demo import mlp_model, onnx_model
 from lockgate.outcomes.store import OutcomeStore
 from lockgate_process import LOCKGATE, LockgateProcess
+from replica_helpers import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -148,17 +147,6 @@ def outcomes(url: str, model: str, **kwargs) -> dict:
     return json.loads(report.report_json)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def label(request_id: str, row: int, value) -> fpb.Label:
     msg = fpb.Label(request_id=request_id, row=row)
     if isinstance(value, bool):
@@ -228,7 +216,7 @@ def test_canary_rolls_back_on_quality_and_the_audit_shows_why(server: LockgatePr
             admin(url, "ResumeCanary", apb.CanaryCommand(model="canary"), "tok-o")
         return status.canary.state if status.canary.state == "rolled_back" else None
 
-    wait_for(state, 120, "the canary to roll back")
+    wait_for(state, 120, what="the canary to roll back")
     entries = admin(url, "AuditLog", apb.AuditLogRequest(model="canary"), "tok-v").entries
     rollback = next(json.loads(e.details_json) for e in entries if e.action == "traffic.canary.rolled_back")
     assert rollback["guardrail"] == "quality_drop:accuracy", rollback
@@ -309,7 +297,7 @@ def test_fairness_of_a_biased_model_equals_fairlearn(server: LockgateProcess) ->
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
         return text if 'lockgate_fairness{metric="demographic_parity_difference",model="fair",segment="grp",version="1"}' in text else None
 
-    text = wait_for(exported, 30, "fairness gauges")
+    text = wait_for(exported, 30, what="fairness gauges")
     assert 'lockgate_model_quality{metric="accuracy",model="fair",version="1"}' in text
     assert 'lockgate_label_coverage{model="fair",version="1"} 1.0' in text
 
@@ -395,7 +383,7 @@ def test_queue_drops_are_counted_never_silent(server: LockgateProcess) -> None:
                 return float(line.split()[-1])
         return None
 
-    assert wait_for(dropped, 10, "the drop counter") == 50.0  # 2 rows per request > a queue of 1 row
+    assert wait_for(dropped, 10, what="the drop counter") == 50.0  # 2 rows per request > a queue of 1 row
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -476,8 +464,8 @@ def test_label_outcomes_counted_retention_evicts_and_restart_keeps_the_ledger(tm
         asyncio.run(predict_all(first.url, "ledger", x[:1], ids=["L-149"], concurrency=1))  # a reused id
         store = OutcomeStore(SQLiteStore(state))
         try:
-            wait_for(lambda: store.rows_kept("ledger").get("1", 1e9) <= 100, 30, "the row cap to evict")
-            wait_for(lambda: store.count_predictions("aged") == 0, 30, "the age limit to evict")
+            wait_for(lambda: store.rows_kept("ledger").get("1", 1e9) <= 100, 30, what="the row cap to evict")
+            wait_for(lambda: store.count_predictions("aged") == 0, 30, what="the age limit to evict")
             assert store.count_predictions("ledger") == store.rows_kept("ledger")["1"]
         finally:
             store.close()
