@@ -240,6 +240,7 @@ class Registry:
         golden: tuple[Arrays, Arrays] | None = None,
         tolerance: Tolerance | None = None,
         latency_runs: int = 5,
+        signature_source: str = "the expected signature",
     ) -> ValidationReport:
         """Run the automatic checks, store the report, and move to *validated* if it passed.
 
@@ -259,6 +260,7 @@ class Registry:
             golden=golden,
             tolerance=tolerance,
             latency_runs=latency_runs,
+            signature_source=signature_source,
         )
         report = ValidationReport(
             model=model,

@@ -29,7 +29,7 @@ from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
 from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
-from lockgate.control.validation import onnx_signature
+from lockgate.control.validation import config_signature, onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
 from lockgate.transport.grpc.call_metadata import call_metadata
@@ -197,13 +197,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         serving = [r.version for r in self.plane.registry.list_versions(model) if r.state == "serving" and r.version != version]
         return serving[-1] if serving else None
 
-    def _expected_signature(self, model: str, version: str, text: str) -> dict[str, Any] | None:
-        """The request's signature, else the signature of the version now serving (None: nothing to match)."""
+    def _expected_signature(self, model: str, version: str, text: str) -> tuple[dict[str, Any] | None, str]:
+        """What the new version must look like, and where that came from: the request's
+        signature, else the version clients are served now, else the inputs and outputs the
+        model's config declares (None: nothing to compare with)."""
         if text.strip():
-            return _json_object(text, "expected_signature_json")
+            return _json_object(text, "expected_signature_json"), "the expected signature given"
         reference = self._reference_version(model, version)
         if reference is None:
-            return None
+            declared = config_signature(self.repository.root / model)
+            return declared, "the inputs and outputs the model's config declares"
         loaded = self._loaded_versions(model).get(reference)
         if loaded is not None:
             specs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.inputs]
@@ -216,7 +219,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         def spec(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
             return [{"name": n, "datatype": d, "shape": shape} for n, d, shape in items]
 
-        return {"inputs": spec(specs), "outputs": spec(outs)}
+        return {"inputs": spec(specs), "outputs": spec(outs)}, f"version {reference}, which serves now"
 
     @staticmethod
     def _sample(artifact: str, text: str) -> dict[str, np.ndarray] | None:
@@ -241,11 +244,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
             model = _required(request.model, "model")
             version = _required(request.version, "version")
             record = self.plane.registry.get(model, version)
+            expected, source = self._expected_signature(model, version, request.expected_signature_json)
             report = self.plane.registry.validate(
                 model,
                 version,
                 principal.name,
-                expected_signature=self._expected_signature(model, version, request.expected_signature_json),
+                expected_signature=expected,
+                signature_source=source,
                 sample=self._sample(record.artifact_path, request.sample_json),
                 latency_runs=request.latency_runs or 5,
             )
