@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lockgate.cli_common import JsonOpt, Output, conventional
+from lockgate.cli_common import JsonOpt, Output, conventional, with_default
 from lockgate.config import ServerSettings
 
 app = typer.Typer(help="lockgate: Open Inference Protocol gateway for ONNX models with inline governance.",
@@ -21,21 +21,21 @@ app = typer.Typer(help="lockgate: Open Inference Protocol gateway for ONNX model
 
 # -------------------------------------------------- server options shared by serve and demo
 GrpcPortOpt = Annotated[Optional[int], typer.Option(
-    "--grpc-port", help="Inference, health, reflection and admin gRPC port. [default: 8001; env LOCKGATE_GRPC_PORT]")]
+    "--grpc-port", help=with_default("Inference, health, reflection and admin gRPC port.", "8001; env LOCKGATE_GRPC_PORT"))]
 MetricsPortOpt = Annotated[Optional[int], typer.Option(
-    "--metrics-port", help="Prometheus /metrics port (worker i serves on port + i). [default: 8002; env LOCKGATE_METRICS_PORT]")]
+    "--metrics-port", help=with_default("Prometheus /metrics port (worker i serves on port + i).", "8002; env LOCKGATE_METRICS_PORT"))]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="Processes sharing the gRPC port (SO_REUSEPORT). [default: 1]")]
+    "--workers", help=with_default("Processes sharing the gRPC port (SO_REUSEPORT).", "1"))]
 StateDirOpt = Annotated[Optional[Path], typer.Option(
-    "--state-dir", help="Control-plane state, drift windows, payload log. [default: <model repository>/.lockgate]")]
+    "--state-dir", help=with_default("Control-plane state, drift windows, payload log.", "<model repository>/.lockgate"))]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="Server YAML config file (flags and LOCKGATE_* variables win over it). [default: none]")]
-HostOpt = Annotated[Optional[str], typer.Option("--host", help="Bind address. [default: 0.0.0.0]")]
+    "--config", help=with_default("Server YAML config file (flags and LOCKGATE_* variables win over it).", "none"))]
+HostOpt = Annotated[Optional[str], typer.Option("--host", help=with_default("Bind address.", "0.0.0.0"))]
 StoreOpt = Annotated[Optional[str], typer.Option(
-    "--store", help="Control-plane store: postgresql://... or a SQLite path. [default: <state dir>/lockgate.db]")]
+    "--store", help=with_default("Control-plane store: postgresql://... or a SQLite path.", "<state dir>/lockgate.db"))]
 TokensFileOpt = Annotated[Optional[Path], typer.Option(
-    "--tokens-file", help="Admin API tokens (YAML, SHA-256 hashes), plus LOCKGATE_TOKENS. "
-                          "[default: <state dir>/tokens.yaml if it exists]")]
+    "--tokens-file", help=with_default("Admin API tokens (YAML, SHA-256 hashes), plus LOCKGATE_TOKENS.",
+                                       "<state dir>/tokens.yaml if it exists"))]
 AllowUnapprovedOpt = Annotated[bool, typer.Option(
     "--allow-unapproved", help="Development only: every loaded version may take live traffic without approval.")]
 LogJsonOpt = Annotated[bool, typer.Option("--json", help="Write log lines as JSON objects (one per line) instead of text.")]
@@ -72,7 +72,7 @@ def demo(
     dir: Annotated[Path, typer.Option("--dir", help="Where to write the demo model repository.")] = Path("demo-repo"),
     build_only: Annotated[bool, typer.Option("--build-only", help="Write the models, tokens and approvals, then exit.")] = False,
     tokens_out: Annotated[Optional[Path], typer.Option(
-        "--tokens-out", help="Where to write the demo people's tokens (shell exports). [default: <dir>/demo-tokens.env]")] = None,
+        "--tokens-out", help=with_default("Where to write the demo people's tokens (shell exports).", "<dir>/demo-tokens.env"))] = None,
     grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, workers: WorkersOpt = None,
     state_dir: StateDirOpt = None, config: ConfigOpt = None, host: HostOpt = None, store: StoreOpt = None,
     tokens_file: TokensFileOpt = None, allow_unapproved: AllowUnapprovedOpt = False, as_json: JsonOpt = False,

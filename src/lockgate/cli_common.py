@@ -23,6 +23,9 @@ from typing import IO, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 from typer.core import TyperArgument, TyperOption
 
 DEFAULT_SERVER = "127.0.0.1:8001"
@@ -61,6 +64,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def make_table(title: str | None = None, **options: Any) -> Table:
+    """A rich table whose title never wraps: the table is at least as wide as its title."""
+    if title:
+        options.setdefault("min_width", len(Text.from_markup(title).plain))
+    return Table(title=title, **options)
+
+
 @dataclass(frozen=True, slots=True)
 class Output:
     """One command's result: JSON with ``--json``, else whatever ``render`` prints."""
@@ -78,6 +88,12 @@ class Output:
         self.emit(data, lambda c: c.print(text, highlight=False, soft_wrap=True))
 
 
+# ---------------------------------------------------------------------- help conventions
+def with_default(help_text: str, default: Any) -> str:
+    """``help_text`` plus a ``[default: ...]`` that survives typer's rich markup."""
+    return f"{help_text} {escape(f'[default: {default}]')}"
+
+
 # ---------------------------------------------------------------------- common options
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables or text.")]
 ServerOpt = Annotated[str, typer.Option(
@@ -85,19 +101,23 @@ ServerOpt = Annotated[str, typer.Option(
     help="Admin API address: the server's gRPC (inference) port.")]
 TokenOpt = Annotated[str, typer.Option(
     "--token", envvar="LOCKGATE_TOKEN", metavar="TOKEN", show_default=False,
-    help="Bearer token of the caller (its name is the actor in the audit trail). [default: none]")]
+    help=with_default("Bearer token of the caller (its name is the actor in the audit trail).", "none"))]
 CaOpt = Annotated[Optional[Path], typer.Option(
     "--ca-file", envvar="LOCKGATE_CA_FILE", metavar="FILE",
-    help="TLS: CA certificate that signed the server's certificate. [default: plaintext]")]
+    help=with_default("TLS: CA certificate that signed the server's certificate.", "plaintext"))]
 StoreOpt = Annotated[Optional[str], typer.Option(
     "--store", metavar="DIR|FILE|URL",
-    help="Offline: read the state dir, .db file or postgresql:// URL directly instead of asking a server. "
-         "[default: ask the server]")]
+    help=with_default("Offline: read the state dir, .db file or postgresql:// URL directly instead of asking a server.",
+                      "ask the server"))]
 
 
-# ---------------------------------------------------------------------- help conventions
+
 class _PlainArgument(TyperArgument):
-    """Usage line ``MODEL VERSION [WEIGHTS]...`` instead of typer's ``{model} {version}``."""
+    """Usage line ``MODEL VERSION [WEIGHTS]...`` instead of typer's ``{model} {version}``,
+    and no ``<str>`` beside the name (the name already says what it is)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
 
     def _usage_display_name(self) -> str:
         name = self.display_name_raw
@@ -138,9 +158,22 @@ def conventional(command: Any) -> Any:
                 param.__class__ = _PlainArgument
         elif isinstance(param, TyperOption) and param.metavar is None:
             param.metavar = "" if param.is_flag else _metavar(param)
+    _plain_help_option(command)
     for sub in getattr(command, "commands", {}).values():
         conventional(sub)
     return command
+
+
+def _plain_help_option(command: Any) -> None:
+    """``--help`` is built lazily by (typer's) click; build it now and drop its ``<bool>``."""
+    if not hasattr(command, "get_help_option") or not hasattr(command, "context_class"):
+        return
+    try:
+        option = command.get_help_option(command.context_class(command, info_name=command.name))
+    except Exception:  # an older click: nothing to fix
+        return
+    if option is not None and getattr(option, "metavar", "") is None:
+        option.metavar = ""
 
 
 def walk(command: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:

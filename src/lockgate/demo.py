@@ -469,7 +469,7 @@ class PreparedDemo:
         }
 
     def render(self, console: "Console") -> None:
-        from rich.table import Table
+        from lockgate.cli_common import make_table
 
         console.print(f"demo repository {self.repository}: model '{DEMO_MODEL}' version(s) "
                       f"{', '.join(self.approved)} approved; state in {self.state_dir}")
@@ -478,7 +478,7 @@ class PreparedDemo:
         if self.candidates:
             console.print(f"  new version(s) {', '.join(self.candidates)} waiting in "
                           f"{self.repository / CANDIDATES_DIR / DEMO_MODEL} for the walkthrough (docs/walkthrough.md)")
-        table = Table(title=f"demo people: tokens in {self.tokens_env} (source it)")
+        table = make_table(title=f"demo people: tokens in {self.tokens_env} (source it)")
         for column in ("name", "role", "token variable", "may"):
             table.add_column(column)
         for person in DEMO_PEOPLE:

@@ -251,9 +251,17 @@ def _compare_golden(outputs: dict[str, np.ndarray], golden: Arrays, tolerance: T
     return CheckResult(
         name="golden_outputs",
         status="failed" if problems else "passed",
-        detail="; ".join(problems) or f"{len(golden)} output(s) within tolerance",
+        detail="; ".join(problems) or (
+            f"{', '.join(golden)} within rtol={tolerance.rtol:g}, atol={tolerance.atol:g} of {GOLDEN_OUTPUTS}"
+            + (f" (max |diff| {max(diffs.values()):.2g})" if diffs else "")
+        ),
         data={"max_abs_diff": diffs, "rtol": tolerance.rtol, "atol": tolerance.atol},
     )
+
+
+def _rows(feed: Arrays) -> int:
+    shapes = [np.shape(a) for a in feed.values()]
+    return int(shapes[0][0]) if shapes and shapes[0] else 1
 
 
 def run_checks(
@@ -336,6 +344,7 @@ def run_checks(
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         feed = dict(sample) if sample is not None else dict(golden[0]) if golden is not None else generate_sample(session)
+        fed_from = "the sample given" if sample is not None else GOLDEN_INPUTS if golden is not None else "one generated row"
         missing = [i.name for i in session.get_inputs() if i.name not in feed]
         if missing:
             raise InvalidArgument(f"reference sample lacks input(s) {', '.join(missing)}")
@@ -347,7 +356,9 @@ def run_checks(
             CheckResult(
                 name="smoke_inference",
                 status="passed",
-                detail=f"{len(results)} output(s)" + (f", {non_finite} non-finite value(s)" if non_finite else ""),
+                detail=f"{_rows(feed)} row(s) from {fed_from} -> "
+                + ", ".join(f"{n} {list(np.shape(r))}" for n, r in zip(names, results))
+                + (f"; {non_finite} non-finite value(s)" if non_finite else ""),
                 data={"output_shapes": {n: list(np.shape(r)) for n, r in zip(names, results)}, "non_finite": non_finite},
             )
         )

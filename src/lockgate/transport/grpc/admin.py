@@ -195,7 +195,14 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if live:
                 return live[-1][1]
         serving = [r.version for r in self.plane.registry.list_versions(model) if r.state == "serving" and r.version != version]
-        return serving[-1] if serving else None
+        if serving:
+            return serving[-1]
+        loaded = self.repository.models().get(model)  # no policy: the default version serves
+        if loaded is not None:
+            default = self.plane.default_version(model, loaded.default_version, loaded.versions)
+            if default != version and self.plane.can_serve(model, default):
+                return default
+        return None
 
     def _expected_signature(self, model: str, version: str, text: str) -> tuple[dict[str, Any] | None, str]:
         """What the new version must look like, and where that came from: the request's
@@ -379,8 +386,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         if missing:
             raise NotServable(
                 f"version(s) {', '.join(missing)} of model '{model}' are not loaded in this server "
-                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'})"
+                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'}); {self._how_to_load(model, missing)}"
             )
+
+    def _how_to_load(self, model: str, versions: list[str]) -> str:
+        """What the operator runs next: the load command, or where the artifact must go first."""
+        absent = [v for v in versions if not (self.repository.root / model / v / "model.onnx").is_file()]
+        if absent:
+            where = ", ".join(str(self.repository.root / model / v / "model.onnx") for v in absent)
+            return f"put the artifact at {where}, then run `lockgate models load {model} {absent[0]}`"
+        return "run " + " and ".join(f"`lockgate models load {model} {v}`" for v in versions)
 
     async def GetTraffic(self, request: Any, context: Any) -> Any:
         return await self._serve(
