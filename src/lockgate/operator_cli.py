@@ -39,10 +39,10 @@ TokenOpt = Annotated[str, typer.Option("--token", envvar="LOCKGATE_TOKEN", help=
 CaOpt = Annotated[Optional[Path], typer.Option("--ca-file", envvar="LOCKGATE_CA_FILE", help="TLS: CA certificate of the server")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
-models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, list, show.", no_args_is_help=True)
+models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, list, show, sign, verify.", no_args_is_help=True)
 traffic_app = typer.Typer(help="Traffic policy: weights, shadow, canary.", no_args_is_help=True)
 canary_app = typer.Typer(help="Progressive canary with automatic rollback.", no_args_is_help=True)
-audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export.", no_args_is_help=True)
+audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export (signed), verify-export.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Admin API tokens: create (local, no server) and whoami.", no_args_is_help=True)
 trust_app = typer.Typer(help="Trusted signers of model.sig bundles: list, add, remove (audited).", no_args_is_help=True)
 traffic_app.add_typer(canary_app, name="canary")
@@ -327,7 +327,7 @@ def models_sign(
         target = sign_directory(directory, key, password=password)
     except (LockgateError, OSError) as exc:
         fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
-    console.print(f"signed {model} / {version}: {target}", highlight=False)
+    console.print(f"signed {model} / {version}: {target}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("verify")
@@ -783,7 +783,7 @@ def trust_add(
     if as_json:
         _print_json(_signer_dict(signer))
     else:
-        console.print(f"trusted {signer.name} ({signer.vendor}): {signer.identity}", highlight=False)
+        console.print(f"trusted {signer.name} ({signer.vendor}): {signer.identity}", highlight=False, soft_wrap=True)
 
 
 @trust_app.command("remove")
@@ -793,4 +793,4 @@ def trust_remove(
 ) -> None:
     """Stop trusting a signer (admin): versions it signed are refused from their next load or approval."""
     signer = call(server, token, ca_file, "RemoveTrustedSigner", pb.RemoveTrustedSignerRequest(name=name, reason=reason))
-    console.print(f"no longer trusted: {signer.name} ({signer.vendor}), {signer.identity}", highlight=False)
+    console.print(f"no longer trusted: {signer.name} ({signer.vendor}), {signer.identity}", highlight=False, soft_wrap=True)
