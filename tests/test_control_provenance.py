@@ -18,7 +18,7 @@ from lockgate.control.registry import Registry
 from lockgate.control.sqlite_store import SQLiteStore
 from lockgate.control.store import RecordKind
 from lockgate.errors import AlreadyExists, ApprovalError, ArtifactSignatureError, ConfigError, FailedPrecondition, InvalidArgument
-from signing_keys import KeyPair, flip_byte, make_key, sign_version
+from signing_keys import KeyPair, flip_byte, make_ca_and_leaf, make_key, sign_version, sign_version_with_certificate
 from test_control_registry import CARD, SIGNATURE, write_add_model
 
 THIRD_PARTY_CARD = {
@@ -249,4 +249,21 @@ def test_policy_that_cannot_work_fails_at_startup(tmp_path: Path, keys) -> None:
         ProvenanceGate(store, settings=ProvenanceSettings(trusted_signers=[
             TrustedSignerSettings(name="x", vendor="y", public_key=keys["acme"].public),
             TrustedSignerSettings(name="x", vendor="z", public_key=keys["internal"].public)]))
+    store.close()
+
+
+def test_certificate_signed_version_verifies_against_its_ca(tmp_path: Path, keys) -> None:
+    ca, leaf, leaf_key = make_ca_and_leaf(tmp_path / "pki", "acme")
+    other_ca, other_leaf, other_key = make_ca_and_leaf(tmp_path / "pki", "rogue")
+    store = SQLiteStore(tmp_path / "state")
+    gate = ProvenanceGate(store, settings=ProvenanceSettings(trusted_signers=[
+        TrustedSignerSettings(name="acme-pki", vendor="Acme Models", certificate_chain=[ca])]))
+    directory = version_dir(tmp_path / "repo")
+    sign_version_with_certificate(directory, leaf, leaf_key, ca)
+    provenance = gate.verify("iris", "1", directory, stage="verify")
+    assert provenance.signed and provenance.signer == "acme-pki" and provenance.identity.startswith("certificate chain CN=acme root CA")
+    sign_version_with_certificate(directory, other_leaf, other_key, other_ca)
+    with pytest.raises(ArtifactSignatureError, match="no trusted signer verifies") as info:
+        gate.verify("iris", "1", directory, stage="verify")
+    assert info.value.cause == Reason.UNTRUSTED_SIGNER
     store.close()
