@@ -161,6 +161,17 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory):
         yield proc, repo, tokens
 
 
+SEEN: set[tuple[str, ...]] = set()  # commands the tests below ran with --json
+
+
+def _runner(server: LockgateProcess, capsys: pytest.CaptureFixture[str]):
+    def run(*args: str, token: str | None = None, local: bool = False):
+        SEEN.add(tuple(args[:3]) if args[:2] == ("traffic", "canary") else tuple(args[:2]))
+        return _run(list(args), capsys, None if local else server, token)[1]
+
+    return run
+
+
 def _run(args: list[str], capsys: pytest.CaptureFixture[str], server: LockgateProcess | None = None,
          token: str | None = None) -> tuple[int, object]:
     argv = [*args, "--json"]
@@ -177,11 +188,7 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str], server: LockgatePr
 def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, capsys, tmp_path: Path) -> None:
     server, repo, t = demo_server
     rita, alex, oscar, vera = t["RITA_TOKEN"], t["ALEX_TOKEN"], t["OSCAR_TOKEN"], t["VERA_TOKEN"]
-    seen: set[tuple[str, ...]] = set()
-
-    def run(*args: str, token: str | None = None, local: bool = False):
-        seen.add(tuple(args[:3]) if args[:2] == ("traffic", "canary") else tuple(args[:2]))
-        return _run(list(args), capsys, None if local else server, token)[1]
+    run = _runner(server, capsys)
 
     listed = run("models", "list", token=vera)
     row = next(v for v in listed if v["version"] == "1")
@@ -193,8 +200,11 @@ def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, 
 
     report = run("models", "validate", "credit", "2", token=rita)
     assert [c["name"] for c in report["checks"]] == list(CHECK_NAMES)
-    assert all(c["status"] == "passed" and c["detail"] for c in report["checks"]), report["checks"]
-    assert report["checks"][2]["data"]["compared_with"] == "version 1, which serves now"
+    assert all(c["detail"] for c in report["checks"])
+    assert {c["name"]: c["status"] for c in report["checks"]} == {**dict.fromkeys(CHECK_NAMES, "passed"),
+                                                                  "provenance": "not_applicable"}
+    signature = next(c for c in report["checks"] if c["name"] == "signature")
+    assert signature["data"]["compared_with"] == "version 1, which serves now"
 
     card = run("models", "card", "credit", "2", "--file", str(repo / "credit" / "2" / "card.yaml"), token=rita)
     assert isinstance(card["card_id"], int) and card["owner"] == "risk-ml@example.com"
@@ -256,9 +266,46 @@ def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, 
     assert built["rows"] == 5000 and built["tensors"]["probabilities"] == ["approve", "review", "decline"]
     assert Path(built["path"]).is_file()
 
-    # Every command of the tree (but demo/serve, run as processes elsewhere) was run here.
+
+
+def test_provenance_commands_print_json(demo_server, capsys, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    server, repo, t = demo_server
+    run = _runner(server, capsys)
+    private = ec.generate_private_key(ec.SECP256R1())
+    key, pub = tmp_path / "key.pem", tmp_path / "pub.pem"
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    pub.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    signed_repo = tmp_path / "repo"
+    shutil.copytree(repo / ".candidates" / "credit" / "2", signed_repo / "credit" / "2")
+    signed = run("models", "sign", "credit", "2", "--key", str(key), "--model-repository", str(signed_repo), local=True)
+    assert Path(signed["signature"]).is_file()
+    verified = run("models", "verify", "credit", "2", "--key", str(pub), "--model-repository", str(signed_repo), local=True)
+    assert verified["signed"] and verified["manifest_digest"]
+
+    added = run("trust", "add", "risk-ml", "--vendor", "example", "--key", str(pub), "--reason", "our team", token=t["RITA_TOKEN"])
+    assert added["name"] == "risk-ml" and added["vendor"] == "example"
+    listed = run("trust", "list", token=t["VERA_TOKEN"])
+    assert "risk-ml" in {s["name"] for s in listed["signers"]} and "require_signature" in listed
+    assert run("trust", "remove", "risk-ml", "--reason", "rotated", token=t["RITA_TOKEN"])["name"] == "risk-ml"
+
+    out = tmp_path / "evidence.json"
+    exported = run("audit", "export", "--model", "credit", "--out", str(out), "--sign", str(key), token=t["VERA_TOKEN"])
+    assert Path(exported["signature"]).is_file()
+    checked = run("audit", "verify-export", str(out), "--key", str(pub), local=True)
+    assert checked["ok"] and checked["signature_ok"] and checked["model"] == "credit"
+
+
+def test_every_command_was_run_with_json() -> None:
+    """Every command of the tree (but demo and serve, run as processes elsewhere) ran above."""
+    if not SEEN:
+        pytest.skip("needs the --json tests of this module to run first")
     everything = {path for path, _ in _commands()} - {("demo",), ("serve",)} - set(PENDING_JSON)
-    assert everything <= seen, sorted(everything - seen)
+    assert everything <= SEEN, sorted(everything - SEEN)
 
 
 def test_serve_json_writes_json_log_lines(tmp_path: Path) -> None:

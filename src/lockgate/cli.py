@@ -8,6 +8,8 @@ both. ``main()`` is the console script: it applies the help conventions of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -41,6 +43,20 @@ AllowUnapprovedOpt = Annotated[bool, typer.Option(
 LogJsonOpt = Annotated[bool, typer.Option("--json", help="Write log lines as JSON objects (one per line) instead of text.")]
 
 
+@contextmanager
+def configuration_errors() -> Iterator[None]:
+    """A configuration that cannot be honoured: one line on stderr and exit status 2."""
+    from pydantic import ValidationError
+
+    from lockgate.errors import ConfigError
+
+    try:
+        yield
+    except (ConfigError, ValidationError) as exc:
+        typer.echo(f"lockgate: configuration error: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
 def server_settings(config: Path | None, **flags: Any) -> ServerSettings:
     """Defaults < ``--config`` < ``LOCKGATE_*`` < flags: the one way both commands build settings."""
     if flags.pop("allow_unapproved", False):
@@ -60,11 +76,12 @@ def serve(
     """Serve the models in a repository."""
     from lockgate.transport.server import run
 
-    run(server_settings(
-        config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port, workers=workers,
-        state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
-        log_json=log_json,
-    ))
+    with configuration_errors():
+        run(server_settings(
+            config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port, workers=workers,
+            state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
+            log_json=log_json,
+        ))
 
 
 @app.command()
@@ -81,24 +98,26 @@ def demo(
     from lockgate.demo import prepare_demo
     from lockgate.transport.server import run
 
-    settings = server_settings(
-        config, model_repository=dir, grpc_port=grpc_port, metrics_port=metrics_port, workers=workers,
-        state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
-        log_json=as_json,
-    )
-    prepared = prepare_demo(settings, tokens_out)
-    Output(as_json).emit(prepared.to_dict(), prepared.render)
-    if not build_only:
-        run(settings)
+    with configuration_errors():
+        settings = server_settings(
+            config, model_repository=dir, grpc_port=grpc_port, metrics_port=metrics_port, workers=workers,
+            state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
+            log_json=as_json,
+        )
+        prepared = prepare_demo(settings, tokens_out)
+        Output(as_json).emit(prepared.to_dict(), prepared.render)
+        if not build_only:
+            run(settings)
 
 
 def _mount() -> None:
     from lockgate.governance.cli import drift_app, profile_app
-    from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app
+    from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app, trust_app
 
     app.add_typer(models_app, name="models")
     app.add_typer(traffic_app, name="traffic")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(trust_app, name="trust")
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(profile_app, name="profile")
     app.add_typer(drift_app, name="drift")

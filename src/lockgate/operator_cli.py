@@ -1,4 +1,4 @@
-"""Operator commands: ``lockgate models|traffic|audit|tokens ...``, a thin layer over the admin API.
+"""Operator commands: ``lockgate models|traffic|audit|trust|tokens ...``, a thin layer over the admin API.
 
 Each command makes one admin call (``--server HOST:PORT --token T``, or ``LOCKGATE_SERVER`` /
 ``LOCKGATE_TOKEN``) and prints a rich table, or JSON with ``--json`` (``lockgate.cli_common``
@@ -7,6 +7,8 @@ message and exits 1, never a traceback. ``audit verify|log|export`` also
 work offline on the store itself (``--store PATH``: a state dir, a ``.db`` file or a
 ``postgresql://`` URL), because checking a trail must not depend on the server that wrote it.
 ``tokens create`` is local: it prints the new token once and the hashed entry for the file.
+``models sign`` (and ``models verify --key``, ``audit verify-export``) work offline on files with
+the ``model-signing`` library, so a vendor or an auditor needs no server.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ T = TypeVar("T")
 ModelArg = Annotated[str, typer.Argument(help="Model name (its directory in the repository).", show_default=False)]
 VersionArg = Annotated[str, typer.Argument(help="Version (its numbered directory).", show_default=False)]
 
-models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, load, list, show.", no_args_is_help=True)
+models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, load, list, show, sign, verify.",
+                         no_args_is_help=True)
 traffic_app = typer.Typer(help="Traffic policy: weights, shadow, canary.", no_args_is_help=True)
 canary_app = typer.Typer(help="Progressive canary with automatic rollback.", no_args_is_help=True)
-audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export.", no_args_is_help=True)
+audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export (signed), verify-export.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Admin API tokens: create (local, no server) and whoami.", no_args_is_help=True)
+trust_app = typer.Typer(help="Trusted signers of model.sig bundles: list, add, remove (audited).", no_args_is_help=True)
 traffic_app.add_typer(canary_app, name="canary")
 
 
@@ -151,8 +155,14 @@ def _version_dict(info: Any) -> dict[str, Any]:
         "sha256": info.sha256, "registered_by": info.registered_by, "registered_at": info.registered_at,
         "updated_at": info.updated_at, "metadata": json.loads(info.metadata_json or "{}"),
         "can_serve": info.can_serve, "serve_denial": info.serve_denial, "can_shadow": info.can_shadow,
-        "loaded": info.loaded,
+        "loaded": info.loaded, "provenance": _provenance_dict(info.provenance),
     }
+
+
+def _provenance_dict(p: Any) -> dict[str, Any]:
+    return {"signed": p.signed, "signer": p.signer, "vendor": p.vendor, "identity": p.identity,
+            "manifest_digest": p.manifest_digest, "files": list(p.files), "verified_at": p.verified_at,
+            "summary": p.summary}
 
 
 def _versions_table(infos: list[Any], title: str) -> Table:
@@ -172,6 +182,8 @@ def _print_version(info: Any) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in _version_dict(info).items():
+        if key == "provenance":
+            value = value["summary"] + (f" (verified {value['verified_at']})" if value["verified_at"] else "")
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(table)
 
@@ -330,6 +342,88 @@ def models_show(
         console.print(f"approved by {approval.get('approver')} at {approval.get('time')}: {approval.get('reason')}")
     for card in details.get("cards", [])[-1:]:
         console.print(f"card (owner {card.get('owner')}): {card.get('intended_use')}")
+        assessment = card.get("vendor_assessment") or {}
+        console.print(
+            f"provenance on the card: signer {card.get('signer') or 'unsigned'}; manifest {card.get('manifest_digest') or '-'}; "
+            f"license {card.get('license') or '-'}; vendor {card.get('vendor') or '-'}; "
+            f"third_party {'yes' if card.get('third_party') else 'no'}; source {card.get('source') or '-'}; "
+            "vendor assessment " + (f"{assessment.get('reference')} ({assessment.get('date')})" if assessment else "-"),
+            highlight=False, soft_wrap=True,
+        )
+
+
+RepoOpt = Annotated[Path, typer.Option("--model-repository", envvar="LOCKGATE_MODEL_REPOSITORY",
+                                       help="Offline: the model repository root (REPO/<model>/<version>/).")]
+
+
+def _version_dir(repository: Path, model: str, version: str) -> Path:
+    directory = repository / model / version
+    if not directory.is_dir():
+        fail(f"NOT_FOUND: no version directory {directory}")
+    return directory
+
+
+@models_app.command("sign")
+def models_sign(
+    model: ModelArg, version: VersionArg,
+    key: Annotated[Path, typer.Option("--key", help="EC private key (PEM, P-256/384/521) to sign with.")],
+    model_repository: RepoOpt = Path("models"),
+    password_env: Annotated[Optional[str], typer.Option(
+        "--password-env", help=with_default("Environment variable holding the key's password.", "no password"))] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a version directory offline with model-signing: writes REPO/M/V/model.sig over every file."""
+    import os
+
+    from lockgate.control.provenance import sign_directory
+    from lockgate.errors import LockgateError
+
+    directory = _version_dir(model_repository, model, version)
+    password = os.environ.get(password_env) if password_env else None
+    try:
+        target = sign_directory(directory, key, password=password)
+    except (LockgateError, OSError) as exc:
+        fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
+    Output(as_json).message({"model": model, "version": version, "signature": str(target)},
+                            f"signed {model} / {version}: {target}")
+
+
+@models_app.command("verify")
+def models_verify(
+    model: ModelArg, version: VersionArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", help=with_default("Offline: verify with this public key instead of asking the server.", "ask the server"))] = None,
+    model_repository: RepoOpt = Path("models"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a version's model.sig over its whole directory (exit 1 unless signed and valid).
+
+    Without --key the server verifies it against its trust policy (a refusal is audited there).
+    """
+    if key is not None:
+        from lockgate.control.provenance import TrustedSigner, verify_directory
+        from lockgate.errors import LockgateError
+
+        try:
+            signer = TrustedSigner.build(str(key), "(given with --key)", public_key_pem=key.read_text(encoding="ascii"))
+            result = _provenance_dict_of(verify_directory(_version_dir(model_repository, model, version), [signer]))
+        except (LockgateError, OSError) as exc:
+            fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
+    else:
+        response = call(server, token, ca_file, "VerifyVersion", pb.VerifyVersionRequest(model=model, version=version))
+        result = _provenance_dict(response.provenance)
+    if as_json:
+        _print_json(result)
+    elif result["signed"]:
+        console.print(f"[green]verified[/] {model} / {version}: {result['summary']}", highlight=False, soft_wrap=True)
+    if not result["signed"]:
+        fail(f"{model} / {version} is unsigned: no model.sig in its version directory")
+
+
+def _provenance_dict_of(provenance: Any) -> dict[str, Any]:
+    data = provenance.to_dict()
+    return {k: data.get(k, "") for k in ("signed", "signer", "vendor", "identity", "manifest_digest", "files",
+                                          "verified_at", "summary")}
 
 
 # ---------------------------------------------------------------------- traffic
@@ -617,24 +711,70 @@ def audit_export(
     model: Annotated[str, typer.Option("--model", help="The model whose evidence bundle to export.")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help=with_default("Write the JSON bundle to this file.", "stdout"))] = None,
+    sign: Annotated[Optional[Path], typer.Option(
+        "--sign", help=with_default("EC private key: also write OUT.sig, a detached model-signing signature.", "unsigned"))] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evidence bundle of one model: card, reports, approvals, traffic history, rollbacks, drift.
+    """Evidence bundle of one model: cards with provenance, reports, approvals, traffic, rollbacks, drift.
 
     The bundle is JSON either way; with --out, a summary line (or, with --json, a JSON
     summary) says what was written."""
+    from lockgate.control.evidence import evidence_bundle, render, sign_evidence
+
+    if sign is not None and out is None:
+        fail("--sign needs --out FILE: the detached signature is written beside it as FILE.sig")
     if store is not None:
         with _local_trail(store) as trail:
-            text = json.dumps(trail.export(model), indent=2, sort_keys=True, default=str)
+            text = render(evidence_bundle(trail, model))
     else:
         text = call(server, token, ca_file, "AuditExport", pb.AuditExportRequest(model=model)).bundle_json
+    text = text if text.endswith("\n") else text + "\n"
     if out is None:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text)
         return
-    out.write_text(text + "\n", encoding="utf-8")
+    out.write_text(text, encoding="utf-8")
+    signature: Path | None = None
+    if sign is not None:
+        from lockgate.errors import LockgateError
+
+        try:
+            signature = sign_evidence(out, sign)
+        except (LockgateError, OSError) as exc:
+            fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
     bundle = json.loads(text)
-    Output(as_json).message(_export_summary(model, out, bundle),
-                            f"evidence bundle for {model} written to {out}: {_export_counts(bundle)}")
+    summary = {**_export_summary(model, out, bundle), "signature": str(signature) if signature else None}
+    Output(as_json).message(summary, f"evidence bundle for {model} written to {out}: {_export_counts(bundle)}"
+                            + (f"; detached signature written to {signature}" if signature else ""))
+
+
+@audit_app.command("verify-export")
+def audit_verify_export(
+    file: Annotated[Path, typer.Argument(help="The exported evidence bundle (JSON).", show_default=False)],
+    key: Annotated[Path, typer.Option("--key", help="The signer's public key (PEM).")],
+    signature: Annotated[Optional[Path], typer.Option("--signature", help=with_default("Detached signature.", "FILE.sig"))] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an exported evidence bundle offline against its detached signature; exit 1 if it fails."""
+    from lockgate.control.evidence import verify_evidence
+    from lockgate.errors import LockgateError
+
+    if not file.is_file():
+        fail(f"NOT_FOUND: no evidence bundle at {file}")
+    try:
+        check = verify_evidence(file, key, signature)
+    except LockgateError as exc:
+        fail(f"{exc.code}: {exc.message}")
+    result = {"ok": check.ok, "signature_ok": check.signature_ok, "problems": check.problems,
+              "model": check.model, "audit_entries": check.entries}
+    if as_json:
+        _print_json(result)
+    elif check.ok:
+        console.print(f"[green]evidence intact[/]: {file} is signed by {key} (model {check.model}, "
+                      f"{check.entries} audit entries)", highlight=False)
+    else:
+        err_console.print(f"[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
+    if not check.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------- tokens
@@ -682,3 +822,70 @@ def tokens_whoami(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_f
     me = call(server, token, ca_file, "WhoAmI", pb.WhoAmIRequest())
     Output(as_json).message({"name": me.name, "role": me.role, "permissions": list(me.permissions)},
                             f"{me.name} (role {me.role}): {', '.join(me.permissions)}")
+
+
+# ---------------------------------------------------------------------- trust
+def _signer_dict(signer: Any) -> dict[str, Any]:
+    return {"name": signer.name, "vendor": signer.vendor, "kind": signer.kind, "identity": signer.identity,
+            "origin": signer.origin, "added_by": signer.added_by, "added_at": signer.added_at}
+
+
+@trust_app.command("list")
+def trust_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False) -> None:
+    """The trusted signers and the signature policy the server applies."""
+    response = call(server, token, ca_file, "ListTrustedSigners", pb.ListTrustedSignersRequest())
+    if as_json:
+        _print_json({"require_signature": response.require_signature, "allowed_licenses": list(response.allowed_licenses),
+                     "signers": [_signer_dict(s) for s in response.signers]})
+        return
+    table = make_table(title=f"trusted signers (require_signature: {response.require_signature}; allowed licences: "
+                        f"{', '.join(response.allowed_licenses) or 'any SPDX'})")
+    for column in ("name", "vendor", "kind", "identity", "origin", "added by", "added at"):
+        table.add_column(column, overflow="fold")
+    for s in response.signers:
+        table.add_row(s.name, s.vendor, s.kind, s.identity, s.origin, s.added_by or "-", s.added_at or "-")
+    console.print(table)
+
+
+@trust_app.command("add")
+def trust_add(
+    name: Annotated[str, typer.Argument(help="The signer's name (how approvals and the audit trail refer to it).", show_default=False)],
+    vendor: Annotated[str, typer.Option("--vendor", help="The organisation this signer signs for.")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", help=with_default("The signer's EC public key (PEM); one of --key, --cert-chain, --sigstore-identity.", "none"))] = None,
+    cert_chain: Annotated[Optional[list[Path]], typer.Option(
+        "--cert-chain", help=with_default("CA certificate (PEM) signing certificates chain to (repeatable).", "none"))] = None,
+    sigstore_identity: Annotated[Optional[str], typer.Option(
+        "--sigstore-identity", help=with_default("Sigstore keyless: the signer's identity.", "none"))] = None,
+    sigstore_issuer: Annotated[Optional[str], typer.Option(
+        "--sigstore-issuer", help=with_default("Sigstore keyless: its OIDC issuer.", "none"))] = None,
+    reason: Annotated[str, typer.Option("--reason", help=with_default("Why this signer is trusted (audited).", "none"))] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Trust a signer (admin); persisted and audited before it counts."""
+    try:
+        pem = key.read_text(encoding="ascii") if key is not None else ""
+        chain = [p.read_text(encoding="ascii") for p in cert_chain or []]
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {getattr(exc, 'filename', '') or 'the key'}: {exc}")
+    signer = call(server, token, ca_file, "AddTrustedSigner", pb.AddTrustedSignerRequest(
+        name=name, vendor=vendor, public_key_pem=pem, certificate_chain_pem=chain,
+        sigstore_identity=sigstore_identity or "", sigstore_issuer=sigstore_issuer or "", reason=reason))
+    if as_json:
+        _print_json(_signer_dict(signer))
+    else:
+        console.print(f"trusted {signer.name} ({signer.vendor}): {signer.identity}", highlight=False, soft_wrap=True)
+
+
+@trust_app.command("remove")
+def trust_remove(
+    name: Annotated[str, typer.Argument(help="The signer's name.", show_default=False)],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help=with_default("Why (audited).", "none"))] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop trusting a signer (admin): versions it signed are refused from their next load or approval."""
+    signer = call(server, token, ca_file, "RemoveTrustedSigner", pb.RemoveTrustedSignerRequest(name=name, reason=reason))
+    Output(as_json).message(_signer_dict(signer),
+                            f"no longer trusted: {signer.name} ({signer.vendor}), {signer.identity}")

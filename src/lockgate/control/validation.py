@@ -26,8 +26,10 @@ GOLDEN_INPUTS = "golden_inputs.npz"
 GOLDEN_OUTPUTS = "golden_outputs.npz"
 
 CheckStatus = Literal["passed", "failed", "not_applicable"]
-# Every report carries these rows, in this order.
-CHECK_NAMES: tuple[str, ...] = ("sha256", "onnx_checker", "signature", "smoke_inference", "golden_outputs", "latency")
+# Every report carries these rows, in this order (the registry puts the provenance row first).
+CHECK_NAMES: tuple[str, ...] = (
+    "provenance", "sha256", "onnx_checker", "signature", "smoke_inference", "golden_outputs", "latency",
+)
 # Reports stored before "not_applicable" existed said "skipped".
 LEGACY_STATUS = {"skipped": "not_applicable"}
 Arrays = Mapping[str, np.ndarray]
