@@ -184,6 +184,9 @@ def _print_version(info: Any) -> None:
     for key, value in _version_dict(info).items():
         if key == "provenance":
             value = value["summary"] + (f" (verified {value['verified_at']})" if value["verified_at"] else "")
+        elif key == "metadata" and isinstance(value.get("provenance"), dict):
+            # shown as its own row above; the full record is in --json
+            value = {k: v for k, v in value.items() if k != "provenance"}
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(table)
 
