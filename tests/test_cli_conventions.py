@@ -269,17 +269,12 @@ def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, 
 
 
 def test_provenance_commands_print_json(demo_server, capsys, tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from signing_keys import make_key
 
     server, repo, t = demo_server
     run = _runner(server, capsys)
-    private = ec.generate_private_key(ec.SECP256R1())
-    key, pub = tmp_path / "key.pem", tmp_path / "pub.pem"
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    pub.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    pair = make_key(tmp_path, "risk-ml")
+    key, pub = pair.private, pair.public
     signed_repo = tmp_path / "repo"
     shutil.copytree(repo / ".candidates" / "credit" / "2", signed_repo / "credit" / "2")
     signed = run("models", "sign", "credit", "2", "--key", str(key), "--model-repository", str(signed_repo), local=True)

@@ -27,7 +27,7 @@ from lockgate.demo import (
     DEMO_CLASSES, DEMO_FEATURES, DEMO_VERSIONS, HOLDOUT_ROWS, HOLDOUT_SEED, TRAIN_ROWS, TRAIN_SEED, demo_labels,
     evaluate, reference_sample, risk_score, train_classifier,
 )
-from lockgate_process import free_port
+from lockgate_process import free_port, wait_server_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 # The README's four applicants: the third is the riskiest (high debt, late payments, utilisation).
@@ -88,23 +88,6 @@ def test_demo_build_writes_people_tokens_and_is_idempotent(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------------- serve's options, one state dir
-def _ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(log.read_text())
-
-
 def _infer(url: str) -> str:
     request = pb.ModelInferRequest(model_name="credit")
     request.inputs.add(name="features", datatype="FP32", shape=list(APPLICANTS.shape))
@@ -130,7 +113,7 @@ def test_demo_honours_lockgate_variables_and_serve_finds_its_state(tmp_path: Pat
         proc = subprocess.Popen([sys.executable, "-m", "lockgate.cli", "demo", "--dir", str(repo)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        _ready(f"127.0.0.1:{port}", proc, log)
+        wait_server_ready(f"127.0.0.1:{port}", proc, log, timeout=120)
         assert _infer(f"127.0.0.1:{port}").startswith("approve,approve,decline")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as page:
             assert b"lockgate_inference_request_success_total" in page.read()
@@ -154,7 +137,7 @@ def test_demo_honours_lockgate_variables_and_serve_finds_its_state(tmp_path: Pat
                                 env={k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")},
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        _ready(f"127.0.0.1:{port}", proc, log)
+        wait_server_ready(f"127.0.0.1:{port}", proc, log, timeout=120)
         assert _infer(f"127.0.0.1:{port}").endswith("@1")  # approved in the demo's state: served, gated
         rita = re.search(r"export RITA_TOKEN=(\S+)", (repo / "demo-tokens.env").read_text()).group(1)
         whoami = _lockgate("tokens", "whoami", "--json", "--server", f"127.0.0.1:{port}", "--token", rita)
@@ -233,7 +216,7 @@ def test_make_demo_serves_from_a_fresh_venv_with_only_the_demo_dependencies(tmp_
                                  "--grpc-port", str(port), "--metrics-port", str(free_port()), "--host", "127.0.0.1"],
                                 stdout=out, stderr=subprocess.STDOUT, env={"PATH": os.environ.get("PATH", "")})
     try:
-        _ready(f"127.0.0.1:{port}", proc, log, timeout=300)
+        wait_server_ready(f"127.0.0.1:{port}", proc, log, timeout=300)
         assert _infer(f"127.0.0.1:{port}") == "approve,approve,decline,approve@1"
     finally:
         _stop(proc)

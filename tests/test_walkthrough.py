@@ -18,33 +18,10 @@ from pathlib import Path
 import pytest
 
 from lockgate.control.validation import CHECK_NAMES
-from lockgate_process import free_port
+from lockgate_process import free_port, wait_server_ready
 from walkthrough_runner import normalise, parse, rewrite, run_step, update_requested
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "walkthrough.md"
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
-    import time
-
-    import grpc
-
-    from lockgate._proto import inference_pb2 as pb
-    from lockgate._proto import inference_pb2_grpc as pb_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"lockgate demo exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"lockgate demo not ready after {timeout}s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +37,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
                                  "--metrics-port", str(metrics), "--host", "127.0.0.1"],
                                 cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(proc, f"127.0.0.1:{port}", log)
+        wait_server_ready(f"127.0.0.1:{port}", proc, log, timeout=120)
         yield home, env, log
     finally:
         proc.terminate()
