@@ -13,23 +13,20 @@ import csv
 import json
 import math
 import re
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import grpc
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from lockgate.operator_cli import CaOpt, DEFAULT_SERVER, JsonOpt, ServerOpt, StoreOpt, TokenOpt, fail
+from lockgate.cli_common import (
+    DEFAULT_SERVER, CaOpt, JsonOpt, Output, ServerOpt, StoreOpt, TokenOpt, err_console, fail, make_table, with_default,
+)
 
 feedback_app = typer.Typer(help="Ground-truth labels for served predictions.", no_args_is_help=True)
 outcomes_app = typer.Typer(help="Live quality and fairness per version.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -157,11 +154,12 @@ def _summary_dict(s: Any) -> dict[str, Any]:
 
 @feedback_app.command("send")
 def feedback_send(
-    model: Annotated[str, typer.Option("--model", help="the model whose predictions the labels are for")],
-    file: Annotated[Path, typer.Option("--file", help="labels.csv, labels.jsonl or labels.parquet")],
+    model: Annotated[str, typer.Option("--model", help="The model whose predictions the labels are for.")],
+    file: Annotated[Path, typer.Option("--file", help="Labels: a .csv, .jsonl or .parquet file.")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="labels per stream message")] = 4096,
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="count malformed labels as rejected instead of stopping")] = False,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Labels per stream message.")] = 4096,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Count malformed labels as rejected instead of stopping at the first.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Stream a label file to the feedback API; print what each label was counted as."""
@@ -193,18 +191,20 @@ def feedback_send(
     finally:
         channel.close()
     result = _summary_dict(summary)
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        return
-    table = Table(title=f"feedback for {model} from {file}")
-    for column in ("received", "accepted", "duplicate", "unknown", "expired", "rejected"):
-        table.add_column(column, justify="right")
-    table.add_row(*(str(result[c]) for c in ("received", "accepted", "duplicate", "unknown", "expired", "rejected")))
-    console.print(table)
-    for reason, count in sorted(result["rejected_by_reason"].items()):
-        console.print(f"rejected ({reason}): {count}", highlight=False)
-    for r in result["rejections"][:5]:
-        console.print(f"  {file} {_position(kind, r['index'])}: {r['message']}", highlight=False)
+
+    def render(console: Any) -> None:
+        table = make_table(f"feedback for {model} from {file}")
+        columns = ("received", "accepted", "duplicate", "unknown", "expired", "rejected")
+        for column in columns:
+            table.add_column(column, justify="right")
+        table.add_row(*(str(result[c]) for c in columns))
+        console.print(table)
+        for reason, count in sorted(result["rejected_by_reason"].items()):
+            console.print(f"rejected ({reason}): {count}")
+        for r in result["rejections"][:5]:
+            console.print(f"  {file} {_position(kind, r['index'])}: {r['message']}")
+
+    Output(as_json).emit(result, render)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -246,12 +246,15 @@ def offline_report(store: str, repository: Path, model: str, version: str | None
 
 @outcomes_app.command("report")
 def outcomes_report(
-    model: Annotated[str, typer.Option("--model")],
-    version: Annotated[Optional[str], typer.Option("--version", help="one version [every version]")] = None,
-    since: Annotated[Optional[str], typer.Option("--since", help="windows from this time on (ISO-8601 or Unix s)")] = None,
-    html_file: Annotated[Optional[Path], typer.Option("--html", help="also write a self-contained HTML report here")] = None,
+    model: Annotated[str, typer.Option("--model", help="The model to report on.")],
+    version: Annotated[Optional[str], typer.Option("--version", help=with_default("One version.", "every version"))] = None,
+    since: Annotated[Optional[str], typer.Option(
+        "--since", help=with_default("Windows from this time on (ISO-8601 or Unix seconds).", "every window kept"))] = None,
+    html_file: Annotated[Optional[Path], typer.Option(
+        "--html", help=with_default("Also write a self-contained HTML report (charts, viewable offline) here.", "none"))] = None,
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
-    model_repository: Annotated[Optional[Path], typer.Option("--model-repository", help="with --store: where config.yaml is")] = None,
+    model_repository: Annotated[Optional[Path], typer.Option(
+        "--model-repository", help=with_default("With --store: where the model's config.yaml is.", "required with --store"))] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quality over time per version, confusion matrix, calibration and fairness with intervals."""
@@ -282,9 +285,6 @@ def outcomes_report(
         except ImportError:
             fail("the HTML report draws with matplotlib: pip install 'lockgate[reports]'")
         err_console.print(f"outcomes report written to {html_file}")
-    if as_json:
-        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    elif html_file is None:
-        from lockgate.outcomes.report import print_report
+    from lockgate.outcomes.report import print_report
 
-        print_report(report, console)
+    Output(as_json).emit(report, lambda console: print_report(report, console))
