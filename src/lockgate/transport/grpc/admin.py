@@ -31,7 +31,6 @@ from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import onnx_signature
 from lockgate.errors import LockgateError
-from lockgate.protocol import datatypes
 from lockgate.transport.grpc.call_metadata import call_metadata
 from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
@@ -206,17 +205,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
             return None
         loaded = self._loaded_versions(model).get(reference)
         if loaded is not None:
-            specs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.inputs]
-            outs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.outputs]
-        else:
-            graph = onnx_signature(self.plane.registry.get(model, reference).artifact_path)
-            specs = [(s.name, s.datatype, s.shape) for s in graph.inputs]
-            outs = [(s.name, s.datatype, s.shape) for s in graph.outputs]
-
-        def spec(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
-            return [{"name": n, "datatype": d, "shape": shape} for n, d, shape in items]
-
-        return {"inputs": spec(specs), "outputs": spec(outs)}
+            return loaded.signature.to_dict()
+        return onnx_signature(self.plane.registry.get(model, reference).artifact_path).to_dict()
 
     @staticmethod
     def _sample(artifact: str, text: str) -> dict[str, np.ndarray] | None:
@@ -224,10 +214,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
         data = _json_object(text, "sample_json")
         if not data:
             return None
-        types = {spec.name: spec.datatype for spec in onnx_signature(artifact).inputs}
+        try:
+            types = {spec.name: spec.datatype for spec in onnx_signature(artifact).inputs}
+        except ValueError as exc:  # an element type lockgate cannot serve: nothing to decode into
+            raise InvalidArgument(f"sample_json cannot be decoded: {exc}") from None
         sample: dict[str, np.ndarray] = {}
         for name, value in data.items():
-            dt = datatypes.BY_NAME.get(types.get(name, ""))
+            dt = types.get(name)
             if dt is None:
                 raise InvalidArgument(f"sample_json names {name!r}, which is not a supported input of the model")
             try:
