@@ -21,6 +21,7 @@ import numpy as np
 from lockgate.errors import LockgateError
 from lockgate.protocol import codec
 from lockgate.routing.router import RouteDecision as Route
+from lockgate.routing.stage import OpenRouting
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
 
 ROUTING_KEY_PARAMETER = "routing_key"
@@ -72,22 +73,6 @@ class GovernanceStage(Protocol):
                         outputs: dict[str, np.ndarray], route: Route, ctx: RequestContext) -> None: ...
 
 
-class DefaultRouting:
-    """Without a traffic policy: the requested version, or the model's default version."""
-
-    def uses_routing_key(self, model: str) -> bool:
-        return False
-
-    def route(self, model: LoadedModel, requested_version: str, routing_key: str | None, request_id: str) -> Route:
-        if requested_version:
-            model.get(requested_version)  # NOT_FOUND if it is not loaded
-            return Route(requested_version, "pinned")
-        return Route(model.default_version, "default")
-
-    def after_response(self, *args: Any) -> None:
-        return None
-
-
 class InferencePipeline:
     def __init__(
         self,
@@ -97,7 +82,7 @@ class InferencePipeline:
         governance: GovernanceStage | None = None,
     ) -> None:
         self.repository = repository
-        self.routing: RoutingStage = routing or DefaultRouting()
+        self.routing: RoutingStage = routing or OpenRouting()
         self.governance = governance
         self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
 

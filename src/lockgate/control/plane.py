@@ -166,13 +166,6 @@ class ControlPlane:
             # our artifact must still match the hash it recorded.
             self.registry.verify_artifact(model, version, self.registry.artifact_path(model, version), actor=SYSTEM_ACTOR)
 
-    def default_version(self, model: str, loaded_default: str, loaded: Mapping[str, Any]) -> str:
-        """Without a policy: the model's default if it may serve, else the highest servable one."""
-        if self.can_serve(model, loaded_default):
-            return loaded_default
-        candidates = [v for v in loaded if self.can_serve(model, v)]
-        return max(candidates, key=int) if candidates else loaded_default
-
     # -- policy events -------------------------------------------------------------------
     def _emit(self, event: Mapping[str, Any], policy: TrafficPolicy) -> None:
         """Persist a published policy and audit the change; keep lifecycle states in step."""

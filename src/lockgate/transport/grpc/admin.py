@@ -34,6 +34,7 @@ from lockgate.errors import LockgateError
 from lockgate.transport.grpc.call_metadata import call_metadata
 from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
+from lockgate.routing.router import default_version
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
 
 if TYPE_CHECKING:
@@ -315,7 +316,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
         named: set[str] = set(loaded.versions) if loaded is not None else set()
         if policy is None:
             if loaded is not None:
-                status.default_version = plane.default_version(model, loaded.default_version, loaded.versions)
+                status.default_version = default_version(
+                    loaded.default_version, loaded.versions, lambda v: plane.can_serve(model, v)) or ""
         else:
             status.revision = policy.revision
             status.sticky = policy.sticky
