@@ -14,7 +14,7 @@ Routing and governance plug in through two small protocols so each stays in its 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from lockgate.protocol import codec
 from lockgate.routing.router import RouteDecision as Route
 from lockgate.routing.stage import OpenRouting
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
+
+if TYPE_CHECKING:
+    from lockgate.telemetry.integration import Telemetry
 
 ROUTING_KEY_PARAMETER = "routing_key"
 ROUTING_KEY_HEADER = "x-lockgate-routing-key"
@@ -80,11 +83,12 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        telemetry: "Telemetry | None" = None,
     ) -> None:
         self.repository = repository
         self.routing: RoutingStage = routing or OpenRouting()
         self.governance = governance
-        self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
+        self.telemetry = telemetry
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
                     wrap: Callable[[], tuple[Any, Any]] | None = None) -> Any:

@@ -104,10 +104,28 @@ class ModelRepository:
         self._failed: dict[str, str] = {}  # model -> why its last load failed
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
-        self.verifiers: list[ArtifactVerifier] = []
-        self.listeners: list[ModelListener] = []
-        self.preparers: list[VersionHook] = []
-        self.releasers: list[VersionHook] = []
+        # Hooks other packages register through the methods below; called in registration order.
+        self._verifiers: list[ArtifactVerifier] = []
+        self._listeners: list[ModelListener] = []
+        self._preparers: list[VersionHook] = []
+        self._releasers: list[VersionHook] = []
+
+    # -- hooks ----------------------------------------------------------------------
+    def add_verifier(self, verify: ArtifactVerifier) -> None:
+        """``verify(model, version, path, sha256)`` runs before a version's session is built;
+        raising refuses the load (the control plane checks the registered digest here)."""
+        self._verifiers.append(verify)
+
+    def add_version_hooks(self, prepare: VersionHook, release: VersionHook | None = None) -> None:
+        """``prepare(version)`` runs once a version is built, before it can take a request
+        (raising refuses the load); ``release(version)`` once it has drained after unload."""
+        self._preparers.append(prepare)
+        if release is not None:
+            self._releasers.append(release)
+
+    def subscribe(self, listener: ModelListener) -> None:
+        """``listener(model, loaded_versions, removed_versions)`` after every load and unload."""
+        self._listeners.append(listener)
 
     # -- lookups (hot path) ---------------------------------------------------------
     def get(self, name: str) -> LoadedModel:
@@ -202,12 +220,12 @@ class ModelRepository:
             for old in removed:
                 self._drain_later(old)
             log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
             return loaded
 
     async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
-        for verify in self.verifiers:
+        for verify in self._verifiers:
             verify(name, version, path, digest)
         label = f"model '{name}' version {version}"
         runtime = await asyncio.to_thread(OrtRuntime, path, config.runtime, label=label)
@@ -224,7 +242,7 @@ class ModelRepository:
         )
         loaded = ModelVersion(name, version, path, digest, config, runtime, signature, batcher, stats)
         try:
-            for prepare in self.preparers:
+            for prepare in self._preparers:
                 prepare(loaded)
         except Exception:
             await batcher.drain(0)
@@ -238,7 +256,7 @@ class ModelRepository:
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._drain(v) for v in model.versions.values()))
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(name, [], list(model.versions))
             log.info("model '%s' unloaded", name)
 
@@ -253,7 +271,7 @@ class ModelRepository:
             log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
         else:
             version.runtime.close()  # a batch still running after a timeout keeps its buffers
-        for release in self.releasers:
+        for release in self._releasers:
             try:
                 release(version)
             except Exception:

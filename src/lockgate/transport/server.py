@@ -27,7 +27,7 @@ from lockgate._descriptor_pool import POOL
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
-from lockgate.control.leader import elector_for
+from lockgate.control.leader import LocalLeader, elector_for
 from lockgate.control.plane import ControlPlane
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
@@ -36,7 +36,7 @@ from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
-from lockgate.telemetry.integration import install as install_telemetry
+from lockgate.telemetry.integration import Telemetry
 from lockgate.transport.grpc.admin import add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
 from lockgate.transport.grpc.inference import InferenceService
@@ -118,61 +118,59 @@ class GenericHandlersOnly:
 
 
 class Gateway:
-    """Everything one serving process owns, started and stopped in order."""
+    """Everything one serving process owns, started and stopped in order.
+
+    Each part receives what it uses when it is built, or subscribes through the other part's
+    hook methods below; nothing reaches into another object's lists.
+    """
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        shared_store = settings.is_shared_store()
+        location = settings.store_location()
+        self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         self.control = ControlPlane(
             open_control_store(settings),
             repository_root=settings.model_repository,
             authenticator=Authenticator.load(tokens_file=settings.tokens_file),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
+            leader_factory=(lambda elected, lost: elector_for(location, "lockgate/leader", elected, lost,
+                                                              lease_s=settings.leader_lease_s))
+            if shared_store else LocalLeader,
         )
-        self.fleet: FleetDrift | None = None
-        if settings.is_shared_store():
-            location = settings.store_location()
-            self.control.leader_factory = lambda elected, lost: elector_for(
-                location, "lockgate/leader", elected, lost, lease_s=settings.leader_lease_s
-            )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
-        self.repository.verifiers.append(self.control.verify_artifact)
-        self.repository.listeners.append(self.control.on_models_changed)
+        self.telemetry = Telemetry.from_settings(settings, self.repository)  # opens no port yet
         self.routing = PolicyRouting(self.control)
-        self.governance = GovernanceStage(repository_root=settings.model_repository, state_dir=settings.state_dir)
-        self.governance.subscribers.append(
-            lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
+        self.governance = GovernanceStage(
+            repository_root=settings.model_repository, state_dir=settings.state_dir,
+            tracing_enabled=self.telemetry.tracing is not None,
+            alert_listeners=[self.control.on_drift_event], report_listeners=[self.control.on_drift_report],
         )
-        # An OK window clears a latched DRIFT in the canary analysis (alerts alone never would).
-        self.governance.report_listeners.append(self._on_drift_report)
-        if settings.is_shared_store():
+        self.fleet: FleetDrift | None = None
+        if shared_store:
             self.fleet = FleetDrift(self.control.store, self.governance, replica_id=settings.replica(),
                                     window_s=settings.fleet_window_s)
-            self.control.leader_jobs.append(self.fleet.merge_loop)
-        self.repository.preparers.append(self.governance.prepare)
-        if self.fleet is not None:
-            self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
-        self.repository.releasers.append(self.governance.release)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
-        self.ready = asyncio.Event()
+            self.control.add_leader_job(self.fleet.merge_loop)
         self.health = HealthServicer()
+        self.repository.add_verifier(self.control.verify_artifact)
+        self.repository.add_version_hooks(self.governance.prepare, self.governance.release)
+        if self.fleet is not None:
+            self.repository.add_version_hooks(self.fleet.adopt)  # after governance.prepare
+        self.repository.subscribe(self.control.on_models_changed)
+        self.repository.subscribe(self._on_models_changed)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
+                                          telemetry=self.telemetry)
+        self.telemetry.register_source("governance", self.governance.metric_samples)
+        self.telemetry.register_source("control", self.control.metric_samples)
+        self.control.add_rollback_listener(self.telemetry.rollback)
+        self.ready = asyncio.Event()
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
-        self.repository.listeners.append(self._on_models_changed)
-        self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
-        self.governance.tracing_enabled = self.telemetry.tracing is not None
-        self.telemetry.register_source("governance", self.governance.metric_samples)
-        self.telemetry.register_source("control", self.control.metric_samples)
-        self.control.rollback_listeners.append(self.telemetry.rollback)
-
-    def _on_drift_report(self, report: Any) -> None:
-        if report.status == "OK":
-            self.control.canary.on_drift_alert(report.model, report.version, "OK")
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
