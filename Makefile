@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml setup.py $(shell find proto src -name '*.proto' -o -name '*.pyx' 2>/dev/null)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,http]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -30,11 +30,13 @@ class LockgateProcess:
         self.repo = Path(repo)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{self.http_port}"
         self.state_dir = state_dir or self.repo.parent / f"state-{self.port}"
         self.log_path = log_path or self.repo.parent / f"lockgate-{self.port}.log"
         cmd = [*LOCKGATE, "serve", "--model-repository", str(self.repo), "--grpc-port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
         if not gated:  # data-plane tests: approval gates are tested on their own
             cmd.append("--allow-unapproved")
         self._log = open(self.log_path, "wb")

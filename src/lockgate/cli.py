@@ -18,6 +18,8 @@ def serve(
     model_repository: Path = typer.Option(..., "--model-repository", help="REPO/<model>/<version>/model.onnx"),
     grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="inference + admin gRPC port [8001]"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Prometheus port [8002]"),
+    http_port: Optional[int] = typer.Option(None, "--http-port", help="KServe v2 REST, admin API and console port [8000]"),
+    no_http: bool = typer.Option(False, "--no-http", help="serve gRPC only"),
     workers: Optional[int] = typer.Option(None, "--workers", help="processes sharing the port (SO_REUSEPORT) [1]"),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="control-plane state [.lockgate]"),
     config: Optional[Path] = typer.Option(None, "--config", help="server YAML config file"),
@@ -31,7 +33,7 @@ def serve(
 
     settings = ServerSettings.load(
         config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
-        workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
+        http_port=http_port, http_enabled=False if no_http else None, workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
         require_approval=False if allow_unapproved else None,
     )
     run(settings)
@@ -42,6 +44,7 @@ def demo(
     dir: Path = typer.Option(Path("demo-repo"), "--dir", help="where to write the demo model repository"),
     grpc_port: int = typer.Option(8001, "--grpc-port"),
     metrics_port: int = typer.Option(8002, "--metrics-port"),
+    http_port: int = typer.Option(8000, "--http-port", help="KServe v2 REST, admin API and console"),
     build_only: bool = typer.Option(False, "--build-only", help="write the models and exit"),
 ) -> None:
     """Build the demo models in code (no downloads) and serve them."""
@@ -50,7 +53,7 @@ def demo(
 
     root = build_demo_repository(dir)
     settings = ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,
-                                   state_dir=root / ".lockgate")
+                                   http_port=http_port, state_dir=root / ".lockgate")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     approved = approve_demo_versions(root, settings.store_location())
     typer.echo(f"demo repository written to {root.resolve()}; approved versions {', '.join(approved)} of 'credit'")

@@ -37,7 +37,7 @@ from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import Telemetry
-from lockgate.transport.grpc.admin import add_admin_service
+from lockgate.transport.grpc.admin import AdminService, add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
 from lockgate.transport.grpc.inference import InferenceService
 
@@ -167,10 +167,31 @@ class Gateway:
         self.telemetry.register_source("control", self.control.metric_samples)
         self.control.add_rollback_listener(self.telemetry.rollback)
         self.ready = asyncio.Event()
+        self.admin = AdminService(self.control, self.repository)
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
+        self.http = self._http_server(settings)
+        self.http_port = 0
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
+
+    def _http_server(self, settings: ServerSettings) -> Any:
+        """The REST binding, the admin API over REST and the console, on ``http_port``."""
+        if not settings.http_enabled:
+            return None
+        try:
+            from lockgate.transport.http.server import HttpServer
+        except ImportError as exc:  # the [http] extra is not installed
+            log.warning("HTTP port off: %s (install lockgate[http], or pass --no-http to silence this)", exc)
+            return None
+        from lockgate.transport.http.admin import RestAdmin
+        from lockgate.transport.http.app import HttpApp
+        from lockgate.transport.http.inference import RestInference
+
+        rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth)
+        app = HttpApp([rest.handle, RestAdmin(self.admin).handle], max_body_bytes=settings.max_receive_message_bytes)
+        return HttpServer(app, host=settings.host, port=settings.http_port, tls=settings.tls,
+                          drain_timeout_s=settings.drain_timeout_s)
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -182,7 +203,7 @@ class Gateway:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.pipeline, ready=self.ready), services
         )
-        admin_service = add_admin_service(services, self.control, self.repository)
+        admin_service = add_admin_service(services, self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
@@ -205,11 +226,14 @@ class Gateway:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
         self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         self.telemetry.start()
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
-        log.info("lockgate ready on %s:%d (pid %d)", settings.host, self.port, os.getpid())
+        log.info("lockgate ready on %s: gRPC %d%s (pid %d)", settings.host, self.port,
+                 f", HTTP {self.http_port}" if self.http is not None else "", os.getpid())
         return self.port
 
     async def _watch_store_health(self) -> None:
@@ -240,7 +264,8 @@ class Gateway:
         self.ready.clear()
         await self.health.enter_graceful_shutdown()
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
-        await self.server.stop(self.settings.drain_timeout_s)
+        await asyncio.gather(self.server.stop(self.settings.drain_timeout_s),
+                             self.http.stop() if self.http is not None else asyncio.sleep(0))
         await self.routing.drain()
         for task in self._background:
             task.cancel()
@@ -302,8 +327,8 @@ def run(settings: ServerSettings) -> None:
     if settings.workers <= 1:
         run_single(settings)
         return
-    if settings.grpc_port == 0:
-        raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
+    if settings.grpc_port == 0 or (settings.http_enabled and settings.http_port == 0):
+        raise SystemExit("--workers > 1 needs a fixed --grpc-port and --http-port: every worker must bind the same ports")
     configure_logging(settings.log_level)
     ctx = multiprocessing.get_context("spawn")
     payload = settings.model_copy(update={"workers": 1}).model_dump_json()

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -30,7 +30,7 @@ from lockgate.control.auth import PERMISSIONS, Permission, Principal
 from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import onnx_signature
-from lockgate.errors import LockgateError
+from lockgate.errors import LockgateError, error_for_code
 from lockgate.transport.grpc.call_metadata import call_metadata
 from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
@@ -86,8 +86,34 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+class DirectCall:
+    """The context of an admin call that did not arrive over gRPC (the REST binding, the
+    console): it carries the caller's ``authorization`` value, and a refusal raises the
+    ``LockgateError`` of its status instead of aborting an RPC. The call runs the servicer's own
+    method, so its authentication, role check, four-eyes rules and audit are the same."""
+
+    def __init__(self, authorization: str | None) -> None:
+        self.authorization = authorization
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> NoReturn:
+        raise error_for_code(code.name, message)
+
+
+#: The admin RPCs by name, with their request and response message classes.
+METHODS: dict[str, tuple[Any, Any]] = {
+    method.name: (getattr(pb, method.input_type.name), getattr(pb, method.output_type.name))
+    for method in pb.DESCRIPTOR.services_by_name["AdminService"].methods
+}
+
+
 class AdminService(pb_grpc.AdminServiceServicer):
     """The servicer: the control plane it governs and the repository it checks loads against."""
+
+    async def call(self, method: str, request: Any, authorization: str | None) -> Any:
+        """Run admin RPC ``method`` in process, as the holder of ``authorization``."""
+        if method not in METHODS:
+            raise NotFound(f"the admin API has no method {method!r}")
+        return await getattr(self, method)(request, DirectCall(authorization))
 
     def __init__(self, plane: "ControlPlane", repository: "ModelRepository") -> None:
         self._plane = plane
@@ -107,10 +133,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> T:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
         header = None
-        for key, value in call_metadata(context):
-            if key.lower() == AUTHORIZATION:
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
+        if isinstance(context, DirectCall):
+            header = context.authorization
+        else:
+            for key, value in call_metadata(context):
+                if key.lower() == AUTHORIZATION:
+                    header = value if isinstance(value, str) else value.decode("latin-1")
+                    break
         try:
             auth = self.plane.auth
             principal = auth.authenticate(header)
@@ -521,10 +550,10 @@ def policy_from_status(status: Any) -> TrafficPolicy | None:
     return TrafficPolicy.from_json(status.policy_json) if status.policy_json else None
 
 
-def add_admin_service(server: grpc.aio.Server, plane: "ControlPlane", repository: "ModelRepository") -> str:
+def add_admin_service(server: grpc.aio.Server, service: AdminService) -> str:
     """Register the admin servicer on ``server``; returns its full name for reflection."""
-    pb_grpc.add_AdminServiceServicer_to_server(AdminService(plane, repository), server)
+    pb_grpc.add_AdminServiceServicer_to_server(service, server)
     return SERVICE_NAME
 
 
-__all__ = ["AdminService", "SERVICE_NAME", "add_admin_service", "policy_from_status", "status_of"]
+__all__ = ["AdminService", "DirectCall", "METHODS", "SERVICE_NAME", "add_admin_service", "policy_from_status", "status_of"]
