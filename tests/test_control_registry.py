@@ -304,3 +304,19 @@ def test_one_signature_type_from_graph_to_stored_report(env: tuple[Registry, Pat
     from lockgate.errors import InvalidArgument
     with pytest.raises(InvalidArgument, match="'BF17' is not supported"):
         Signature.from_dict({"inputs": [{"name": "X", "datatype": "BF17", "shape": [1]}], "outputs": []})
+
+
+def test_reject_retires_a_pending_version_with_four_eyes_and_audit(env: tuple[Registry, Path]) -> None:
+    registry, _ = env
+    registry.register("iris", "1", None, "alice")
+    registry.validate("iris", "1", "carol", expected_signature=SIGNATURE, latency_runs=1)
+    with pytest.raises(ApprovalError, match="four-eyes rule: 'alice' registered"):
+        registry.reject("iris", "1", "alice", "not good")
+    with pytest.raises(ApprovalError, match="non-empty reason"):
+        registry.reject("iris", "1", "bob", "  ")
+    record = registry.reject("iris", "1", "bob", "bias found in review")
+    assert record.state == "retired" and record.metadata["rejected_by"] == "bob"
+    with pytest.raises(LifecycleError):
+        registry.approve("iris", "1", "bob", "changed my mind")
+    entry = registry.audit.log(model="iris")[-1]
+    assert (entry.actor, entry.action, entry.details["reason"]) == ("bob", "model.reject", "bias found in review")

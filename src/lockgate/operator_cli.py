@@ -231,6 +231,17 @@ def models_approve(
     console.print(f"approved {model} / {version} (approval {response.approval_id}); state {response.version.state}")
 
 
+@models_app.command("reject")
+def models_reject(
+    model: str, version: str,
+    reason: Annotated[str, typer.Option("--reason", help="why this version may not take traffic")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+) -> None:
+    """Reject a version awaiting approval (it is retired; four eyes as for approve)."""
+    info = call(server, token, ca_file, "RejectVersion", pb.RejectVersionRequest(model=model, version=version, reason=reason))
+    console.print(f"rejected {info.model} / {info.version}; state {info.state}")
+
+
 @models_app.command("retire")
 def models_retire(
     model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,

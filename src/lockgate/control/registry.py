@@ -371,6 +371,33 @@ class Registry:
         )
         return approval
 
+    def reject(self, model: str, version: str, rejecter: str, reason: str) -> VersionRecord:
+        """Refuse a version awaiting approval: it is retired, so it can never be approved.
+
+        The same hands and rules as ``approve``: the rejecter did not register it, and the
+        reason is not blank; only a validated (pending) version can be rejected.
+        """
+        record = self.get(model, version)
+        state = State(record.state)
+        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {state.value}; only versions awaiting approval can be rejected"
+            )
+        if rejecter.strip() == record.registered_by.strip():
+            raise ApprovalError(
+                f"four-eyes rule: {rejecter!r} registered model {model!r} version {version!r} "
+                "and cannot also decide on its approval"
+            )
+        if not reason or not reason.strip():
+            raise ApprovalError("a rejection needs a non-empty reason")
+        updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=state.value,
+                                            metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})
+        self.audit.append(
+            rejecter, Action.MODEL_REJECT, model_subject(model, version),
+            {"reason": reason.strip(), "sha256": record.sha256, "from": state.value, "to": State.RETIRED.value},
+        )
+        return updated
+
     # -- traffic states and retirement ------------------------------------------
     def transition(
         self,

@@ -184,14 +184,17 @@ class Gateway:
         except ImportError as exc:  # the [http] extra is not installed
             log.warning("HTTP port off: %s (install lockgate[http], or pass --no-http to silence this)", exc)
             return None
+        return HttpServer(self.http_app(), host=settings.host, port=settings.http_port, tls=settings.tls,
+                          drain_timeout_s=settings.drain_timeout_s)
+
+    def http_app(self) -> Any:
+        """The ASGI application of the HTTP port (any ASGI server can carry it)."""
         from lockgate.transport.http.admin import RestAdmin
         from lockgate.transport.http.app import HttpApp
         from lockgate.transport.http.inference import RestInference
 
         rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth)
-        app = HttpApp([rest.handle, RestAdmin(self.admin).handle], max_body_bytes=settings.max_receive_message_bytes)
-        return HttpServer(app, host=settings.host, port=settings.http_port, tls=settings.tls,
-                          drain_timeout_s=settings.drain_timeout_s)
+        return HttpApp([rest.handle, RestAdmin(self.admin).handle], max_body_bytes=self.settings.max_receive_message_bytes)
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -304,6 +304,15 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
         return await self._serve(context, "ApproveVersion", Permission.APPROVE, body)
 
+    async def RejectVersion(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            model = _required(request.model, "model")
+            record = self.plane.registry.reject(model, _required(request.version, "version"), principal.name, request.reason)
+            self._refresh(model)
+            return self._version_info(record)
+
+        return await self._serve(context, "RejectVersion", Permission.APPROVE, body)
+
     async def RetireVersion(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
             model = _required(request.model, "model")
