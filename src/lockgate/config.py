@@ -41,6 +41,9 @@ class ServerSettings(_Strict):
     metrics_port: int = 8002
     http_port: int = Field(8000, ge=0, description="KServe v2 REST, the admin API over REST and the console (0: any free port)")
     http_enabled: bool = Field(True, description="serve the HTTP port (needs the [http] extra)")
+    console_session_key: str | None = Field(
+        None, repr=False, min_length=16,
+        description="signs console session cookies; default: random per start, shared by --workers siblings")
     workers: int = Field(1, ge=1)
     state_dir: Path = Path(".lockgate")
     max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

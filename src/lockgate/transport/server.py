@@ -12,6 +12,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
 import time
@@ -193,8 +194,16 @@ class Gateway:
         from lockgate.transport.http.app import HttpApp
         from lockgate.transport.http.inference import RestInference
 
+        from lockgate.transport.http.console import Console
+
+        settings = self.settings
         rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth)
-        return HttpApp([rest.handle, RestAdmin(self.admin).handle], max_body_bytes=self.settings.max_receive_message_bytes)
+        key = settings.console_session_key or secrets.token_urlsafe(32)
+        console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
+                          secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
+                          model_repository=settings.model_repository)
+        return HttpApp([rest.handle, RestAdmin(self.admin).handle, console.handle],
+                       max_body_bytes=settings.max_receive_message_bytes)
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -334,7 +343,9 @@ def run(settings: ServerSettings) -> None:
         raise SystemExit("--workers > 1 needs a fixed --grpc-port and --http-port: every worker must bind the same ports")
     configure_logging(settings.log_level)
     ctx = multiprocessing.get_context("spawn")
-    payload = settings.model_copy(update={"workers": 1}).model_dump_json()
+    # one console session key for every worker: a signed-in browser may reach any of them
+    key = settings.console_session_key or secrets.token_urlsafe(32)
+    payload = settings.model_copy(update={"workers": 1, "console_session_key": key}).model_dump_json()
     procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]
     for proc in procs:
         proc.start()

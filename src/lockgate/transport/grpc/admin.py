@@ -92,8 +92,11 @@ class DirectCall:
     ``LockgateError`` of its status instead of aborting an RPC. The call runs the servicer's own
     method, so its authentication, role check, four-eyes rules and audit are the same."""
 
-    def __init__(self, authorization: str | None) -> None:
+    def __init__(self, authorization: str | None = None, principal: Principal | None = None) -> None:
         self.authorization = authorization
+        #: a caller already authenticated by its transport (a console session): only the
+        #: permission is checked
+        self.principal = principal
 
     async def abort(self, code: grpc.StatusCode, message: str) -> NoReturn:
         raise error_for_code(code.name, message)
@@ -109,11 +112,13 @@ METHODS: dict[str, tuple[Any, Any]] = {
 class AdminService(pb_grpc.AdminServiceServicer):
     """The servicer: the control plane it governs and the repository it checks loads against."""
 
-    async def call(self, method: str, request: Any, authorization: str | None) -> Any:
-        """Run admin RPC ``method`` in process, as the holder of ``authorization``."""
+    async def call(self, method: str, request: Any, authorization: str | None = None, *,
+                   principal: Principal | None = None) -> Any:
+        """Run admin RPC ``method`` in process, as the holder of ``authorization`` (or as an
+        already authenticated ``principal``)."""
         if method not in METHODS:
             raise NotFound(f"the admin API has no method {method!r}")
-        return await getattr(self, method)(request, DirectCall(authorization))
+        return await getattr(self, method)(request, DirectCall(authorization, principal))
 
     def __init__(self, plane: "ControlPlane", repository: "ModelRepository") -> None:
         self._plane = plane
@@ -142,7 +147,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
                     break
         try:
             auth = self.plane.auth
-            principal = auth.authenticate(header)
+            known = context.principal if isinstance(context, DirectCall) else None
+            principal = known if known is not None else auth.authenticate(header)
             if permission is not None:
                 auth.authorize(principal, permission)
         except LockgateError as exc:
