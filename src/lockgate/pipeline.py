@@ -23,7 +23,6 @@ from lockgate.protocol import codec
 from lockgate.routing.router import RouteDecision as Route
 from lockgate.routing.stage import OpenRouting
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
-from lockgate.telemetry.trace_handle import NO_TRACE, Trace
 
 if TYPE_CHECKING:
     from lockgate.telemetry.integration import Telemetry
@@ -45,14 +44,14 @@ class RequestContext:
         self,
         deadline: float | None = None,  # time.monotonic() deadline
         metadata: Mapping[str, str] | None = None,
-        trace: Trace | None = None,  # a sampled request's trace, if the transport started one
+        trace: Any = None,  # telemetry span handle, when tracing is on
         method: str = "ModelInfer",
         metadata_source: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.deadline = deadline
         self._metadata = metadata
         self._metadata_source = metadata_source
-        self.trace: Trace = NO_TRACE if trace is None else trace
+        self.trace = trace
         self.method = method
 
     @property
@@ -96,10 +95,10 @@ class InferencePipeline:
         """Serve one request. ``wrap``, if given, returns ``(outer, response)``: the response is
         filled in place inside ``outer`` (a stream message), which is returned -- no copy."""
         start_ns = time.perf_counter_ns()
-        trace = ctx.trace
         telemetry = self.telemetry
-        if not trace.sampled and telemetry is not None and telemetry.tracing is not None:
-            trace = ctx.trace = telemetry.start_request(ctx.method, ctx.metadata, start_ns)
+        if telemetry is not None and ctx.trace is None and telemetry.tracing is not None:
+            ctx.trace = telemetry.start_request(ctx.method, ctx.metadata, start_ns)
+        trace = ctx.trace
         try:
             model = self.repository.get(request.model_name)
 
@@ -116,9 +115,10 @@ class InferencePipeline:
             route = routing.route(model, request.model_version, routing_key, request.id)
             version = model.get(route.version)
         except BaseException as exc:  # NOT_FOUND / PERMISSION_DENIED before a version is known
-            trace.finish(exc, time.perf_counter_ns())
+            if trace is not None:
+                trace.finish(exc, time.perf_counter_ns())
             raise
-        if trace.sampled:
+        if trace is not None:
             trace.set_model(model.name, version.version)
             trace.set_route(route.decision, route.key_hash, route.shadow_version)
 
@@ -164,6 +164,8 @@ class InferencePipeline:
         finally:
             elapsed = time.perf_counter_ns() - start_ns
             # counters, route decisions and (when metrics attached them) histograms, in C
-            version.stats.record_request(ok, elapsed, reason, route.decision, trace.trace_id_hex)
+            version.stats.record_request(ok, elapsed, reason, route.decision,
+                                         trace.trace_id_hex if trace is not None else None)
             self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
-            trace.finish(error, start_ns + elapsed)
+            if trace is not None:
+                trace.finish(error, start_ns + elapsed)

@@ -86,7 +86,7 @@ class GovernanceStage:
         if engine is None or not engine.enabled:
             return None
         trace = ctx.trace
-        if not trace.sampled:  # the common case: no span to fill
+        if trace is None:  # the common case: no span to fill
             inspection = engine.inspect(inputs, request_id, None, False if self.tracing_enabled else None)
         else:
             t0 = time.perf_counter_ns()

@@ -84,7 +84,7 @@ class PolicyRouting:
 
     async def _mirror(self, model: str, primary: str, shadow, inputs, primary_outputs) -> None:
         try:
-            shadow_outputs = await shadow.batcher.submit(inputs, None)  # mirrors are not traced
+            shadow_outputs = await shadow.batcher.submit(inputs, None)
             self.plane.agreements.record(model, primary, shadow.version, primary_outputs, shadow_outputs)
             self.shadow_completed += 1
         except Exception as exc:  # a failing shadow never reaches the caller; it is counted

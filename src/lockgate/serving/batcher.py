@@ -15,14 +15,13 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
+from typing import Any
 import numpy as np
 
 from lockgate.config import DynamicBatchingConfig
 from lockgate.errors import DeadlineExceeded, InferenceFailed, LockgateError, ResourceExhausted, Unavailable
 from lockgate.serving.runtime import OrtRuntime
 from lockgate.serving.stats import VersionStats
-from lockgate.telemetry.trace_handle import NO_TRACE, Trace
 
 log = logging.getLogger("lockgate.batcher")
 
@@ -39,7 +38,7 @@ class _Pending:
     future: asyncio.Future
     deadline: float | None  # time.monotonic() value, None for no deadline
     enqueued_ns: int
-    trace: Trace = NO_TRACE
+    trace: Any = None  # lockgate.telemetry RequestTrace of a sampled request
 
 
 class DynamicBatcher:
@@ -81,8 +80,7 @@ class DynamicBatcher:
         self._workers = [self._loop.create_task(self._work()) for _ in range(instances)]
 
     # -- request side ---------------------------------------------------------------
-    def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None,
-                trace: Trace = NO_TRACE) -> dict[str, np.ndarray] | None:
+    def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray] | None:
         """Run a lone request at once in the caller, or return None when it must queue (``submit``).
 
         Taken only when a worker would run it alone at once anyway: no future, no queue entry,
@@ -109,11 +107,12 @@ class DynamicBatcher:
             outputs = self.runtime.run(inputs)
         except Exception as exc:
             error = self._failure(exc, 1)
-            trace.batch(start_ns, start_ns, time.perf_counter_ns(), 1, error)
+            if trace is not None:
+                trace.batch(start_ns, start_ns, time.perf_counter_ns(), 1, error)
             raise error from None
         end_ns = time.perf_counter_ns()
         rows = next(iter(inputs.values())).shape[0] if self._merge else 1
-        if trace.sampled:
+        if trace is not None:
             trace.batch(start_ns, start_ns, end_ns, rows, None)
         self.stats.record_direct(rows, end_ns - start_ns)
         return outputs
@@ -126,8 +125,7 @@ class DynamicBatcher:
         log.exception("%s: inference failed for a batch of %d request(s)", self.label, requests, exc_info=exc)
         return InferenceFailed(f"{self.label}: inference failed: {exc}")
 
-    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None,
-                     trace: Trace = NO_TRACE) -> dict[str, np.ndarray]:
+    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its own rows of the batch result."""
         if self._closing:
             raise Unavailable(f"{self.label} is unloading and takes no new requests")
@@ -284,7 +282,7 @@ class DynamicBatcher:
     def _trace_batch(batch: list[_Pending], start_ns: int, rows: int, error: Exception | None, end_ns: int | None = None) -> None:
         end = end_ns or time.perf_counter_ns()
         for p in batch:
-            if p.trace.sampled:
+            if p.trace is not None:
                 p.trace.batch(p.enqueued_ns, start_ns, end, rows, error)
 
     # -- lifecycle ------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The gateway builds it with ``Telemetry.from_settings(settings, repository)``, hands it to the
 pipeline, calls ``start()`` after the servers are up and ``close()`` after they drained. The request path calls one method,
-``start_request(method, metadata, start_perf_ns)`` -> ``RequestTrace``, or ``NO_TRACE`` for a
-request that is not sampled (and always with tracing off). Metrics need no per-request call: ``GatewayMetrics.attach`` hands each version's
+``start_request(method, metadata, start_perf_ns)`` -> ``RequestTrace | None`` (None with
+tracing off). Metrics need no per-request call: ``GatewayMetrics.attach`` hands each version's
 ``VersionStats`` its histograms, which the pipeline's own request/batch bookkeeping fills.
 """
 
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from lockgate.telemetry.config import TelemetrySettings
 from lockgate.telemetry.metrics import GatewayMetrics, MetricsServer, Source, start_metrics_server, worker_metrics_port
-from lockgate.telemetry.trace_handle import NO_TRACE, Trace
 from lockgate.telemetry.tracing import RequestTrace, Tracing, resolve
 
 if TYPE_CHECKING:
@@ -72,13 +71,11 @@ class Telemetry:
             self.server = None
 
     # -- request path ----------------------------------------------------------------
-    def start_request(self, method: str, metadata: Mapping[str, str], start_perf_ns: int | None = None) -> Trace:
-        """The request's trace: a ``RequestTrace`` when it is sampled, else ``NO_TRACE``."""
+    def start_request(self, method: str, metadata: Mapping[str, str], start_perf_ns: int | None = None) -> RequestTrace | None:
         tracing = self.tracing
         if tracing is None:
-            return NO_TRACE
-        trace = tracing.start_request(method, metadata, start_perf_ns)
-        return NO_TRACE if trace is None else trace
+            return None
+        return tracing.start_request(method, metadata, start_perf_ns)
 
     # -- for other subsystems --------------------------------------------------------
     def register_source(self, name: str, source: Source) -> None:

@@ -365,7 +365,6 @@ class RequestTrace:
 
     __slots__ = ("_tracing", "span_context", "parent", "name", "start_time", "attributes", "events", "status",
                  "_ended", "_trace_id_hex")
-    sampled = True
 
     def __init__(self, tracing: "Tracing", span_context: SpanContext, parent: SpanContext | None, name: str,
                  start_time: int, attributes: dict[str, Any]) -> None:
