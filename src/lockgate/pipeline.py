@@ -26,6 +26,7 @@ from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersi
 
 if TYPE_CHECKING:
     from lockgate.telemetry.integration import Telemetry
+    from lockgate.telemetry.tracing import RequestTrace
 
 ROUTING_KEY_PARAMETER = "routing_key"
 ROUTING_KEY_HEADER = "x-lockgate-routing-key"
@@ -44,7 +45,7 @@ class RequestContext:
         self,
         deadline: float | None = None,  # time.monotonic() deadline
         metadata: Mapping[str, str] | None = None,
-        trace: Any = None,  # telemetry span handle, when tracing is on
+        trace: "RequestTrace | None" = None,  # the span of a sampled request (None: not sampled)
         method: str = "ModelInfer",
         metadata_source: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
