@@ -238,7 +238,7 @@ def pytriton_target(model_path: Path, work: Path) -> Target:
             "--model-name", MLP.name, "--input", MLP.input_name, "--output", MLP.output_name,
             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(free_port()),
             "--workspace", str(work / "pytriton")]
-    return Target(name="pytriton", argv=argv, port=grpc_port, http_port=http_port, processes=2, ready_timeout_s=180)
+    return Target(name="pytriton", argv=argv, port=grpc_port, http_port=http_port, processes=2, ready_timeout_s=90)
 
 
 def comparison(args: argparse.Namespace, work: Path, repo: Path, model_path: Path, workloads: tuple[RestWorkload, RestWorkload],
@@ -280,7 +280,7 @@ def comparison(args: argparse.Namespace, work: Path, repo: Path, model_path: Pat
             try:
                 server = RunningServer(target, [MLP.name], work / "logs").__enter__()
             except Exception as exc:  # a peer that cannot start here is reported, not fatal
-                notes.append(f"{target.name} failed to start: {str(exc).splitlines()[0]}")
+                notes.append(str(exc).splitlines()[0])
                 del by_target[target.name]
                 continue
             try:
@@ -309,22 +309,25 @@ def comparison(args: argparse.Namespace, work: Path, repo: Path, model_path: Pat
             "median": {label: {lv: series.median(label, lv) for lv in args.levels} for label in labels}}
 
 
+def _head(first: str, levels: list[int], last: str) -> list[str]:
+    return [f"| {first} | " + " | ".join(f"{lv} in flight" for lv in levels) + f" | {last} |",
+            "|---|" + "---:|" * (len(levels) + 1)]
+
+
 def print_tables(results: dict, args: argparse.Namespace) -> str:
     lines: list[str] = []
     levels = args.levels
     if "servers" in results:
         med = results["servers"]["median"]
         lines += ["", f"HTTP server A/B: the same lockgate app, REST binary infer, req/s (median of {args.repeats})", "",
-                  "| server | " + " | ".join(f"{lv} in flight" for lv in levels) + " | vs uvicorn |",
-                  "|---|" + "---:|" * (len(levels) + 1)]
+                  *_head("server", levels, "vs uvicorn")]
         for kind, rates in med.items():
             ratio = " / ".join(f"{rates[lv] / med['uvicorn'][lv]:.2f}" for lv in levels) if "uvicorn" in med else "-"
             lines.append(f"| {kind} | " + " | ".join(f"{rates[lv]:,.0f}" for lv in levels) + f" | {ratio} |")
     if "comparison" in results:
         med = results["comparison"]["median"]
         lines += ["", f"REST and gRPC, batch-1 mlp, one lockgate process, req/s (median of {args.repeats})", "",
-                  "| target | " + " | ".join(f"{lv} in flight" for lv in levels) + " | errors |",
-                  "|---|" + "---:|" * (len(levels) + 1)]
+                  *_head("target", levels, "errors")]
         for label, rates in med.items():
             lines.append(f"| {label} | " + " | ".join(f"{rates[lv]:,.0f}" for lv in levels)
                          + f" | {results['comparison']['errors'].get(label, 0)} |")
@@ -333,8 +336,7 @@ def print_tables(results: dict, args: argparse.Namespace) -> str:
                   ("lockgate REST binary / PyTriton HTTP binary", "lockgate REST binary", "PyTriton HTTP binary", None),
                   ("lockgate REST JSON / lockgate REST binary", "lockgate REST JSON", "lockgate REST binary", None),
                   ("lockgate gRPC / baseline gRPC", "lockgate gRPC", "baseline gRPC", 0.98)]
-        lines += ["", "| ratio | " + " | ".join(f"{lv} in flight" for lv in levels) + " | target |",
-                  "|---|" + "---:|" * (len(levels) + 1)]
+        lines += ["", *_head("ratio", levels, "target")]
         for title, a, b, goal in ratios:
             if a in med and b in med:
                 lines.append(f"| {title} | " + " | ".join(f"{med[a][lv] / med[b][lv]:.2f}" for lv in levels)

@@ -59,6 +59,25 @@ class LockgateProcess:
                 time.sleep(0.1)
         raise TimeoutError(f"lockgate not ready after {timeout}s:\n{self.log()}")
 
+    def post(self, path: str, body: dict | None = None, token: str | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, object]:
+        """POST JSON to the HTTP port (``Authorization: Bearer token`` if given): (status, JSON body)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(),
+                                         method="POST", headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, text = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, text = err.code, err.read()
+        return status, json.loads(text) if text else None
+
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")

@@ -27,10 +27,9 @@ TIMEOUT_MS = 30_000
 
 
 def admin(server: LockgateProcess, method: str, body: dict, token: str) -> dict:
-    request = urllib.request.Request(f"http://{server.http_url}/admin/v1/{method}", data=json.dumps(body).encode(),
-                                     method="POST", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+    status, answer = server.post(f"/admin/v1/{method}", body, token)
+    assert status == 200, answer
+    return answer
 
 
 @pytest.fixture(scope="module")

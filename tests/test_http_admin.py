@@ -42,18 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def call(server: LockgateProcess, path: str, body: dict | None = None, token: str | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    sent = dict(headers or {})
-    if token is not None:
-        sent["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body or {}).encode()
-    request = urllib.request.Request(f"http://{server.http_url}{path}", data=data, method="POST", headers=sent)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read()
-            return response.status, json.loads(text) if text else None
-    except urllib.error.HTTPError as err:
-        text = err.read()
-        return err.code, json.loads(text) if text else None
+    return server.post(path, body, token, headers)
 
 
 def grpc_refusal(server: LockgateProcess, method: str, request: Any, token: str | None) -> grpc.RpcError:

@@ -281,30 +281,28 @@ def _counts(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, 
     return stats.inference_count, stats.inference_stats.success.count, stats.inference_stats.fail.count
 
 
+def _serve_all(module, client, model: str, rows: list[np.ndarray]) -> list[np.ndarray]:
+    """Send ``rows`` and one bad request (wrong width) with a tritonclient module (grpc or http)."""
+    outputs = []
+    for x in [*rows, np.zeros((1, 31), np.float32)]:
+        inp = module.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        if x.shape[1] == 31:
+            with pytest.raises(InferenceServerException):
+                client.infer(model, [inp])
+        else:
+            outputs.append(client.infer(model, [inp]).as_numpy("OUTPUT0"))
+    return outputs
+
+
 def test_grpc_and_http_give_equal_results_and_equal_statistics(server, client, http):
     model = "mlp"
     rng = np.random.default_rng(5)
     rows = [rng.standard_normal((n, 32)).astype(np.float32) for n in (1, 3, 7)]
     before = _counts(client, model)
-    grpc_out = []
-    for x in rows:
-        inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        grpc_out.append(client.infer(model, [inp]).as_numpy("OUTPUT0"))
-    bad = grpcclient.InferInput("INPUT0", [1, 31], "FP32")
-    bad.set_data_from_numpy(np.zeros((1, 31), np.float32))
-    with pytest.raises(InferenceServerException):
-        client.infer(model, [bad])
+    grpc_out = _serve_all(grpcclient, client, model, rows)
     middle = _counts(client, model)
-    http_out = []
-    for x in rows:
-        inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        http_out.append(http.infer(model, [inp]).as_numpy("OUTPUT0"))
-    bad = httpclient.InferInput("INPUT0", [1, 31], "FP32")
-    bad.set_data_from_numpy(np.zeros((1, 31), np.float32))
-    with pytest.raises(InferenceServerException):
-        http.infer(model, [bad])
+    http_out = _serve_all(httpclient, http, model, rows)
     after = _counts(client, model)
     for g, h in zip(grpc_out, http_out):
         np.testing.assert_array_equal(g, h)

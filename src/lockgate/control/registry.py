@@ -306,6 +306,25 @@ class Registry:
         self.audit.append(actor, Action.MODEL_CARD, model_subject(model, version), {"card_id": stored.id, "owner": parsed.owner})
         return stored
 
+    def _decision(self, model: str, version: str, person: str, reason: str, kind: str) -> tuple[VersionRecord, State]:
+        """The rules an approval and a rejection share: the version awaits approval (validated,
+        or shadowing unapproved), the person did not register it (four eyes), a reason is given."""
+        record = self.get(model, version)
+        state = State(record.state)
+        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {state.value}; only validated versions can be "
+                + ("approved" if kind == "approval" else "rejected")
+            )
+        if person.strip() == record.registered_by.strip():
+            raise ApprovalError(
+                f"four-eyes rule: {person!r} registered model {model!r} version {version!r} "
+                + ("and cannot also approve it" if kind == "approval" else "and cannot also decide on its approval")
+            )
+        if not reason or not reason.strip():
+            raise ApprovalError(f"an {kind} needs a non-empty reason" if kind == "approval" else f"a {kind} needs a non-empty reason")
+        return record, state
+
     def approve(
         self,
         model: str,
@@ -320,19 +339,7 @@ class Registry:
         the reason is blank, or no complete model card is given or stored;
         ``LifecycleError`` when the version is not validated.
         """
-        record = self.get(model, version)
-        state = State(record.state)
-        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
-            raise LifecycleError(
-                f"model {model!r} version {version!r} is {state.value}; only validated versions can be approved"
-            )
-        if approver.strip() == record.registered_by.strip():
-            raise ApprovalError(
-                f"four-eyes rule: {approver!r} registered model {model!r} version {version!r} "
-                "and cannot also approve it"
-            )
-        if not reason or not reason.strip():
-            raise ApprovalError("an approval needs a non-empty reason")
+        record, state = self._decision(model, version, approver, reason, "approval")
         if card is not None:
             try:
                 parsed = parse_card(card)
@@ -377,19 +384,7 @@ class Registry:
         The same hands and rules as ``approve``: the rejecter did not register it, and the
         reason is not blank; only a validated (pending) version can be rejected.
         """
-        record = self.get(model, version)
-        state = State(record.state)
-        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
-            raise LifecycleError(
-                f"model {model!r} version {version!r} is {state.value}; only versions awaiting approval can be rejected"
-            )
-        if rejecter.strip() == record.registered_by.strip():
-            raise ApprovalError(
-                f"four-eyes rule: {rejecter!r} registered model {model!r} version {version!r} "
-                "and cannot also decide on its approval"
-            )
-        if not reason or not reason.strip():
-            raise ApprovalError("a rejection needs a non-empty reason")
+        record, state = self._decision(model, version, rejecter, reason, "rejection")
         updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=state.value,
                                             metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})
         self.audit.append(
