@@ -30,6 +30,7 @@ from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import LocalLeader, elector_for
 from lockgate.control.plane import ControlPlane
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.governance.fleet import FleetDrift
@@ -140,6 +141,7 @@ class Gateway:
             leader_factory=(lambda elected, lost: elector_for(location, "lockgate/leader", elected, lost,
                                                               lease_s=settings.leader_lease_s))
             if shared_store else LocalLeader,
+            provenance=settings.provenance,
         )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
@@ -156,6 +158,7 @@ class Gateway:
                                     window_s=settings.fleet_window_s)
             self.control.add_leader_job(self.fleet.merge_loop)
         self.health = HealthServicer()
+        self.repository.set_digester(self.control.digest_for_load)  # signature + digest, one pass
         self.repository.add_verifier(self.control.verify_artifact)
         self.repository.add_version_hooks(self.governance.prepare, self.governance.release)
         if self.fleet is not None:
@@ -166,6 +169,7 @@ class Gateway:
                                           telemetry=self.telemetry)
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
+        self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
         self.control.add_rollback_listener(self.telemetry.rollback)
         self.ready = asyncio.Event()
         self.admin = AdminService(self.control, self.repository)
@@ -334,8 +338,14 @@ def _worker_main(settings_json: str, index: int) -> None:
     run_single(ServerSettings.model_validate_json(settings_json))
 
 
+def check_settings(settings: ServerSettings) -> None:
+    """Refuse, before anything starts, a configuration that cannot work (``ConfigError``)."""
+    ProvenanceGate.check_settings(settings.provenance)
+
+
 def run(settings: ServerSettings) -> None:
     """Run one process, or ``workers`` processes sharing the port."""
+    check_settings(settings)
     if settings.workers <= 1:
         run_single(settings)
         return
