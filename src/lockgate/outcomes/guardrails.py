@@ -1,7 +1,7 @@
 """Outcome guardrails of a canary: quality against stable, fairness, label coverage.
 
 The canary analysis (``routing.rollout``) asks this module for verdicts through one hook,
-``CanaryController.outcome_guardrails``; each verdict is ``pass``, ``fail`` or
+``CanaryController.set_outcome_guardrails``; each verdict is ``pass``, ``fail`` or
 ``inconclusive`` with the evidence behind it, which the analysis writes to the audit trail.
 
 Both versions are judged over the same windows by prediction time: every window from the

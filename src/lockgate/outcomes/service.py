@@ -148,7 +148,7 @@ class OutcomeService:
         return build_report(self.store, spec or self.spec_for(model), version, since)
 
     def canary_guardrails(self, model: str, canary: "CanarySpec", now: float) -> Sequence["GuardrailResult"]:
-        """The hook ``CanaryController.outcome_guardrails`` calls at each analysis."""
+        """The hook ``CanaryController.set_outcome_guardrails`` installs at each analysis."""
         spec = self._specs.get(model)
         window = {"since": canary.started_at, "until": now, "versions": [canary.stable, canary.canary]}
         try:

@@ -212,6 +212,10 @@ class GuardrailResult:
         }
 
 
+#: (model, canary spec, now) -> verdicts judged outside this module (the outcome guardrails).
+OutcomeGuardrailsFn = Callable[[str, CanarySpec, float], Sequence[GuardrailResult]]
+
+
 @dataclass(frozen=True, slots=True)
 class Analysis:
     outcome: Outcome
@@ -429,9 +433,13 @@ class CanaryController:
         #: model → (analysis generation, due time) of the next evaluation.
         self._schedule: dict[str, tuple[tuple[Any, ...], float]] = {}
         self.tick_errors = 0
-        #: (model, canary spec, now) -> verdicts of the outcome guardrails (quality, fairness,
-        #: label coverage); installed by the server (``lockgate.outcomes``).
-        self.outcome_guardrails: Callable[[str, CanarySpec, float], Sequence[GuardrailResult]] | None = None
+        self._outcome_guardrails: OutcomeGuardrailsFn | None = None
+
+    def set_outcome_guardrails(self, judge: OutcomeGuardrailsFn) -> None:
+        """``judge(model, canary spec, now)`` returns the verdicts of the outcome guardrails
+        (quality, fairness, label coverage; ``lockgate.outcomes``). Without one, a policy that
+        sets them is inconclusive."""
+        self._outcome_guardrails = judge
 
     # ---------------------------------------------------------------- governance hook
     def on_drift_alert(self, model: str, version: str, status: object) -> None:
@@ -566,10 +574,10 @@ class CanaryController:
             self._baseline[model] = stats_stable
         if not g.uses_outcomes:
             extra: Sequence[GuardrailResult] = ()
-        elif self.outcome_guardrails is None:  # configured but nothing can judge them: fail closed
+        elif self._outcome_guardrails is None:  # configured but nothing can judge them: fail closed
             extra = (GuardrailResult("outcomes", "inconclusive", None, None, "no outcome evaluator in this process"),)
         else:
-            extra = self.outcome_guardrails(model, spec, now)
+            extra = self._outcome_guardrails(model, spec, now)
         analysis = analyse(g, stats_stable, stats_canary, drift_status_canary, disagreement, self._baseline.get(model), extra)
         windows = {"stable": stats_stable, "canary": stats_canary}
         evidence = {
