@@ -373,17 +373,55 @@ def test_feedback_needs_the_feedback_permission(server: LockgateProcess) -> None
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_feedback_over_rest_names_the_same_permission_counts_and_audit(server: LockgateProcess) -> None:
+    """KServe v2 REST infer without an id gets the server's id; labels for it go through
+    POST /feedback/v1/SendFeedback with the gRPC API's permission, counts, errors and audit."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    x = np.ones((2, 4), np.float32)
+    inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    rid = client.infer("multi", [inp]).get_response()["id"]
+    assert rid  # server-generated, so feedback can name the prediction
+    body = {"model": "multi", "labels": [{"request_id": rid, "row": 0, "class_name": "review"},
+                                         {"request_id": rid, "row": 1, "class_index": 2},
+                                         {"request_id": "never-served", "row": 0, "class_name": "approve"}]}
+    assert server.post("/feedback/v1/SendFeedback", body)[0] == 401
+    status, answer = server.post("/feedback/v1/SendFeedback", body, token="tok-v")
+    assert status == 403 and "'feedback'" in answer["error"]
+    status, answer = server.post("/feedback/v1/SendFeedback", body, token="tok-l")
+    assert status == 200, answer
+    assert (answer["received"], answer["accepted"], answer["unknown"]) == (3, 2, 1)
+    assert server.post("/feedback/v1/SendFeedback", body, token="tok-l")[1]["duplicate"] == 2
+    bad = {"model": "multi", "labels": [{"request_id": rid, "row": 0, "class_name": "maybe"}]}
+    status, answer = server.post("/feedback/v1/SendFeedback", bad, token="tok-l")
+    assert status == 400 and "label 0" in answer["error"] and "'class_name'" in answer["error"]
+    status, answer = server.post("/feedback/v1/SendFeedback", {"model": "multi", "labels": [{"row": "x"}]}, token="tok-l")
+    assert status == 400 and "FeedbackBatch" in answer["error"]
+    status, report = server.post("/feedback/v1/GetOutcomes", {"model": "multi"}, token="tok-v")
+    assert status == 200 and report["format"] == "lockgate.outcomes/v1" and report["versions"]["1"]["total"]
+    assert server.post("/feedback/v1/GetOutcomes", {"model": "multi"}, token="tok-l")[0] == 403
+    assert server.post("/feedback/v1/StreamFeedback", body, token="tok-l")[0] == 404
+    entries = admin(server.url, "AuditLog", apb.AuditLogRequest(model="multi"), "tok-v").entries
+    via = [json.loads(e.details_json) for e in entries if e.action == "outcomes.feedback"]
+    assert any(d["via"] == "rest.SendFeedback" and d["accepted"] == 2 and d["unknown"] == 1 for d in via)
+
+
 def test_queue_drops_are_counted_never_silent(server: LockgateProcess) -> None:
     asyncio.run(predict_all(server.url, "tiny", [np.ones((2, 2), np.float32)] * 25, concurrency=4))
 
-    def dropped() -> float | None:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            if line.startswith('lockgate_outcome_dropped_total{model="tiny",reason="queue_full",version="1"}'):
-                return float(line.split()[-1])
-        return None
-
+    dropped = lambda: scrape(server, 'lockgate_outcome_dropped_total{model="tiny",reason="queue_full",version="1"}')  # noqa: E731
     assert wait_for(dropped, 10, what="the drop counter") == 50.0  # 2 rows per request > a queue of 1 row
+
+
+def scrape(server: LockgateProcess, series: str) -> float | None:
+    """The value of one exported series (``name{labels}``), or None while it is absent."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -462,6 +500,8 @@ def test_label_outcomes_counted_retention_evicts_and_restart_keeps_the_ledger(tm
         asyncio.run(predict_all(first.url, "ledger", x, ids=[f"L-{i}" for i in range(150)], concurrency=1))
         asyncio.run(predict_all(first.url, "aged", x[:10], ids=[f"A-{i}" for i in range(10)], concurrency=1))
         asyncio.run(predict_all(first.url, "ledger", x[:1], ids=["L-149"], concurrency=1))  # a reused id
+        written = lambda model: scrape(first, f'lockgate_outcome_predictions_total{{model="{model}",version="1"}}')  # noqa: E731
+        wait_for(lambda: written("ledger") == 150 and written("aged") == 10, 30, what="every prediction written")
         store = OutcomeStore(SQLiteStore(state))
         try:
             wait_for(lambda: store.rows_kept("ledger").get("1", 1e9) <= 100, 30, what="the row cap to evict")

@@ -44,7 +44,7 @@ from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import Telemetry
 from lockgate.transport.grpc.admin import AdminService, add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
-from lockgate.transport.grpc.feedback import add_feedback_service
+from lockgate.transport.grpc.feedback import FeedbackService, add_feedback_service
 from lockgate.transport.grpc.inference import InferenceService
 
 log = logging.getLogger("lockgate.server")
@@ -213,6 +213,7 @@ class Gateway:
         self.control.add_rollback_listener(self.telemetry.rollback)
         self.ready = asyncio.Event()
         self.admin = AdminService(self.control, self.repository)
+        self.feedback = FeedbackService(self.outcomes, self.control.auth)
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
         self.http = self._http_server(settings)
@@ -236,6 +237,7 @@ class Gateway:
         """The ASGI application of the HTTP port (any ASGI server can carry it)."""
         from lockgate.transport.http.admin import RestAdmin
         from lockgate.transport.http.app import HttpApp
+        from lockgate.transport.http.feedback import RestFeedback
         from lockgate.transport.http.inference import RestInference
 
         from lockgate.transport.http.console import Console
@@ -246,7 +248,7 @@ class Gateway:
         console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
                           secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
                           model_repository=settings.model_repository)
-        return HttpApp([rest.handle, RestAdmin(self.admin).handle, console.handle],
+        return HttpApp([rest.handle, RestAdmin(self.admin).handle, RestFeedback(self.feedback).handle, console.handle],
                        max_body_bytes=settings.max_receive_message_bytes)
 
     def _outcomes_evidence(self, model: str) -> Any:
@@ -265,7 +267,7 @@ class Gateway:
             InferenceService(self.repository, self.pipeline, ready=self.ready), services
         )
         admin_service = add_admin_service(services, self.admin)
-        feedback_service = add_feedback_service(services, self.outcomes, self.control.auth)
+        feedback_service = add_feedback_service(services, self.feedback)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(

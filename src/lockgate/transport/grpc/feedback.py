@@ -3,7 +3,8 @@
 A thin adapter: it checks the bearer token (``feedback`` permission, when tokens are
 configured), turns ``Label`` messages into ``outcomes.feedback.LabelIn`` values, and runs
 the transport-agnostic ingest (``OutcomeService.feedback``) in a worker thread, so the store
-writes never stall inference on the event loop. A stream's messages are joined in batches of
+writes never stall inference on the event loop. ``FeedbackService.call`` runs the unary
+methods for the REST binding (``transport.http.feedback``) with the same permission checks. A stream's messages are joined in batches of
 ``STREAM_BATCH`` labels; one summary answers the call, and the call is audited once, as counts.
 Errors map through ``transport.grpc.status`` like every other servicer.
 """
@@ -20,7 +21,7 @@ import grpc
 from lockgate._proto.lockgate import feedback_pb2 as pb
 from lockgate._proto.lockgate import feedback_pb2_grpc as pb_grpc
 from lockgate.control.auth import Permission
-from lockgate.errors import InvalidArgument, LockgateError
+from lockgate.errors import InvalidArgument, LockgateError, NotFound
 from lockgate.outcomes.feedback import FeedbackCounts, LabelIn
 from lockgate.transport.grpc.call_metadata import call_metadata
 from lockgate.transport.grpc.status import abort
@@ -61,39 +62,76 @@ def summary_of(counts: FeedbackCounts) -> Any:
     return response
 
 
+#: The unary feedback RPCs by name, with their request message classes (the REST binding's table).
+METHODS: dict[str, Any] = {
+    method.name: getattr(pb, method.input_type.name)
+    for method in pb.DESCRIPTOR.services_by_name["FeedbackService"].methods
+    if not method.client_streaming
+}
+
+
+def _authorization(context: Any) -> str | None:
+    for key, value in call_metadata(context):
+        if key.lower() == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
 class FeedbackService(pb_grpc.FeedbackServiceServicer):
+    """The servicer; ``call`` runs a unary method in process for another transport (REST)
+    with the caller's ``authorization`` value, so its permission and audit are the same."""
+
     def __init__(self, outcomes: "OutcomeService", auth: "Authenticator") -> None:
         self.outcomes = outcomes
         self.auth = auth
 
-    async def _principal(self, context: grpc.aio.ServicerContext, permission: Permission) -> str | None:
-        """The caller's name, or None after aborting. Without configured tokens: anonymous."""
+    def _principal(self, authorization: str | None, permission: Permission) -> str:
+        """The caller's name (``Unauthenticated`` / ``PermissionDenied`` raised); without
+        configured tokens, anonymous."""
         if len(self.auth) == 0:
             return ANONYMOUS
-        header = None
-        for key, value in call_metadata(context):
-            if key.lower() == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
-        try:
-            return self.auth.check(header, permission).name
-        except LockgateError as exc:
-            await abort(context, exc)
-            return None
+        return self.auth.check(authorization, permission).name
 
-    async def SendFeedback(self, request: Any, context: Any) -> Any:
-        actor = await self._principal(context, Permission.FEEDBACK)
-        ingest = self.outcomes.feedback
+    async def call(self, method: str, request: Any, authorization: str | None = None) -> Any:
+        """Run unary RPC ``method`` as the holder of ``authorization``; failures raise their
+        ``LockgateError``."""
+        if method == "SendFeedback":
+            return await self.send(request, authorization, via="rest.SendFeedback")
+        if method == "GetOutcomes":
+            return await self.get_outcomes(request, authorization)
+        raise NotFound(f"the feedback API has no unary method {method!r}; methods: {', '.join(sorted(METHODS))}")
+
+    async def send(self, request: Any, authorization: str | None, via: str = "grpc.SendFeedback") -> Any:
+        actor = self._principal(authorization, Permission.FEEDBACK)
         labels = labels_from(request.labels)
-        try:
-            counts = await asyncio.to_thread(ingest.ingest, request.model, labels, skip_invalid=request.skip_invalid)
-        except LockgateError as exc:
-            return await abort(context, exc)
-        await self._audit(actor, request.model, counts, "grpc.SendFeedback")
+        counts = await asyncio.to_thread(self.outcomes.feedback.ingest, request.model, labels,
+                                         skip_invalid=request.skip_invalid)
+        await self._audit(actor, request.model, counts, via)
         return summary_of(counts)
 
+    async def get_outcomes(self, request: Any, authorization: str | None) -> Any:
+        self._principal(authorization, Permission.READ)
+        report = await asyncio.to_thread(self.outcomes.report, request.model, request.version or None,
+                                         request.since or None)
+        return pb.OutcomesResponse(report_json=json.dumps(report, default=str, allow_nan=False))
+
+    async def SendFeedback(self, request: Any, context: Any) -> Any:
+        try:
+            return await self.send(request, _authorization(context))
+        except LockgateError as exc:
+            return await abort(context, exc)
+
+    async def GetOutcomes(self, request: Any, context: Any) -> Any:
+        try:
+            return await self.get_outcomes(request, _authorization(context))
+        except LockgateError as exc:
+            return await abort(context, exc)
+
     async def StreamFeedback(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
-        actor = await self._principal(context, Permission.FEEDBACK)
+        try:
+            actor = self._principal(_authorization(context), Permission.FEEDBACK)
+        except LockgateError as exc:
+            return await abort(context, exc)
         ingest = self.outcomes.feedback
         total = FeedbackCounts()
         model = ""
@@ -133,22 +171,13 @@ class FeedbackService(pb_grpc.FeedbackServiceServicer):
             await self._audit(actor, model, total, "grpc.StreamFeedback")
         return summary_of(total)
 
-    async def _audit(self, actor: str | None, model: str, counts: FeedbackCounts, via: str, error: str | None = None) -> None:
+    async def _audit(self, actor: str, model: str, counts: FeedbackCounts, via: str, error: str | None = None) -> None:
         try:
-            await asyncio.to_thread(self.outcomes.feedback.audit, actor or ANONYMOUS, model, counts, via, error)
+            await asyncio.to_thread(self.outcomes.feedback.audit, actor, model, counts, via, error)
         except LockgateError:
             log.exception("feedback for model %s could not be audited", model)
 
-    async def GetOutcomes(self, request: Any, context: Any) -> Any:
-        await self._principal(context, Permission.READ)
-        try:
-            report = await asyncio.to_thread(self.outcomes.report, request.model, request.version or None,
-                                             request.since or None)
-        except LockgateError as exc:
-            return await abort(context, exc)
-        return pb.OutcomesResponse(report_json=json.dumps(report, default=str, allow_nan=False))
 
-
-def add_feedback_service(server: Any, outcomes: "OutcomeService", auth: "Authenticator") -> str:
-    pb_grpc.add_FeedbackServiceServicer_to_server(FeedbackService(outcomes, auth), server)
+def add_feedback_service(server: Any, service: FeedbackService) -> str:
+    pb_grpc.add_FeedbackServiceServicer_to_server(service, server)
     return SERVICE_NAME
