@@ -114,6 +114,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # ground truth: approve iff x0 + x1 > 0 (plus noise); v1 follows it, v2 half ignores x1
     write_model(root, "canary", 1, linear_classifier([[0, 3], [0, 3]], [0, 0]), CANARY_CONFIG)
     write_model(root, "canary", 2, linear_classifier([[0, 3], [0, -0.5]], [0, 0]), CANARY_CONFIG)
+    write_model(root, "unlabeled", 1, linear_classifier([[0, 3], [0, 3]], [0, 0]), CANARY_CONFIG)
+    write_model(root, "unlabeled", 2, linear_classifier([[0, 3], [0, -0.5]], [0, 0]), CANARY_CONFIG)
     # a biased model: the group feature x2 raises the odds of approval
     write_model(root, "fair", 1, linear_classifier([[0, 2], [0, 2], [0, 1.5]], [0.4, 0]), FAIR_CONFIG)
     write_model(root, "multi", 1, mlp_model([4, 8, 3], seed=5, input_name="INPUT0", output_name="OUTPUT0"), MULTI_CONFIG)
@@ -239,6 +241,40 @@ def test_canary_rolls_back_on_quality_and_the_audit_shows_why(server: LockgatePr
     decisions = bundle["outcomes"]["guardrail_decisions"]
     assert any(d["action"] == "traffic.canary.rolled_back" for d in decisions)
     assert all("guardrails" in d for d in decisions)
+
+
+def test_outcome_guardrails_without_labels_are_inconclusive_and_pause_the_canary(server: LockgateProcess) -> None:
+    """No label ever arrives: the outcome guardrails cannot be judged, so the canary pauses
+    (audited with the evidence), never advances or promotes on them."""
+    url = server.url
+    admin(url, "SetWeights", apb.SetWeightsRequest(model="unlabeled", weights={"1": 100}), "tok-o")
+    guardrails = apb.Guardrails(disable=["max_error_rate", "max_p99_ratio", "max_disagreement"], fail_on_drift=False,
+                                max_quality_drop={"accuracy": 0.05}, min_label_coverage=0.5, max_fairness_gap=0.1,
+                                min_labels=10)
+    admin(url, "StartCanary", apb.StartCanaryRequest(model="unlabeled", version="2", steps=[50, 100], interval_s=1,
+                                                     failure_limit=1, guardrails=guardrails), "tok-o")
+    rng = np.random.default_rng(3)
+    served = asyncio.run(predict_all(url, "unlabeled", [rng.standard_normal((5, 2)).astype(np.float32) for _ in range(200)]))
+    assert {v for _, v, _ in served} == {"1", "2"}
+
+    def paused() -> str | None:
+        canary = admin(url, "GetTraffic", apb.GetTrafficRequest(model="unlabeled"), "tok-v").canary
+        return canary.reason if canary.state == "paused" else None
+
+    reason = wait_for(paused, 60, what="the canary to pause")
+    assert reason.startswith("inconclusive")
+    entries = admin(url, "AuditLog", apb.AuditLogRequest(model="unlabeled"), "tok-v").entries
+    actions = [e.action for e in entries]
+    assert "traffic.canary.paused" in actions
+    assert not {"traffic.canary.advanced", "traffic.canary.promoted", "traffic.canary.rolled_back"} & set(actions)
+    pause = next(json.loads(e.details_json) for e in entries if e.action == "traffic.canary.paused")
+    verdicts = {g["guardrail"]: g for g in pause["guardrails"]}
+    for name in ("label_coverage", "quality_drop:accuracy", "fairness_gap"):
+        assert verdicts[name]["status"] == "inconclusive", verdicts[name]
+    evidence = verdicts["label_coverage"]["evidence"]
+    assert evidence["canary"]["labeled"] == 0 and evidence["canary"]["predictions"] > 0
+    assert "labeled rows < min_labels" in verdicts["quality_drop:accuracy"]["detail"]
+    assert "no protected segments" in verdicts["fairness_gap"]["detail"]
 
 
 # ------------------------------------------------------------------------------------- fairness
@@ -518,6 +554,8 @@ def test_label_outcomes_counted_retention_evicts_and_restart_keeps_the_ledger(tm
         assert aged.expired == 1
         text = urllib.request.urlopen(f"http://127.0.0.1:{first.metrics_port}/metrics", timeout=10).read().decode()
         assert 'lockgate_outcome_dropped_total{model="ledger",reason="duplicate_id",version="1"} 1.0' in text
+        assert scrape(first, 'lockgate_outcome_evicted_total{model="aged"}') == 10.0
+        assert scrape(first, 'lockgate_outcome_evicted_total{model="ledger"}') >= 50.0  # the row cap, visible
         entries = [e for e in admin_log_local(state) if e["action"] == "outcomes.feedback"]
         assert [(e["details"]["accepted"], e["details"]["expired"]) for e in entries] == [(10, 40), (0, 1)]
         assert all(e["actor"] == "anonymous" for e in entries)  # no tokens configured on this server

@@ -97,7 +97,8 @@ class PredictionLedger:
         self._retention_due: dict[str, float] = {}
         self.write_errors = 0
         self.retention_errors = 0
-        self.evicted = 0
+        #: model -> predictions retention evicted (age or row cap): not drops, but never silent either.
+        self.evicted: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="lockgate-outcome-ledger", daemon=True)
         self._thread.start()
 
@@ -282,11 +283,12 @@ class PredictionLedger:
             self._retention_due[spec.model] = now + retention.check_interval_s
             now_ms = int(now * 1000)
             try:
-                self.evicted += self.store.evict(
+                evicted = self.store.evict(
                     spec.model, older_than_ms=now_ms - int(retention.max_age_s * 1000), max_rows=retention.max_rows,
                     now_ms=now_ms, tombstone_ms=int((retention.remember_expired_s or retention.max_age_s) * 1000),
                     history_before_ms=now_ms - int(retention.history_s * 1000), span_ms=spec.span_ms,
                 )
+                self.evicted[spec.model] = self.evicted.get(spec.model, 0) + evicted
             except StoreError as exc:
                 self.retention_errors += 1
                 log.warning("outcome retention of model %s deferred: %s", spec.model, exc)
@@ -378,5 +380,9 @@ def _ledger_rows(series: int, columns: dict[str, np.ndarray], classification: bo
     scores = [None if s != s else s for s in columns["score"].tolist()]  # NaN -> NULL
     cells = columns["cell"].tolist()
     probs = columns.get("probs")
-    blobs = [row.tobytes() for row in probs] if probs is not None else [None] * n
+    if probs is not None:  # slices of one buffer: cheaper than a numpy row view per row
+        flat, step = probs.tobytes(), probs.shape[1] * probs.itemsize
+        blobs: list[bytes | None] = [flat[i : i + step] for i in range(0, len(flat), step)]
+    else:
+        blobs = [None] * n
     return list(zip(keys, [series] * n, times, predicted, scores, blobs, cells))

@@ -200,6 +200,8 @@ class OutcomeService:
             yield Sample("lockgate_outcome_predictions", mv, recorder.written)
             for reason, count in recorder.dropped.items():
                 yield Sample("lockgate_outcome_dropped", {**mv, "reason": reason}, count)
+        for model, count in list(self.ledger.evicted.items()):
+            yield Sample("lockgate_outcome_evicted", {"model": model}, count)
         for model, counts in list(self._labels.items()):
             for result, count in counts.items():
                 yield Sample("lockgate_feedback_labels", {"model": model, "result": result}, count)

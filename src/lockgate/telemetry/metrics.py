@@ -95,6 +95,7 @@ FAMILIES: dict[str, FamilySpec] = {
     # outcomes (prediction ledger, feedback, live quality and fairness; lockgate.outcomes)
     "lockgate_outcome_predictions": FamilySpec("counter", "Predictions written to the outcome ledger", MV),
     "lockgate_outcome_dropped": FamilySpec("counter", "Predictions not recorded in the outcome ledger, by reason", (*MV, "reason")),
+    "lockgate_outcome_evicted": FamilySpec("counter", "Predictions evicted from the outcome ledger by retention (age or row cap)", ("model",)),
     "lockgate_feedback_labels": FamilySpec("counter", "Labels received by the feedback API, by result (accepted, duplicate, unknown, expired, model_mismatch)", ("model", "result")),
     "lockgate_model_quality": FamilySpec("gauge", "Live model quality per version over the newest windows (accuracy, f1, auc, rmse, ...)", (*MV, "metric")),
     "lockgate_fairness": FamilySpec("gauge", "Fairness per protected segment (gaps) and group (rates, spd, dir, group_size), judged groups only", (*MV, "segment", "metric")),

@@ -12,42 +12,20 @@ the HTTP status of their code (a malformed label: 400, naming the label and fiel
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from google.protobuf import json_format
-
-from lockgate.errors import InvalidArgument, LockgateError, NotFound
 from lockgate.transport import model_info
 from lockgate.transport.grpc.feedback import METHODS, FeedbackService
-from lockgate.transport.http.messages import HttpRequest, HttpResponse, error_response, json_response
+from lockgate.transport.http.rpc import RestRpc
 
 PREFIX = "/feedback/v1/"
 
 
-class RestFeedback:
-    def __init__(self, service: FeedbackService) -> None:
-        self.service = service
+def _render(method: str, message: Any) -> object:
+    return json.loads(message.report_json) if method == "GetOutcomes" else model_info.to_json(message)
 
-    async def handle(self, request: HttpRequest) -> HttpResponse | None:
-        if not request.path.startswith(PREFIX):
-            return None
-        method = request.path[len(PREFIX):].strip("/")
-        try:
-            if method not in METHODS:
-                raise NotFound(f"the feedback API has no REST method {method!r}; methods: {', '.join(sorted(METHODS))}")
-            if request.method != "POST":
-                response = error_response(InvalidArgument(f"{request.path} takes POST, not {request.method}"))
-                response.status = 405
-                response.headers.append(("allow", "POST"))
-                return response
-            message = METHODS[method]()
-            if request.body.strip():
-                try:
-                    json_format.Parse(request.body, message)
-                except json_format.ParseError as exc:
-                    raise InvalidArgument(f"the body is not a valid {message.DESCRIPTOR.name}: {exc}") from None
-            result = await self.service.call(method, message, request.headers.get("authorization"))
-            if method == "GetOutcomes":
-                return json_response(json.loads(result.report_json))
-            return json_response(model_info.to_json(result))
-        except LockgateError as exc:
-            return error_response(exc)
+
+class RestFeedback(RestRpc):
+    def __init__(self, service: FeedbackService) -> None:
+        super().__init__("feedback API", PREFIX, METHODS, service.call, _render)
+        self.service = service
