@@ -122,3 +122,22 @@ class ArtifactTamperedError(FailedPrecondition):
     """The artifact's SHA-256 differs from the one recorded at registration."""
 
     reason = "artifact_tampered"
+
+
+# -- explanations (their own reasons: an explain failure is not a failure of the model) ---
+class ExplainQueueFull(ResourceExhausted):
+    """The version's explanation queue is full; plain inference is not affected."""
+
+    reason = "explain_queue_full"
+
+
+class ExplainDeadlineExceeded(DeadlineExceeded):
+    """The explanation did not finish within its deadline."""
+
+    reason = "explain_deadline_exceeded"
+
+
+class ExplainUnavailable(FailedPrecondition):
+    """The model cannot be explained as configured (no background, unsupported graph, ...)."""
+
+    reason = "explain_unavailable"
