@@ -1,5 +1,5 @@
 # Two entry points (README quick start): `make demo` and `make test`.
-# Each creates its own virtual environment, so a fresh machine needs only Python 3.11+ and a C compiler.
+# Each creates its own virtual environment (lockgate with its test and explain extras), so a fresh machine needs only Python 3.11+ and a C compiler.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml setup.py $(shell find proto src -name '*.proto' -o -name '*.pyx' 2>/dev/null)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,explain]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -55,6 +55,7 @@ class ServerSettings(_Strict):
     spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
     fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
+    explain_workers: int = Field(1, ge=1, description="processes of the explain pool (per serving process)")
 
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -149,6 +150,8 @@ class ModelConfigFile(_Strict):
     default_version: int | None = Field(None, description="served when a request names no version; default: highest")
     # Owned by the governance package; validated there to keep this module free of its details.
     governance: dict[str, Any] | None = None
+    # Owned by lockgate.explain (the optional extra lockgate[explain]); validated there.
+    explain: dict[str, Any] | None = None
     # Free-form labels shown in ModelConfig.parameters.
     parameters: dict[str, str] = Field(default_factory=dict)
 

@@ -5,6 +5,8 @@
     inspect -> governance (plug.)    fused validation + sketches + sampling decision
     batch   -> serving.batcher       merged with concurrent requests into one ORT run
     encode  -> protocol.codec        raw_output_contents, served version, route decision
+    explain -> explain (pluggable)   only for requests with ``lockgate_explain``: attributions
+                                     from a pool of its own, added as extra outputs
 
 The pipeline knows nothing about gRPC: it takes a decoded protobuf request plus a small
 context and returns a protobuf response, raising ``LockgateError`` subclasses on failure.
@@ -72,6 +74,11 @@ class GovernanceStage(Protocol):
                         outputs: dict[str, np.ndarray], route: Route, ctx: RequestContext) -> None: ...
 
 
+class ExplainStage(Protocol):
+    def admit(self, version: ModelVersion, request: Any, inputs: dict[str, np.ndarray], ctx: RequestContext) -> Any: ...
+    async def attach(self, ticket: Any, inputs: dict[str, np.ndarray], response: Any, ctx: RequestContext) -> None: ...
+
+
 class DefaultRouting:
     """Without a traffic policy: the requested version, or the model's default version."""
 
@@ -95,10 +102,12 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        explain: ExplainStage | None = None,
     ) -> None:
         self.repository = repository
         self.routing: RoutingStage = routing or DefaultRouting()
         self.governance = governance
+        self.explain = explain
         self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
@@ -135,6 +144,10 @@ class InferencePipeline:
 
         inputs = None
         outputs = None
+        ticket = None  # a place in the explain queue, for requests that ask for attributions
+        served = False  # the model answered (an explanation may still fail after that)
+        explain_refused = False
+        explain_ns = 0
         ok = False
         reason = "cancelled"  # unless an error below names it: the caller went away mid-request
         error: BaseException | None = None
@@ -142,6 +155,13 @@ class InferencePipeline:
             # decode
             inputs = codec.decode_inputs(request, version.signature)
             output_names = codec.requested_outputs(request, version.signature)
+            # explain: admission only, before any work; one cheap test for every other request
+            if request.parameters and self.explain is not None:
+                try:
+                    ticket = self.explain.admit(version, request, inputs, ctx)
+                except LockgateError:
+                    explain_refused = True  # refused before any work: not the version's failure
+                    raise
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
@@ -162,6 +182,13 @@ class InferencePipeline:
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
+            if ticket is not None:
+                served = True
+                explain_start = time.perf_counter_ns()
+                try:
+                    await self.explain.attach(ticket, inputs, response, ctx)
+                finally:
+                    explain_ns = time.perf_counter_ns() - explain_start
             ok = True
             return outer
         except LockgateError as exc:
@@ -173,10 +200,14 @@ class InferencePipeline:
             reason = "internal"
             raise
         finally:
-            elapsed = time.perf_counter_ns() - start_ns
+            # the model's latency: an explanation's time is its own (canary p99 must not see it)
+            elapsed = time.perf_counter_ns() - start_ns - explain_ns
             # counters, route decisions and (when metrics attached them) histograms, in C
             version.stats.record_request(ok, elapsed, reason, route.decision,
                                          trace.trace_id_hex if trace is not None else None)
-            self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
+            if ticket is not None:
+                ticket.abandon()
+            if not explain_refused:  # an explain failure is not the version's: canaries judge the inference
+                self.routing.after_response(model, route, ok or served, elapsed, inputs, outputs)
             if trace is not None:
                 trace.finish(error, start_ns + elapsed)

@@ -239,7 +239,10 @@ def build_explainer(model_path: str | Path, config: ExplainConfig, background: B
             _check_affine(affine, check, served)
             return Explainer("linear", "logit" if affine.link == "logit" else "output", **common,
                              skipped=skipped, _affine=affine)
-    from lockgate.explain.kernel import BatchedKernelExplainer
+    try:
+        from lockgate.explain.kernel import BatchedKernelExplainer
+    except ImportError as exc:
+        raise ExplainUnavailable(f"KernelSHAP needs the shap library: pip install 'lockgate[explain]' ({exc})") from exc
 
     # KernelSHAP sees only the explained columns: fewer outputs to solve for
     kernel = BatchedKernelExplainer(lambda x: run(x)[:, columns], bg, nsamples=config.nsamples,
@@ -265,8 +268,6 @@ def _check_affine(affine: AffineModel, rows: np.ndarray, served: np.ndarray) -> 
 
 def _tree_explainer(graph: onnx.ModelProto, input_name: str, output_name: str, check: np.ndarray,
                     served: np.ndarray, common: dict, skipped: dict) -> Explainer:
-    import shap
-
     node = tree_node(graph)
     if node is None:
         raise UnsupportedTrees("the graph is not a single TreeEnsemble node")
@@ -286,9 +287,36 @@ def _tree_explainer(graph: onnx.ModelProto, input_name: str, output_name: str, c
     err = float(np.max(np.abs(shown - served))) if shown.shape == served.shape else float("inf")
     if err > _TOLERANCE * max(1.0, float(np.max(np.abs(served)))):
         raise UnsupportedTrees(f"the parsed trees do not reproduce the model (max error {err:.3g})")
+    try:
+        import shap
+    except ImportError as exc:
+        raise ExplainUnavailable(f"TreeSHAP needs the shap library: pip install 'lockgate[explain]' ({exc})") from exc
     background = np.asarray(common["background"], dtype=np.float64)
     explainer = shap.TreeExplainer(parsed.shap_model(), data=background, feature_perturbation="interventional",
                                    model_output="raw")
     base = np.atleast_1d(np.asarray(explainer.expected_value, dtype=np.float64)) + parsed.base_values
     return Explainer("tree", "output" if parsed.post_transform == "NONE" else "raw_score", **common,
                      skipped=skipped, _trees=explainer, _tree_base=base)
+
+
+def explain_many(explainer: Explainer, rows: np.ndarray) -> Explanation:
+    """Explain any number of rows in chunks that respect ``max_rows`` and ``max_evaluations``."""
+    rows = np.asarray(rows)
+    chunk = explainer.config.max_rows
+    if explainer._kernel is not None:
+        per_row = max(1, explainer._kernel.max_evaluations(1))
+        chunk = max(1, min(chunk, explainer.config.max_evaluations // per_row))
+    parts = [explainer.explain(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
+    first = parts[0]
+    first.attributions = np.concatenate([p.attributions for p in parts])
+    first.evaluations = sum(p.evaluations for p in parts)
+    first.seconds = sum(p.seconds for p in parts)
+    return first
+
+
+def reference_importance(explainer: Explainer, rows: np.ndarray) -> dict[str, Any]:
+    """Mean |attribution| per feature and output over reference rows: the importance baseline."""
+    explained = explain_many(explainer, rows)
+    return {"method": explained.method, "space": explained.space, "rows": int(len(rows)),
+            "features": explained.features, "outputs": explained.outputs,
+            "mean_abs": np.abs(explained.attributions.astype(np.float64)).mean(axis=0).tolist()}

@@ -34,14 +34,20 @@ _STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", ".lockgate"))
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
     """The ``governance:`` section of the model's config.yaml, if any."""
+    section = _section_of(model_dir, "governance")
+    return GovernanceConfig.model_validate(section) if section else None
+
+
+def _section_of(model_dir: Path, key: str) -> dict | None:
+    """One section of the model's config.yaml (raw), if any."""
     path = model_dir / "config.yaml"
     if not path.exists():
         return None
     import yaml
 
     raw = yaml.safe_load(path.read_text()) or {}
-    section = raw.get("governance") if isinstance(raw, dict) else None
-    return GovernanceConfig.model_validate(section) if section else None
+    section = raw.get(key) if isinstance(raw, dict) else None
+    return section if isinstance(section, dict) else None
 
 
 def _onnx_file(version_dir: Path) -> Path | None:
@@ -91,8 +97,10 @@ def build(
     bins: int = typer.Option(20, "--bins", help="equal-frequency bins per numeric feature"),
     kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)"),
     outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="run the model to profile its outputs"),
+    background: int = typer.Option(100, "--background", help="rows sampled as the explanation background (0: none)"),
+    importance_rows: int = typer.Option(100, "--importance-rows", help="reference rows explained for the reference importance (0: none)"),
 ) -> None:
-    """Build REPO/<model>/<version>/reference_profile.json from reference data."""
+    """Build REPO/<model>/<version>/reference_profile.json (and the explanation background) from reference data."""
     version_dir = model_repository / model / version
     if not version_dir.is_dir():
         console.print(f"[red]model version directory {version_dir} does not exist[/red]")
@@ -146,6 +154,19 @@ def build(
         )
     path = profile.save(ReferenceProfile.path_for(model_repository, model, version))
     console.print(f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
+    if background > 0:
+        from lockgate.explain.reference import write_background
+
+        try:
+            bg_path, note = write_background(
+                model_repository, model, version, arrays, rows=background, importance_rows=importance_rows,
+                model_file=model_file, explain_section=_section_of(model_repository / model, "explain"),
+                feature_names=feature_names,
+            )
+        except ValueError as exc:
+            console.print(f"[yellow]no explanation background: {exc}[/yellow]")
+        else:
+            console.print(f"explanation background: {background} rows, {note} -> {bg_path}")
 
 
 @drift_app.command("report")

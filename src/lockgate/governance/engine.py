@@ -447,9 +447,10 @@ class GovernanceEngine:
 
     def log_payload(
         self, inspection: Inspection, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None,
-        route: str, served_version: str,
+        route: str, served_version: str, extra: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
-        """Queue the request's record if it was sampled. Never blocks; drops are counted."""
+        """Queue the request's record if it was sampled. Never blocks; drops are counted.
+        ``extra``: more fields of the record (an explanation and its attributions)."""
         if not inspection.sampled:
             return
         if self.payload_log is None:
@@ -467,6 +468,7 @@ class GovernanceEngine:
                 "violations": [v.as_dict() for v in inspection.violations],
                 "inputs": {k: np.array(v, copy=True) for k, v in inputs.items()},
                 "outputs": {k: np.array(v, copy=True) for k, v in (outputs or {}).items()},
+                **(extra or {}),
             }
         )
 

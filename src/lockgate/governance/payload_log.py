@@ -65,6 +65,19 @@ class Redactor:
             return _jsonable(out.tolist())
         return _jsonable(np.asarray(array))
 
+    def attributions(self, name: str, array: np.ndarray, features: list[str] | None = None) -> Any:
+        """Attributions of input ``name`` (rows x features x outputs): redacted like that input,
+        a redacted feature's column blanked on the feature axis. ``features`` names the columns
+        when they are not the input's own (a configured subset)."""
+        if name in self.names:
+            return REDACTED
+        columns = [j for j, n in enumerate(features) if n in self.names] if features else self.features.get(name)
+        if columns and array.ndim == 3 and array.shape[1] > max(columns):
+            out = np.asarray(array, dtype=object).copy()
+            out[:, columns, :] = REDACTED
+            return _jsonable(out.tolist())
+        return _jsonable(np.asarray(array))
+
     def record(self, record: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in record.items():
@@ -72,6 +85,10 @@ class Redactor:
                 out[key] = REDACTED
             elif key in ("inputs", "outputs") and isinstance(value, Mapping):
                 out[key] = {name: self.tensor(name, np.asarray(array)) for name, array in value.items()}
+            elif key == "attributions" and isinstance(value, Mapping):
+                explanation = record.get("explanation")
+                features = explanation.get("features") if isinstance(explanation, Mapping) else None
+                out[key] = {name: self.attributions(name, np.asarray(array), features) for name, array in value.items()}
             else:
                 out[key] = _jsonable(value)
         return out

@@ -41,6 +41,9 @@ class GovernanceStage:
         self.subscribers: list[Callable[[DriftEvent], None]] = []  # WARN/DRIFT alerts
         self.report_listeners: list[Callable[[Any], None]] = []  # every evaluated window
         self._engines: dict[tuple[str, str], GovernanceEngine] = {}
+        # (version, engine, inspection, inputs, outputs, route decision) -> True when it takes over
+        # logging the sampled payload (lockgate.explain adds the attributions to the entry first)
+        self.payload_explainer: Callable[..., bool] | None = None
 
     # -- lifecycle (repository hooks) ------------------------------------------------------
     def prepare(self, version: "ModelVersion") -> None:
@@ -101,7 +104,9 @@ class GovernanceStage:
         engine: GovernanceEngine = version.extensions[ENGINE_KEY]
         engine.observe_outputs(outputs)
         if inspection.sampled:
-            engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
+            explainer = self.payload_explainer
+            if explainer is None or not explainer(version, engine, inspection, inputs, outputs, route.decision):
+                engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
 
     # -- metrics (read at scrape time, on the metrics thread) ---------------------------------
     def metric_samples(self) -> Iterator[Any]:

@@ -31,6 +31,7 @@ from lockgate.control.leader import elector_for
 from lockgate.control.plane import ControlPlane
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
+from lockgate.explain.service import ExplainService
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
@@ -155,8 +156,14 @@ class Gateway:
         self.repository.preparers.append(self.governance.prepare)
         if self.fleet is not None:
             self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
+        self.explain = ExplainService(repository_root=settings.model_repository, state_dir=settings.state_dir,
+                                      authenticator=self.control.auth, workers=settings.explain_workers)
+        self.repository.preparers.append(self.explain.prepare)  # after governance.prepare: it reads feature names
+        self.repository.releasers.append(self.explain.release)  # before governance.release: logs what is pending
+        self.governance.payload_explainer = self.explain.sample
         self.repository.releasers.append(self.governance.release)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
+                                          explain=self.explain)
         self.ready = asyncio.Event()
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
@@ -168,6 +175,7 @@ class Gateway:
         self.governance.tracing_enabled = self.telemetry.tracing is not None
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
+        self.telemetry.register_source("explain", self.explain.metric_samples)
         self.control.rollback_listeners.append(self.telemetry.rollback)
 
     def _on_drift_report(self, report: Any) -> None:
@@ -252,6 +260,7 @@ class Gateway:
             # close() would evaluate (and alert on) this replica's share alone.
             await asyncio.to_thread(self.fleet.ship, self.fleet.window_of(time.time()))
         await self.repository.close()
+        await self.explain.close()
         self.governance.close()
         await self.control.close()
         self.telemetry.close()  # flush spans (bounded), close /metrics
