@@ -188,5 +188,11 @@ def report(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     print_report(result, console)
+    from lockgate.explain.report import html_section, importance_section, table as importance_table
+
+    importance = importance_section(model_repository, state_dir, model, result.version, windows or None)
+    if importance is not None:
+        console.print(importance_table(importance))
     if html is not None:
-        console.print(f"HTML report: {write_html(result, html)}")
+        extra = html_section(importance) if importance is not None else ""
+        console.print(f"HTML report: {write_html(result, html, extra)}")
