@@ -157,7 +157,8 @@ class Gateway:
         if self.fleet is not None:
             self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
         self.explain = ExplainService(repository_root=settings.model_repository, state_dir=settings.state_dir,
-                                      authenticator=self.control.auth, workers=settings.explain_workers)
+                                      authenticator=self.control.auth, workers=settings.explain_workers,
+                                      nice=settings.explain_nice)
         self.repository.preparers.append(self.explain.prepare)  # after governance.prepare: it reads feature names
         self.repository.releasers.append(self.explain.release)  # before governance.release: logs what is pending
         self.governance.payload_explainer = self.explain.sample
