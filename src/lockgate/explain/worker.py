@@ -2,7 +2,7 @@
 
 Explanations run in processes of their own (``ProcessPoolExecutor``, spawn), so shap's Python
 never takes the serving process's GIL and the kernel scheduler, not the event loop, shares
-the CPU: workers run at the lowest priority (``nice`` 19 and Linux's SCHED_IDLE by default, ``explain_nice``) with one
+the CPU: workers run at the lowest priority (``nice`` 19 by default, ``explain_nice``) with one
 BLAS/ORT thread each, so on a busy machine serving keeps the CPU and explanations wait (their
 deadline and the bounded queue say so to the caller) rather than the other way round. A job
 names the artifact and its SHA-256; the worker checks the digest before it builds anything
@@ -52,9 +52,7 @@ def initialise(nice: int = WORKER_NICE) -> None:
     """Pool initializer: lower priority, one thread for BLAS (KernelSHAP's solves)."""
     try:
         os.nice(nice)
-        if nice >= WORKER_NICE and hasattr(os, "SCHED_IDLE"):
-            # Linux's idle class: any runnable serving thread preempts an explanation at once
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        # not SCHED_IDLE: on a machine others keep busy, explanations would never finish
     except OSError:
         pass
     # shap formats arrays into debug f-strings whether or not debug logging is on (a third of a
