@@ -216,3 +216,34 @@ def test_importance_windows_merge_persist_and_shift(tmp_path: Path) -> None:
     merged = persisted.merge(window)
     assert merged.rows == 8 and merged.per_feature() == window.per_feature()
     assert importance_shift({"a": 1.0}, None) is None and importance_shift({"a": 1.0}, {"z": 1.0}) is None
+
+
+def test_worker_checks_the_artifact_keeps_its_cpu_budget_and_refuses_late_jobs(tmp_path: Path) -> None:
+    import hashlib
+    import time
+
+    from lockgate.errors import ArtifactTamperedError, ExplainDeadlineExceeded
+    from lockgate.explain import worker
+
+    path = _save(tmp_path, "lr", logistic_model(RNG.normal(size=3), 0.0))
+    bg_path = save_background(tmp_path / "bg.npz", {"features": RNG.normal(size=(10, 3)).astype(np.float32)})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    spec = worker.JobSpec("model 'lr' version 1", str(path), digest, ExplainConfig().fingerprint(), str(bg_path), None, None)
+    tampered = worker.JobSpec("model 'lr' version 1", str(path), "0" * 64, spec.config_json, str(bg_path), None, None)
+    x = np.ones((2, 3), np.float32)
+    saved = dict(worker._budget)
+    try:
+        worker._budget.update(share=0.5, rest_until=0.0)
+        with pytest.raises(ArtifactTamperedError):
+            worker.explain_job(tampered, x, None)
+        before = time.monotonic()
+        assert worker.explain_job(spec, x, None).attributions.shape == (2, 3, 1)
+        assert worker._budget["rest_until"] > before  # it rests as long as it worked (share 0.5)
+        worker._budget["rest_until"] = time.monotonic() + 30.0
+        with pytest.raises(ExplainDeadlineExceeded, match="CPU budget"):
+            worker.explain_job(spec, x, time.monotonic() + 0.05)
+        worker._budget["rest_until"] = 0.0
+        with pytest.raises(ExplainDeadlineExceeded, match="queued"):
+            worker.explain_job(spec, x, time.monotonic() - 1.0)
+    finally:
+        worker._budget.update(saved)

@@ -57,6 +57,7 @@ class ServerSettings(_Strict):
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
     explain_workers: int = Field(1, ge=1, description="processes of the explain pool (per serving process)")
     explain_nice: int = Field(19, ge=0, le=19, description="scheduling priority of the explain pool (19: only CPU serving leaves)")
+    explain_cpu_share: float = Field(0.25, gt=0, le=1, description="share of one core each explain worker may use")
 
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"

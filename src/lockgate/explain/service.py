@@ -141,9 +141,10 @@ def _chosen(request_id: str, share: float) -> bool:
 
 class ExplainService:
     def __init__(self, *, repository_root: Path, state_dir: Path | None, authenticator: Authenticator | None = None,
-                 workers: int = 1, nice: int = worker.WORKER_NICE) -> None:
+                 workers: int = 1, nice: int = worker.WORKER_NICE, cpu_share: float = worker.CPU_SHARE) -> None:
         self.repository_root = Path(repository_root)
         self.nice = nice
+        self.cpu_share = cpu_share
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.authenticator = authenticator
         self.workers = workers
@@ -156,7 +157,7 @@ class ExplainService:
     def _executor(self) -> ProcessPoolExecutor:
         if self._executor_ is None:
             self._executor_ = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=worker.initialise, initargs=(self.nice,))
+                                                  initializer=worker.initialise, initargs=(self.nice, self.cpu_share))
         return self._executor_
 
     def _reset_pool(self) -> None:

@@ -24,8 +24,10 @@ import numpy as np
 from lockgate.errors import ArtifactTamperedError, ExplainDeadlineExceeded, ExplainUnavailable
 
 WORKER_NICE = 19
+CPU_SHARE = 0.25
 _CACHE_SIZE = 8
 _cache: "OrderedDict[tuple, Any]" = OrderedDict()
+_budget = {"share": CPU_SHARE, "rest_until": 0.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +50,20 @@ class JobSpec:
         return (self.model_path, self.sha256, self.config_json, self.background_path, stamp)
 
 
-def initialise(nice: int = WORKER_NICE) -> None:
-    """Pool initializer: lower priority, one thread for BLAS (KernelSHAP's solves)."""
+def initialise(nice: int = WORKER_NICE, cpu_share: float = CPU_SHARE) -> None:
+    """Pool initializer: lower priority, a CPU budget, one thread for BLAS (KernelSHAP's solves)."""
+    _budget["share"] = cpu_share
     try:
         os.nice(nice)
-        # not SCHED_IDLE: on a machine others keep busy, explanations would never finish
+    except OSError:
+        pass
+    # With Linux's autogroup scheduling a nice value only ranks threads of one session: a new
+    # session of its own, niced as a group, is what puts explanations behind everything else on
+    # the machine. (Not SCHED_IDLE: on a machine others keep busy, explanations never finished.)
+    try:
+        os.setsid()
+        with open("/proc/self/autogroup", "w") as handle:
+            handle.write(str(nice))
     except OSError:
         pass
     # shap formats arrays into debug f-strings whether or not debug logging is on (a third of a
@@ -110,7 +121,24 @@ def describe_job(spec: JobSpec) -> dict[str, Any]:
 
 def explain_job(spec: JobSpec, rows: np.ndarray, deadline: float | None) -> Any:
     """Explain ``rows``; refuse a job whose deadline passed while it queued (``time.monotonic``
-    is one clock for every process of the machine)."""
+    is one clock for every process of the machine).
+
+    The CPU budget (``explain_cpu_share`` of one core per worker): after a job of ``t`` seconds
+    the worker rests ``t * (1 / share - 1)`` before it starts the next one, so a flood of
+    explanations fills the bounded queue (RESOURCE_EXHAUSTED) instead of the machine."""
+    rest = _budget["rest_until"] - time.monotonic()
+    if rest > 0:
+        if deadline is not None and time.monotonic() + rest >= deadline:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            raise ExplainDeadlineExceeded(f"{spec.label}: the explanation's deadline passed while the explain pool "
+                                          "kept within its CPU budget (explain_cpu_share)")
+        time.sleep(rest)
     if deadline is not None and time.monotonic() >= deadline:
         raise ExplainDeadlineExceeded(f"{spec.label}: the explanation's deadline passed while it was queued")
-    return explainer_for(spec).explain(rows)
+    start = time.monotonic()
+    try:
+        return explainer_for(spec).explain(rows)
+    finally:
+        share = _budget["share"]
+        if share < 1.0:
+            _budget["rest_until"] = time.monotonic() + (time.monotonic() - start) * (1.0 / share - 1.0)

@@ -158,7 +158,7 @@ class Gateway:
             self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
         self.explain = ExplainService(repository_root=settings.model_repository, state_dir=settings.state_dir,
                                       authenticator=self.control.auth, workers=settings.explain_workers,
-                                      nice=settings.explain_nice)
+                                      nice=settings.explain_nice, cpu_share=settings.explain_cpu_share)
         self.repository.preparers.append(self.explain.prepare)  # after governance.prepare: it reads feature names
         self.repository.releasers.append(self.explain.release)  # before governance.release: logs what is pending
         self.governance.payload_explainer = self.explain.sample
