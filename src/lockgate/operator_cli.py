@@ -568,7 +568,7 @@ def audit_export(
 @tokens_app.command("create")
 def tokens_create(
     name: str,
-    role: Annotated[str, typer.Option("--role", help="viewer, operator, approver or admin")],
+    role: Annotated[str, typer.Option("--role", help="viewer, operator, approver, analyst or admin")],
     file: Annotated[Optional[Path], typer.Option("--file", help="also add the hashed entry to this tokens file (YAML)")] = None,
 ) -> None:
     """Generate a token: printed once; only its SHA-256 goes into the tokens file."""
