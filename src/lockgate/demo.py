@@ -154,6 +154,13 @@ def write_reference_profile(root: Path, version: str, model_path: Path, sample: 
     return profile.save(ReferenceProfile.path_for(root, DEMO_MODEL, version))
 
 
+def write_explain_background(root: Path, version: str, sample: np.ndarray) -> Path:
+    """The background of the demo's explanations (``lockgate_explain: true``), as profile build writes it."""
+    from lockgate.explain.background import background_path, sample_rows, save_background
+
+    return save_background(background_path(root, DEMO_MODEL, version), {"features": sample_rows(sample, 100)})
+
+
 def build_demo_repository(root: Path) -> Path:
     root = Path(root)
     model_dir = root / DEMO_MODEL
@@ -164,6 +171,7 @@ def build_demo_repository(root: Path) -> Path:
         path = _save(model, model_dir / str(version) / "model.onnx")
         np.save(model_dir / str(version) / "reference_sample.npy", sample)
         write_reference_profile(root, str(version), path, sample)
+        write_explain_background(root, str(version), sample)
     (model_dir / "config.yaml").write_text(DEMO_CONFIG)
     return root
 

@@ -197,7 +197,7 @@ class ExplainService:
         state = VersionExplain(version, config, spec, input_name, unavailable, tracker)
         version.extensions[KEY] = state
         self._states[(version.model, version.version)] = state
-        if raw is not None and unavailable is None:
+        if (raw is not None or bg_path.exists()) and unavailable is None:  # explanations are expected here
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:

@@ -57,15 +57,9 @@ def initialise(nice: int = WORKER_NICE, cpu_share: float = CPU_SHARE) -> None:
         os.nice(nice)
     except OSError:
         pass
-    # With Linux's autogroup scheduling a nice value only ranks threads of one session: a new
-    # session of its own, niced as a group, is what puts explanations behind everything else on
-    # the machine. (Not SCHED_IDLE: on a machine others keep busy, explanations never finished.)
-    try:
-        os.setsid()
-        with open("/proc/self/autogroup", "w") as handle:
-            handle.write(str(nice))
-    except OSError:
-        pass
+    # The worker stays in the server's session: with Linux's autogroup scheduling it then takes
+    # only from the server's own share of the machine, at a low weight inside it. (Its own
+    # session niced as a group, or SCHED_IDLE, starved it on a machine others keep busy.)
     # shap formats arrays into debug f-strings whether or not debug logging is on (a third of a
     # KernelSHAP row's time, profiled); nothing in this process prints arrays for a reader.
     np.set_printoptions(threshold=1, edgeitems=1)
