@@ -46,6 +46,7 @@ BASE_DEPENDENCIES = [
     "pyyaml>=6.0",
     "typer>=0.12",
     "rich>=13.7",
+    "packaging>=24.2",  # packaging.licenses: SPDX licence ids on model cards
 ]
 
 

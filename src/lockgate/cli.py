@@ -27,14 +27,21 @@ def serve(
     allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="development: serve versions without approval"),
 ) -> None:
     """Serve the models in a repository."""
+    from pydantic import ValidationError
+
+    from lockgate.errors import ConfigError
     from lockgate.transport.server import run
 
-    settings = ServerSettings.load(
-        config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
-        workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
-        require_approval=False if allow_unapproved else None,
-    )
-    run(settings)
+    try:
+        settings = ServerSettings.load(
+            config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
+            workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
+            require_approval=False if allow_unapproved else None,
+        )
+        run(settings)
+    except (ConfigError, ValidationError) as exc:
+        typer.echo(f"lockgate: configuration error: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -59,11 +66,12 @@ def demo(
     run(settings)
 
 
-from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app  # noqa: E402
+from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app, trust_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
 app.add_typer(traffic_app, name="traffic")
 app.add_typer(audit_app, name="audit")
+app.add_typer(trust_app, name="trust")
 app.add_typer(tokens_app, name="tokens")
 
 from lockgate.governance.cli import drift_app, profile_app  # noqa: E402

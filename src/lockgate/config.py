@@ -34,6 +34,54 @@ class TLSSettings(_Strict):
     client_ca_file: Path | None = Field(None, description="require and verify client certificates (mTLS)")
 
 
+class TrustedSignerSettings(_Strict):
+    """One signer whose ``model.sig`` bundles lockgate accepts, and who they are.
+
+    Exactly one kind of trust anchor: an elliptic-curve public key (P-256/384/521, PEM file or
+    inline PEM), a certificate chain (the CA certificates a signing certificate must chain
+    to), or a Sigstore keyless identity (OIDC identity + issuer; needs the Sigstore trust root,
+    so it is configurable but nothing in the tests uses it).
+    """
+
+    name: str = Field(..., min_length=1, description="how the signer is shown on cards, in the audit trail and in `models show`")
+    vendor: str = Field(..., min_length=1, description="the organisation the signer signs for")
+    public_key: Path | None = Field(None, description="PEM public key file (key-signed bundles)")
+    public_key_pem: str | None = Field(None, description="the same, inline")
+    certificate_chain: list[Path] = Field(default_factory=list, description="CA certificates (certificate-signed bundles)")
+    sigstore_identity: str | None = Field(None, description="Sigstore keyless: the signer's identity (e.g. an e-mail)")
+    sigstore_issuer: str | None = Field(None, description="Sigstore keyless: the OIDC issuer of that identity")
+    sigstore_trust_config: Path | None = Field(None, description="Sigstore keyless: a custom trust root (offline/private instance)")
+
+    @model_validator(mode="after")
+    def _one_anchor(self) -> "TrustedSignerSettings":
+        kinds = [bool(self.public_key or self.public_key_pem), bool(self.certificate_chain),
+                 bool(self.sigstore_identity or self.sigstore_issuer)]
+        if sum(kinds) != 1 or (self.public_key and self.public_key_pem):
+            raise ValueError(f"trusted signer {self.name!r}: give exactly one of public_key, public_key_pem, "
+                             "certificate_chain, or sigstore_identity + sigstore_issuer")
+        if kinds[2] and not (self.sigstore_identity and self.sigstore_issuer):
+            raise ValueError(f"trusted signer {self.name!r}: Sigstore needs both sigstore_identity and sigstore_issuer")
+        return self
+
+
+class ProvenanceSettings(_Strict):
+    """The trust policy for model artifacts (``provenance:`` in the server config)."""
+
+    require_signature: Literal["never", "third_party", "always"] = Field(
+        "never", description="which versions must carry a valid model.sig to load and be approved "
+        "(third_party: those whose card says third_party: true)")
+    trusted_signers: list[TrustedSignerSettings] = Field(default_factory=list)
+    allowed_licenses: list[str] = Field(
+        default_factory=list, description="SPDX ids (or expressions) a card's license must be one of; empty: any valid SPDX licence")
+    assessment_max_age_days: int | None = Field(
+        None, ge=1, description="a third-party vendor assessment older than this refuses approval")
+
+    @property
+    def enabled(self) -> bool:
+        """True when the policy asks for anything that needs the model-signing library."""
+        return self.require_signature != "never" or bool(self.trusted_signers)
+
+
 class ServerSettings(_Strict):
     model_repository: Path = Path("models")
     host: str = "0.0.0.0"
@@ -47,6 +95,7 @@ class ServerSettings(_Strict):
     tls: TLSSettings | None = None
     log_level: str = "INFO"
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    provenance: ProvenanceSettings = Field(default_factory=ProvenanceSettings)
     store: str | None = Field(None, description="control-plane store: a postgresql:// URL, or SQLite (default <state_dir>/lockgate.db)")
     require_approval: bool = Field(True, description="only approved versions take live traffic; false is for development")
     tokens_file: Path | None = Field(None, description="admin API tokens (YAML/JSON, hashed); also LOCKGATE_TOKENS")
@@ -76,7 +125,7 @@ class ServerSettings(_Strict):
             data.update(loaded.get("server", loaded))
         for field in cls.model_fields:
             env = os.environ.get(f"LOCKGATE_{field.upper()}")
-            if env is not None and field not in ("tls", "telemetry"):
+            if env is not None and field not in ("tls", "telemetry", "provenance"):
                 data[field] = env
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

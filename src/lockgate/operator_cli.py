@@ -1,4 +1,4 @@
-"""Operator commands: ``lockgate models|traffic|audit|tokens ...``, a thin layer over the admin API.
+"""Operator commands: ``lockgate models|traffic|audit|trust|tokens ...``, a thin layer over the admin API.
 
 Each command makes one admin call (``--server HOST:PORT --token T``, or ``LOCKGATE_SERVER`` /
 ``LOCKGATE_TOKEN``) and prints a rich table, or JSON with ``--json``. A refused call prints
@@ -6,6 +6,8 @@ its gRPC status and message and exits 1, never a traceback. ``audit verify|log|e
 work offline on the store itself (``--store PATH``: a state dir, a ``.db`` file or a
 ``postgresql://`` URL), because checking a trail must not depend on the server that wrote it.
 ``tokens create`` is local: it prints the new token once and the hashed entry for the file.
+``models sign`` (and ``models verify --key``, ``audit verify-export``) work offline on files with
+the ``model-signing`` library, so a vendor or an auditor needs no server.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ TokenOpt = Annotated[str, typer.Option("--token", envvar="LOCKGATE_TOKEN", help=
 CaOpt = Annotated[Optional[Path], typer.Option("--ca-file", envvar="LOCKGATE_CA_FILE", help="TLS: CA certificate of the server")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
-models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, list, show.", no_args_is_help=True)
+models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, list, show, sign, verify.", no_args_is_help=True)
 traffic_app = typer.Typer(help="Traffic policy: weights, shadow, canary.", no_args_is_help=True)
 canary_app = typer.Typer(help="Progressive canary with automatic rollback.", no_args_is_help=True)
-audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export.", no_args_is_help=True)
+audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export (signed), verify-export.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Admin API tokens: create (local, no server) and whoami.", no_args_is_help=True)
+trust_app = typer.Typer(help="Trusted signers of model.sig bundles: list, add, remove (audited).", no_args_is_help=True)
 traffic_app.add_typer(canary_app, name="canary")
 
 DEFAULT_SERVER = "127.0.0.1:8001"
@@ -138,8 +141,14 @@ def _version_dict(info: Any) -> dict[str, Any]:
         "sha256": info.sha256, "registered_by": info.registered_by, "registered_at": info.registered_at,
         "updated_at": info.updated_at, "metadata": json.loads(info.metadata_json or "{}"),
         "can_serve": info.can_serve, "serve_denial": info.serve_denial, "can_shadow": info.can_shadow,
-        "loaded": info.loaded,
+        "loaded": info.loaded, "provenance": _provenance_dict(info.provenance),
     }
+
+
+def _provenance_dict(p: Any) -> dict[str, Any]:
+    return {"signed": p.signed, "signer": p.signer, "vendor": p.vendor, "identity": p.identity,
+            "manifest_digest": p.manifest_digest, "files": list(p.files), "verified_at": p.verified_at,
+            "summary": p.summary}
 
 
 def _versions_table(infos: list[Any], title: str) -> Table:
@@ -159,6 +168,8 @@ def _print_version(info: Any) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in _version_dict(info).items():
+        if key == "provenance":
+            value = value["summary"] + (f" (verified {value['verified_at']})" if value["verified_at"] else "")
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(table)
 
@@ -276,6 +287,84 @@ def models_show(
         console.print(f"approved by {approval.get('approver')} at {approval.get('time')}: {approval.get('reason')}")
     for card in details.get("cards", [])[-1:]:
         console.print(f"card (owner {card.get('owner')}): {card.get('intended_use')}")
+        assessment = card.get("vendor_assessment") or {}
+        console.print(
+            f"provenance on the card: signer {card.get('signer') or 'unsigned'}; manifest {card.get('manifest_digest') or '-'}; "
+            f"license {card.get('license') or '-'}; vendor {card.get('vendor') or '-'}; "
+            f"third_party {'yes' if card.get('third_party') else 'no'}; source {card.get('source') or '-'}; "
+            "vendor assessment " + (f"{assessment.get('reference')} ({assessment.get('date')})" if assessment else "-"),
+            highlight=False, soft_wrap=True,
+        )
+
+
+RepoOpt = Annotated[Path, typer.Option("--model-repository", envvar="LOCKGATE_MODEL_REPOSITORY",
+                                       help="offline: the model repository root (REPO/<model>/<version>/)")]
+
+
+def _version_dir(repository: Path, model: str, version: str) -> Path:
+    directory = repository / model / version
+    if not directory.is_dir():
+        fail(f"NOT_FOUND: no version directory {directory}")
+    return directory
+
+
+@models_app.command("sign")
+def models_sign(
+    model: str, version: str,
+    key: Annotated[Path, typer.Option("--key", help="EC private key (PEM, P-256/384/521) to sign with")],
+    model_repository: RepoOpt = Path("models"),
+    password_env: Annotated[Optional[str], typer.Option("--password-env", help="environment variable holding the key's password")] = None,
+) -> None:
+    """Sign a version directory offline with model-signing: writes REPO/M/V/model.sig over every file."""
+    import os
+
+    from lockgate.control.provenance import sign_directory
+    from lockgate.errors import LockgateError
+
+    directory = _version_dir(model_repository, model, version)
+    password = os.environ.get(password_env) if password_env else None
+    try:
+        target = sign_directory(directory, key, password=password)
+    except (LockgateError, OSError) as exc:
+        fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
+    console.print(f"signed {model} / {version}: {target}", highlight=False, soft_wrap=True)
+
+
+@models_app.command("verify")
+def models_verify(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="offline: verify with this public key instead of asking the server")] = None,
+    model_repository: RepoOpt = Path("models"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a version's model.sig over its whole directory (exit 1 unless signed and valid).
+
+    Without --key the server verifies it against its trust policy (a refusal is audited there).
+    """
+    if key is not None:
+        from lockgate.control.provenance import TrustedSigner, verify_directory
+        from lockgate.errors import LockgateError
+
+        try:
+            signer = TrustedSigner.build(str(key), "(given with --key)", public_key_pem=key.read_text(encoding="ascii"))
+            result = _provenance_dict_of(verify_directory(_version_dir(model_repository, model, version), [signer]))
+        except (LockgateError, OSError) as exc:
+            fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
+    else:
+        response = call(server, token, ca_file, "VerifyVersion", pb.VerifyVersionRequest(model=model, version=version))
+        result = _provenance_dict(response.provenance)
+    if as_json:
+        _print_json(result)
+    elif result["signed"]:
+        console.print(f"[green]verified[/] {model} / {version}: {result['summary']}", highlight=False, soft_wrap=True)
+    if not result["signed"]:
+        fail(f"{model} / {version} is unsigned: no model.sig in its version directory")
+
+
+def _provenance_dict_of(provenance: Any) -> dict[str, Any]:
+    data = provenance.to_dict()
+    return {k: data.get(k, "") for k in ("signed", "signer", "vendor", "identity", "manifest_digest", "files",
+                                          "verified_at", "summary")}
 
 
 # ---------------------------------------------------------------------- traffic
@@ -550,18 +639,62 @@ def audit_export(
     model: Annotated[str, typer.Option("--model", help="the model whose evidence bundle to export")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="write the JSON bundle here [stdout]")] = None,
+    sign: Annotated[Optional[Path], typer.Option("--sign", help="EC private key: also write OUT.sig, a detached model-signing signature")] = None,
 ) -> None:
-    """Evidence bundle of one model: card, reports, approvals, traffic history, rollbacks, drift."""
+    """Evidence bundle of one model: cards with provenance, reports, approvals, traffic, rollbacks, drift."""
+    from lockgate.control.evidence import evidence_bundle, render, sign_evidence
+
+    if sign is not None and out is None:
+        fail("--sign needs --out FILE: the detached signature is written beside it as FILE.sig")
     if store is not None:
         with _local_trail(store) as trail:
-            text = json.dumps(trail.export(model), indent=2, sort_keys=True, default=str)
+            text = render(evidence_bundle(trail, model))
     else:
         text = call(server, token, ca_file, "AuditExport", pb.AuditExportRequest(model=model)).bundle_json
+    text = text if text.endswith("\n") else text + "\n"
     if out is None:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text)
+        return
+    out.write_text(text, encoding="utf-8")
+    err_console.print(f"evidence bundle for {model} written to {out}")
+    if sign is not None:
+        from lockgate.errors import LockgateError
+
+        try:
+            signature = sign_evidence(out, sign)
+        except (LockgateError, OSError) as exc:
+            fail(f"{getattr(exc, 'code', 'INVALID_ARGUMENT')}: {getattr(exc, 'message', exc)}")
+        err_console.print(f"detached signature written to {signature}")
+
+
+@audit_app.command("verify-export")
+def audit_verify_export(
+    file: Path,
+    key: Annotated[Path, typer.Option("--key", help="the signer's public key (PEM)")],
+    signature: Annotated[Optional[Path], typer.Option("--signature", help="detached signature [FILE.sig]")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an exported evidence bundle offline against its detached signature; exit 1 if it fails."""
+    from lockgate.control.evidence import verify_evidence
+    from lockgate.errors import LockgateError
+
+    if not file.is_file():
+        fail(f"NOT_FOUND: no evidence bundle at {file}")
+    try:
+        check = verify_evidence(file, key, signature)
+    except LockgateError as exc:
+        fail(f"{exc.code}: {exc.message}")
+    result = {"ok": check.ok, "signature_ok": check.signature_ok, "problems": check.problems,
+              "model": check.model, "audit_entries": check.entries}
+    if as_json:
+        _print_json(result)
+    elif check.ok:
+        console.print(f"[green]evidence intact[/]: {file} is signed by {key} (model {check.model}, "
+                      f"{check.entries} audit entries)", highlight=False)
     else:
-        out.write_text(text + "\n", encoding="utf-8")
-        err_console.print(f"evidence bundle for {model} written to {out}")
+        err_console.print(f"[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
+    if not check.ok:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------- tokens
@@ -601,3 +734,63 @@ def tokens_whoami(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_f
     """Ask the server who the token belongs to and what it may do."""
     me = call(server, token, ca_file, "WhoAmI", pb.WhoAmIRequest())
     console.print(f"{me.name} (role {me.role}): {', '.join(me.permissions)}", highlight=False)
+
+
+# ---------------------------------------------------------------------- trust
+def _signer_dict(signer: Any) -> dict[str, Any]:
+    return {"name": signer.name, "vendor": signer.vendor, "kind": signer.kind, "identity": signer.identity,
+            "origin": signer.origin, "added_by": signer.added_by, "added_at": signer.added_at}
+
+
+@trust_app.command("list")
+def trust_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False) -> None:
+    """The trusted signers and the signature policy the server applies."""
+    response = call(server, token, ca_file, "ListTrustedSigners", pb.ListTrustedSignersRequest())
+    if as_json:
+        _print_json({"require_signature": response.require_signature, "allowed_licenses": list(response.allowed_licenses),
+                     "signers": [_signer_dict(s) for s in response.signers]})
+        return
+    table = Table(title=f"trusted signers (require_signature: {response.require_signature}; allowed licences: "
+                        f"{', '.join(response.allowed_licenses) or 'any SPDX'})")
+    for column in ("name", "vendor", "kind", "identity", "origin", "added by", "added at"):
+        table.add_column(column, overflow="fold")
+    for s in response.signers:
+        table.add_row(s.name, s.vendor, s.kind, s.identity, s.origin, s.added_by or "-", s.added_at or "-")
+    console.print(table)
+
+
+@trust_app.command("add")
+def trust_add(
+    name: str,
+    vendor: Annotated[str, typer.Option("--vendor", help="the organisation this signer signs for")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="the signer's EC public key (PEM)")] = None,
+    cert_chain: Annotated[Optional[list[Path]], typer.Option("--cert-chain", help="CA certificate (PEM) signing certificates chain to (repeatable)")] = None,
+    sigstore_identity: Annotated[Optional[str], typer.Option("--sigstore-identity", help="Sigstore keyless: the signer's identity")] = None,
+    sigstore_issuer: Annotated[Optional[str], typer.Option("--sigstore-issuer", help="Sigstore keyless: its OIDC issuer")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="why this signer is trusted (audited)")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Trust a signer (admin); persisted and audited before it counts."""
+    try:
+        pem = key.read_text(encoding="ascii") if key is not None else ""
+        chain = [p.read_text(encoding="ascii") for p in cert_chain or []]
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {getattr(exc, 'filename', '') or 'the key'}: {exc}")
+    signer = call(server, token, ca_file, "AddTrustedSigner", pb.AddTrustedSignerRequest(
+        name=name, vendor=vendor, public_key_pem=pem, certificate_chain_pem=chain,
+        sigstore_identity=sigstore_identity or "", sigstore_issuer=sigstore_issuer or "", reason=reason))
+    if as_json:
+        _print_json(_signer_dict(signer))
+    else:
+        console.print(f"trusted {signer.name} ({signer.vendor}): {signer.identity}", highlight=False, soft_wrap=True)
+
+
+@trust_app.command("remove")
+def trust_remove(
+    name: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help="why (audited)")] = "",
+) -> None:
+    """Stop trusting a signer (admin): versions it signed are refused from their next load or approval."""
+    signer = call(server, token, ca_file, "RemoveTrustedSigner", pb.RemoveTrustedSignerRequest(name=name, reason=reason))
+    console.print(f"no longer trusted: {signer.name} ({signer.vendor}), {signer.identity}", highlight=False, soft_wrap=True)

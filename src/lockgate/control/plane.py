@@ -17,7 +17,9 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
 from lockgate.errors import AlreadyExists, LifecycleError, LockgateError, NotFound, StoreError
+from lockgate.config import ProvenanceSettings
 from lockgate.control.leader import LocalLeader
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.registry import Registry, State
 from lockgate.control.store import Change, ChangeKind, Store, open_store
 from lockgate.control.watch import ChangeWatcher
@@ -41,10 +43,12 @@ class ControlPlane:
         authenticator: Authenticator,
         require_approval: bool = True,
         canary_tick_s: float = 1.0,
+        provenance: ProvenanceSettings | None = None,
     ) -> None:
         self.store = store
         self.audit = AuditTrail(store)
-        self.registry = Registry(store, self.audit, repository=repository_root)
+        self.provenance = ProvenanceGate(store, self.audit, provenance)
+        self.registry = Registry(store, self.audit, repository=repository_root, provenance=self.provenance)
         self.auth = authenticator
         self.require_approval = require_approval
         self.canary_tick_s = canary_tick_s
@@ -125,13 +129,25 @@ class ControlPlane:
             self.refresh_policies()
 
     # -- repository hooks ---------------------------------------------------------------
+    def digest_for_load(self, model: str, version: str, path: Path) -> str:
+        """Verify the version directory's signature (audited refusal) and return the artifact's
+        SHA-256, from the verified manifest when it has it: the bytes are hashed once."""
+        card, card_known = None, True
+        try:
+            card = self.registry.latest_card(model, version)
+        except StoreError as exc:  # a third_party rule cannot be decided without it: fails closed
+            log.warning("model %s version %s: card unavailable for the signature policy: %s", model, version, exc)
+            card_known = False
+        provenance = self.provenance.verify(model, version, path.parent, stage="load", card=card, card_known=card_known)
+        return provenance.artifact_digest(path)
+
     def verify_artifact(self, model: str, version: str, path: Path, digest: str) -> None:
         """Refuse a load whose artifact differs from what was registered (audited)."""
         try:
             self.registry.get(model, version)
         except NotFound:
             return  # first sight: registered (with this hash) right after the load
-        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR)
+        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR, actual_sha256=digest)
 
     def on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         for version in loaded:

@@ -6,6 +6,13 @@ with integer versions. A loaded model is an immutable ``LoadedModel``; reload bu
 one and swaps it in a single assignment, so a request sees either the old or the new set of
 versions, never a mix. Versions that leave the set drain: their queues finish everything
 already accepted before their sessions are released.
+
+Every load and reload hashes each selected version (``digester``) and runs the verifiers
+before the version may serve, whether or not it was loaded before. A version whose artifact
+is refused (``ArtifactTamperedError``: a changed artifact, a signature that does not hold) is
+refused alone: the model's other versions load and keep serving, a copy of the refused version
+that is already loaded keeps serving the verified bytes it was built from, and the load
+reports the refusal (FAILED_PRECONDITION) once the rest is swapped in.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from lockgate.config import ModelConfigFile
-from lockgate.errors import LockgateError, NotFound, Unavailable
+from lockgate.errors import ArtifactTamperedError, LockgateError, NotFound, Unavailable
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
 from lockgate.serving.runtime import OrtRuntime
@@ -29,8 +36,13 @@ log = logging.getLogger("lockgate.repository")
 
 MODEL_FILENAME = "model.onnx"
 
-# Called before a version's session is created; raises to refuse the load (the control
-# plane checks the artifact's SHA-256 against the registry here).
+# Hashes a version before it is verified: (model, version, artifact path) -> the artifact's
+# SHA-256. The control plane installs one that verifies the version directory's signature over
+# the manifest it hashes, and returns the artifact's digest from that manifest (one pass over
+# the bytes for both checks); it raises ArtifactTamperedError to refuse the version.
+VersionDigester = Callable[[str, str, Path], str]
+# Called with that digest before a version may serve (new or reused); raises to refuse it (the
+# control plane checks the artifact's SHA-256 against the registry here).
 ArtifactVerifier = Callable[[str, str, Path, str], None]
 # Called after the set of loaded versions changes: (model, loaded_versions, removed_versions).
 ModelListener = Callable[[str, list[str], list[str]], None]
@@ -102,8 +114,10 @@ class ModelRepository:
         self.drain_timeout_s = drain_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}  # model -> why its last load failed
+        self._refused: dict[str, dict[str, str]] = {}  # model -> version -> why its artifact was refused
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
+        self.digester: VersionDigester = lambda model, version, path: sha256_file(path)
         self.verifiers: list[ArtifactVerifier] = []
         self.listeners: list[ModelListener] = []
         self.preparers: list[VersionHook] = []
@@ -135,9 +149,12 @@ class ModelRepository:
         for name in self.discover():
             model = self._models.get(name)
             on_disk = self._versions_on_disk(self.root / name)
+            refused = self._refused.get(name, {})
             for v in on_disk:
                 if model and str(v) in model.versions:
-                    entries.append(IndexEntry(name, str(v), "READY"))
+                    entries.append(IndexEntry(name, str(v), "READY", refused.get(str(v), "")))
+                elif str(v) in refused:
+                    entries.append(IndexEntry(name, str(v), "UNAVAILABLE", refused[str(v)]))
                 elif name in self._failed:
                     entries.append(IndexEntry(name, str(v), "UNAVAILABLE", self._failed[name]))
                 else:
@@ -176,16 +193,30 @@ class ModelRepository:
                     raise Unavailable(f"model '{name}': no version directory with {MODEL_FILENAME} matches the version policy")
                 current = self._models.get(name)
                 versions: dict[str, ModelVersion] = {}
+                refusals: dict[str, ArtifactTamperedError] = {}
                 for v in selected:
                     key = str(v)
                     path = model_dir / key / MODEL_FILENAME
-                    digest = await asyncio.to_thread(sha256_file, path)
                     old = current.versions.get(key) if current else None
+                    try:
+                        digest = await asyncio.to_thread(self._verified_digest, name, key, path)
+                    except ArtifactTamperedError as exc:  # this version only; audited by the verifier
+                        refusals[key] = exc
+                        if old is not None:
+                            versions[key] = old  # keeps serving the verified bytes it was built from
+                        continue
                     if old is not None and old.sha256 == digest and old.config == config:
                         versions[key] = old
                         continue
                     versions[key] = await self._load_version(name, key, path, digest, config)
+                if not versions:
+                    raise next(iter(refusals.values()))
                 default = str(config.default_version) if config.default_version is not None else max(versions, key=int)
+                if default not in versions and default in refusals:
+                    fallback = max(versions, key=int)
+                    log.error("model '%s': default_version %s is refused; version %s is the default until it is restored",
+                              name, default, fallback)
+                    default = fallback
                 if default not in versions:
                     raise Unavailable(f"model '{name}': default_version {default} is not among the loaded versions {sorted(versions)}")
             except LockgateError as exc:
@@ -198,17 +229,28 @@ class ModelRepository:
             loaded = LoadedModel(name, config, versions, default)
             self._models[name] = loaded  # atomic swap
             self._failed.pop(name, None)
+            self._refused[name] = {version: exc.message for version, exc in refusals.items()}
             removed = [v for v in (current.versions.values() if current else []) if versions.get(v.version) is not v]
             for old in removed:
                 self._drain_later(old)
             log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
             for listener in self.listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
+            if refusals:
+                raise ArtifactTamperedError(
+                    f"model '{name}': version(s) {', '.join(refusals)} refused, versions "
+                    f"{', '.join(sorted(versions, key=int))} serve: " + "; ".join(e.message for e in refusals.values())
+                )
             return loaded
 
-    async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
+    def _verified_digest(self, name: str, version: str, path: Path) -> str:
+        """Hash (and verify the signature of) one version, then run every verifier (thread)."""
+        digest = self.digester(name, version, path)
         for verify in self.verifiers:
             verify(name, version, path, digest)
+        return digest
+
+    async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
         label = f"model '{name}' version {version}"
         runtime = await asyncio.to_thread(OrtRuntime, path, config.runtime, label=label)
         signature = runtime.signature(config.max_batch_size)
@@ -235,6 +277,7 @@ class ModelRepository:
         async with self._lock(name):
             model = self._models.pop(name, None)
             self._failed.pop(name, None)
+            self._refused.pop(name, None)
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._drain(v) for v in model.versions.values()))

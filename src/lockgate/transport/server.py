@@ -29,6 +29,7 @@ from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import elector_for
 from lockgate.control.plane import ControlPlane
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.explain.service import ExplainService
@@ -131,6 +132,7 @@ class Gateway:
             authenticator=Authenticator.load(tokens_file=settings.tokens_file),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
+            provenance=settings.provenance,
         )
         self.fleet: FleetDrift | None = None
         if settings.is_shared_store():
@@ -140,6 +142,7 @@ class Gateway:
             )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
+        self.repository.digester = self.control.digest_for_load  # signature + digest, one pass
         self.repository.verifiers.append(self.control.verify_artifact)
         self.repository.listeners.append(self.control.on_models_changed)
         self.routing = PolicyRouting(self.control)
@@ -176,6 +179,7 @@ class Gateway:
         self.governance.tracing_enabled = self.telemetry.tracing is not None
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
+        self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
         self.telemetry.register_source("explain", self.explain.metric_samples)
         self.control.rollback_listeners.append(self.telemetry.rollback)
 
@@ -309,8 +313,14 @@ def _worker_main(settings_json: str, index: int) -> None:
     run_single(ServerSettings.model_validate_json(settings_json))
 
 
+def check_settings(settings: ServerSettings) -> None:
+    """Refuse, before anything starts, a configuration that cannot work (``ConfigError``)."""
+    ProvenanceGate.check_settings(settings.provenance)
+
+
 def run(settings: ServerSettings) -> None:
     """Run one process, or ``workers`` processes sharing the port."""
+    check_settings(settings)
     if settings.workers <= 1:
         run_single(settings)
         return

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -27,6 +28,8 @@ import numpy as np
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
+from lockgate.control.evidence import evidence_bundle, render
+from lockgate.control.provenance import Provenance, TrustedSigner
 from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import onnx_signature
@@ -156,6 +159,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             serve_denial=denial or "",
             can_shadow=self.plane.registry.can_shadow(record.model, record.version),
             loaded=record.version in self._loaded_versions(record.model),
+            provenance=_provenance(Provenance.from_dict(record.metadata.get("provenance"))),
         )
 
     def _refresh(self, model: str) -> None:
@@ -310,6 +314,50 @@ class AdminService(pb_grpc.AdminServiceServicer):
             )
 
         return await self._serve(context, "ShowVersion", Permission.READ, body)
+
+    async def VerifyVersion(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            model = _required(request.model, "model")
+            version = _required(request.version, "version")
+            record = self.plane.registry.get(model, version)
+            provenance = self.plane.provenance.verify(
+                model, version, Path(record.artifact_path).parent, stage="verify", actor=principal.name,
+                card=self.plane.registry.latest_card(model, version),
+            )
+            return pb.VerifyVersionResponse(provenance=_provenance(provenance))
+
+        return await self._serve(context, "VerifyVersion", Permission.READ, body)
+
+    # ------------------------------------------------------------------ trust policy
+    async def ListTrustedSigners(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            gate = self.plane.provenance
+            return pb.ListTrustedSignersResponse(
+                signers=[_signer(s) for s in gate.trusted_signers()],
+                require_signature=gate.settings.require_signature,
+                allowed_licenses=gate.allowed_licenses,
+            )
+
+        return await self._serve(context, "ListTrustedSigners", Permission.READ, body)
+
+    async def AddTrustedSigner(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            signer = self.plane.provenance.add_signer(
+                _required(request.name, "name"), _required(request.vendor, "vendor"), principal.name,
+                reason=request.reason, public_key_pem=request.public_key_pem,
+                certificate_chain_pem=list(request.certificate_chain_pem),
+                sigstore_identity=request.sigstore_identity, sigstore_issuer=request.sigstore_issuer,
+            )
+            return _signer(signer)
+
+        return await self._serve(context, "AddTrustedSigner", Permission.ADMIN, body)
+
+    async def RemoveTrustedSigner(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            return _signer(self.plane.provenance.remove_signer(_required(request.name, "name"), principal.name,
+                                                               reason=request.reason))
+
+        return await self._serve(context, "RemoveTrustedSigner", Permission.ADMIN, body)
 
     # ------------------------------------------------------------------ traffic
     def _traffic(self, model: str) -> Any:
@@ -507,10 +555,29 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     async def AuditExport(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
-            bundle = self.plane.audit.export(_required(request.model, "model"))
-            return pb.AuditExportResponse(bundle_json=json.dumps(bundle, indent=2, sort_keys=True, default=str))
+            bundle = evidence_bundle(self.plane.audit, _required(request.model, "model"))
+            return pb.AuditExportResponse(bundle_json=render(bundle))
 
         return await self._serve(context, "AuditExport", Permission.READ, body)
+
+
+def _provenance(provenance: Provenance | None) -> Any:
+    if provenance is None:
+        return pb.Provenance(summary="not verified yet")
+    return pb.Provenance(
+        signed=provenance.signed, signer=provenance.signer, vendor=provenance.vendor, identity=provenance.identity,
+        manifest_digest=provenance.manifest_digest, files=list(provenance.files), verified_at=provenance.verified_at,
+        summary=provenance.summary,
+    )
+
+
+def _signer(signer: TrustedSigner) -> Any:
+    return pb.TrustedSigner(
+        name=signer.name, vendor=signer.vendor, kind=signer.kind, identity=signer.identity, origin=signer.origin,
+        public_key_pem=signer.public_key_pem, certificate_chain_pem=list(signer.certificate_chain_pem),
+        sigstore_identity=signer.sigstore_identity, sigstore_issuer=signer.sigstore_issuer,
+        added_by=signer.added_by, added_at=signer.added_at,
+    )
 
 
 def _entry(entry: Mapping[str, Any]) -> Any:
