@@ -80,11 +80,7 @@ def server(explain_repo: Path):
         yield proc
 
 
-@pytest.fixture()
-def client(server: LockgateProcess):
-    c = grpcclient.InferenceServerClient(server.url)
-    yield c
-    c.close()
+# ``client`` is conftest's: a tritonclient on this module's ``server``
 
 
 def _infer(client, model: str, x: np.ndarray, output: str, **kwargs):

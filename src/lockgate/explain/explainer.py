@@ -144,17 +144,20 @@ def _session(model_path: Path):
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def _named(nodes: list[Any], name: str, what: str) -> Any:
+    for node in nodes:
+        if node.name == name:
+            return node
+    raise ExplainUnavailable(f"explain.{what} {name!r} is not an {what} of the model ({[n.name for n in nodes]})")
+
+
 def _pick_tensors(session, config: ExplainConfig) -> tuple[Any, Any]:
     inputs = session.get_inputs()
     if config.input is not None:
-        found = [i for i in inputs if i.name == config.input]
-        if not found:
-            raise ExplainUnavailable(f"explain.input {config.input!r} is not an input of the model "
-                                     f"({[i.name for i in inputs]})")
+        inp = _named(inputs, config.input, "input")
         if len(inputs) > 1:
             raise ExplainUnavailable("explanations hold every other input fixed, which is not supported yet: "
                                      f"the model has {len(inputs)} inputs")
-        inp = found[0]
     elif len(inputs) == 1:
         inp = inputs[0]
     else:
@@ -164,11 +167,7 @@ def _pick_tensors(session, config: ExplainConfig) -> tuple[Any, Any]:
                                  "a float tensor [rows, features] with a fixed feature count")
     outputs = session.get_outputs()
     if config.output is not None:
-        found = [o for o in outputs if o.name == config.output]
-        if not found:
-            raise ExplainUnavailable(f"explain.output {config.output!r} is not an output of the model "
-                                     f"({[o.name for o in outputs]})")
-        out = found[0]
+        out = _named(outputs, config.output, "output")
     else:
         candidates = [o for o in outputs if o.type in _FLOAT_TYPES and len(o.shape) in (1, 2)]
         if not candidates:

@@ -429,20 +429,18 @@ class ExplainService:
                     yield Sample("lockgate_feature_importance_shift", {**mv, "baseline": name}, shift["shift"])
 
 
+def _add_output(response: Any, name: str, array: np.ndarray) -> None:
+    out = response.outputs.add()
+    out.name = name
+    out.datatype = "FP32"
+    out.shape.extend(array.shape)
+    response.raw_output_contents.append(array.tobytes())
+
+
 def encode_explanation(response: Any, explanation: Any) -> None:
     """The two extra outputs (raw FP32, like every output) and the parameters that label them."""
-    phi = explanation.attributions
-    out = response.outputs.add()
-    out.name = ATTRIBUTIONS_OUTPUT
-    out.datatype = "FP32"
-    out.shape.extend(phi.shape)
-    response.raw_output_contents.append(phi.tobytes())
-    base = explanation.base_value
-    out = response.outputs.add()
-    out.name = BASE_VALUE_OUTPUT
-    out.datatype = "FP32"
-    out.shape.extend(base.shape)
-    response.raw_output_contents.append(base.tobytes())
+    _add_output(response, ATTRIBUTIONS_OUTPUT, explanation.attributions)
+    _add_output(response, BASE_VALUE_OUTPUT, explanation.base_value)
     params = response.parameters
     params["lockgate_explain_method"].string_param = explanation.method
     params["lockgate_explain_space"].string_param = explanation.space
