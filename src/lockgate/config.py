@@ -1,14 +1,17 @@
 """Configuration: server settings and per-model ``config.yaml``, as pydantic models.
 
 Server settings come from (lowest to highest precedence) defaults, a YAML file given with
-``--config``, ``LOCKGATE_*`` environment variables, and CLI flags. Model settings come from
-``REPO/<model>/config.yaml``; every field is optional because the ONNX graph already tells us
-the signature.
+``--config``, ``LOCKGATE_*`` environment variables, and CLI flags. The state directory
+defaults to ``<model_repository>/.lockgate``, so every command that is told the repository
+(``serve``, ``demo``, ``drift report``) finds the same approvals, drift windows and payloads.
+Model settings come from ``REPO/<model>/config.yaml``; every field is optional because the
+ONNX graph already tells us the signature.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +23,24 @@ from lockgate.telemetry.config import TelemetrySettings
 
 # A batch of 64 RGB 224x224 FP32 images is 64*3*224*224*4 = 38.5 MB; 64 MiB leaves headroom.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+STATE_DIR_NAME = ".lockgate"
+TOKENS_FILE_NAME = "tokens.yaml"
+
+
+def default_state_dir(model_repository: Path | str) -> Path:
+    """Where state lives unless told otherwise: inside the repository it governs.
+
+    A dot-directory, so repository discovery never takes it for a model. ``serve``, ``demo``
+    and the offline commands all derive it from the repository, so they agree.
+    """
+    return Path(model_repository) / STATE_DIR_NAME
+
+
+def redact_url(location: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` (for logs)."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", location)
 
 
 class _Strict(BaseModel):
@@ -88,17 +109,20 @@ class ServerSettings(_Strict):
     grpc_port: int = 8001
     metrics_port: int = 8002
     workers: int = Field(1, ge=1)
-    state_dir: Path = Path(".lockgate")
+    state_dir: Path | None = Field(None, description="control-plane state, drift windows, payload log [<model_repository>/.lockgate]")
     max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_send_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight requests")
     tls: TLSSettings | None = None
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line (for log shippers)")
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     provenance: ProvenanceSettings = Field(default_factory=ProvenanceSettings)
     store: str | None = Field(None, description="control-plane store: a postgresql:// URL, or SQLite (default <state_dir>/lockgate.db)")
     require_approval: bool = Field(True, description="only approved versions take live traffic; false is for development")
-    tokens_file: Path | None = Field(None, description="admin API tokens (YAML/JSON, hashed); also LOCKGATE_TOKENS")
+    tokens_file: Path | None = Field(
+        None, description="admin API tokens (YAML/JSON, hashed); also LOCKGATE_TOKENS [<state_dir>/tokens.yaml if it exists]"
+    )
     canary_tick_s: float = Field(1.0, gt=0, description="how often canary analyses are due-checked")
     replica_id: str | None = Field(None, description="this replica's name in the shared store [hostname-pid]")
     spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
@@ -108,6 +132,12 @@ class ServerSettings(_Strict):
     explain_nice: int = Field(19, ge=0, le=19, description="scheduling priority of the explain pool (19: only CPU serving leaves)")
     explain_cpu_share: float = Field(0.25, gt=0, le=1, description="share of one core each explain worker may use")
 
+    @model_validator(mode="after")
+    def _state_beside_repository(self) -> "ServerSettings":
+        if self.state_dir is None:
+            self.state_dir = default_state_dir(self.model_repository)
+        return self
+
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
@@ -116,6 +146,18 @@ class ServerSettings(_Strict):
 
     def store_location(self) -> str:
         return self.store or str(self.state_dir / "lockgate.db")
+
+    def tokens_path(self) -> Path | None:
+        """The tokens file in use: the configured one, else ``<state_dir>/tokens.yaml`` if present
+        (where ``lockgate demo`` writes its people's hashed tokens)."""
+        if self.tokens_file is not None:
+            return self.tokens_file
+        candidate = self.state_dir / TOKENS_FILE_NAME
+        return candidate if candidate.is_file() else None
+
+    def store_for_logs(self) -> str:
+        """The store location with any password in a URL replaced by ``***``."""
+        return redact_url(self.store_location())
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> "ServerSettings":
@@ -191,14 +233,44 @@ class RuntimeConfig(_Strict):
     warmup_runs: int = Field(3, ge=0)
 
 
+class TensorConfig(_Strict):
+    """One declared input or output (Triton's ``input``/``output``), checked against the graph at load.
+
+    ``dims`` follow Triton: without the batch dimension when ``max_batch_size > 0``; -1 is any
+    size. A declared fixed size where the graph has a free one narrows what requests may send.
+    """
+
+    name: str
+    datatype: str | None = Field(None, description="FP32, INT64, BYTES, ... (Triton's TYPE_FP32 is accepted)")
+    dims: list[int] | None = None
+    labels: list[str] | None = Field(None, description="class names of a classifier output, in index order")
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(d < -1 or d == 0 for d in value):
+            raise ValueError(f"dims must be positive sizes or -1 (any), got {value}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value) or not all(v.strip() for v in value)):
+            raise ValueError("labels must be distinct, non-empty class names")
+        return value
+
+
 class ModelConfigFile(_Strict):
-    """Contents of ``REPO/<model>/config.yaml``."""
+    """A model's configuration: ``REPO/<model>/config.yaml`` and/or Triton's ``config.pbtxt``
+    (``lockgate.serving.model_config`` reads both and refuses conflicts)."""
 
     max_batch_size: int | None = Field(None, ge=0, description="None: 64 if the graph has a free batch dim, else 0")
     dynamic_batching: DynamicBatchingConfig | None = Field(default_factory=DynamicBatchingConfig)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     default_version: int | None = Field(None, description="served when a request names no version; default: highest")
+    inputs: list[TensorConfig] = Field(default_factory=list, description="declared inputs; none: the graph's, unchecked")
+    outputs: list[TensorConfig] = Field(default_factory=list, description="declared outputs (and class labels)")
     # Owned by the governance package; validated there to keep this module free of its details.
     governance: dict[str, Any] | None = None
     # Owned by lockgate.explain (the optional extra lockgate[explain]); validated there.
@@ -211,8 +283,22 @@ class ModelConfigFile(_Strict):
     def _disabled(cls, value: Any) -> Any:
         return None if value is False else value
 
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _unique_names(cls, value: list[TensorConfig]) -> list[TensorConfig]:
+        names = [t.name for t in value]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"declared more than once: {', '.join(duplicated)}")
+        return value
+
+    def labels(self) -> dict[str, list[str]]:
+        """Class names by output name (for drift reports, profiles and metrics)."""
+        return {t.name: list(t.labels) for t in self.outputs if t.labels}
+
     @classmethod
     def load(cls, path: Path) -> "ModelConfigFile":
+        """``config.yaml`` alone; ``serving.model_config.read_model_config`` also reads config.pbtxt."""
         if not path.exists():
             return cls()
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})

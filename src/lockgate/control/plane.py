@@ -253,10 +253,13 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self.leader_jobs]
 
-    def _lost_leadership(self) -> None:
+    def _lost_leadership(self, *, stepping_down: bool = False) -> None:
         if self._leader_stop is None:
             return
-        log.warning("leadership lost: stopping leader-only work")
+        if stepping_down:  # our own shutdown: expected, not news
+            log.info("stepping down as leader (shutting down): stopping leader-only work")
+        else:
+            log.warning("leadership lost: stopping leader-only work")
         self._leader_stop.set()
         for task in self._leader_tasks:
             task.cancel()
@@ -308,7 +311,7 @@ class ControlPlane:
     async def close(self) -> None:
         self._stop.set()
         leader_tasks = list(self._leader_tasks)
-        self._lost_leadership()
+        self._lost_leadership(stepping_down=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *leader_tasks, return_exceptions=True)

@@ -252,7 +252,7 @@ class Registry:
         except ArtifactSignatureError as exc:
             return CheckResult(name="provenance", status="failed", detail=exc.message, data={"reason": exc.cause}), None
         if not provenance.signed:  # allowed unsigned by the policy (verify refuses it otherwise)
-            return CheckResult(name="provenance", status="skipped", detail=f"unsigned (no model.sig); "
+            return CheckResult(name="provenance", status="not_applicable", detail=f"unsigned (no model.sig); "
                                f"provenance.require_signature is {self.provenance.settings.require_signature!r}",
                                data=provenance.to_dict()), provenance
         return CheckResult(name="provenance", status="passed", detail=provenance.summary, data=provenance.to_dict()), provenance
@@ -269,6 +269,7 @@ class Registry:
         golden: tuple[Arrays, Arrays] | None = None,
         tolerance: Tolerance | None = None,
         latency_runs: int = 5,
+        signature_source: str = "the expected signature",
     ) -> ValidationReport:
         """Run the automatic checks, store the report, and move to *validated* if it passed.
 
@@ -289,6 +290,7 @@ class Registry:
             golden=golden,
             tolerance=tolerance,
             latency_runs=latency_runs,
+            signature_source=signature_source,
         )
         checks.insert(0, provenance_check)
         report = ValidationReport(

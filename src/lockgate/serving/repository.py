@@ -1,8 +1,8 @@
 """The model repository: find models on disk, load the versions the policy selects, and
 swap them at run time without failing in-flight requests.
 
-Layout: ``REPO/<model>/config.yaml`` (optional) and ``REPO/<model>/<version>/model.onnx``
-with integer versions. A loaded model is an immutable ``LoadedModel``; reload builds a new
+Layout: ``REPO/<model>/config.yaml`` and/or Triton's ``config.pbtxt`` (both optional, see
+``serving.model_config``) and ``REPO/<model>/<version>/model.onnx`` with integer versions. A loaded model is an immutable ``LoadedModel``; reload builds a new
 one and swaps it in a single assignment, so a request sees either the old or the new set of
 versions, never a mix. Versions that leave the set drain: their queues finish everything
 already accepted before their sessions are released.
@@ -29,6 +29,7 @@ from lockgate.config import ModelConfigFile
 from lockgate.errors import ArtifactTamperedError, LockgateError, NotFound, Unavailable
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
+from lockgate.serving.model_config import ModelConfigError, declared_signature, read_model_config
 from lockgate.serving.runtime import OrtRuntime
 from lockgate.serving.stats import VersionStats
 
@@ -187,7 +188,7 @@ class ModelRepository:
             if not model_dir.is_dir():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
             try:
-                config = ModelConfigFile.load(model_dir / "config.yaml")
+                config = read_model_config(model_dir)
                 selected = config.version_policy.select(self._versions_on_disk(model_dir))
                 if not selected:
                     raise Unavailable(f"model '{name}': no version directory with {MODEL_FILENAME} matches the version policy")
@@ -222,6 +223,9 @@ class ModelRepository:
             except LockgateError as exc:
                 self._failed[name] = exc.message
                 raise
+            except ModelConfigError as exc:  # names the file and the setting: no traceback needed
+                self._failed[name] = str(exc)
+                raise Unavailable(f"model '{name}' failed to load: {exc}") from exc
             except Exception as exc:  # bad YAML, ORT refused the graph, ...
                 self._failed[name] = f"{type(exc).__name__}: {exc}"
                 log.exception("model '%s' failed to load", name)
@@ -253,7 +257,7 @@ class ModelRepository:
     async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
         label = f"model '{name}' version {version}"
         runtime = await asyncio.to_thread(OrtRuntime, path, config.runtime, label=label)
-        signature = runtime.signature(config.max_batch_size)
+        signature = declared_signature(runtime.signature(config.max_batch_size), config, label)
         await asyncio.to_thread(runtime.warm_up, signature)
         stats = VersionStats()
         batcher = DynamicBatcher(

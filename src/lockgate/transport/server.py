@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import multiprocessing
 import os
@@ -68,6 +69,34 @@ def open_control_store(settings: ServerSettings) -> Store:
     return store
 
 
+def prepare_state_dir(settings: ServerSettings) -> None:
+    """Create the state directory and say where it is: approvals, drift windows and payloads
+    live there, and an operator who cannot find them cannot audit them."""
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot create the state directory {settings.state_dir}: {exc.strerror or exc}; "
+            "pass --state-dir DIR (or set LOCKGATE_STATE_DIR) to a writable place"
+        ) from None
+    log.info("state directory %s (control-plane store %s)", settings.state_dir.resolve(), settings.store_for_logs())
+
+
+def load_tokens(settings: ServerSettings) -> Authenticator:
+    """The admin principals, and a line saying where they came from (never the tokens)."""
+    path = settings.tokens_path()
+    authenticator = Authenticator.load(tokens_file=path)
+    sources = [str(path)] if path is not None else []
+    if os.environ.get("LOCKGATE_TOKENS"):
+        sources.append("LOCKGATE_TOKENS")
+    if len(authenticator):
+        log.info("admin API: %d principal(s) from %s: %s", len(authenticator), " and ".join(sources),
+                 ", ".join(authenticator.names))
+    else:
+        log.info("admin API: no tokens configured (--tokens-file or LOCKGATE_TOKENS): every admin call is refused")
+    return authenticator
+
+
 def _install_uvloop() -> bool:
     try:
         import uvloop
@@ -125,11 +154,11 @@ class Gateway:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(settings)
         self.control = ControlPlane(
             open_control_store(settings),
             repository_root=settings.model_repository,
-            authenticator=Authenticator.load(tokens_file=settings.tokens_file),
+            authenticator=load_tokens(settings),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
             provenance=settings.provenance,
@@ -293,16 +322,33 @@ async def serve(settings: ServerSettings) -> None:
         await stop_task[0]
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def run_single(settings: ServerSettings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uv = _install_uvloop()
     log.info("event loop: %s", "uvloop" if uv else "asyncio")
     asyncio.run(serve(settings))
@@ -326,7 +372,7 @@ def run(settings: ServerSettings) -> None:
         return
     if settings.grpc_port == 0:
         raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     ctx = multiprocessing.get_context("spawn")
     payload = settings.model_copy(update={"workers": 1}).model_dump_json()
     procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]

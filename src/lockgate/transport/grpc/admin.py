@@ -32,7 +32,7 @@ from lockgate.control.evidence import evidence_bundle, render
 from lockgate.control.provenance import Provenance, TrustedSigner
 from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
-from lockgate.control.validation import onnx_signature
+from lockgate.control.validation import config_signature, onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
 from lockgate.transport.grpc.call_metadata import call_metadata
@@ -199,15 +199,25 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if live:
                 return live[-1][1]
         serving = [r.version for r in self.plane.registry.list_versions(model) if r.state == "serving" and r.version != version]
-        return serving[-1] if serving else None
+        if serving:
+            return serving[-1]
+        loaded = self.repository.models().get(model)  # no policy: the default version serves
+        if loaded is not None:
+            default = self.plane.default_version(model, loaded.default_version, loaded.versions)
+            if default != version and self.plane.can_serve(model, default):
+                return default
+        return None
 
-    def _expected_signature(self, model: str, version: str, text: str) -> dict[str, Any] | None:
-        """The request's signature, else the signature of the version now serving (None: nothing to match)."""
+    def _expected_signature(self, model: str, version: str, text: str) -> tuple[dict[str, Any] | None, str]:
+        """What the new version must look like, and where that came from: the request's
+        signature, else the version clients are served now, else the inputs and outputs the
+        model's config declares (None: nothing to compare with)."""
         if text.strip():
-            return _json_object(text, "expected_signature_json")
+            return _json_object(text, "expected_signature_json"), "the expected signature given"
         reference = self._reference_version(model, version)
         if reference is None:
-            return None
+            declared = config_signature(self.repository.root / model)
+            return declared, "the inputs and outputs the model's config declares"
         loaded = self._loaded_versions(model).get(reference)
         if loaded is not None:
             specs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.inputs]
@@ -220,7 +230,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         def spec(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
             return [{"name": n, "datatype": d, "shape": shape} for n, d, shape in items]
 
-        return {"inputs": spec(specs), "outputs": spec(outs)}
+        return {"inputs": spec(specs), "outputs": spec(outs)}, f"version {reference}, which serves now"
 
     @staticmethod
     def _sample(artifact: str, text: str) -> dict[str, np.ndarray] | None:
@@ -245,11 +255,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
             model = _required(request.model, "model")
             version = _required(request.version, "version")
             record = self.plane.registry.get(model, version)
+            expected, source = self._expected_signature(model, version, request.expected_signature_json)
             report = self.plane.registry.validate(
                 model,
                 version,
                 principal.name,
-                expected_signature=self._expected_signature(model, version, request.expected_signature_json),
+                expected_signature=expected,
+                signature_source=source,
                 sample=self._sample(record.artifact_path, request.sample_json),
                 latency_runs=request.latency_runs or 5,
             )
@@ -422,8 +434,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         if missing:
             raise NotServable(
                 f"version(s) {', '.join(missing)} of model '{model}' are not loaded in this server "
-                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'})"
+                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'}); {self._how_to_load(model, missing)}"
             )
+
+    def _how_to_load(self, model: str, versions: list[str]) -> str:
+        """What the operator runs next: the load command, or where the artifact must go first."""
+        absent = [v for v in versions if not (self.repository.root / model / v / "model.onnx").is_file()]
+        if absent:
+            where = ", ".join(str(self.repository.root / model / v / "model.onnx") for v in absent)
+            return f"put the artifact at {where}, then run `lockgate models load {model} {absent[0]}`"
+        return "run " + " and ".join(f"`lockgate models load {model} {v}`" for v in versions)
 
     async def GetTraffic(self, request: Any, context: Any) -> Any:
         return await self._serve(
