@@ -51,11 +51,13 @@ class LockgateProcess:
         self.repo = Path(repo)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{self.http_port}"
         self.state_dir = state_dir or self.repo.parent / f"state-{self.port}"
         self.log_path = log_path or self.repo.parent / f"lockgate-{self.port}.log"
         cmd = [*LOCKGATE, "serve", "--model-repository", str(self.repo), "--grpc-port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
         if not gated:  # data-plane tests: approval gates are tested on their own
             cmd.append("--allow-unapproved")
         self._log = open(self.log_path, "wb")
@@ -65,6 +67,25 @@ class LockgateProcess:
         self._log.flush()
         wait_server_ready(self.url, self.proc, self.log_path, timeout)
         return self
+
+    def post(self, path: str, body: dict | None = None, token: str | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, object]:
+        """POST JSON to the HTTP port (``Authorization: Bearer token`` if given): (status, JSON body)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(),
+                                         method="POST", headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, text = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, text = err.code, err.read()
+        return status, json.loads(text) if text else None
 
     def log(self) -> str:
         self._log.flush()

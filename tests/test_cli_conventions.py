@@ -238,6 +238,12 @@ def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, 
     promoted = run("traffic", "canary", "promote", "credit", token=oscar)
     assert promoted["canary"]["state"] == "promoted" and promoted["weights"]["2"]["percent"] == 100.0
 
+    shutil.copytree(repo / "credit" / "2", repo / "credit" / "4")
+    run("models", "register", "credit", "4", token=rita)
+    run("models", "validate", "credit", "4", token=rita)
+    rejected = run("models", "reject", "credit", "4", "--reason", "a copy of 2, not a candidate", token=alex)
+    assert rejected["state"] == "retired" and rejected["version"] == "4" and rejected["reason"]
+
     retired = run("models", "retire", "credit", "1", "--reason", "replaced by 2", token=rita)
     assert retired["state"] == "retired" and retired["version"] == "1"
 

@@ -46,6 +46,7 @@ class Action(StrEnum):
     MODEL_VALIDATE = "model.validate"
     MODEL_CARD = "model.card"
     MODEL_APPROVE = "model.approve"
+    MODEL_REJECT = "model.reject"
     MODEL_TRANSITION = "model.transition"
     MODEL_RETIRE = "model.retire"
     MODEL_LOAD = "model.load"

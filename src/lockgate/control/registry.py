@@ -345,6 +345,25 @@ class Registry:
                            "manifest_digest": card.manifest_digest, "license": card.license})
         return stored
 
+    def _decision(self, model: str, version: str, person: str, reason: str, kind: str) -> tuple[VersionRecord, State]:
+        """The rules an approval and a rejection share: the version awaits approval (validated,
+        or shadowing unapproved), the person did not register it (four eyes), a reason is given."""
+        record = self.get(model, version)
+        state = State(record.state)
+        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {state.value}; only validated versions can be "
+                + ("approved" if kind == "approval" else "rejected")
+            )
+        if person.strip() == record.registered_by.strip():
+            raise ApprovalError(
+                f"four-eyes rule: {person!r} registered model {model!r} version {version!r} "
+                + ("and cannot also approve it" if kind == "approval" else "and cannot also decide on its approval")
+            )
+        if not reason or not reason.strip():
+            raise ApprovalError(f"an {kind} needs a non-empty reason" if kind == "approval" else f"a {kind} needs a non-empty reason")
+        return record, state
+
     def approve(
         self,
         model: str,
@@ -360,19 +379,7 @@ class Registry:
         provenance policy is not met (signature, trusted signer, licence, vendor
         assessment); ``LifecycleError`` when the version is not validated.
         """
-        record = self.get(model, version)
-        state = State(record.state)
-        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
-            raise LifecycleError(
-                f"model {model!r} version {version!r} is {state.value}; only validated versions can be approved"
-            )
-        if approver.strip() == record.registered_by.strip():
-            raise ApprovalError(
-                f"four-eyes rule: {approver!r} registered model {model!r} version {version!r} "
-                "and cannot also approve it"
-            )
-        if not reason or not reason.strip():
-            raise ApprovalError("an approval needs a non-empty reason")
+        record, state = self._decision(model, version, approver, reason, "approval")
         stored_card: StoredRecord | None = None
         if card is not None:
             try:
@@ -426,6 +433,21 @@ class Registry:
              "sha256": record.sha256, "from": state.value, "to": target.value, "provenance": provenance.summary},
         )
         return approval
+
+    def reject(self, model: str, version: str, rejecter: str, reason: str) -> VersionRecord:
+        """Refuse a version awaiting approval: it is retired, so it can never be approved.
+
+        The same hands and rules as ``approve``: the rejecter did not register it, and the
+        reason is not blank; only a validated (pending) version can be rejected.
+        """
+        record, state = self._decision(model, version, rejecter, reason, "rejection")
+        updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=state.value,
+                                            metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})
+        self.audit.append(
+            rejecter, Action.MODEL_REJECT, model_subject(model, version),
+            {"reason": reason.strip(), "sha256": record.sha256, "from": state.value, "to": State.RETIRED.value},
+        )
+        return updated
 
     # -- traffic states and retirement ------------------------------------------
     def transition(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,19 +31,25 @@ log = logging.getLogger("lockgate.governance")
 
 ENGINE_KEY = "governance"
 _STATUS_CODE = {"OK": 0, "WARN": 1, "DRIFT": 2}
+PayloadExplainer = Callable[..., bool]
 
 
 class GovernanceStage:
-    def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False) -> None:
+    def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False,
+                 alert_listeners: Sequence[Callable[[DriftEvent], None]] = (),
+                 report_listeners: Sequence[Callable[[Any], None]] = (),
+                 payload_explainer: PayloadExplainer | None = None) -> None:
+        """``alert_listeners`` get every WARN/DRIFT alert, ``report_listeners`` every evaluated
+        window, of every version this stage prepares. ``payload_explainer(version, engine,
+        inspection, inputs, outputs, route decision)`` returns True when it takes over logging a
+        sampled payload (lockgate.explain adds the attributions to the entry first)."""
         self.repository_root = Path(repository_root)
         self.state_dir = Path(state_dir)
         self.tracing_enabled = tracing_enabled
-        self.subscribers: list[Callable[[DriftEvent], None]] = []  # WARN/DRIFT alerts
-        self.report_listeners: list[Callable[[Any], None]] = []  # every evaluated window
+        self._alert_listeners = tuple(alert_listeners)
+        self._report_listeners = tuple(report_listeners)
         self._engines: dict[tuple[str, str], GovernanceEngine] = {}
-        # (version, engine, inspection, inputs, outputs, route decision) -> True when it takes over
-        # logging the sampled payload (lockgate.explain adds the attributions to the entry first)
-        self.payload_explainer: Callable[..., bool] | None = None
+        self._payload_explainer = payload_explainer
 
     # -- lifecycle (repository hooks) ------------------------------------------------------
     def prepare(self, version: "ModelVersion") -> None:
@@ -56,9 +62,10 @@ class GovernanceStage:
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
             state_dir=self.state_dir,
         )
-        for subscriber in self.subscribers:
-            engine.subscribe(subscriber)
-        engine.monitor.report_listeners.extend(self.report_listeners)
+        for listener in self._alert_listeners:
+            engine.subscribe(listener)
+        for listener in self._report_listeners:
+            engine.monitor.on_report(listener)
         version.extensions[ENGINE_KEY] = engine
         self._engines[(version.model, version.version)] = engine
 
@@ -104,7 +111,7 @@ class GovernanceStage:
         engine: GovernanceEngine = version.extensions[ENGINE_KEY]
         engine.observe_outputs(outputs)
         if inspection.sampled:
-            explainer = self.payload_explainer
+            explainer = self._payload_explainer
             if explainer is None or not explainer(version, engine, inspection, inputs, outputs, route.decision):
                 engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
 

@@ -118,11 +118,37 @@ class ModelRepository:
         self._refused: dict[str, dict[str, str]] = {}  # model -> version -> why its artifact was refused
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
-        self.digester: VersionDigester = lambda model, version, path: sha256_file(path)
-        self.verifiers: list[ArtifactVerifier] = []
-        self.listeners: list[ModelListener] = []
-        self.preparers: list[VersionHook] = []
-        self.releasers: list[VersionHook] = []
+        # Hooks other packages register through the methods below; called in registration order
+        # (releases in reverse: a hook prepared after another may use it until its own release).
+        self._digester: VersionDigester = lambda model, version, path: sha256_file(path)
+        self._verifiers: list[ArtifactVerifier] = []
+        self._listeners: list[ModelListener] = []
+        self._preparers: list[VersionHook] = []
+        self._releasers: list[VersionHook] = []
+
+    # -- hooks ----------------------------------------------------------------------
+    def set_digester(self, digester: VersionDigester) -> None:
+        """``digester(model, version, path)`` -> the artifact's SHA-256 (the control plane's
+        verifies the signature in the same pass); plain SHA-256 of the file by default."""
+        self._digester = digester
+
+    def add_verifier(self, verify: ArtifactVerifier) -> None:
+        """``verify(model, version, path, sha256)`` runs before a version's session is built;
+        raising refuses the load (the control plane checks the registered digest here)."""
+        self._verifiers.append(verify)
+
+    def add_version_hooks(self, prepare: VersionHook, release: VersionHook | None = None) -> None:
+        """``prepare(version)`` runs once a version is built, before it can take a request
+        (raising refuses the load); ``release(version)`` once it has drained after unload.
+        Prepares run in registration order, releases in reverse (like a stack), so a hook
+        that builds on an earlier one's state is released while that state still exists."""
+        self._preparers.append(prepare)
+        if release is not None:
+            self._releasers.append(release)
+
+    def subscribe(self, listener: ModelListener) -> None:
+        """``listener(model, loaded_versions, removed_versions)`` after every load and unload."""
+        self._listeners.append(listener)
 
     # -- lookups (hot path) ---------------------------------------------------------
     def get(self, name: str) -> LoadedModel:
@@ -238,7 +264,7 @@ class ModelRepository:
             for old in removed:
                 self._drain_later(old)
             log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
             if refusals:
                 raise ArtifactTamperedError(
@@ -249,8 +275,8 @@ class ModelRepository:
 
     def _verified_digest(self, name: str, version: str, path: Path) -> str:
         """Hash (and verify the signature of) one version, then run every verifier (thread)."""
-        digest = self.digester(name, version, path)
-        for verify in self.verifiers:
+        digest = self._digester(name, version, path)
+        for verify in self._verifiers:
             verify(name, version, path, digest)
         return digest
 
@@ -270,7 +296,7 @@ class ModelRepository:
         )
         loaded = ModelVersion(name, version, path, digest, config, runtime, signature, batcher, stats)
         try:
-            for prepare in self.preparers:
+            for prepare in self._preparers:
                 prepare(loaded)
         except Exception:
             await batcher.drain(0)
@@ -285,7 +311,7 @@ class ModelRepository:
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._drain(v) for v in model.versions.values()))
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(name, [], list(model.versions))
             log.info("model '%s' unloaded", name)
 
@@ -300,7 +326,7 @@ class ModelRepository:
             log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
         else:
             version.runtime.close()  # a batch still running after a timeout keeps its buffers
-        for release in self.releasers:
+        for release in reversed(self._releasers):
             try:
                 release(version)
             except Exception:
