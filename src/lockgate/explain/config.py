@@ -14,6 +14,7 @@ method detected from the graph. Example::
       timeout_s: 10
       max_queue: 8
       sample_share: 0.1       # share of sampled payloads explained into the payload log
+      sample_max_queue: 2     # of those, queued at once (never taking an on-demand place)
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class ExplainConfig(_Strict):
     timeout_s: float = Field(default=10.0, gt=0, description="deadline of one explanation (capped by the request's)")
     max_queue: int = Field(default=8, ge=1, description="explanations admitted at once for this version; more: RESOURCE_EXHAUSTED")
     sample_share: float = Field(default=0.0, ge=0.0, le=1.0, description="share of sampled payloads explained")
+    sample_max_queue: int = Field(
+        default=2, ge=1, description="sampled explanations queued at once (a queue of their own, so background work "
+        "never takes an on-demand place); more are logged without attributions and counted"
+    )
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
 
     @field_validator("nsamples")

@@ -15,7 +15,9 @@ configured, explanations need the ``explain`` permission (they can leak model in
 
 A share of the sampled payloads (``explain.sample_share``) is explained in the background and
 the attributions go into the payload log entry, redacted as the payload is; every one that
-cannot be explained is logged without attributions, with the reason, and counted.
+cannot be explained is logged without attributions, with the reason, and counted. Those jobs
+have a queue of their own (``explain.sample_max_queue``), so background explanations of plain
+traffic never take the places of callers who asked for one.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class VersionExplain:
         self.input_name = input_name
         self.unavailable = unavailable
         self.tracker = tracker
-        self.in_flight = 0
+        self.in_flight = 0  # on-demand explanations admitted (bounded by explain.max_queue)
+        self.sampled_in_flight = 0  # sampled payloads being explained (explain.sample_max_queue)
         self.outcomes: dict[str, int] = {}  # on demand: ok, queue_full, deadline_exceeded, failed, refused, ...
         self.sampled: dict[str, int] = {}  # sampled payloads: explained, queue_full, failed, ...
         self.description: dict[str, Any] | None = None
@@ -99,19 +102,28 @@ class VersionExplain:
 
 
 class Ticket:
-    """A reserved place in a version's explain queue, released once the worker is done with it."""
+    """A reserved place in one of a version's two explain queues (on demand, or sampled
+    payloads), released once the worker is done with it."""
 
-    __slots__ = ("state", "released", "submitted")
+    __slots__ = ("state", "sampled", "released", "submitted")
 
-    def __init__(self, state: VersionExplain) -> None:
+    def __init__(self, state: VersionExplain, sampled: bool = False) -> None:
         self.state = state
+        self.sampled = sampled
         self.released = False
         self.submitted = False
+        if sampled:
+            state.sampled_in_flight += 1
+        else:
+            state.in_flight += 1
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.state.in_flight -= 1
+            if self.sampled:
+                self.state.sampled_in_flight -= 1
+            else:
+                self.state.in_flight -= 1
 
     def abandon(self) -> None:
         """The request ended before its job was submitted: give the place back now."""
@@ -291,7 +303,6 @@ class ExplainService:
             raise ExplainQueueFull(f"{version.label}: {state.in_flight} explanations in progress fill its explain "
                                    f"queue (explain.max_queue {state.config.max_queue}); retry later or without "
                                    f"'{EXPLAIN_PARAMETER}'")
-        state.in_flight += 1
         return Ticket(state)
 
     def _authorize(self, ctx: "RequestContext") -> None:
@@ -365,14 +376,13 @@ class ExplainService:
             reason = "explain_unavailable"
         elif state.input_name not in inputs or len(inputs[state.input_name]) > state.config.max_rows:
             reason = "too_many_rows"
-        elif state.in_flight >= state.config.max_queue:
+        elif state.sampled_in_flight >= state.config.sample_max_queue:
             reason = "explain_queue_full"
         if reason is not None:
             state.count(state.sampled, reason)
             pending.log({"explanation": {"status": "skipped", "reason": reason}})
             return True
-        state.in_flight += 1
-        ticket = Ticket(state)
+        ticket = Ticket(state, sampled=True)
         state.pending.add(pending)
         task = asyncio.get_running_loop().create_task(self._explain_sample(ticket, pending))
         self._tasks.add(task)
@@ -409,7 +419,8 @@ class ExplainService:
                 yield Sample("lockgate_explanations", {**mv, "outcome": outcome}, n)
             for outcome, n in list(state.sampled.items()):
                 yield Sample("lockgate_explanations_sampled", {**mv, "outcome": outcome}, n)
-            yield Sample("lockgate_explain_in_flight", mv, state.in_flight)
+            yield Sample("lockgate_explain_in_flight", {**mv, "queue": "on_demand"}, state.in_flight)
+            yield Sample("lockgate_explain_in_flight", {**mv, "queue": "sampled"}, state.sampled_in_flight)
             if state.tracker is not None:
                 state.tracker.maybe_close()
                 if state.tracker.last is not None:

@@ -90,7 +90,7 @@ FAMILIES: dict[str, FamilySpec] = {
     # explanations (lockgate.explain)
     "lockgate_explanations": FamilySpec("counter", "On-demand explanations by outcome (ok, queue_full, deadline_exceeded, refused, ...)", (*MV, "outcome")),
     "lockgate_explanations_sampled": FamilySpec("counter", "Sampled payloads chosen for explanation, by outcome (ok, explain_queue_full, failed, ...)", (*MV, "outcome")),
-    "lockgate_explain_in_flight": FamilySpec("gauge", "Explanations queued or running for a version", MV),
+    "lockgate_explain_in_flight": FamilySpec("gauge", "Explanations queued or running for a version, by queue (on_demand, sampled)", (*MV, "queue")),
     "lockgate_feature_importance": FamilySpec("gauge", "Mean |attribution| per feature in the last closed importance window", (*MV, "feature")),
     "lockgate_feature_importance_shift": FamilySpec("gauge", "Total variation distance of normalised importance against a baseline (reference, or another version)", (*MV, "baseline")),
     # routing
