@@ -44,9 +44,35 @@ def _merged(state_dir: str | Path, model: str, version: str, windows: int | None
     return merged, len(found)
 
 
+def traffic_roles(state_dir: str | Path, model: str) -> dict[str, str]:
+    """{version: "stable" | "canary"} of the model's active canary, from the control-plane store
+    in ``state_dir`` (empty without a store, a policy or an active canary)."""
+    from lockgate.control.sqlite_store import resolve_db_path
+    from lockgate.control.store import open_store
+    from lockgate.errors import LockgateError
+    from lockgate.routing.policy import TrafficPolicy
+
+    if not resolve_db_path(state_dir).exists():
+        return {}
+    try:  # labels only: an unreadable store leaves the baselines named by version
+        store = open_store(state_dir)
+        try:
+            record = store.get_policy(model)
+        finally:
+            store.close()
+        canary = TrafficPolicy.from_dict(record.document).canary if record is not None else None
+    except LockgateError:
+        return {}
+    if canary is None or not canary.state.active:
+        return {}
+    return {canary.stable: "stable", canary.canary: "canary"}
+
+
 def importance_section(model_repository: str | Path, state_dir: str | Path, model: str, version: str,
-                       windows: int | None = 1) -> ImportanceSection | None:
-    """None when the version has no closed importance window (no sampled explanations yet)."""
+                       windows: int | None = 1, roles: dict[str, str] | None = None) -> ImportanceSection | None:
+    """None when the version has no closed importance window (no sampled explanations yet).
+    ``roles`` ({version: "stable" | "canary"}, see ``traffic_roles``) names the canary's and the
+    stable version's baselines, e.g. "version 1 (stable)"."""
     live = _merged(state_dir, model, version, windows)
     if live is None:
         return None
@@ -62,7 +88,8 @@ def importance_section(model_repository: str | Path, state_dir: str | Path, mode
         if other != str(version):
             found = _merged(state_dir, model, other, windows)
             if found is not None:
-                baselines[f"version {other}"] = found[0].per_feature()
+                role = (roles or {}).get(other)
+                baselines[f"version {other}" + (f" ({role})" if role else "")] = found[0].per_feature()
     importance = window.per_feature()
     shifts = {name: importance_shift(importance, baseline) for name, baseline in baselines.items()}
     return ImportanceSection(model, str(version), window, count, baselines, shifts)

@@ -31,7 +31,7 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -153,8 +153,12 @@ def _chosen(request_id: str, share: float) -> bool:
 
 class ExplainService:
     def __init__(self, *, repository_root: Path, state_dir: Path | None, authenticator: Authenticator | None = None,
-                 workers: int = 1, nice: int = worker.WORKER_NICE, cpu_share: float = worker.CPU_SHARE) -> None:
+                 workers: int = 1, nice: int = worker.WORKER_NICE, cpu_share: float = worker.CPU_SHARE,
+                 canary_of: Callable[[str], tuple[str, str] | None] | None = None) -> None:
+        """``canary_of(model)`` -> ``(stable, canary)`` while a canary runs: the canary's
+        importance shift against the stable version is then also exposed as baseline "stable"."""
         self.repository_root = Path(repository_root)
+        self.canary_of = canary_of
         self.nice = nice
         self.cpu_share = cpu_share
         self.state_dir = Path(state_dir) if state_dir is not None else None
@@ -434,6 +438,9 @@ class ExplainService:
             for (other_model, other_version), other in latest.items():
                 if other_model == model and other_version != version:
                     baselines[f"version {other_version}"] = other.tracker.last.per_feature()
+            pair = self.canary_of(model) if self.canary_of is not None else None
+            if pair is not None and version == pair[1] and f"version {pair[0]}" in baselines:
+                baselines["stable"] = baselines[f"version {pair[0]}"]  # one series to alert on
             for name, baseline in baselines.items():
                 shift = importance_shift(live, baseline)
                 if shift is not None:

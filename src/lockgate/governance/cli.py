@@ -209,9 +209,10 @@ def report(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     print_report(result, console)
-    from lockgate.explain.report import html_section, importance_section, table as importance_table
+    from lockgate.explain.report import html_section, importance_section, table as importance_table, traffic_roles
 
-    importance = importance_section(model_repository, state_dir, model, result.version, windows or None)
+    importance = importance_section(model_repository, state_dir, model, result.version, windows or None,
+                                    roles=traffic_roles(state_dir, model))
     if importance is not None:
         console.print(importance_table(importance))
     if html is not None:

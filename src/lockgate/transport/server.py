@@ -179,7 +179,8 @@ class Gateway:
         self.routing = PolicyRouting(self.control)
         self.explain = ExplainService(repository_root=settings.model_repository, state_dir=settings.state_dir,
                                       authenticator=self.control.auth, workers=settings.explain_workers,
-                                      nice=settings.explain_nice, cpu_share=settings.explain_cpu_share)
+                                      nice=settings.explain_nice, cpu_share=settings.explain_cpu_share,
+                                      canary_of=self._canary_of)
         self.governance = GovernanceStage(
             repository_root=settings.model_repository, state_dir=settings.state_dir,
             tracing_enabled=self.telemetry.tracing is not None,
@@ -217,6 +218,12 @@ class Gateway:
         self.http_port = 0
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
+
+    def _canary_of(self, model: str) -> tuple[str, str] | None:
+        """(stable, canary) of the model's active canary, for the canary-vs-stable importance shift."""
+        policy = self.control.book.get(model)
+        canary = policy.canary if policy is not None else None
+        return (canary.stable, canary.canary) if canary is not None and canary.state.active else None
 
     def _http_server(self, settings: ServerSettings) -> Any:
         """The REST binding, the admin API over REST and the console, on ``http_port``."""
