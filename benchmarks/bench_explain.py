@@ -170,9 +170,26 @@ async def _round(port: int, seconds: float, callers: int, explain_rate: float) -
     return {"plain_rps": counts["plain"] / elapsed, **counts}
 
 
+def _pool_ready(port: int, timeout_s: float = 300.0) -> None:
+    """Wait until one explanation has been answered: the explain worker is spawned, shap is
+    imported and the explainer built (seconds of CPU that would otherwise land in a round)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while True:
+            try:
+                stub.ModelInfer(_request(True), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or time.monotonic() >= deadline:
+                    raise
+                # the explanation's own deadline passed while the pool was starting: ask again
+
+
 def throughput(port: int, args: argparse.Namespace) -> dict:
     """Pairs of rounds, none vs 1% explained, the order flipped every pair so drift in the machine's
     load cancels; the ratio is of the medians over all rounds of each kind."""
+    _pool_ready(port)  # the pool's spawn, imports and explainer build must not fall in a round
     asyncio.run(_round(port, 1.0, args.callers, 0.0))  # warm-up
     rounds = []
     none_rps: list[float] = []
