@@ -182,7 +182,7 @@ class Gateway:
         settings = self.settings
         services = GenericHandlersOnly(self.server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.pipeline, ready=self.ready), services
+            InferenceService(self.repository, self.pipeline, ready=self.ready, authenticator=self.control.auth), services
         )
         admin_service = add_admin_service(services, self.control, self.repository)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)

@@ -32,7 +32,7 @@ from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
-from lockgate.transport.grpc.call_metadata import call_metadata
+from lockgate.transport.grpc.call_metadata import authorization
 from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.admin")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
-AUTHORIZATION = "authorization"
 _GUARDRAIL_FIELDS = (
     "max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement",
     "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms",
@@ -106,14 +105,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         body: Callable[[Principal], T],
     ) -> T:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
-        header = None
-        for key, value in call_metadata(context):
-            if key.lower() == AUTHORIZATION:
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
         try:
             auth = self.plane.auth
-            principal = auth.authenticate(header)
+            principal = auth.authenticate(authorization(context))
             if permission is not None:
                 auth.authorize(principal, permission)
         except LockgateError as exc:

@@ -18,9 +18,11 @@ import grpc
 import lockgate
 from lockgate._proto import inference_pb2 as pb
 from lockgate._proto import inference_pb2_grpc as pb_grpc
+from lockgate.control.actor import acting_as
+from lockgate.control.auth import Authenticator, Permission
 from lockgate.errors import InferenceFailed, LockgateError
 from lockgate.pipeline import InferencePipeline, RequestContext
-from lockgate.transport.grpc.call_metadata import text_metadata
+from lockgate.transport.grpc.call_metadata import authorization, text_metadata
 from lockgate.transport.grpc.status import abort
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
 
@@ -30,6 +32,9 @@ PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["model_repository", "statistics", "health", "reflection", "lockgate_governance"]
 # Bounded look-ahead per stream: how many messages of one stream may be in flight at once.
 STREAM_WINDOW = 256
+# The audit trail's actor for a repository change when no tokens are configured (the API is
+# then open, as Triton's is): nobody authenticated, so nobody is named.
+ANONYMOUS_ACTOR = "anonymous"
 
 
 def _context(context: grpc.aio.ServicerContext) -> RequestContext:
@@ -50,10 +55,15 @@ def _duration(d: Any, target: Any) -> None:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event) -> None:
+    """The servicer. ``authenticator`` (the control plane's) guards the repository RPCs, which
+    change what is served: with tokens configured they need the ``load`` permission."""
+
+    def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event,
+                 authenticator: Authenticator | None = None) -> None:
         self.repository = repository
         self.pipeline = pipeline
         self._ready = ready
+        self.authenticator = authenticator
 
     # -- health & metadata -----------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -177,16 +187,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
         return response
 
+    def _repository_actor(self, context: Any, method: str, model: str) -> str:
+        """Who asks to change the loaded models: the token's principal (UNAUTHENTICATED without a
+        valid token, PERMISSION_DENIED without ``load``) when tokens are configured."""
+        auth = self.authenticator
+        if auth is None or not len(auth):
+            actor = ANONYMOUS_ACTOR
+        else:
+            try:
+                actor = auth.check(authorization(context), Permission.LOAD).name
+            except LockgateError as exc:
+                log.info("%s of model %r refused: %s", method, model, exc.message)
+                raise
+        log.info("%s of model %r by %s", method, model, actor)
+        return actor
+
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         try:
-            await self.repository.load(request.model_name)
+            with acting_as(self._repository_actor(context, "RepositoryModelLoad", request.model_name)):
+                await self.repository.load(request.model_name)
         except LockgateError as exc:
             return await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         try:
-            await self.repository.unload(request.model_name)
+            with acting_as(self._repository_actor(context, "RepositoryModelUnload", request.model_name)):
+                await self.repository.unload(request.model_name)
         except LockgateError as exc:
             return await abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
