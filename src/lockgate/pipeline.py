@@ -95,10 +95,12 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        limits: codec.Limits = codec.DEFAULT_LIMITS,
     ) -> None:
         self.repository = repository
         self.routing: RoutingStage = routing or DefaultRouting()
         self.governance = governance
+        self.limits = limits  # per-request bounds on what the codec decodes and encodes
         self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
@@ -140,7 +142,7 @@ class InferencePipeline:
         error: BaseException | None = None
         try:
             # decode
-            inputs = codec.decode_inputs(request, version.signature)
+            inputs = codec.decode_inputs(request, version.signature, self.limits)
             output_names = codec.requested_outputs(request, version.signature)
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
@@ -158,7 +160,7 @@ class InferencePipeline:
                 response.model_name = model.name
                 response.model_version = version.version
                 response.id = request.id
-            codec.encode_outputs(response, outputs, output_names)
+            codec.encode_outputs(response, outputs, output_names, self.limits.max_output_bytes)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
@@ -180,3 +182,6 @@ class InferencePipeline:
             self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
             if trace is not None:
                 trace.finish(error, start_ns + elapsed)
+            # The raised error's traceback holds this frame (the request, its arrays): keeping
+            # the error here too would make a cycle that only a full GC frees.
+            error = None

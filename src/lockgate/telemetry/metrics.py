@@ -95,6 +95,8 @@ FAMILIES: dict[str, FamilySpec] = {
     # control plane
     "lockgate_audit_entries": FamilySpec("counter", "Entries appended to the hash-chained audit trail", ("action",)),
     "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit chain verification passed, 0 if it failed", ()),
+    # transport (filled by lockgate.transport.grpc.inference)
+    "lockgate_grpc_events": FamilySpec("counter", "Inference calls answered outside the request path, by cause: undecodable, ended_before_reply, refused_draining, internal", ("cause",)),
     # telemetry itself (filled by lockgate.telemetry.tracing)
     "lockgate_otel_spans_exported": FamilySpec("counter", "Spans the OTLP exporter delivered", ()),
     "lockgate_otel_spans_dropped": FamilySpec("counter", "Spans dropped: queue_full or export_failed", ("reason",)),

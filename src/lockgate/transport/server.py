@@ -24,7 +24,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from lockgate._descriptor_pool import POOL
-from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import elector_for
@@ -39,7 +38,8 @@ from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import install as install_telemetry
 from lockgate.transport.grpc.admin import add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
-from lockgate.transport.grpc.inference import InferenceService
+from lockgate.transport.drain import DrainGate
+from lockgate.transport.grpc.inference import InferenceService, add_inference_service
 
 log = logging.getLogger("lockgate.server")
 
@@ -156,12 +156,14 @@ class Gateway:
         if self.fleet is not None:
             self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
         self.repository.releasers.append(self.governance.release)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
+                                          limits=settings.limits.for_codec(settings.max_send_message_bytes))
         self.ready = asyncio.Event()
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
         self._stopping = asyncio.Event()
+        self.gate = DrainGate()  # admission of data-plane calls; drained on SIGTERM
         self._background: list[asyncio.Task] = []
         self.repository.listeners.append(self._on_models_changed)
         self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
@@ -181,9 +183,10 @@ class Gateway:
     async def start(self) -> int:
         settings = self.settings
         services = GenericHandlersOnly(self.server)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.pipeline, ready=self.ready, authenticator=self.control.auth), services
-        )
+        self.inference = InferenceService(self.repository, self.pipeline, ready=self.ready,
+                                          authenticator=self.control.auth, gate=self.gate)
+        add_inference_service(services, self.inference)
+        self.telemetry.register_source("grpc", self.inference.metric_samples)
         admin_service = add_admin_service(services, self.control, self.repository)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

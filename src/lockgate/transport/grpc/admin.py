@@ -33,7 +33,7 @@ from lockgate.control.validation import onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
 from lockgate.transport.grpc.call_metadata import authorization
-from lockgate.transport.grpc.status import grpc_code, message_of
+from lockgate.transport.grpc.status import abort, grpc_code, message_of
 from lockgate.routing.changes import NotServable
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
 
@@ -103,7 +103,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         method: str,
         permission: Permission | None,
         body: Callable[[Principal], T],
-    ) -> T:
+    ) -> T | None:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
         try:
             auth = self.plane.auth
@@ -111,10 +111,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if permission is not None:
                 auth.authorize(principal, permission)
         except LockgateError as exc:
-            code, message = status_of(exc)
-            log.info("admin %s refused: %s", method, message)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
+            log.info("admin %s refused: %s", method, message_of(exc))
+            await abort(context, exc)
+            return None  # grpc finishes the aborted call
         try:
             result = await asyncio.to_thread(body, principal)
         except Exception as exc:
@@ -123,8 +122,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 log.exception("admin %s by %s failed", method, principal.name)
             else:
                 log.info("admin %s by %s: %s: %s", method, principal.name, code.name, message)
-            await context.abort(code, message)
-            raise  # unreachable
+            await abort(context, exc)
+            return None
         # Changes are worth a line each; reads (polled by dashboards and scripts) are not.
         log.log(logging.DEBUG if permission in (None, Permission.READ) else logging.INFO,
                 "admin %s by %s: ok", method, principal.name)
