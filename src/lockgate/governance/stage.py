@@ -51,6 +51,7 @@ class GovernanceStage:
             version.model, version.version, config,
             [spec.name for spec in version.signature.inputs], profile,
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
+            output_shapes={spec.name: spec.shape for spec in version.signature.outputs},
             state_dir=self.state_dir,
         )
         for subscriber in self.subscribers:
