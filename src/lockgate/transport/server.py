@@ -39,6 +39,7 @@ from lockgate.telemetry.integration import install as install_telemetry
 from lockgate.transport.grpc.admin import add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
 from lockgate.transport.drain import DrainGate
+from lockgate.transport.ports import PortClaim, PortInUse, check_free, claim, stop_listening
 from lockgate.transport.grpc.inference import InferenceService, add_inference_service
 
 log = logging.getLogger("lockgate.server")
@@ -201,7 +202,10 @@ class Gateway:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.host}:{settings.grpc_port}"
         creds = _credentials(settings)
-        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise PortInUse(f"cannot bind gRPC port {settings.grpc_port} on {settings.host}: {exc}") from None
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
@@ -210,7 +214,11 @@ class Gateway:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
         self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
-        self.telemetry.start()
+        try:
+            self.telemetry.start()
+        except OSError as exc:  # taken since the startup check
+            raise PortInUse(f"metrics port {self.telemetry.metrics_port} on {self.telemetry.metrics_host} "
+                            f"is already in use ({exc.strerror})") from None
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
@@ -245,7 +253,7 @@ class Gateway:
         self.ready.clear()
         await self.health.enter_graceful_shutdown()
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
-        await self.server.stop(self.settings.drain_timeout_s)
+        await self._drain_calls()
         await self.routing.drain()
         for task in self._background:
             task.cancel()
@@ -259,6 +267,21 @@ class Gateway:
         await self.control.close()
         self.telemetry.close()  # flush spans (bounded), close /metrics
         log.info("stopped")
+
+    async def _drain_calls(self) -> None:
+        """Every call accepted before SIGTERM gets its real answer (see ``transport.drain``):
+        stop listening, serve what already arrived, refuse what comes after with UNAVAILABLE,
+        and stop grpc only once nothing is left for it to cancel."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        self.gate.begin()
+        shut = stop_listening(self.port)
+        log.info("draining: %d listening socket(s) on port %d shut, new connections are refused "
+                 "(grpc logs 'Closing acceptor' for each)", shut, self.port)
+        quiet = await self.gate.wait_quiet(deadline)
+        await self.server.stop(max(deadline - time.monotonic(), 0.0))
+        gate = self.gate
+        log.info("drain %s: %d call(s) served after the signal, %d refused with UNAVAILABLE",
+                 "complete" if quiet else "timed out", gate.admitted_after_signal, gate.refused)
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
@@ -276,7 +299,11 @@ async def serve(settings: ServerSettings) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except PortInUse:
+        await gateway.stop()  # release what started (sessions, store) before the one-line exit
+        raise
     await gateway.server.wait_for_termination()
     if stop_task:
         await stop_task[0]
@@ -290,16 +317,41 @@ def configure_logging(level: str) -> None:
     )
 
 
-def run_single(settings: ServerSettings) -> None:
+def claim_ports(settings: ServerSettings, workers: int = 1) -> PortClaim | None:
+    """The owner's startup check (single server or supervisor): the metrics ports of every
+    worker are free and the gRPC port is claimed (``transport.ports``). Raises ``PortInUse``."""
+    metrics = settings.telemetry.metrics
+    if metrics.enabled and settings.metrics_port:
+        for index in range(workers):
+            check_free("metrics", metrics.host or settings.host, settings.metrics_port + index)
+    return claim(settings.host, settings.grpc_port)
+
+
+def _exit_port_in_use(exc: PortInUse) -> None:
+    log.error("%s", exc)
+    raise SystemExit(2)
+
+
+def run_single(settings: ServerSettings, *, owns_port: bool = True) -> None:
+    """One serving process; ``owns_port=False`` for a worker, whose supervisor claimed it."""
     configure_logging(settings.log_level)
-    uv = _install_uvloop()
-    log.info("event loop: %s", "uvloop" if uv else "asyncio")
-    asyncio.run(serve(settings))
+    held = None
+    try:
+        if owns_port:
+            held = claim_ports(settings)
+        uv = _install_uvloop()
+        log.info("event loop: %s", "uvloop" if uv else "asyncio")
+        asyncio.run(serve(settings))
+    except PortInUse as exc:
+        _exit_port_in_use(exc)
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _worker_main(settings_json: str, index: int) -> None:
     os.environ["LOCKGATE_WORKER_INDEX"] = str(index)
-    run_single(ServerSettings.model_validate_json(settings_json))
+    run_single(ServerSettings.model_validate_json(settings_json), owns_port=False)
 
 
 def run(settings: ServerSettings) -> None:
@@ -310,6 +362,10 @@ def run(settings: ServerSettings) -> None:
     if settings.grpc_port == 0:
         raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
     configure_logging(settings.log_level)
+    try:
+        held = claim_ports(settings, settings.workers)  # held until the workers are gone
+    except PortInUse as exc:
+        _exit_port_in_use(exc)
     ctx = multiprocessing.get_context("spawn")
     payload = settings.model_copy(update={"workers": 1}).model_dump_json()
     procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]
@@ -326,6 +382,8 @@ def run(settings: ServerSettings) -> None:
     signal.signal(signal.SIGINT, forward)
     for proc in procs:
         proc.join()
+    if held is not None:
+        held.release()
     codes = [p.exitcode for p in procs]
     if any(codes):
         raise SystemExit(f"workers exited with codes {codes}")

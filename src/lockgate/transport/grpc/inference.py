@@ -298,7 +298,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await self._refuse_undecodable(request, context)
         gate = self.gate
         if gate.draining and not gate.admit():
-            self.events.record("refused_draining", "ModelInfer refused: shutting down")
+            self.events.record("refused_draining", "ModelInfer refused: shutting down", level=logging.INFO)
             return await abort(context, shutting_down(), self.events)
         gate.in_flight += 1
         try:
@@ -336,7 +336,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return self._stream_error(request.error())
 
     async def _stream_refused(self, request: Any) -> Any:
-        self.events.record("refused_draining", "ModelStreamInfer message refused: shutting down")
+        self.events.record("refused_draining", "ModelStreamInfer message refused: shutting down", level=logging.INFO)
         return self._stream_error(shutting_down(), None if request.__class__ is Undecodable else request)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
@@ -348,7 +348,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """
         gate = self.gate
         if gate.draining and not gate.admit():
-            self.events.record("refused_draining", "ModelStreamInfer refused: shutting down")
+            self.events.record("refused_draining", "ModelStreamInfer refused: shutting down", level=logging.INFO)
             await abort(context, shutting_down(), self.events)
             return
         ctx = _context(context)
