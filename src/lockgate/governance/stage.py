@@ -118,6 +118,8 @@ class GovernanceStage:
             yield Sample("lockgate_payload_samples", mv, stats["sampled"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "queue_full"}, stats["payload_dropped"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
+            payload = stats["payload"] or {}
+            yield Sample("lockgate_payload_dropped", {**mv, "reason": "write_failed"}, payload.get("failed", 0))
             report = engine.monitor.last_report
             if report is None:
                 continue
