@@ -243,6 +243,9 @@ def decode_inputs(request: Any, signature: Signature, limits: Limits = DEFAULT_L
             )
         _check_shape(spec, shape, signature.max_batch_size)
         count = math.prod(shape)
+        if count == 0 and shape and max(shape) > limits.max_elements:  # [0, 2**62]: empty, but not a shape numpy can hold
+            raise LimitExceeded(f"input '{name}': dimension {max(shape)} of shape {_shape_text(shape)} is larger "
+                                f"than the server's limits.max_elements {limits.max_elements}")
         elements += count
         if elements > limits.max_elements:
             raise LimitExceeded(f"input '{name}': shape {_shape_text(shape)} brings the request to {elements} "
