@@ -21,22 +21,19 @@ Goal: the checks cost <= 2% (after/before >= 0.98).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_governance import governance_section, write_repo
-from benchmarks.harness import Cell, Harness, prepare_workload
+from benchmarks.harness import Cell, Harness, ab_arguments, prepare_workload, save_result
 from benchmarks.models import MLP
 from benchmarks.servers import LOCKGATE_BIN, REPO_ROOT, install_cleanup, lockgate_target
 
@@ -101,12 +98,8 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ab_arguments(__doc__.splitlines()[0], levels="1,128", repeats=6, duration=3.0)
     parser.add_argument("--baseline", default=None, help="git ref of the code before (default: merge base with main)")
-    parser.add_argument("--levels", default="1,128")
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x]
     if not LOCKGATE_BIN.exists():
@@ -138,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     result = {"baseline": commit, "head": head, "cells": [c.as_dict() for c in cells.values()], "goals": goals,
               "healthy_after": healthy, "failures": failures, "markdown": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_file = args.out / f"hardening-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out_file.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out_file}")
-    errors = sum(c.errors for c in cells.values())
-    return 1 if errors or failures or not all(healthy.values()) else 0
+    return save_result(args.out, "hardening", result, cells, failures, healthy)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from conftest import slow_model, write_model
 from lockgate.demo import mlp_model
 from lockgate_process import LockgateProcess
+from replica_helpers import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +47,6 @@ def series(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_for(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 def test_payload_log_write_failures_are_counted_not_traced(server: LockgateProcess) -> None:
     """Before: a traceback in the log for every sampled request while the disk refused writes."""
     request = service_pb2.ModelInferRequest(model_name="logged", id="r")
@@ -65,8 +57,8 @@ def test_payload_log_write_failures_are_counted_not_traced(server: LockgateProce
         for i in range(300):
             request.id = f"r{i}"
             assert stub.ModelInfer(request, timeout=30).raw_output_contents  # serving goes on
-    assert wait_for(lambda: series(scrape(server), "lockgate_payload_dropped_total", model="logged",
-                                   reason="write_failed") >= 300), scrape(server)
+    wait_for(lambda: series(scrape(server), "lockgate_payload_dropped_total", model="logged",
+                            reason="write_failed") >= 300, 60, 0.1, "300 write_failed drops counted")
     log = server.log()
     assert "Traceback" not in log, log[-3000:]
     assert 1 <= log.count("payload log write failed") <= 3, log[-3000:]

@@ -1,16 +1,21 @@
 """The process's edges against real servers: SIGTERM under load loses no accepted request
-(unary or streamed), and the ports are this lockgate's own (a stranger on the gRPC port, or a
-metrics port already taken, is a one-line startup error)."""
+(gRPC unary or streamed, REST) and refuses new connections on both ports while it drains, and
+the ports are this lockgate's own (a stranger on the gRPC or the HTTP port, or a metrics port
+already taken, is a one-line startup error)."""
 
 from __future__ import annotations
 
 import collections
+import errno
+import http.client
+import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -89,39 +94,103 @@ def _stream_client(url: str, outcomes: collections.Counter, started: threading.B
             outcomes["stream_OK"] += 1
 
 
+REST_BODY = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 8], "data": [1.0] * 8}]})
+
+
+def _rest_client(address: str, outcomes: collections.Counter, started: threading.Barrier) -> None:
+    """A keep-alive REST client that calls until refused: 200s, then a 503 on its open
+    connection or a refused new connection. A request sent that gets no answer is a loss."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def call() -> int:
+        conn.request("POST", "/v2/models/clf/infer", REST_BODY, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status == 200:
+            assert len(json.loads(body)["outputs"][0]["data"]) == 3
+        return response.status
+
+    call()
+    started.wait()
+    while True:
+        try:
+            status = call()
+        except ConnectionRefusedError:
+            outcomes["rest_connect_refused"] += 1  # a new connection during the drain: nothing was sent
+            break
+        except (http.client.HTTPException, OSError) as exc:
+            outcomes[f"rest_LOST_{type(exc).__name__}"] += 1
+            break
+        if status == 200:
+            outcomes["rest_OK"] += 1
+            continue
+        outcomes[f"rest_{status}"] += 1
+        break
+    conn.close()
+
+
+def _watch_listeners(ports: list[int], proc, refused: dict[int, bool], stop: threading.Event) -> None:
+    """After SIGTERM: does a new connection to each port get refused while the process lives?"""
+    while not stop.is_set() and not all(refused.values()):
+        for port in ports:
+            if refused[port]:
+                continue
+            with socket.socket() as sock:
+                sock.settimeout(5)
+                code = sock.connect_ex(("127.0.0.1", port))
+            if code == errno.ECONNREFUSED and proc.poll() is None:
+                refused[port] = True
+        time.sleep(0.002)
+
+
 @pytest.mark.parametrize("run", range(5))
 def test_sigterm_under_load_loses_no_accepted_request(repo: Path, run: int) -> None:
     """Before: 4-15 of 16 in-flight requests CANCELLED per SIGTERM (grpc cancels what its core
     had received but not handed over), and the process exited 0.1-0.5 s later."""
     proc = LockgateProcess(repo).wait_ready()
     outcomes: collections.Counter = collections.Counter()
-    started = threading.Barrier(16 + 2 + 1)
+    started = threading.Barrier(16 + 2 + 4 + 1)
     threads = [threading.Thread(target=_unary_client, args=(proc.url, outcomes, started)) for _ in range(16)]
     threads += [threading.Thread(target=_stream_client, args=(proc.url, outcomes, started)) for _ in range(2)]
+    threads += [threading.Thread(target=_rest_client, args=(proc.http_url, outcomes, started)) for _ in range(4)]
     for thread in threads:
         thread.start()
     started.wait(timeout=60)
     time.sleep(0.5)  # under load
+    refused = {proc.port: False, proc.http_port: False}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_listeners, args=(list(refused), proc.proc, refused, stop))
     proc.proc.send_signal(signal.SIGTERM)
+    watcher.start()
     for thread in threads:
         thread.join(120)
     code = proc.proc.wait(60)
+    stop.set()
+    watcher.join(30)
     log = proc.log()
     proc.terminate()
     assert code == 0, log[-3000:]
     assert not LOSSES & set(outcomes), (dict(outcomes), log[-3000:])
-    assert outcomes["OK"] > 16 and outcomes["stream_OK"] > 0, dict(outcomes)
+    assert not [k for k in outcomes if "LOST" in k], (dict(outcomes), log[-3000:])
+    assert outcomes["OK"] > 16 and outcomes["stream_OK"] > 0 and outcomes["rest_OK"] > 4, dict(outcomes)
+    # Every REST client ends with a refusal: a 503 on its connection, or a refused new one.
+    assert outcomes["rest_503"] + outcomes["rest_connect_refused"] == 4, dict(outcomes)
+    # While it drained, the kernel refused new connections on both ports.
+    assert all(refused.values()), refused
     # Every unary client ends with a refusal, never a lost call; streams end OK or UNAVAILABLE.
     assert outcomes["UNAVAILABLE"] == 16, dict(outcomes)
     assert outcomes["stream_end_OK"] + outcomes["stream_end_UNAVAILABLE"] == 2, dict(outcomes)
     assert "drain complete" in log and "Traceback" not in log, log[-3000:]
 
 
-def _lockgate(repo: Path, grpc_port: int, metrics_port: int, tmp: Path, *extra: str) -> subprocess.Popen:
+def _lockgate(repo: Path, grpc_port: int, metrics_port: int, tmp: Path, *extra: str,
+              http_port: int | None = None) -> subprocess.Popen:
+    http_port = free_port() if http_port is None else http_port
     return subprocess.Popen(
         [*LOCKGATE, "serve", "--model-repository", str(repo), "--grpc-port", str(grpc_port), "--metrics-port",
-         str(metrics_port), "--host", "127.0.0.1", "--state-dir", str(tmp / f"state-{grpc_port}-{metrics_port}"),
-         "--allow-unapproved", *extra],
+         str(metrics_port), "--http-port", str(http_port), "--host", "127.0.0.1",
+         "--state-dir", str(tmp / f"state-{grpc_port}-{metrics_port}"), "--allow-unapproved", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -143,9 +212,17 @@ def test_a_second_server_cannot_take_a_port_that_is_serving(repo: Path, tmp_path
         assert f"gRPC port {first.port} on 127.0.0.1 is already in use by another process" in out, out
         assert "Traceback" not in out and "lockgate ready on" not in out, out
         assert _pids_answering(first.url, 30) == {str(first.proc.pid)}  # no traffic went astray
-        # --workers siblings still share a port: the owner claims it for them.
-        port = free_port()
-        workers = _lockgate(repo, port, free_port(), tmp_path, "--workers", "2")
+        # The same on the HTTP port: a stranger with a gRPC port of its own still cannot share it.
+        stranger = _lockgate(repo, free_port(), free_port(), tmp_path, http_port=first.http_port)
+        out, _ = stranger.communicate(timeout=120)
+        assert stranger.returncode == 2, out
+        assert f"HTTP port {first.http_port} on 127.0.0.1 is already in use by another process" in out, out
+        assert "Traceback" not in out and "lockgate ready on" not in out, out
+        status, _ = first.post("/v2/repository/index")
+        assert status == 200
+        # --workers siblings still share the ports: the owner claims them for them.
+        port, http_port = free_port(), free_port()
+        workers = _lockgate(repo, port, free_port(), tmp_path, "--workers", "2", http_port=http_port)
         try:
             deadline = time.monotonic() + 90
             pids: set[str] = set()
@@ -155,9 +232,15 @@ def test_a_second_server_cannot_take_a_port_that_is_serving(repo: Path, tmp_path
                 except grpc.RpcError:
                     time.sleep(0.2)
             assert len(pids) == 2, pids
+            for _ in range(10):  # the workers serve REST on the one HTTP port too
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2", timeout=30) as reply:
+                    assert reply.status == 200
             late = _lockgate(repo, port, free_port(), tmp_path)
             out, _ = late.communicate(timeout=120)
             assert late.returncode == 2 and "already in use by another process" in out, out
+            late = _lockgate(repo, free_port(), free_port(), tmp_path, http_port=http_port)
+            out, _ = late.communicate(timeout=120)
+            assert late.returncode == 2 and f"HTTP port {http_port}" in out, out
         finally:
             workers.send_signal(signal.SIGTERM)
             assert workers.wait(120) == 0

@@ -2,7 +2,8 @@
 streams, over models of every kind (FP32, INT64, BYTES, two inputs with governance, a free
 last dimension).
 
-Each run sends at least 5,000 messages: random bytes; valid requests mutated by bit flips,
+Each run sends at least 5,000 messages (gRPC), and 1,200 REST bodies to the HTTP port, which
+turns them into the same requests: random bytes; valid requests mutated by bit flips,
 truncation and splices; and structurally valid but hostile requests (negative, zero, huge and
 overflowing dims; content lengths that do not match; more raw contents than inputs; duplicate
 input names; unknown datatypes; BYTES with bad length prefixes; FP16 in typed contents;
@@ -14,7 +15,8 @@ parameters of odd types; thousands of inputs; 64 MiB messages). Asserted:
 * a valid request to an identity model gets its own data back;
 * ServerLive, called from another process all through the run, answers within 100 ms (on a
   machine that copies 64 MB in 10 ms; the bound scales on a slower one, see ``liveness_budget``);
-* the server's resident memory after the run is within 50 MB of before.
+* the server's resident memory after the run is within 50 MB of before;
+* every REST body gets 200, 400, 404, 413 or 429 (never 500), with a JSON error.
 
 The seed is random per run (``LOCKGATE_FUZZ_SEED`` repeats one) and named in every failure.
 """
@@ -246,6 +248,65 @@ def message(rng: random.Random) -> tuple[bytes, Callable[[service_pb2.ModelInfer
     return request.SerializeToString(), check
 
 
+# ------------------------------------------------------------------ REST bodies
+REST_STATUSES = {200, 400, 404, 413, 429}
+REST_MESSAGES = 1_200
+
+
+def _rest_valid(rng: random.Random) -> tuple[str, dict, dict[str, np.ndarray]]:
+    request, model, arrays = valid(rng)
+    inputs = []
+    for tensor in request.inputs:
+        array = arrays[tensor.name]
+        data = [v.decode() for v in array.ravel()] if array.dtype == object else array.ravel().tolist()
+        inputs.append({"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape), "data": data})
+    return model, {"id": request.id, "inputs": inputs}, arrays
+
+
+def rest_message(rng: random.Random) -> tuple[str, bytes, dict[str, str]]:
+    """(path, body, headers): random bytes, a mutated valid body, or a hostile one."""
+    model, body, _ = _rest_valid(rng)
+    path = f"/v2/models/{model}/infer"
+    kind = rng.random()
+    if kind < 0.15:
+        return path, bytes(rng.randrange(256) for _ in range(rng.randrange(500))), {}
+    if kind < 0.4:
+        return path, _mutate(rng, json.dumps(body).encode()), {}
+    if kind < 0.85:
+        tensor = body["inputs"][0]
+        choice = rng.randrange(10)
+        if choice == 0:
+            tensor["shape"] = rng.choice([[2**63], [2**64], [-1, 4], [0, 2**62], [2**40, 2**40], [1] * rng.randrange(17, 200),
+                                          [], "x", [1.5, 2], [True]])
+        elif choice == 1:
+            tensor["datatype"] = rng.choice(["FP8", "", "x" * 5000, 7, None, "BYTES", "FP16", "BOOL"])
+        elif choice == 2:
+            tensor["data"] = rng.choice([[], [[1, 2], [3]], "abc", [None], [{"a": 1}], [2**70], [float("nan")],
+                                         json.loads("[" * 60 + "1" + "]" * 60)])
+        elif choice == 3:  # binary_data_size that does not match what follows
+            del tensor["data"]
+            tensor["parameters"] = {"binary_data_size": rng.choice([0, 3, 2**40, -1, "8", 2**64])}
+            header = json.dumps(body).encode()
+            tail = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+            return path, header + tail, {"Inference-Header-Content-Length": rng.choice([str(len(header)), "-5", "x", str(2**70)])}
+        elif choice == 4:
+            body["parameters"] = {"timeout": rng.choice([-1, 0, "x", 1e308, 2**70]), "binary_data_output": rng.random() < 0.5,
+                                  "routing_key": rng.choice([[1], {"a": 1}, "k"])}
+        elif choice == 5:
+            body["outputs"] = rng.choice([[{"name": "x" * 3000}], [{}], "OUTPUT0", [{"name": "OUTPUT0", "parameters": {"classification": 2}}]])
+        elif choice == 6:
+            body["inputs"] = [dict(tensor, name=f"in{i}") for i in range(rng.randrange(100, 2000))]
+        elif choice == 7:
+            body["inputs"].append(dict(tensor))  # duplicate name
+        elif choice == 8:
+            path = rng.choice(["/v2/models/nope/infer", "/v2/models/m_fp32/versions/9/infer", "/v2/models//infer",
+                               "/v2/models/m_fp32/versions/1/infer/x", "/v2/repository/models/../load"])
+        else:
+            body = rng.choice([[], "x", None, {"inputs": None}, {"id": 5, "inputs": body["inputs"]}])
+        return path, json.dumps(body).encode(), {}
+    return path, json.dumps(body).encode(), {}
+
+
 # ------------------------------------------------------------------ liveness probe (own process)
 PROBE = r"""
 import json, sys, time, grpc
@@ -338,6 +399,38 @@ def test_fuzz_every_inference_rpc(server: LockgateProcess) -> None:
                 unary("ModelInfer", *message(local))
 
     stream_replies: list[int] = []
+    rest_codes: collections.Counter = collections.Counter()
+
+    def rest_worker(seed: int, n: int) -> None:
+        import http.client
+
+        local = random.Random(seed)
+        host, port = server.http_url.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        for _ in range(n):
+            path, body, headers = rest_message(local)
+            try:
+                conn.request("POST", path, body, {"Content-Type": "application/json", **headers})
+                response = conn.getresponse()
+                text = response.read()
+            except (http.client.HTTPException, OSError) as exc:
+                with lock:
+                    wrong.append(f"REST {path}: {type(exc).__name__} {exc} for {body[:80]!r}")
+                conn.close()
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                continue
+            ok = response.status in REST_STATUSES or (response.status == 401 and "/repository/" in path)
+            if ok and response.status != 200:
+                try:
+                    ok = "internal error" not in json.loads(text)["error"]
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+            if not ok:
+                with lock:
+                    wrong.append(f"REST {path}: {response.status} {text[:300]!r} for {body[:80]!r}")
+            with lock:
+                rest_codes[response.status] += 1
+        conn.close()
 
     def stream_worker(seed: int) -> None:
         local = random.Random(seed)
@@ -363,6 +456,7 @@ def test_fuzz_every_inference_rpc(server: LockgateProcess) -> None:
 
     workers = [threading.Thread(target=unary_worker, args=(rng.randrange(2**32), UNARY_MESSAGES // 4)) for _ in range(4)]
     workers += [threading.Thread(target=stream_worker, args=(rng.randrange(2**32),)) for _ in range(STREAMS)]
+    workers += [threading.Thread(target=rest_worker, args=(rng.randrange(2**32), REST_MESSAGES // 2)) for _ in range(2)]
     started = time.monotonic()
     for worker in workers:
         worker.start()
@@ -380,6 +474,7 @@ def test_fuzz_every_inference_rpc(server: LockgateProcess) -> None:
     assert stream_replies == [STREAM_MESSAGES] * STREAMS, (stream_replies, tag)  # every message answered
     by_code = collections.Counter(code for (_, code), n in codes.items() for _ in range(n))
     assert by_code["OK"] > 200 and by_code["INVALID_ARGUMENT"] > 1000, (by_code, tag)
+    assert sum(rest_codes.values()) == REST_MESSAGES and rest_codes[200] > 50 and rest_codes[400] > 300, (rest_codes, tag)
     budget = liveness_budget()
     assert len(live) > 10 and max(live) < budget, (f"ServerLive max {max(live) * 1000:.1f} ms over {len(live)} calls "
                                                    f"in {elapsed:.1f} s; budget {budget * 1000:.0f} ms", tag)

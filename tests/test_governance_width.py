@@ -104,3 +104,25 @@ def test_nan_and_inf_are_refused_on_features_without_a_rule(stub, feature: str, 
     assert code is grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert f"row 1 feature '{feature}'" in details and rule in details, details
     assert stub.ModelInfer(fp32("credit", credit_rows(3), "features"), timeout=60).raw_output_contents
+
+
+def test_rest_requests_meet_the_same_width_and_nan_rules(server: LockgateProcess) -> None:
+    """REST builds the ModelInferRequest gRPC would carry: the width and NaN/Inf rules hold
+    there too, with the same messages."""
+    from lockgate.demo import DEMO_FEATURES
+    from test_dataplane_hostile import rest_post
+
+    wide = [[-5.0] + [1.0] * 31]
+    status, reply = rest_post(server, "/v2/models/ruled/infer",
+                              {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 32], "data": wide}]})
+    assert status == 400 and "does not give 1 feature per row" in reply["error"], (status, reply)
+    x = credit_rows(2)
+    x[0, DEMO_FEATURES.index("credit_lines")] = np.nan
+    header = {"inputs": [{"name": "features", "datatype": "FP32", "shape": list(x.shape),
+                          "parameters": {"binary_data_size": x.nbytes}}]}
+    import json
+
+    head = json.dumps(header).encode()
+    status, reply = rest_post(server, "/v2/models/credit/infer", head + np.ascontiguousarray(x, np.float32).tobytes(),
+                              {"Inference-Header-Content-Length": str(len(head))})
+    assert status == 400 and "feature 'credit_lines'" in reply["error"] and "allow_nan=false" in reply["error"], reply

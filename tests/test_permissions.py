@@ -1,11 +1,14 @@
-"""Authorization of every RPC the gRPC port serves, walked from the README's permission table
-against a real server whose tokens cover every role; and the repository RPCs (Triton's
-``load_model``/``unload_model``) refused without the ``load`` permission, with the real caller
-as the audit trail's actor."""
+"""Authorization of every RPC the gRPC port serves and every endpoint of the HTTP port, walked
+from the README's permission tables against a real server whose tokens cover every role; and
+the repository calls (Triton's ``load_model``/``unload_model``, over gRPC and REST) refused
+without the ``load`` permission, with the real caller as the audit trail's actor."""
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -43,6 +46,13 @@ def readme_table() -> dict[tuple[str, str], str]:
         match = re.match(r"`(\w+)`", cell)
         rows[(service, rpc)] = match.group(1) if match else cell.strip()
     return rows
+
+
+def readme_http_table() -> list[tuple[str, str, str]]:
+    """(HTTP method, path template, permission cell) of the HTTP port's table."""
+    section = README.read_text().split("### Permissions per RPC", 1)[1].split("\n#", 1)[0]
+    return [(method, path, (re.match(r"`(\w+)`", cell) or re.match(r"(.*)", cell)).group(1).strip())
+            for method, path, cell in re.findall(r"^\| `(GET|POST)` \| `(/[^`]*)` \| ([^|]+?) \|$", section, re.M)]
 
 
 def served_rpcs() -> set[tuple[str, str]]:
@@ -168,3 +178,86 @@ def test_repository_load_and_unload_need_the_load_permission(server: LockgatePro
     assert not [a for a, action in trail if action == "model.unload" and a != NAMES[Role.ADMIN]], trail
     assert "tok-" not in server.log()  # tokens never reach the log
     client.close()
+
+
+def _http(server: LockgateProcess, method: str, path: str, token: str | None, body: object = None) -> tuple[int, object]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body if body is not None else {}).encode() if method == "POST" else None
+    request = urllib.request.Request(f"http://{server.http_url}{path}", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read()
+    try:
+        return status, json.loads(text) if text else None
+    except ValueError:
+        return status, text
+
+
+INFER_BODY = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+HTTP_REFUSED = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED"}
+
+
+def test_every_http_endpoint_needs_exactly_the_permission_in_the_readme(server: LockgateProcess) -> None:
+    table = readme_http_table()
+    grpc_table = readme_table()
+    assert len(table) >= 12, table
+    rows: list[tuple[str, str, str]] = []
+    for method, template, needed in table:
+        if "{Method}" in template:  # the admin API over REST: each RPC's own row
+            admin = sorted((rpc, cell) for (service, rpc), cell in grpc_table.items() if service.endswith("AdminService"))
+            assert admin
+            rows += [(method, template.replace("{Method}", rpc), cell) for rpc, cell in admin]
+            continue
+        assert needed == "none" or needed in {p.value for p in Permission}, (template, needed)
+        model = "spare" if "/repository/models/" in template else "clf"
+        rows.append((method, template.replace("{m}", model), needed))
+        if template.startswith("/v2/models/{m}"):  # the versioned form asks the same
+            rows.append((method, template.replace("{m}", f"{model}/versions/1"), needed))
+    wrong: list[str] = []
+    for method, path, needed in rows:
+        body = INFER_BODY if path.endswith("/infer") else None
+        if needed == "none":
+            for token in (None, "not-a-token", TOKENS[Role.VIEWER]):
+                status, reply = _http(server, method, path, token, body)
+                if status in HTTP_REFUSED or status >= 500:
+                    wrong.append(f"{method} {path} with {token!r}: {status} {reply}, expected no auth")
+            continue
+        for token in (None, "not-a-token"):
+            status, reply = _http(server, method, path, token, body)
+            if status != 401:
+                wrong.append(f"{method} {path} with {token!r}: {status} {reply}, expected 401")
+        for role, token in TOKENS.items():
+            allowed = needed == "token" or Permission(needed) in PERMISSIONS[role]
+            status, reply = _http(server, method, path, token, body)
+            if allowed and (status in HTTP_REFUSED or status >= 500):
+                wrong.append(f"{method} {path} as {role.value}: {status} {reply}, expected it allowed")
+            if not allowed and status != 403:
+                wrong.append(f"{method} {path} as {role.value}: {status} {reply}, expected 403")
+    # the walk unloaded "spare" last (as admin): put it back for the other tests
+    assert _http(server, "POST", "/v2/repository/models/spare/load", TOKENS[Role.ADMIN])[0] == 200
+    assert wrong == [], wrong
+
+
+def test_rest_repository_calls_name_the_real_caller_in_the_audit_trail(server: LockgateProcess) -> None:
+    """Before: REST load/unload were checked for ``load`` but audited as ``system:lockgate``."""
+    for action in ("unload", "load"):
+        status, reply = _http(server, "POST", f"/v2/repository/models/spare/{action}", None)
+        assert status == 401, reply
+        status, reply = _http(server, "POST", f"/v2/repository/models/spare/{action}", TOKENS[Role.OPERATOR])
+        assert status == 403 and "'load'" in reply["error"], reply
+        status, reply = _http(server, "POST", f"/v2/repository/models/spare/{action}", TOKENS[Role.ADMIN])
+        assert status == 200, reply
+    status, reply = _http(server, "POST", "/v2/repository/models/%2E%2E/load", TOKENS[Role.ADMIN])
+    assert status in (400, 404), reply
+    status, reply = _http(server, "POST", "/admin/v1/AuditLog", TOKENS[Role.VIEWER], {"model": "spare"})
+    assert status == 200, reply
+    trail = [(e.get("actor"), e.get("action")) for e in reply.get("entries", [])]
+    unloads = [actor for actor, action in trail if action == "model.unload"]
+    loads = [actor for actor, action in trail if action == "model.load"]
+    assert unloads and set(unloads) == {NAMES[Role.ADMIN]}, trail
+    assert NAMES[Role.ADMIN] in loads and set(loads) <= {NAMES[Role.ADMIN], "system:lockgate"}, trail
+    assert _infer_ok(server.url, "spare")

@@ -1,9 +1,10 @@
 """Who owns the serving port: this lockgate and its ``--workers``, never a stranger.
 
-The gRPC port is bound with SO_REUSEPORT so that ``--workers N`` siblings share it (the kernel
-spreads connections across them). The same option let a second, unrelated lockgate bind a
-port that was already serving, report ready, and take half the traffic. So the process that
-owns the port -- the single server, or the supervisor of the workers -- claims it first:
+The gRPC and HTTP ports are bound with SO_REUSEPORT so that ``--workers N`` siblings share
+them (the kernel spreads connections across them). The same option let a second, unrelated
+lockgate bind a port that was already serving, report ready, and take half the traffic. So the
+process that owns the ports -- the single server, or the supervisor of the workers -- claims
+each of them first:
 
 * a probe socket *without* SO_REUSEPORT binds the address; if anything else holds the port
   (listening, or bound by another lockgate's claim), that fails and startup stops with one
@@ -28,6 +29,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from typing import Mapping
 
 log = logging.getLogger("lockgate.server")
 
@@ -68,9 +70,9 @@ def _probe(what: str, host: str, port: int) -> None:
 
 @dataclass
 class PortClaim:
-    """The holder sockets that keep the gRPC port this process's for as long as it lives."""
+    """The holder sockets that keep the serving ports this process's for as long as it lives."""
 
-    port: int
+    ports: dict[str, int] = field(default_factory=dict)
     holders: list[socket.socket] = field(default_factory=list)
 
     def release(self) -> None:
@@ -85,27 +87,29 @@ def check_free(what: str, host: str, port: int) -> None:
         _probe(what, host, port)
 
 
-def claim(host: str, grpc_port: int) -> PortClaim | None:
-    """Claim ``grpc_port`` for this process and its workers (see the module docstring).
+def claim(host: str, ports: Mapping[str, int]) -> PortClaim:
+    """Claim each of ``ports`` (``{"gRPC": 8001, "HTTP": 8000}``) for this process and its
+    workers (see the module docstring). Raises ``PortInUse``, holding nothing.
 
-    Raises ``PortInUse``. A port of 0 (the kernel picks one) needs no claim.
+    A port of 0 (the kernel picks one) needs no claim.
     """
-    if not grpc_port:
-        return None
-    _probe("gRPC", host, grpc_port)
-    held = PortClaim(grpc_port)
+    wanted = {what: port for what, port in ports.items() if port}
+    for what, port in wanted.items():
+        _probe(what, host, port)
+    held = PortClaim(dict(wanted))
     if not hasattr(socket, "SO_REUSEPORT"):
         return held
-    for family, kind, proto, address in _addresses(host, grpc_port):
-        holder = socket.socket(family, kind, proto)
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            holder.bind(address)
-        except OSError as exc:  # lost a race with a stranger between the probe and here
-            holder.close()
-            held.release()
-            raise PortInUse(f"gRPC port {grpc_port} on {host or '*'} was taken during startup ({exc.strerror})") from None
-        held.holders.append(holder)
+    for what, port in wanted.items():
+        for family, kind, proto, address in _addresses(host, port):
+            holder = socket.socket(family, kind, proto)
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                holder.bind(address)
+            except OSError as exc:  # lost a race with a stranger between the probe and here
+                holder.close()
+                held.release()
+                raise PortInUse(f"{what} port {port} on {host or '*'} was taken during startup ({exc.strerror})") from None
+            held.holders.append(holder)
     return held
 
 
