@@ -15,6 +15,7 @@ Routing and governance plug in through two small protocols so each stays in its 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from lockgate.telemetry.tracing import RequestTrace
 
 ROUTING_KEY_PARAMETER = "routing_key"
+# Inputs this large yield the event loop between the request's steps.
+LARGE_PAYLOAD_BYTES = 1 << 20
 ROUTING_KEY_HEADER = "x-lockgate-routing-key"
 
 
@@ -93,11 +96,13 @@ class InferencePipeline:
         governance: GovernanceStage | None = None,
         explain: ExplainStage | None = None,
         telemetry: "Telemetry | None" = None,
+        limits: codec.Limits = codec.DEFAULT_LIMITS,
     ) -> None:
         self.repository = repository
         self.routing: RoutingStage = routing or OpenRouting()
         self.governance = governance
         self.explain = explain
+        self.limits = limits  # per-request bounds on what the codec decodes and encodes
         self.telemetry = telemetry
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
@@ -143,7 +148,7 @@ class InferencePipeline:
         error: BaseException | None = None
         try:
             # decode
-            inputs = codec.decode_inputs(request, version.signature)
+            inputs = codec.decode_inputs(request, version.signature, self.limits)
             output_names = codec.requested_outputs(request, version.signature)
             # explain: admission only, before any work; one cheap test for every other request
             if request.parameters and self.explain is not None:
@@ -156,10 +161,17 @@ class InferencePipeline:
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
             batcher = version.batcher
+            # A large payload costs tens of ms per copy on the event loop (decode, run, encode):
+            # other calls (a liveness probe) are answered between its steps, not after all of them.
+            large = sum(a.nbytes for a in inputs.values()) >= LARGE_PAYLOAD_BYTES
+            if large:
+                await asyncio.sleep(0)
             # the lone-request path without a coroutine; submit() queues the rest
-            outputs = batcher.run_now(inputs, ctx.deadline, trace)
+            outputs = None if large else batcher.run_now(inputs, ctx.deadline, trace)
             if outputs is None:
                 outputs = await batcher.submit(inputs, ctx.deadline, trace)
+            if large:
+                await asyncio.sleep(0)
             # encode
             if wrap is None:
                 outer = response = response_type(model_name=model.name, model_version=version.version, id=request.id)
@@ -168,7 +180,7 @@ class InferencePipeline:
                 response.model_name = model.name
                 response.model_version = version.version
                 response.id = request.id
-            codec.encode_outputs(response, outputs, output_names)
+            codec.encode_outputs(response, outputs, output_names, self.limits.max_output_bytes)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
@@ -201,3 +213,6 @@ class InferencePipeline:
                 self.routing.after_response(model, route, ok or served, elapsed, inputs, outputs)
             if trace is not None:
                 trace.finish(error, start_ns + elapsed)
+            # The raised error's traceback holds this frame (the request, its arrays): keeping
+            # the error here too would make a cycle that only a full GC frees.
+            error = None

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lockgate.telemetry.logs import CauseLog
+
 log = logging.getLogger("lockgate.governance.payload_log")
 
 REDACTED = "[REDACTED]"
@@ -116,6 +118,8 @@ class PayloadLog:
         self.written = 0
         self.dropped = 0  # queue full
         self.failed = 0  # could not serialise or write
+        # A full or read-only disk fails every record: counted, one warning per cause a while.
+        self.events = CauseLog(log)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._counter_lock = threading.Lock()
         self._closed = False
@@ -184,9 +188,9 @@ class PayloadLog:
                     continue
                 try:
                     line = (json.dumps(self.redactor.record(item), separators=(",", ":")) + "\n").encode()
-                except (TypeError, ValueError):
+                except (TypeError, ValueError) as exc:
                     self.failed += 1
-                    log.exception("payload record could not be serialised")
+                    self.events.record("serialize_failed", "payload record could not be serialised: %s", exc)
                     continue
                 try:
                     if handle is None:
@@ -203,9 +207,16 @@ class PayloadLog:
                     self.written += 1
                     if self._queue.empty():
                         handle.flush()
-                except OSError:
+                except OSError as exc:
                     self.failed += 1
-                    log.exception("payload log write failed in %s", self.directory)
+                    self.events.record("write_failed", "payload log write failed in %s: %s; records are dropped "
+                                       "and counted (lockgate_payload_dropped_total{reason=\"write_failed\"})",
+                                       self.directory, exc.strerror or exc)
+                    if handle is not None:
+                        try:
+                            handle.close()
+                        except OSError:
+                            pass
                     handle = None
         finally:
             if handle is not None:

@@ -60,6 +60,7 @@ class GovernanceStage:
             version.model, version.version, config,
             [spec.name for spec in version.signature.inputs], profile,
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
+            output_shapes={spec.name: spec.shape for spec in version.signature.outputs},
             state_dir=self.state_dir,
         )
         for listener in self._alert_listeners:
@@ -129,6 +130,8 @@ class GovernanceStage:
             yield Sample("lockgate_payload_samples", mv, stats["sampled"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "queue_full"}, stats["payload_dropped"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
+            payload = stats["payload"] or {}
+            yield Sample("lockgate_payload_dropped", {**mv, "reason": "write_failed"}, payload.get("failed", 0))
             report = engine.monitor.last_report
             if report is None:
                 continue

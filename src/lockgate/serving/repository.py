@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from lockgate.config import ModelConfigFile
-from lockgate.errors import ArtifactTamperedError, LockgateError, NotFound, Unavailable
+from lockgate.errors import ArtifactTamperedError, InvalidArgument, LockgateError, NotFound, Unavailable
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
 from lockgate.serving.model_config import ModelConfigError, declared_signature, read_model_config
@@ -200,6 +200,13 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def _model_dir(self, name: str) -> Path:
+        """``REPO/<name>`` for a name that is one directory entry of the repository: a caller's
+        name never reaches outside it ("..", "a/b", "") nor into a hidden directory."""
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+            raise InvalidArgument(f"model name {name[:256]!r} is not a model directory name of the repository")
+        return self.root / name
+
     async def load_all(self) -> None:
         for name in self.discover():
             try:
@@ -209,8 +216,8 @@ class ModelRepository:
 
     async def load(self, name: str) -> LoadedModel:
         """Load (or reload) a model: new versions are loaded first, then swapped in."""
+        model_dir = self._model_dir(name)
         async with self._lock(name):
-            model_dir = self.root / name
             if not model_dir.is_dir():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
             try:

@@ -101,6 +101,9 @@ FAMILIES: dict[str, FamilySpec] = {
     # control plane
     "lockgate_audit_entries": FamilySpec("counter", "Entries appended to the hash-chained audit trail", ("action",)),
     "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit chain verification passed, 0 if it failed", ()),
+    # transport (filled by lockgate.transport.grpc.inference and the HTTP app)
+    "lockgate_grpc_events": FamilySpec("counter", "Inference calls answered outside the request path, by cause: undecodable, ended_before_reply, refused_draining, internal", ("cause",)),
+    "lockgate_http_events": FamilySpec("counter", "HTTP requests answered outside the request path, by cause: undecodable, refused_draining, internal", ("cause",)),
     "lockgate_artifact_verify_failures": FamilySpec("counter", "Version signature (model.sig) verifications refused, by reason", (*MV, "reason")),
     # telemetry itself (filled by lockgate.telemetry.tracing)
     "lockgate_otel_spans_exported": FamilySpec("counter", "Spans the OTLP exporter delivered", ()),
