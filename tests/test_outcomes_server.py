@@ -573,3 +573,76 @@ def admin_log_local(state: Path) -> list[dict]:
     result = run_cli("audit", "log", "--store", str(state), "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+# ------------------------------------------------------------------------------------- the port's edges
+def test_undecodable_feedback_is_invalid_argument_and_a_stream_drains_on_sigterm(tmp_path: Path) -> None:
+    """The feedback service shares the inference port's edges: bytes that are not its messages
+    are INVALID_ARGUMENT (grpc alone says UNKNOWN), and on SIGTERM an open label stream stops
+    reading, ingests what it read and ends UNAVAILABLE with the counts (it held the drain until
+    grpc cancelled it before)."""
+    import threading
+    import time
+
+    repo = tmp_path / "models"
+    write_model(repo, "m", 1, linear_classifier([[0, 1], [0, 1]], [0, 0]), CANARY_CONFIG)
+    state = tmp_path / "state"
+    proc = LockgateProcess(repo, state_dir=state, env={"LOCKGATE_OUTCOMES_REFRESH_S": "0.5"}).wait_ready()
+    try:
+        channel = grpc.insecure_channel(proc.url)
+        raw = channel.unary_unary("/lockgate.feedback.v1.FeedbackService/SendFeedback",
+                                  request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\x0a\xff\xff\xff\xff", timeout=30)  # a length prefix past the end
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "FeedbackBatch" in info.value.details()
+        raw_stream = channel.stream_unary("/lockgate.feedback.v1.FeedbackService/StreamFeedback",
+                                          request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        good = fpb.FeedbackBatch(model="m", labels=[label("r", 0, 1)]).SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            raw_stream(iter([good, b"\x0a\xff\xff\xff\xff"]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream message 1" in info.value.details()
+
+        served = asyncio.run(predict_all(proc.url, "m", [np.ones((1, 2), np.float32)] * 10,
+                                         ids=[f"D-{i}" for i in range(10)], concurrency=2))
+        assert [rid for rid, _, _ in served] == [f"D-{i}" for i in range(10)]
+        written = lambda: scrape(proc, 'lockgate_outcome_predictions_total{model="m",version="1"}')  # noqa: E731
+        wait_for(lambda: written() == 10, 30, what="the predictions written")
+        # one full stream batch (so it is ingested as soon as it is read), then the client waits
+        known = [label(f"D-{i}", 0, 1) for i in range(10)]
+        first = fpb.FeedbackBatch(model="m", labels=known + [label(f"nobody-{i}", 0, 1) for i in range(8192 - 10)])
+        answered = threading.Event()
+
+        def messages():
+            yield first
+            answered.wait(120)  # the open stream: nothing more to send until the server answers
+
+        outcome: dict = {}
+
+        def call() -> None:
+            try:
+                outcome["summary"] = feedback_stub(proc.url).StreamFeedback(messages(), timeout=120)
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+            finally:
+                answered.set()
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        seen = lambda: scrape(proc, 'lockgate_feedback_labels_total{model="m",result="unknown"}')  # noqa: E731
+        wait_for(lambda: seen() == 8192 - 10, 60, what="the stream's first batch ingested")
+        started = time.monotonic()
+        assert proc.terminate(timeout=120) == 0
+        took = time.monotonic() - started
+        caller.join(60)
+        error = outcome.get("error")
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, outcome
+        assert "shutting down" in error.details() and "8192 labels so far were ingested (accepted 10" in error.details()
+        assert took < 30, f"the drain waited {took:.1f} s for the open stream"
+    finally:
+        proc.terminate()
+    with LockgateProcess(repo, state_dir=state) as second:  # what the stream sent was kept: resending is safe
+        counts = feedback_stub(second.url).SendFeedback(fpb.FeedbackBatch(model="m", labels=known))
+        assert (counts.accepted, counts.duplicate) == (0, 10)
+        entries = [e for e in admin_log_local(state) if e["action"] == "outcomes.feedback"]
+        assert any(e["details"].get("error", "").startswith("lockgate is shutting down") for e in entries), entries

@@ -42,6 +42,7 @@ class Role(StrEnum):
     VIEWER = "viewer"
     OPERATOR = "operator"
     APPROVER = "approver"
+    ANALYST = "analyst"
     ADMIN = "admin"
     LABELER = "labeler"
 
@@ -56,6 +57,7 @@ class Permission(StrEnum):
     LOAD = "load"  # load/unload versions in the running server
     ADMIN = "admin"  # anything else administrative (tokens, config)
     FEEDBACK = "feedback"  # send ground-truth labels (they can decide a canary's outcome guardrails)
+    EXPLAIN = "explain"  # feature attributions beside predictions (they can leak model internals)
 
 
 # The explicit permission matrix. Roles are not a strict hierarchy: an
@@ -65,6 +67,7 @@ PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.OPERATOR: frozenset({Permission.READ, Permission.TRAFFIC}),
     Role.APPROVER: frozenset({Permission.READ, Permission.APPROVE}),
+    Role.ANALYST: frozenset({Permission.READ, Permission.EXPLAIN}),
     Role.ADMIN: frozenset(Permission),
     # A labeling pipeline's identity: labels only, nothing else.
     Role.LABELER: frozenset({Permission.FEEDBACK}),

@@ -21,9 +21,11 @@ import grpc
 from lockgate._proto.lockgate import feedback_pb2 as pb
 from lockgate._proto.lockgate import feedback_pb2_grpc as pb_grpc
 from lockgate.control.auth import Permission
-from lockgate.errors import InvalidArgument, LockgateError, NotFound
+from lockgate.errors import InvalidArgument, LockgateError, NotFound, Unavailable
 from lockgate.outcomes.feedback import FeedbackCounts, LabelIn
-from lockgate.transport.grpc.call_metadata import call_metadata
+from lockgate.transport.drain import DrainGate, shutting_down
+from lockgate.transport.grpc.call_metadata import authorization as _authorization
+from lockgate.transport.grpc.inference import Undecodable, safe_deserializer
 from lockgate.transport.grpc.status import abort
 
 if TYPE_CHECKING:
@@ -70,20 +72,14 @@ METHODS: dict[str, Any] = {
 }
 
 
-def _authorization(context: Any) -> str | None:
-    for key, value in call_metadata(context):
-        if key.lower() == "authorization":
-            return value if isinstance(value, str) else value.decode("latin-1")
-    return None
-
-
 class FeedbackService(pb_grpc.FeedbackServiceServicer):
     """The servicer; ``call`` runs a unary method in process for another transport (REST)
     with the caller's ``authorization`` value, so its permission and audit are the same."""
 
-    def __init__(self, outcomes: "OutcomeService", auth: "Authenticator") -> None:
+    def __init__(self, outcomes: "OutcomeService", auth: "Authenticator", gate: DrainGate | None = None) -> None:
         self.outcomes = outcomes
         self.auth = auth
+        self.gate = gate or DrainGate()  # the inference port's: labels in flight finish on SIGTERM
 
     def _principal(self, authorization: str | None, permission: Permission) -> str:
         """The caller's name (``Unauthenticated`` / ``PermissionDenied`` raised); without
@@ -115,19 +111,43 @@ class FeedbackService(pb_grpc.FeedbackServiceServicer):
                                          request.since or None)
         return pb.OutcomesResponse(report_json=json.dumps(report, default=str, allow_nan=False))
 
-    async def SendFeedback(self, request: Any, context: Any) -> Any:
+    async def _unary(self, run: Any, request: Any, context: Any) -> Any:
+        """A unary call admitted by the drain gate; undecodable bytes are INVALID_ARGUMENT."""
+        gate = self.gate
+        if gate.draining and not gate.admit():
+            return await abort(context, shutting_down())
+        gate.in_flight += 1
         try:
-            return await self.send(request, _authorization(context))
+            if request.__class__ is Undecodable:
+                raise request.error()
+            return await run(request, _authorization(context))
         except LockgateError as exc:
             return await abort(context, exc)
+        finally:
+            gate.in_flight -= 1
+
+    async def SendFeedback(self, request: Any, context: Any) -> Any:
+        return await self._unary(self.send, request, context)
 
     async def GetOutcomes(self, request: Any, context: Any) -> Any:
-        try:
-            return await self.get_outcomes(request, _authorization(context))
-        except LockgateError as exc:
-            return await abort(context, exc)
+        return await self._unary(self.get_outcomes, request, context)
 
     async def StreamFeedback(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
+        """On SIGTERM the stream stops reading once the drain refuses new work, ingests what it
+        read, and ends UNAVAILABLE with those counts (resending is safe: labels are idempotent)."""
+        gate = self.gate
+        if gate.draining and not gate.admit():
+            return await abort(context, shutting_down())
+        gate.in_flight += 1
+        stop = asyncio.Event()
+        gate.register_stream(stop.set)
+        try:
+            return await self._stream(request_iterator, context, stop)
+        finally:
+            gate.unregister_stream(stop.set)
+            gate.in_flight -= 1
+
+    async def _stream(self, request_iterator: AsyncIterator[Any], context: Any, stop: asyncio.Event) -> Any:
         try:
             actor = self._principal(_authorization(context), Permission.FEEDBACK)
         except LockgateError as exc:
@@ -148,7 +168,9 @@ class FeedbackService(pb_grpc.FeedbackServiceServicer):
                 total.add(counts)
 
         try:
-            async for message in request_iterator:
+            async for message in _until(request_iterator, stop):
+                if message.__class__ is Undecodable:
+                    raise InvalidArgument(f"stream message {messages}: {message.error().message}")
                 if message.model and model and message.model != model:
                     raise InvalidArgument(f"stream message {messages} names model '{message.model}', but the stream "
                                           f"is for '{model}' (one model per stream)")
@@ -163,6 +185,9 @@ class FeedbackService(pb_grpc.FeedbackServiceServicer):
                 if len(pending) >= STREAM_BATCH:
                     await flush()
             await flush()
+            if stop.is_set():
+                raise Unavailable(f"{shutting_down().message}; this stream's {total.received} labels so far were "
+                                  f"ingested (accepted {total.accepted}, duplicate {total.duplicate}), the rest not read")
         except LockgateError as exc:
             if model and total.received:
                 await self._audit(actor, model, total, "grpc.StreamFeedback", error=exc.message)
@@ -178,6 +203,33 @@ class FeedbackService(pb_grpc.FeedbackServiceServicer):
             log.exception("feedback for model %s could not be audited", model)
 
 
+async def _until(messages: AsyncIterator[Any], stop: asyncio.Event) -> AsyncIterator[Any]:
+    """``messages`` until the stream ends or ``stop`` is set (a read waiting then is cancelled)."""
+    iterator = messages.__aiter__()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            step = asyncio.ensure_future(iterator.__anext__())
+            await asyncio.wait((step, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stopped.cancel()
+
+
 def add_feedback_service(server: Any, service: FeedbackService) -> str:
-    pb_grpc.add_FeedbackServiceServicer_to_server(service, server)
+    """Register the servicer with deserializers that never raise (``inference.safe_deserializer``:
+    undecodable bytes are INVALID_ARGUMENT, not grpc's UNKNOWN); returns its name for reflection."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["FeedbackService"].methods:
+        deserialize = safe_deserializer(getattr(pb, method.input_type.name))
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        make = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(service, method.name), deserialize, serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     return SERVICE_NAME
