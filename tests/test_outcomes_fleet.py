@@ -30,7 +30,7 @@ from lockgate.outcomes.store import OutcomeStore
 from lockgate.outcomes.windows import merged
 from lockgate_process import LockgateProcess
 from pg_server import PgServer
-from replica_helpers import leader_of, start_fleet, wait_for
+from replica_helpers import leader_of, running_fleet, wait_for
 from test_outcomes_server import label, linear_classifier, predict_all
 
 pytestmark = pytest.mark.timeout(600)
@@ -64,12 +64,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(repo: Path, dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LockgateProcess]]:
-    procs = start_fleet(repo, dsn, tmp_path_factory.mktemp("outcome-replicas"))
-    try:
+    with running_fleet(repo, dsn, tmp_path_factory.mktemp("outcome-replicas")) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate(30)
 
 
 def send(url: str, labels: list, model: str = "fleet") -> fpb.FeedbackSummary:

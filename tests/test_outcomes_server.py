@@ -308,6 +308,7 @@ def test_fairness_of_a_biased_model_equals_fairlearn(server: LockgateProcess) ->
     band = np.array(["<-0.5", "[-0.5, 0.5)", ">=0.5"])[np.searchsorted([-0.5, 0.5], x_all[:, 0], side="right")]
     features = {"gender": gender, "grp": grp, "band": band,
                 "gender & grp": pd.DataFrame({"gender": gender, "grp": grp}),
+                "gender & band": pd.DataFrame({"gender": gender, "band": band}),
                 "grp & band": pd.DataFrame({"grp": grp, "band": band})}
     report = {s["segment"]: s for s in total["fairness"]}
     assert {"gender", "grp", "band", "gender & grp", "gender & band", "grp & band"} == set(report)
@@ -316,13 +317,19 @@ def test_fairness_of_a_biased_model_equals_fairlearn(server: LockgateProcess) ->
         assert abs(summary["demographic_parity_difference"]["value"] - demographic_parity_difference(y, pred, sensitive_features=sf)) < 1e-9
         assert abs(summary["demographic_parity_ratio"]["value"] - demographic_parity_ratio(y, pred, sensitive_features=sf)) < 1e-9
         assert abs(summary["equalized_odds_difference"]["value"] - equalized_odds_difference(y, pred, sensitive_features=sf)) < 1e-9
-        frame = MetricFrame(metrics={"sr": selection_rate, "tpr": true_positive_rate, "fpr": false_positive_rate},
+        frame = MetricFrame(metrics={"sr": selection_rate, "tpr": true_positive_rate, "fpr": false_positive_rate,
+                                     "acc": skm.accuracy_score},
                             y_true=y, y_pred=pred, sensitive_features=sf).by_group
         groups = {g["group"]: g for g in report[name]["groups"]}
+        assert len(groups) == len(frame), (name, sorted(groups))
+        ref = groups[report[name]["reference"]]
         for key, row in frame.iterrows():
             g = groups[" & ".join(key) if isinstance(key, tuple) else key]
-            for ours, theirs in (("selection_rate", "sr"), ("tpr", "tpr"), ("fpr", "fpr")):
+            for ours, theirs in (("selection_rate", "sr"), ("tpr", "tpr"), ("fpr", "fpr"), ("accuracy", "acc")):
                 assert abs(g[ours]["value"] - row[theirs]) < 1e-9, (name, key, ours)
+            if g is not ref:  # SPD and DIR against the reference group, from MetricFrame's rates
+                assert abs(g["spd"]["value"] - (row["sr"] - ref["selection_rate"]["value"])) < 1e-9, (name, key)
+                assert abs(g["dir"]["value"] - row["sr"] / ref["selection_rate"]["value"]) < 1e-9, (name, key)
             lo, hi = g["selection_rate"]["ci"]
             assert lo <= g["selection_rate"]["value"] <= hi
     # the bias is in the group feature: a parity breach for grp, none for gender (the model never saw it)

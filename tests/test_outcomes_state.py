@@ -114,6 +114,11 @@ def test_fairness_equals_fairlearn_per_segment_and_intersection() -> None:
         assert abs(summary["demographic_parity_difference"]["value"] - demographic_parity_difference(y, pred, sensitive_features=sf)) < EXACT
         assert abs(summary["demographic_parity_ratio"]["value"] - demographic_parity_ratio(y, pred, sensitive_features=sf)) < EXACT
         assert abs(summary["equalized_odds_difference"]["value"] - equalized_odds_difference(y, pred, sensitive_features=sf)) < EXACT
+        # every figure carries its interval, around its value
+        for key in ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference",
+                    "tpr_gap", "fpr_gap", "accuracy_gap"):
+            lo, hi = summary[key]["ci"]
+            assert lo <= summary[key]["value"] <= hi, (name, key)
         frame = MetricFrame(metrics={"sr": selection_rate, "tpr": true_positive_rate, "fpr": false_positive_rate,
                                      "acc": skm.accuracy_score}, y_true=y, y_pred=pred, sensitive_features=sf)
         by_group = frame.by_group
@@ -130,8 +135,9 @@ def test_fairness_equals_fairlearn_per_segment_and_intersection() -> None:
             if g is not ref:
                 assert abs(g["spd"]["value"] - (row["sr"] - ref["selection_rate"]["value"])) < EXACT
                 assert abs(g["dir"]["value"] - row["sr"] / ref["selection_rate"]["value"]) < EXACT
-                lo, hi = g["spd"]["ci"]
-                assert lo <= g["spd"]["value"] <= hi
+                for key in ("spd", "dir"):
+                    lo, hi = g[key]["ci"]
+                    assert lo <= g[key]["value"] <= hi, (name, label, key)
     # the reference is the largest group; the biased model breaches SPD and DIR for the others
     assert report["gender"]["reference"] in ("f", "m")
     assert {b["group"] for b in report["gender"]["breaches"]} & {"f", "m"}

@@ -90,11 +90,12 @@ def _gap(groups: list[dict[str, Any]], metric: str, numerator: str, denominator:
     high = max(eligible, key=lambda g: g[metric]["value"])
     low = min(eligible, key=lambda g: g[metric]["value"])
     hi, lo = high["_index"], low["_index"]
-    interval = newcombe(int(counts[numerator][hi]), int(counts[denominator][hi]),
-                        int(counts[numerator][lo]), int(counts[denominator][lo]), confidence)
-    return {"value": high[metric]["value"] - low[metric]["value"], "ci": interval,
-            "groups": [high["group"], low["group"]], "ratio": (low[metric]["value"] / high[metric]["value"])
-            if high[metric]["value"] else None}
+    x_hi, n_hi = int(counts[numerator][hi]), int(counts[denominator][hi])
+    x_lo, n_lo = int(counts[numerator][lo]), int(counts[denominator][lo])
+    return {"value": high[metric]["value"] - low[metric]["value"], "ci": newcombe(x_hi, n_hi, x_lo, n_lo, confidence),
+            "groups": [high["group"], low["group"]],
+            "ratio": (low[metric]["value"] / high[metric]["value"]) if high[metric]["value"] else None,
+            "ratio_ci": katz(x_lo, n_lo, x_hi, n_hi, confidence)}
 
 
 def segment_fairness(state: OutcomeWindow, spec: OutcomeSpec, combo: tuple[int, ...]) -> dict[str, Any]:
@@ -151,12 +152,16 @@ def segment_fairness(state: OutcomeWindow, spec: OutcomeSpec, combo: tuple[int, 
         "accuracy_gap": _gap(groups, "accuracy", "correct", "labeled", counts, conf),
     }
     dpd = summary["demographic_parity_difference"]
-    summary["demographic_parity_ratio"] = {"value": dpd["ratio"], "groups": dpd["groups"]} if dpd else None
-    gaps = [summary[k] for k in ("tpr_gap", "fpr_gap") if summary[k] is not None]
-    summary["equalized_odds_difference"] = (
-        {"value": max(g["value"] for g in gaps), "from": "tpr_gap" if summary["tpr_gap"] is max(gaps, key=lambda g: g["value"]) else "fpr_gap"}
-        if len(gaps) == 2 else None
-    )
+    summary["demographic_parity_ratio"] = (
+        {"value": dpd["ratio"], "ci": dpd["ratio_ci"], "groups": dpd["groups"]} if dpd else None)
+    # fairlearn's equalized-odds difference: the larger of the two gaps, with that gap's interval
+    if summary["tpr_gap"] is not None and summary["fpr_gap"] is not None:
+        larger = "tpr_gap" if summary["tpr_gap"]["value"] >= summary["fpr_gap"]["value"] else "fpr_gap"
+        chosen = summary[larger]
+        summary["equalized_odds_difference"] = {"value": chosen["value"], "ci": chosen["ci"], "from": larger,
+                                                "groups": chosen["groups"]}
+    else:
+        summary["equalized_odds_difference"] = None
     for g in groups:
         g.pop("_index")
     return {

@@ -168,7 +168,7 @@ def _fairness_table(segment: dict[str, Any]) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             g["group"], g["n"], g["labeled"], _ci(g["selection_rate"]), _ci(g["spd"]), _ci(g["dir"]),
             _ci(g["tpr"]), _ci(g["fpr"]), _ci(g["accuracy"]), mark)) + "</tr>")
-    summary = ", ".join(f"{k.replace('_', ' ')} {_fmt(v.get('value'), 3)}" for k, v in segment["summary"].items() if v)
+    summary = ", ".join(f"{k.replace('_', ' ')} {_ci(v)}" for k, v in segment["summary"].items() if v)
     head = "".join(f"<th>{h}</th>" for h in ("group", "n", "labeled", "selection rate", "SPD", "DIR", "TPR", "FPR",
                                               "accuracy", ""))
     return (f"<h4>{html.escape(segment['segment'])} (reference {html.escape(str(segment['reference']))})</h4>"

@@ -577,7 +577,12 @@ class CanaryController:
         elif self._outcome_guardrails is None:  # configured but nothing can judge them: fail closed
             extra = (GuardrailResult("outcomes", "inconclusive", None, None, "no outcome evaluator in this process"),)
         else:
-            extra = self._outcome_guardrails(model, spec, now)
+            try:
+                extra = self._outcome_guardrails(model, spec, now)
+            except Exception as exc:  # a guardrail that cannot be evaluated is inconclusive, never passed
+                log.exception("outcome guardrails of %s could not be evaluated", model)
+                extra = (GuardrailResult("outcomes", "inconclusive", None, None,
+                                         f"the outcome guardrails could not be evaluated ({type(exc).__name__}: {exc})"),)
         analysis = analyse(g, stats_stable, stats_canary, drift_status_canary, disagreement, self._baseline.get(model), extra)
         windows = {"stable": stats_stable, "canary": stats_canary}
         evidence = {
