@@ -12,7 +12,8 @@ machine's load average, every table, and one targets table with the ratios from 
 
 Order: data plane (lockgate / thin / MLServer, streaming, compute-heavy batching), governance
 on/off end to end, governance kernel micro-benchmark, telemetry cost, the in-process pipeline
-cost breakdown. Exit status 1 if any benchmark failed or any request errored.
+cost breakdown, the outcome ledger and feedback. Exit status 1 if any benchmark failed or any
+request errored.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from benchmarks.h2load import ensure_h2load
 from benchmarks.servers import MLSERVER_BIN, MLSERVER_RUNTIME_DIR, REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "benchmarks"
-ALL = ("dataplane", "governance", "kernel", "telemetry", "pipeline")
+ALL = ("dataplane", "governance", "kernel", "telemetry", "pipeline", "outcomes")
 
 
 def ensure_mlserver_venv() -> None:
@@ -70,6 +71,9 @@ def plan(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
                       "--repeats", "1" if q else "30", "--duration", "2" if q else "1"],
         "pipeline": [py, str(BENCH_DIR / "bench_pipeline.py"), "--requests", "4000" if q else "20000",
                      "--repeats", "1" if q else "3", "--json", str(out / "pipeline.json")],
+        "outcomes": [py, str(BENCH_DIR / "bench_outcomes.py"), "--out", str(out),
+                     "--repeats", "1" if q else "10", "--duration", "2",
+                     *(["--ingest-rows", "49152", "--no-postgres"] if q else [])],
     }
 
 
@@ -148,6 +152,19 @@ def targets_table(out: Path) -> tuple[list[str], list[tuple[str, str, str, str]]
             if not math.isnan(cpu_cost):
                 rows.append((f"telemetry: cost of {key} vs off from server CPU per request", f"{cpu_cost:+.1%}",
                              f"≤ {goal['bound']:.0%}", _met(cpu_cost, goal["bound"], False)))
+    outcomes = _latest(out, "outcomes")
+    if outcomes:
+        for level, goal in outcomes["goals"].items():
+            rows.append((f"outcomes: ledger on / off req/s ({level})", f"{goal['ratio']:.3f}", "≥ 0.95", _met(goal["ratio"], 0.95, True)))
+        for backend, r in outcomes.get("ingestion", {}).items():
+            if "labels_per_s" in r:
+                bound = "≥ 20000" if backend == "sqlite" else "report"
+                rows.append((f"outcomes: feedback labels/s, one stream ({backend})", f"{r['labels_per_s']:,.0f}", bound,
+                             _met(r["labels_per_s"], 20000, True) if backend == "sqlite" else "-"))
+        sqlite_result = outcomes.get("ingestion", {}).get("sqlite", {})
+        if "bytes_per_row_unlabeled" in sqlite_result:
+            value = sqlite_result["bytes_per_row_unlabeled"]
+            rows.append(("outcomes: ledger bytes per prediction row (SQLite)", f"{value:.1f}", "≤ 128", _met(value, 128, False)))
     lines = ["| goal | value (this run) | target | met |", "|---|---:|---:|---|"]
     lines += [f"| {g} | {v} | {t} | {m} |" for g, v, t, m in rows]
     return lines, rows
@@ -184,6 +201,9 @@ def report(args: argparse.Namespace, command: str, out: Path, outputs: dict[str,
         lines += ["", "## Telemetry cost (issue 5)", "", f"`{hooks}`", "", _table_after(text, "| config |")]
     if "pipeline" in outputs:
         lines += ["", "## Python data-plane cost, no gRPC (profiling aid)", "", _table_after(outputs["pipeline"][1], "Python data-plane cost")]
+    outcomes = _latest(out, "outcomes")
+    if outcomes:
+        lines += ["", "## Outcome governance (issue 17)", "", outcomes["markdown"]]
     failed = {name: rc for name, (rc, _, _) in outputs.items() if rc != 0}
     lines += ["", "## Benchmark exit status", "",
               "| benchmark | exit | wall s |", "|---|---:|---:|",

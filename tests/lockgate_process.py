@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,29 @@ import grpc
 LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
 
 
+_HANDED_OUT: set[int] = set()
+#: Below Linux's ephemeral range (32768-60999): a port the kernel hands out for ``bind(0)`` or
+#: for an outgoing connection (another replica's PostgreSQL client) can be taken between the
+#: check here and the server's own bind; a port in this range only by another chooser.
+_PORT_RANGE = (20000, 32767)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, never the same twice in this process (a server started
+    next to another must not race it for one)."""
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randint(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {_PORT_RANGE}")
 
 
 def wait_server_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:

@@ -11,7 +11,8 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,17 @@ def start_fleet(repo: Path, dsn: str, root: Path, ids: Iterable[str] = ("A", "B"
             proc.terminate(10)
         raise
     return procs
+
+
+@contextmanager
+def running_fleet(repo: Path, dsn: str, root: Path, ids: Iterable[str] = ("A", "B")) -> Iterator[dict[str, LockgateProcess]]:
+    """``start_fleet`` for a fixture: the replicas are stopped (SIGTERM) when it ends."""
+    procs = start_fleet(repo, dsn, root, ids)
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.terminate(30)
 
 
 def is_leader(proc: LockgateProcess) -> bool:

@@ -301,6 +301,35 @@ def test_provenance_commands_print_json(demo_server, capsys, tmp_path: Path) -> 
     assert checked["ok"] and checked["signature_ok"] and checked["model"] == "credit"
 
 
+def test_outcome_commands_print_json(demo_server, capsys, tmp_path: Path) -> None:
+    """The demo model records outcomes: predictions through tritonclient, labels from a file."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from lockgate.demo import reference_sample
+
+    server, repo, t = demo_server
+    run = _runner(server, capsys)
+    client = grpcclient.InferenceServerClient(server.url)
+    rows = reference_sample(40, seed=3)
+    ids = []
+    for i in range(0, 40, 8):
+        inp = grpcclient.InferInput("features", [8, 8], "FP32")
+        inp.set_data_from_numpy(np.ascontiguousarray(rows[i:i + 8]))
+        response = client.infer("credit", [inp], parameters={"gender": "fmx"[i % 3]})
+        ids.append(response.get_response().id)
+        served = response.get_response().model_version
+    client.close()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,row,label\n" + "".join(f"{rid},{r},approve\n" for rid in ids for r in range(8)))
+    sent = run("feedback", "send", "--model", "credit", "--file", str(labels), token=t["RITA_TOKEN"])
+    assert {"received", "accepted", "duplicate", "unknown", "expired", "rejected"} <= set(sent)
+    assert sent["received"] == 40 and sent["accepted"] == 40
+    report = run("outcomes", "report", "--model", "credit", token=t["VERA_TOKEN"])
+    quality = report["versions"][served]["total"]["quality"]
+    assert quality["labeled"] >= 40 and report["protected"] == ["gender", "age_band"]
+
+
 def test_every_command_was_run_with_json() -> None:
     """Every command of the tree (but demo and serve, run as processes elsewhere) ran above."""
     if not SEEN:

@@ -50,8 +50,8 @@ from replica_helpers import (
     infer_request,
     is_leader,
     leader_of,
+    running_fleet,
     send,
-    start_fleet,
     verify_cli,
     wait_for,
 )
@@ -101,12 +101,8 @@ def dsn(pg: PgServer) -> str:
 
 @pytest.fixture(scope="module")
 def fleet(repo: Path, dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LockgateProcess]]:
-    procs = start_fleet(repo, dsn, tmp_path_factory.mktemp("replicas"))
-    try:
+    with running_fleet(repo, dsn, tmp_path_factory.mktemp("replicas")) as procs:
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.terminate(30)
 
 
 @pytest.fixture(scope="module")

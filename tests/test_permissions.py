@@ -21,17 +21,20 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import write_model
 from lockgate._proto import inference_pb2
-from lockgate._proto.lockgate import admin_pb2
+from lockgate._proto.lockgate import admin_pb2, feedback_pb2
 from lockgate.control.auth import PERMISSIONS, Permission, Role
 from lockgate.demo import mlp_model
 from lockgate_process import LockgateProcess
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TOKENS = {Role.ADMIN: "tok-admin", Role.OPERATOR: "tok-oper", Role.APPROVER: "tok-appr", Role.VIEWER: "tok-view"}
-NAMES = {Role.ADMIN: "ada", Role.OPERATOR: "otto", Role.APPROVER: "ann", Role.VIEWER: "val"}
+TOKENS = {Role.ADMIN: "tok-admin", Role.OPERATOR: "tok-oper", Role.APPROVER: "tok-appr", Role.VIEWER: "tok-view",
+          Role.ANALYST: "tok-anal", Role.LABELER: "tok-label"}
+NAMES = {Role.ADMIN: "ada", Role.OPERATOR: "otto", Role.APPROVER: "ann", Role.VIEWER: "val", Role.ANALYST: "ana",
+         Role.LABELER: "lab"}
 MODULES = {  # service -> the module holding its descriptors and message classes
     "inference.GRPCInferenceService": inference_pb2,
     "lockgate.admin.v1.AdminService": admin_pb2,
+    "lockgate.feedback.v1.FeedbackService": feedback_pb2,
     "grpc.health.v1.Health": health_pb2,
     "grpc.reflection.v1alpha.ServerReflection": reflection_pb2,
 }

@@ -396,3 +396,19 @@ def test_run_loop_survives_a_broken_stats_provider() -> None:
     sim.stats = Broken()
     drive(ctl, sim, seconds=25)
     assert ctl.tick_errors >= 1 and book.get("m").canary.state is CanaryState.PROGRESSING
+
+
+@pytest.mark.parametrize("judge", [None, "broken"])
+def test_outcome_guardrails_that_cannot_be_evaluated_pause_inconclusive(judge: str | None) -> None:
+    """A policy with outcome guardrails, and nothing that can judge them (no evaluator in the
+    process, or one that raises): the canary pauses inconclusive, it never advances."""
+    book, ctl, rec = setup(max_quality_drop={"accuracy": 0.05})
+    if judge == "broken":
+        def broken(model: str, spec: Any, now: float) -> list:
+            raise RuntimeError("ledger gone")
+        ctl.set_outcome_guardrails(broken)
+    action = ctl.evaluate("m", 10.0, window("1", 1000), window("2", 100))
+    assert action.kind == "paused" and "inconclusive" in book.get("m").canary.reason
+    verdict = next(g for g in rec.events[-1]["details"]["guardrails"] if g["guardrail"] == "outcomes")
+    assert verdict["status"] == "inconclusive"
+    assert ("ledger gone" if judge else "no outcome evaluator") in verdict["detail"]

@@ -130,6 +130,10 @@ def _mount() -> None:
     app.add_typer(tokens_app, name="tokens")
     app.add_typer(profile_app, name="profile")
     app.add_typer(drift_app, name="drift")
+    from lockgate.outcomes.cli import feedback_app, outcomes_app
+
+    app.add_typer(feedback_app, name="feedback")
+    app.add_typer(outcomes_app, name="outcomes")
 
 
 _mount()

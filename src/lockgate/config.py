@@ -159,6 +159,7 @@ class ServerSettings(_Strict):
     replica_id: str | None = Field(None, description="this replica's name in the shared store [hostname-pid]")
     spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
     fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
+    outcomes_refresh_s: float = Field(5.0, gt=0, description="how often the exported quality/fairness figures are recomputed")
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
     explain_workers: int = Field(1, ge=1, description="processes of the explain pool (per serving process)")
     explain_nice: int = Field(19, ge=0, le=19, description="scheduling priority of the explain pool (19: only CPU serving leaves)")
@@ -305,6 +306,8 @@ class ModelConfigFile(_Strict):
     outputs: list[TensorConfig] = Field(default_factory=list, description="declared outputs (and class labels)")
     # Owned by the governance package; validated there to keep this module free of its details.
     governance: dict[str, Any] | None = None
+    # Owned by the outcomes package (prediction ledger, quality, fairness); validated there.
+    outcomes: dict[str, Any] | None = None
     # Owned by lockgate.explain (the optional extra lockgate[explain]); validated there.
     explain: dict[str, Any] | None = None
     # Free-form labels shown in ModelConfig.parameters.

@@ -239,7 +239,7 @@ def evaluate(model: TrainedClassifier, x: np.ndarray, y: np.ndarray) -> dict[str
 
 
 DEMO_CONFIG = """\
-# Demo credit-risk classifier (lockgate.demo): dynamic batching, declared tensors, governance.
+# Demo credit-risk classifier (lockgate.demo): dynamic batching, declared tensors, governance, outcomes.
 max_batch_size: 64
 dynamic_batching:
   max_queue_delay_us: 100
@@ -269,6 +269,17 @@ governance:
   drift:
     window_rows: 10000
     window_seconds: 300
+outcomes:
+  task: multiclass
+  class_names: [approve, review, decline]
+  positive_class: approve
+  favourable_outcome: approve
+  segments:
+    age_band: {input: features, feature: age, bins: [30, 45, 65]}
+    region: {input: features, feature: region, categories: [0, 1, 2, 3, 4]}
+    gender: {parameter: gender, categories: [f, m, x]}   # a request parameter the model never sees
+  protected: [gender, age_band]
+  fairness: {max_depth: 2, min_group_size: 30}
 parameters:
   task: tabular-classification
 """

@@ -580,6 +580,15 @@ def canary_start(
         "--fail-on-drift/--ignore-drift", help=with_default("Whether a DRIFT status of the canary fails the analysis.", "fail-on-drift" if _GUARDRAILS.fail_on_drift else "ignore-drift"))] = None,
     disable: Annotated[Optional[list[str]], typer.Option(
         "--disable", help=with_default("Switch a guardrail off, e.g. --disable max_p99_ratio (repeatable).", "none"))] = None,
+    max_quality_drop: Annotated[Optional[str], typer.Option(
+        "--max-quality-drop", help=with_default("Outcome guardrail: largest drop of the canary against stable per metric, "
+                                                "METRIC=DROP,... e.g. accuracy=0.02,auc=0.03.", "off"))] = None,
+    max_fairness_gap: Annotated[Optional[float], typer.Option(
+        "--max-fairness-gap", help=with_default("Outcome guardrail: largest between-group fairness gap of the canary.", "off"))] = None,
+    min_label_coverage: Annotated[Optional[float], typer.Option(
+        "--min-label-coverage", help=with_default("Labeled share (0-1) both versions need; below it the analysis is inconclusive.", "off"))] = None,
+    min_labels: Annotated[Optional[int], typer.Option(
+        "--min-labels", help=with_default("Labeled rows each version needs before its quality is judged.", _default("min_labels")))] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a progressive canary; guardrail failures roll it back automatically."""
@@ -591,9 +600,18 @@ def canary_start(
     for name, value in (("max_error_rate", max_error_rate), ("max_error_ratio", max_error_ratio),
                         ("max_p99_ratio", max_p99_ratio), ("max_p99_ms", max_p99_ms),
                         ("max_disagreement", max_disagreement), ("min_requests", min_requests),
-                        ("fail_on_drift", fail_on_drift)):
+                        ("fail_on_drift", fail_on_drift), ("max_fairness_gap", max_fairness_gap),
+                        ("min_label_coverage", min_label_coverage), ("min_labels", min_labels)):
         if value is not None:
             setattr(guardrails, name, value)
+    for item in (max_quality_drop or "").split(","):
+        if not item.strip():
+            continue
+        metric, _, bound = item.partition("=")
+        try:
+            guardrails.max_quality_drop[metric.strip()] = float(bound)
+        except ValueError:
+            raise typer.BadParameter(f"--max-quality-drop {item!r}: use METRIC=DROP, e.g. accuracy=0.02") from None
     request = pb.StartCanaryRequest(
         model=model, version=version, stable=stable or "", steps=step_list, interval_s=parse_duration(interval),
         failure_limit=failure_limit or 0, guardrails=guardrails,
@@ -727,9 +745,12 @@ def audit_export(
     out: Annotated[Optional[Path], typer.Option("--out", help=with_default("Write the JSON bundle to this file.", "stdout"))] = None,
     sign: Annotated[Optional[Path], typer.Option(
         "--sign", help=with_default("EC private key: also write OUT.sig, a detached model-signing signature.", "unsigned"))] = None,
+    model_repository: Annotated[Optional[Path], typer.Option(
+        "--model-repository", help=with_default("With --store: also the outcomes history (the model's outcomes: section).",
+                                                "guardrail decisions only"))] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evidence bundle of one model: cards with provenance, reports, approvals, traffic, rollbacks, drift.
+    """Evidence bundle of one model: cards with provenance, reports, approvals, traffic, rollbacks, drift, outcomes.
 
     The bundle is JSON either way; with --out, a summary line (or, with --json, a JSON
     summary) says what was written."""
@@ -739,7 +760,8 @@ def audit_export(
         fail("--sign needs --out FILE: the detached signature is written beside it as FILE.sig")
     if store is not None:
         with _local_trail(store) as trail:
-            text = render(evidence_bundle(trail, model))
+            outcomes = lambda name: _offline_outcomes(store, model_repository, name, trail)  # noqa: E731
+            text = render(evidence_bundle(trail, model, {"outcomes": outcomes}))
     else:
         text = call(server, token, ca_file, "AuditExport", pb.AuditExportRequest(model=model)).bundle_json
     text = text if text.endswith("\n") else text + "\n"
@@ -789,6 +811,20 @@ def audit_verify_export(
         err_console.print(f"[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
     if not check.ok:
         raise typer.Exit(1)
+
+
+def _offline_outcomes(store: str, repository: Path | None, model: str, trail: Any) -> dict[str, Any]:
+    """The evidence bundle's outcomes section read from the store (history needs the repository)."""
+    from lockgate.outcomes.service import evidence, guardrail_decisions
+
+    section: dict[str, Any] = {"history": {}}
+    if repository is not None and (repository / model / "config.yaml").exists():
+        from lockgate.outcomes.cli import offline_report
+
+        if "outcomes" in (yaml.safe_load((repository / model / "config.yaml").read_text()) or {}):
+            section = evidence(offline_report(store, repository, model, None, None))
+    section["guardrail_decisions"] = guardrail_decisions(trail.log(model=model))
+    return section
 
 
 # ---------------------------------------------------------------------- tokens

@@ -5,6 +5,7 @@
     inspect -> governance (plug.)    fused validation + sketches + sampling decision
     batch   -> serving.batcher       merged with concurrent requests into one ORT run
     encode  -> protocol.codec        raw_output_contents, served version, route decision
+    record  -> outcomes (pluggable)  the prediction queued for the ledger (written off the path)
     explain -> explain (pluggable)   only for requests with ``lockgate_explain``: attributions
                                      from a pool of its own, added as extra outputs
 
@@ -16,6 +17,8 @@ Routing and governance plug in through two small protocols so each stays in its 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
@@ -76,6 +79,23 @@ class RoutingStage(Protocol):
                        inputs: dict[str, np.ndarray] | None, outputs: dict[str, np.ndarray] | None) -> None: ...
 
 
+class OutcomeStage(Protocol):
+    def record(self, version: ModelVersion, request_id: str, request: Any, inputs: dict[str, np.ndarray],
+               outputs: dict[str, np.ndarray]) -> None: ...
+
+
+_ID_PREFIX = f"{time.time_ns() // 1_000_000:x}-{secrets.token_hex(6)}-"
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A server-generated request id, unique across processes and restarts: this process's
+    start time and 48 random bits, then a counter (no syscall per request, unlike
+    ``secrets``). Given to requests without an id when the model records outcomes, and
+    returned in the response ``id``, so feedback can name the prediction."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
 class GovernanceStage(Protocol):
     def inspect(self, version: ModelVersion, inputs: dict[str, np.ndarray], request_id: str, ctx: RequestContext) -> Any: ...
     def after_inference(self, version: ModelVersion, inspection: Any, inputs: dict[str, np.ndarray],
@@ -94,6 +114,7 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        outcomes: OutcomeStage | None = None,
         explain: ExplainStage | None = None,
         telemetry: "Telemetry | None" = None,
         limits: codec.Limits = codec.DEFAULT_LIMITS,
@@ -101,6 +122,7 @@ class InferencePipeline:
         self.repository = repository
         self.routing: RoutingStage = routing or OpenRouting()
         self.governance = governance
+        self.outcomes = outcomes
         self.explain = explain
         self.limits = limits  # per-request bounds on what the codec decodes and encodes
         self.telemetry = telemetry
@@ -127,7 +149,10 @@ class InferencePipeline:
                         routing_key = str(codec.parameter_value(param))
                 if routing_key is None:
                     routing_key = ctx.metadata.get(ROUTING_KEY_HEADER)
-            route = routing.route(model, request.model_version, routing_key, request.id)
+            request_id = request.id
+            if not request_id and model.config.outcomes is not None:
+                request_id = new_request_id()  # feedback names the prediction by it
+            route = routing.route(model, request.model_version, routing_key, request_id)
             version = model.get(route.version)
         except BaseException as exc:  # NOT_FOUND / PERMISSION_DENIED before a version is known
             if trace is not None:
@@ -158,7 +183,7 @@ class InferencePipeline:
                     explain_refused = True  # refused before any work: not the version's failure
                     raise
             # inspect
-            inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
+            inspection = self.governance.inspect(version, inputs, request_id, ctx) if self.governance else None
             # batch + run
             batcher = version.batcher
             # A large payload costs tens of ms per copy on the event loop (decode, run, encode):
@@ -174,16 +199,18 @@ class InferencePipeline:
                 await asyncio.sleep(0)
             # encode
             if wrap is None:
-                outer = response = response_type(model_name=model.name, model_version=version.version, id=request.id)
+                outer = response = response_type(model_name=model.name, model_version=version.version, id=request_id)
             else:
                 outer, response = wrap()
                 response.model_name = model.name
                 response.model_version = version.version
-                response.id = request.id
+                response.id = request_id
             codec.encode_outputs(response, outputs, output_names, self.limits.max_output_bytes)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
+            if self.outcomes is not None:
+                self.outcomes.record(version, request_id, request, inputs, outputs)  # queued, not written here
             if ticket is not None:
                 served = True
                 explain_start = time.perf_counter_ns()

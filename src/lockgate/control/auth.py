@@ -44,6 +44,7 @@ class Role(StrEnum):
     APPROVER = "approver"
     ANALYST = "analyst"
     ADMIN = "admin"
+    LABELER = "labeler"
 
 
 class Permission(StrEnum):
@@ -55,6 +56,7 @@ class Permission(StrEnum):
     RETIRE = "retire"  # retire a version
     LOAD = "load"  # load/unload versions in the running server
     ADMIN = "admin"  # anything else administrative (tokens, config)
+    FEEDBACK = "feedback"  # send ground-truth labels (they can decide a canary's outcome guardrails)
     EXPLAIN = "explain"  # feature attributions beside predictions (they can leak model internals)
 
 
@@ -67,6 +69,8 @@ PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     Role.APPROVER: frozenset({Permission.READ, Permission.APPROVE}),
     Role.ANALYST: frozenset({Permission.READ, Permission.EXPLAIN}),
     Role.ADMIN: frozenset(Permission),
+    # A labeling pipeline's identity: labels only, nothing else.
+    Role.LABELER: frozenset({Permission.FEEDBACK}),
 }
 
 

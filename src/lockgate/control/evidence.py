@@ -16,6 +16,7 @@ was exported.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,18 @@ EVIDENCE_FORMAT = "lockgate.evidence/v1"
 SIGNATURE_SUFFIX = ".sig"
 
 
-def evidence_bundle(trail: AuditTrail, model: str) -> dict[str, Any]:
-    """The export of ``model`` with a ``provenance`` section per version."""
+def evidence_bundle(trail: AuditTrail, model: str,
+                    sections: Mapping[str, Callable[[str], Any]] | None = None) -> dict[str, Any]:
+    """The export of ``model`` with a ``provenance`` section per version, plus one section per
+    entry of ``sections`` (name -> model -> section; e.g. ``outcomes``: quality and fairness
+    history and every guardrail decision)."""
     bundle = trail.export(model)
     bundle["provenance"] = {
         str(v["version"]): (v.get("metadata") or {}).get("provenance") or {"signed": False, "summary": UNSIGNED}
         for v in bundle["versions"]
     }
+    for name, section in (sections or {}).items():
+        bundle[name] = section(model)
     return bundle
 
 

@@ -79,6 +79,8 @@ class ControlPlane:
         self.rollbacks_by_version: dict[tuple[str, str], int] = {}
         self.last_verify_ok: bool | None = None  # set by AuditVerify calls
         self._rollback_listeners: list[Callable[[str, str, str, str], Any]] = []
+        # Extra sections of a model's evidence bundle (``audit export``): name -> model -> section.
+        self._evidence_sources: dict[str, Callable[[str], Any]] = {}
 
     def add_leader_job(self, job: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         """Run ``job(stop)`` while this replica leads (started on election, stopped on loss)."""
@@ -88,6 +90,15 @@ class ControlPlane:
         """``listener(model, from_version, to_version, reason)`` on every canary rollback
         (telemetry turns these into span events and log records)."""
         self._rollback_listeners.append(listener)
+
+    def add_evidence_source(self, name: str, source: Callable[[str], Any]) -> None:
+        """``source(model)`` becomes section ``name`` of the model's evidence bundle
+        (``audit export``), e.g. the outcomes' quality and fairness history."""
+        self._evidence_sources[name] = source
+
+    @property
+    def evidence_sources(self) -> Mapping[str, Callable[[str], Any]]:
+        return dict(self._evidence_sources)
 
     @classmethod
     def open(cls, location: str | Path, **kwargs: Any) -> "ControlPlane":

@@ -123,8 +123,22 @@ class Guardrails:
     fail_on_drift: bool = True
     max_disagreement: float | None = 0.05
     min_requests: int = 50
+    #: Outcome guardrails (``lockgate.outcomes.guardrails``): per metric, the largest drop of
+    #: the canary against stable over the same windows, as sorted (metric, drop) pairs ...
+    max_quality_drop: tuple[tuple[str, float], ...] | None = None
+    #: ... the largest between-group fairness gap the canary may show ...
+    max_fairness_gap: float | None = None
+    #: ... and the label coverage both versions need before either is judged (else inconclusive).
+    min_label_coverage: float | None = None
+    #: Labeled rows each version needs before its quality is judged.
+    min_labels: int = 100
+
+    @property
+    def uses_outcomes(self) -> bool:
+        return bool(self.max_quality_drop) or self.max_fairness_gap is not None or self.min_label_coverage is not None
 
     def __post_init__(self) -> None:
+        _outcome_guardrails(self)
         for name in ("max_error_rate", "max_disagreement"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) <= 1.0:
@@ -146,7 +160,9 @@ class Guardrails:
             raise PolicyError(f"guardrail min_requests must be an integer >= 1, got {self.min_requests!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["max_quality_drop"] = dict(self.max_quality_drop) if self.max_quality_drop is not None else None
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Guardrails:
@@ -155,6 +171,28 @@ class Guardrails:
         if unknown:
             raise PolicyError(f"unknown guardrail field(s): {sorted(unknown)}")
         return cls(**dict(data))
+
+
+def _outcome_guardrails(g: Guardrails) -> None:
+    """Check and canonicalise the outcome guardrail fields (a mapping becomes sorted pairs)."""
+    drops = g.max_quality_drop
+    if drops is not None:
+        items = drops.items() if isinstance(drops, Mapping) else drops
+        pairs: list[tuple[str, float]] = []
+        for item in items:
+            metric, bound = item
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not float(bound) >= 0.0:
+                raise PolicyError(f"guardrail max_quality_drop[{metric!r}] must be a number >= 0, got {bound!r}")
+            pairs.append((str(metric), float(bound)))
+        object.__setattr__(g, "max_quality_drop", tuple(sorted(pairs)) or None)
+    for name in ("max_fairness_gap", "min_label_coverage"):
+        value = getattr(g, name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise PolicyError(f"guardrail {name} must be in [0, 1], got {value!r}")
+            object.__setattr__(g, name, float(value))
+    if isinstance(g.min_labels, bool) or not isinstance(g.min_labels, int) or g.min_labels < 1:
+        raise PolicyError(f"guardrail min_labels must be an integer >= 1, got {g.min_labels!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal, Protocol
@@ -212,6 +212,10 @@ class GuardrailResult:
         }
 
 
+#: (model, canary spec, now) -> verdicts judged outside this module (the outcome guardrails).
+OutcomeGuardrailsFn = Callable[[str, CanarySpec, float], Sequence[GuardrailResult]]
+
+
 @dataclass(frozen=True, slots=True)
 class Analysis:
     outcome: Outcome
@@ -242,6 +246,7 @@ def analyse(
     drift_status: object = None,
     disagreement: float | None = None,
     baseline: VersionWindow | None = None,
+    extra: Sequence[GuardrailResult] = (),
 ) -> Analysis:
     """Judge one analysis window. Pure: same inputs, same verdict.
 
@@ -369,6 +374,7 @@ def analyse(
                 )
             )
 
+    results.extend(extra)  # verdicts judged elsewhere (the outcome guardrails)
     statuses = {r.status for r in results}
     outcome: Outcome = "fail" if "fail" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
     return Analysis(outcome, tuple(results))
@@ -427,6 +433,13 @@ class CanaryController:
         #: model → (analysis generation, due time) of the next evaluation.
         self._schedule: dict[str, tuple[tuple[Any, ...], float]] = {}
         self.tick_errors = 0
+        self._outcome_guardrails: OutcomeGuardrailsFn | None = None
+
+    def set_outcome_guardrails(self, judge: OutcomeGuardrailsFn) -> None:
+        """``judge(model, canary spec, now)`` returns the verdicts of the outcome guardrails
+        (quality, fairness, label coverage; ``lockgate.outcomes``). Without one, a policy that
+        sets them is inconclusive."""
+        self._outcome_guardrails = judge
 
     # ---------------------------------------------------------------- governance hook
     def on_drift_alert(self, model: str, version: str, status: object) -> None:
@@ -559,7 +572,18 @@ class CanaryController:
         g = spec.guardrails
         if stats_stable.requests >= g.min_requests:
             self._baseline[model] = stats_stable
-        analysis = analyse(g, stats_stable, stats_canary, drift_status_canary, disagreement, self._baseline.get(model))
+        if not g.uses_outcomes:
+            extra: Sequence[GuardrailResult] = ()
+        elif self._outcome_guardrails is None:  # configured but nothing can judge them: fail closed
+            extra = (GuardrailResult("outcomes", "inconclusive", None, None, "no outcome evaluator in this process"),)
+        else:
+            try:
+                extra = self._outcome_guardrails(model, spec, now)
+            except Exception as exc:  # a guardrail that cannot be evaluated is inconclusive, never passed
+                log.exception("outcome guardrails of %s could not be evaluated", model)
+                extra = (GuardrailResult("outcomes", "inconclusive", None, None,
+                                         f"the outcome guardrails could not be evaluated ({type(exc).__name__}: {exc})"),)
+        analysis = analyse(g, stats_stable, stats_canary, drift_status_canary, disagreement, self._baseline.get(model), extra)
         windows = {"stable": stats_stable, "canary": stats_canary}
         evidence = {
             "canary": spec.canary,

@@ -98,6 +98,14 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_shadow_agreement": FamilySpec("gauge", "Share of shadow responses agreeing with the primary (0..1)", (*MV, "shadow_version")),
     "lockgate_canary_state": FamilySpec("gauge", "Canary state: 0 none, 1 progressing, 2 paused, 3 promoted, 4 rolled_back", MV),
     "lockgate_rollbacks": FamilySpec("counter", "Automatic or manual rollbacks of a version", MV),
+    # outcomes (prediction ledger, feedback, live quality and fairness; lockgate.outcomes)
+    "lockgate_outcome_predictions": FamilySpec("counter", "Predictions written to the outcome ledger", MV),
+    "lockgate_outcome_dropped": FamilySpec("counter", "Predictions not recorded in the outcome ledger, by reason", (*MV, "reason")),
+    "lockgate_outcome_evicted": FamilySpec("counter", "Predictions evicted from the outcome ledger by retention (age or row cap)", ("model",)),
+    "lockgate_feedback_labels": FamilySpec("counter", "Labels received by the feedback API, by result (accepted, duplicate, unknown, expired, model_mismatch)", ("model", "result")),
+    "lockgate_model_quality": FamilySpec("gauge", "Live model quality per version over the newest windows (accuracy, f1, auc, rmse, ...)", (*MV, "metric")),
+    "lockgate_fairness": FamilySpec("gauge", "Fairness per protected segment (gaps) and group (rates, spd, dir, group_size), judged groups only", (*MV, "segment", "metric")),
+    "lockgate_label_coverage": FamilySpec("gauge", "Share of predictions with a label over the newest windows (0..1)", MV),
     # control plane
     "lockgate_audit_entries": FamilySpec("counter", "Entries appended to the hash-chained audit trail", ("action",)),
     "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit chain verification passed, 0 if it failed", ()),

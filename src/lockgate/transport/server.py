@@ -35,6 +35,8 @@ from lockgate.control.store import Store, open_store
 from lockgate.explain.service import ExplainService
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
+from lockgate.outcomes.service import OutcomeService, evidence_section
+from lockgate.outcomes.store import OutcomeStore
 from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
@@ -46,6 +48,7 @@ from lockgate.telemetry.logs import CauseLog
 from lockgate.telemetry.metrics import Sample
 from lockgate.transport.drain import DrainGate
 from lockgate.transport.ports import PortClaim, PortInUse, check_free, claim, stop_listening
+from lockgate.transport.grpc.feedback import FeedbackService, add_feedback_service
 from lockgate.transport.grpc.inference import InferenceService, add_inference_service
 
 log = logging.getLogger("lockgate.server")
@@ -195,22 +198,30 @@ class Gateway:
             self.fleet = FleetDrift(self.control.store, self.governance, replica_id=settings.replica(),
                                     window_s=settings.fleet_window_s)
             self.control.add_leader_job(self.fleet.merge_loop)
+        # The prediction ledger and feedback join live in the control-plane database (its own
+        # connections: ledger writes must not queue behind the outage spool).
+        self.outcomes = OutcomeService(OutcomeStore.open(location), replica=settings.replica(),
+                                       audit=self.control.audit.append, refresh_s=settings.outcomes_refresh_s)
+        self.control.canary.set_outcome_guardrails(self.outcomes.canary_guardrails)
+        self.control.add_evidence_source("outcomes", self._outcomes_evidence)
         self.health = HealthServicer()
         self.repository.set_digester(self.control.digest_for_load)  # signature + digest, one pass
         self.repository.add_verifier(self.control.verify_artifact)
         self.repository.add_version_hooks(self.governance.prepare, self.governance.release)
         if self.fleet is not None:
             self.repository.add_version_hooks(self.fleet.adopt)  # after governance.prepare
+        self.repository.add_version_hooks(self.outcomes.prepare, self.outcomes.release)
         # after governance: explain reads the engine's feature names when it prepares, and (releases
         # running in reverse) logs its pending sampled explanations before the payload log closes
         self.repository.add_version_hooks(self.explain.prepare, self.explain.release)
         self.repository.subscribe(self.control.on_models_changed)
         self.repository.subscribe(self._on_models_changed)
         self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
-                                          explain=self.explain, telemetry=self.telemetry,
+                                          outcomes=self.outcomes, explain=self.explain, telemetry=self.telemetry,
                                           limits=settings.limits.for_codec(settings.max_send_message_bytes))
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
+        self.telemetry.register_source("outcomes", self.outcomes.metric_samples)
         self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
         self.telemetry.register_source("explain", self.explain.metric_samples)
         self.control.add_rollback_listener(self.telemetry.rollback)
@@ -219,6 +230,7 @@ class Gateway:
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
         self.gate = DrainGate()  # admission of data-plane calls (gRPC and HTTP); drained on SIGTERM
+        self.feedback = FeedbackService(self.outcomes, self.control.auth, gate=self.gate)
         self.http_events = CauseLog(logging.getLogger("lockgate.http"))  # internal, refused_draining
         self.http = self._http_server(settings)
         self.http_port = 0
@@ -247,6 +259,7 @@ class Gateway:
         """The ASGI application of the HTTP port (any ASGI server can carry it)."""
         from lockgate.transport.http.admin import RestAdmin
         from lockgate.transport.http.app import HttpApp
+        from lockgate.transport.http.feedback import RestFeedback
         from lockgate.transport.http.inference import RestInference
 
         from lockgate.transport.http.console import Console
@@ -258,13 +271,18 @@ class Gateway:
         console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
                           secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
                           model_repository=settings.model_repository)
-        return HttpApp([rest.handle, RestAdmin(self.admin).handle, console.handle],
+        return HttpApp([rest.handle, RestAdmin(self.admin).handle, RestFeedback(self.feedback).handle, console.handle],
                        max_body_bytes=settings.max_receive_message_bytes, gate=self.gate, events=self.http_events)
 
     def _http_samples(self) -> Any:
         """``lockgate_http_events_total{cause}`` at scrape time."""
         for cause, count in self.http_events.counts().items():
             yield Sample("lockgate_http_events", {"cause": cause}, count)
+
+    def _outcomes_evidence(self, model: str) -> Any:
+        """The ``outcomes`` section of ``model``'s evidence bundle: quality and fairness history
+        and every guardrail decision."""
+        return evidence_section(self.outcomes.store, self.outcomes.specs().get(model), self.control.audit.log(model=model))
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -280,10 +298,11 @@ class Gateway:
         if self.http is not None:
             self.telemetry.register_source("http", self._http_samples)
         admin_service = add_admin_service(services, self.admin)
+        feedback_service = add_feedback_service(services, self.feedback)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
-                [INFERENCE_SERVICE, admin_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                [INFERENCE_SERVICE, admin_service, feedback_service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME],
                 pool=POOL,
             ),
@@ -300,6 +319,7 @@ class Gateway:
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
+        self.outcomes.start()
         loop = asyncio.get_running_loop()
         if self.fleet is not None:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
@@ -362,6 +382,7 @@ class Gateway:
             await asyncio.to_thread(self.fleet.ship, self.fleet.window_of(time.time()))
         await self.repository.close()
         await self.explain.close()
+        await asyncio.to_thread(self.outcomes.close)  # writes what the ledger still holds
         self.governance.close()
         await self.control.close()
         self.telemetry.close()  # flush spans (bounded), close /metrics

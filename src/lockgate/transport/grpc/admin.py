@@ -49,7 +49,8 @@ log = logging.getLogger("lockgate.admin")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 _GUARDRAIL_FIELDS = (
     "max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement",
-    "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms",
+    "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms", "max_fairness_gap", "min_label_coverage",
+    "min_labels",
 )
 _DISABLEABLE = frozenset({"max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement"})
 
@@ -535,8 +536,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if name not in _DISABLEABLE:
                 raise PolicyError(f"cannot disable guardrail {name!r}; use one of {sorted(_DISABLEABLE)}")
             values[name] = None
-        if "min_requests" in values:
-            values["min_requests"] = int(values["min_requests"])
+        for name in ("min_requests", "min_labels"):
+            if name in values:
+                values[name] = int(values[name])
+        if message.max_quality_drop:
+            values["max_quality_drop"] = dict(message.max_quality_drop)
         return Guardrails(**values)
 
     async def StartCanary(self, request: Any, context: Any) -> Any:
@@ -612,7 +616,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     async def AuditExport(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
-            bundle = evidence_bundle(self.plane.audit, _required(request.model, "model"))
+            bundle = evidence_bundle(self.plane.audit, _required(request.model, "model"), self.plane.evidence_sources)
             return pb.AuditExportResponse(bundle_json=render(bundle))
 
         return await self._serve(context, "AuditExport", Permission.READ, body)
