@@ -25,6 +25,10 @@ def serve(
     store: Optional[str] = typer.Option(None, "--store", help="postgresql://... or SQLite path [<state-dir>/lockgate.db]"),
     tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="admin API tokens file (hashed)"),
     allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="development: serve versions without approval"),
+    audit_key_file: Optional[Path] = typer.Option(
+        None, "--audit-key-file", help="HMAC key of the audit trail, outside the state dir (lockgate audit keygen)"),
+    audit_checkpoint_file: Optional[Path] = typer.Option(
+        None, "--audit-checkpoint-file", help="signed chain-head checkpoints, outside the state dir [beside the key]"),
 ) -> None:
     """Serve the models in a repository."""
     from lockgate.transport.server import run
@@ -33,6 +37,7 @@ def serve(
         config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
         workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
         require_approval=False if allow_unapproved else None,
+        audit_key_file=audit_key_file, audit_checkpoint_file=audit_checkpoint_file,
     )
     run(settings)
 
@@ -45,22 +50,24 @@ def demo(
     build_only: bool = typer.Option(False, "--build-only", help="write the models and exit"),
 ) -> None:
     """Build the demo models in code (no downloads) and serve them."""
-    from lockgate.demo import approve_demo_versions, build_demo_repository
+    from lockgate.demo import approve_demo_versions, build_demo_repository, demo_audit_key
     from lockgate.transport.server import run
 
     root = build_demo_repository(dir)
+    key_file = demo_audit_key(root)
     settings = ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,
-                                   state_dir=root / ".lockgate")
+                                   state_dir=root / ".lockgate", audit_key_file=key_file)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    approved = approve_demo_versions(root, settings.store_location())
+    approved = approve_demo_versions(root, settings.store_location(), key_file)
     typer.echo(f"demo repository written to {root.resolve()}; approved versions {', '.join(approved)} of 'credit'")
     if build_only:
         return
     run(settings)
 
 
-from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app  # noqa: E402
+from lockgate.operator_cli import audit_app, models_app, status_command, tokens_app, traffic_app  # noqa: E402
 
+app.command("status")(status_command)
 app.add_typer(models_app, name="models")
 app.add_typer(traffic_app, name="traffic")
 app.add_typer(audit_app, name="audit")

@@ -55,6 +55,17 @@ class ServerSettings(_Strict):
     spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
     fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
+    audit_key_file: Path | None = Field(
+        None, description="HMAC key that authenticates the audit trail; required, outside state_dir "
+        "(create with `lockgate audit keygen --out FILE`)")
+    audit_previous_key_files: list[Path] = Field(
+        default_factory=list, description="rotated-out audit keys, still accepted when verifying the entries they wrote")
+    audit_checkpoint_file: Path | None = Field(
+        None, description="append-only file of signed chain-head checkpoints, outside state_dir "
+        "[audit-checkpoints.jsonl beside audit_key_file]")
+    audit_checkpoint_every: int = Field(100, ge=1, description="checkpoint at least every N entries this process appends")
+    audit_checkpoint_interval_s: float = Field(10.0, gt=0, description="and every T seconds while the head moved")
+    audit_verify_interval_s: float = Field(300.0, gt=0, description="re-verify the whole trail this often (lockgate_audit_verify_ok)")
 
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -65,6 +76,14 @@ class ServerSettings(_Strict):
     def store_location(self) -> str:
         return self.store or str(self.state_dir / "lockgate.db")
 
+    def checkpoint_file(self) -> Path | None:
+        """Where signed audit checkpoints go (None without a key file)."""
+        if self.audit_checkpoint_file is not None:
+            return self.audit_checkpoint_file
+        if self.audit_key_file is None:
+            return None
+        return self.audit_key_file.parent / "audit-checkpoints.jsonl"
+
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> "ServerSettings":
         data: dict[str, Any] = {}
@@ -74,7 +93,7 @@ class ServerSettings(_Strict):
         for field in cls.model_fields:
             env = os.environ.get(f"LOCKGATE_{field.upper()}")
             if env is not None and field not in ("tls", "telemetry"):
-                data[field] = env
+                data[field] = env.split(os.pathsep) if field == "audit_previous_key_files" else env
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
 

@@ -177,20 +177,34 @@ DEMO_CARD = {
 }
 
 
-def approve_demo_versions(repo_root: Path, store_location: str) -> list[str]:
+def demo_audit_key(repo_root: Path) -> Path:
+    """The demo's audit key (created once): under ``.audit/`` in the demo repository, outside
+    its state directory. A real deployment keeps it in a secret store or a root-owned file."""
+    from lockgate.control.audit_key import AuditKey
+
+    path = Path(repo_root) / ".audit" / "audit.key"
+    if not path.exists():
+        AuditKey.generate(path)
+    return path
+
+
+def approve_demo_versions(repo_root: Path, store_location: str, key_file: Path | None = None) -> list[str]:
     """Register, validate and approve the demo versions (four eyes: two demo identities).
 
     Idempotent: versions already approved are left alone. Every step is in the audit trail,
-    exactly as if operators had done it through the admin API.
+    exactly as if operators had done it through the admin API: ``demo-registrant`` registers,
+    validates and writes the card, ``demo-approver`` approves.
     """
     from lockgate.control.audit import AuditTrail
+    from lockgate.control.audit_key import AuditKeyring
     from lockgate.errors import NotFound
     from lockgate.control.registry import Registry, State
     from lockgate.control.store import open_store
 
+    keyring = AuditKeyring.load(key_file or demo_audit_key(repo_root))
     store = open_store(store_location)
     try:
-        registry = Registry(store, AuditTrail(store), repository=repo_root)
+        registry = Registry(store, AuditTrail(store, keyring), repository=repo_root)
         done = []
         model_dir = Path(repo_root) / DEMO_MODEL
         for version in sorted((p.name for p in model_dir.iterdir() if p.name.isdigit()), key=int):
@@ -206,7 +220,8 @@ def approve_demo_versions(repo_root: Path, store_location: str) -> list[str]:
                     raise RuntimeError(f"demo version {version} failed validation: {report}")
                 state = State.VALIDATED
             if state == State.VALIDATED:
-                registry.approve(DEMO_MODEL, version, "demo-approver", "demo: synthetic model, approved for the walkthrough", DEMO_CARD)
+                registry.set_card(DEMO_MODEL, version, DEMO_CARD, "demo-registrant")
+                registry.approve(DEMO_MODEL, version, "demo-approver", "demo: synthetic model, approved for the walkthrough")
             done.append(version)
         return done
     finally:

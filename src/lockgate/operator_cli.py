@@ -37,10 +37,10 @@ TokenOpt = Annotated[str, typer.Option("--token", envvar="LOCKGATE_TOKEN", help=
 CaOpt = Annotated[Optional[Path], typer.Option("--ca-file", envvar="LOCKGATE_CA_FILE", help="TLS: CA certificate of the server")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
-models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, list, show.", no_args_is_help=True)
+models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, load, unload, list, show.", no_args_is_help=True)
 traffic_app = typer.Typer(help="Traffic policy: weights, shadow, canary.", no_args_is_help=True)
 canary_app = typer.Typer(help="Progressive canary with automatic rollback.", no_args_is_help=True)
-audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export.", no_args_is_help=True)
+audit_app = typer.Typer(help="Keyed, hash-chained audit trail: verify, keygen, seal, log, export.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Admin API tokens: create (local, no server) and whoami.", no_args_is_help=True)
 traffic_app.add_typer(canary_app, name="canary")
 
@@ -223,12 +223,46 @@ def models_approve(
     model: str, version: str,
     reason: Annotated[str, typer.Option("--reason", help="why this version may take live traffic")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
-    card: Annotated[Optional[Path], typer.Option("--card", help="model card to attach with the approval")] = None,
 ) -> None:
-    """Approve a validated version (four eyes: not by its registrant)."""
+    """Approve a validated version (four eyes: not by anyone who registered, validated it or wrote its card)."""
     response = call(server, token, ca_file, "ApproveVersion", pb.ApproveVersionRequest(
-        model=model, version=version, reason=reason, card_json=json.dumps(_read_document(card)) if card else ""))
+        model=model, version=version, reason=reason))
     console.print(f"approved {model} / {version} (approval {response.approval_id}); state {response.version.state}")
+
+
+@models_app.command("load")
+def models_load(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="do not validate a newly registered version")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a version beside the loaded ones (the serving ones stay); a new one is registered and validated."""
+    response = call(server, token, ca_file, "LoadVersion", pb.LoadVersionRequest(
+        model=model, version=version, skip_validation=no_validate))
+    if as_json:
+        _print_json({**_version_dict(response.version), "registered": response.registered,
+                     "validated": response.validated, "loaded_versions": list(response.loaded_versions),
+                     "report": json.loads(response.report_json) if response.report_json else None})
+        return
+    done = ["registered" if response.registered else "", "validated" if response.validated else ""]
+    console.print(f"loaded {model} / {version} ({', '.join(d for d in done if d) or 'already registered'}); "
+                  f"state {response.version.state}; loaded versions: {', '.join(response.loaded_versions)}")
+    if response.report_json and not response.validated:
+        report = json.loads(response.report_json)
+        err_console.print(f"validation failed: {', '.join(c['name'] for c in report.get('checks', []) if c['status'] == 'failed')}")
+
+
+@models_app.command("unload")
+def models_unload(
+    model: str, version: str, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Unload a version that takes no traffic (drained first)."""
+    response = call(server, token, ca_file, "UnloadVersion", pb.UnloadVersionRequest(model=model, version=version))
+    if as_json:
+        _print_json({"model": model, "version": version, "loaded_versions": list(response.loaded_versions)})
+    else:
+        console.print(f"unloaded {model} / {version}; loaded versions: {', '.join(response.loaded_versions) or 'none'}")
 
 
 @models_app.command("retire")
@@ -303,6 +337,7 @@ def _traffic_dict(status: Any) -> dict[str, Any]:
             "step_index": c.step_index, "percent": c.percent, "failures": c.failures,
             "failure_limit": c.failure_limit, "state": c.state, "reason": c.reason,
             "guardrails": json.loads(c.guardrails_json or "{}"), "started_at": c.started_at,
+            "waiting_for": c.waiting_for,
         }
     return result
 
@@ -321,7 +356,7 @@ def _print_traffic(status: Any, as_json: bool) -> None:
         canary = status.canary if status.HasField("canary") else None
         for w in status.weights:
             role = ""
-            if canary is not None and canary.state in ("progressing", "paused"):
+            if canary is not None and canary.state in ("progressing", "inconclusive", "paused"):
                 role = "canary" if w.version == canary.canary else "stable" if w.version == canary.stable else ""
             table.add_row(w.version, str(w.weight), f"{w.percent:.2f}", role)
         if status.HasField("shadow"):
@@ -405,6 +440,10 @@ def canary_start(
     max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms")] = None,
     max_disagreement: Annotated[Optional[float], typer.Option("--max-disagreement")] = None,
     min_requests: Annotated[Optional[int], typer.Option("--min-requests")] = None,
+    mirror_percent: Annotated[Optional[float], typer.Option(
+        "--mirror-percent", help="share of stable's requests mirrored to the canary for the disagreement guardrail [10]")] = None,
+    min_comparisons: Annotated[Optional[int], typer.Option(
+        "--min-comparisons", help="mirrored rows needed before disagreement is conclusive [50]")] = None,
     fail_on_drift: Annotated[Optional[bool], typer.Option("--fail-on-drift/--ignore-drift")] = None,
     disable: Annotated[Optional[list[str]], typer.Option("--disable", help="switch a guardrail off (repeatable)")] = None,
     as_json: JsonOpt = False,
@@ -418,7 +457,8 @@ def canary_start(
     for name, value in (("max_error_rate", max_error_rate), ("max_error_ratio", max_error_ratio),
                         ("max_p99_ratio", max_p99_ratio), ("max_p99_ms", max_p99_ms),
                         ("max_disagreement", max_disagreement), ("min_requests", min_requests),
-                        ("fail_on_drift", fail_on_drift)):
+                        ("fail_on_drift", fail_on_drift), ("mirror_percent", mirror_percent),
+                        ("min_comparisons", min_comparisons)):
         if value is not None:
             setattr(guardrails, name, value)
     request = pb.StartCanaryRequest(
@@ -447,23 +487,38 @@ canary_app.command("resume")(_canary_command("ResumeCanary", "Continue a paused 
 
 # ---------------------------------------------------------------------- audit
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="offline: state dir, .db file or postgresql:// URL (no server)")]
+KeyOpt = Annotated[Optional[Path], typer.Option(
+    "--key-file", envvar="LOCKGATE_AUDIT_KEY_FILE", help="offline: the audit key (authenticates the entries)")]
+PreviousKeysOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--previous-key-file", help="offline: a rotated-out audit key (repeatable)")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint-file", envvar="LOCKGATE_AUDIT_CHECKPOINT_FILE",
+    help="offline: the signed checkpoint file [audit-checkpoints.jsonl beside the key file]")]
 
 
 @contextmanager
-def _local_trail(store: str) -> Iterator[Any]:
+def _local_trail(store: str, key_file: Path | None = None, previous: list[Path] | None = None,
+                 checkpoint_file: Path | None = None) -> Iterator[Any]:
     from lockgate.control.audit import AuditTrail
+    from lockgate.control.audit_key import AuditKeyring
+    from lockgate.control.checkpoint import CheckpointLog
     from lockgate.errors import LockgateError
     from lockgate.control.sqlite_store import resolve_db_path
     from lockgate.control.store import open_store
 
     if not store.startswith(("postgres://", "postgresql://")) and not resolve_db_path(store).exists():
         fail(f"no control-plane store at {store}")
+    keyring = None
     try:
+        if key_file is not None:
+            keyring = AuditKeyring.load(key_file, previous or ())
         opened = open_store(store)
     except LockgateError as exc:
         fail(f"{exc.code}: {exc}")
+    if checkpoint_file is None and key_file is not None:
+        checkpoint_file = key_file.parent / "audit-checkpoints.jsonl"
     try:
-        yield AuditTrail(opened)
+        yield AuditTrail(opened, keyring, None, CheckpointLog(checkpoint_file) if checkpoint_file else None)
     except LockgateError as exc:
         fail(f"{exc.code}: {exc}")
     finally:
@@ -473,10 +528,13 @@ def _local_trail(store: str) -> Iterator[Any]:
 @audit_app.command("verify")
 def audit_verify(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    key_file: KeyOpt = None, previous_key_file: PreviousKeysOpt = None, checkpoint_file: CheckpointOpt = None,
+    no_checkpoint: Annotated[bool, typer.Option(
+        "--no-checkpoint", help="check the chain alone, not against the signed checkpoints (truncation undetected)")] = False,
     anchor: Annotated[Optional[str], typer.Option("--anchor", help="SEQ:HASH recorded earlier (detects truncation)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the whole hash chain; exit 1 naming the first bad entry."""
+    """Check the keyed chain against its signed checkpoints and the registry; exit 1 naming the first problem."""
     anchor_seq, anchor_hash = 0, ""
     if anchor:
         seq_text, _, anchor_hash = anchor.partition(":")
@@ -486,24 +544,71 @@ def audit_verify(
     if store is not None:
         from lockgate.control.audit import AuditAnchor
 
-        with _local_trail(store) as trail:
-            r = trail.verify(AuditAnchor(anchor_seq, anchor_hash) if anchor_seq else None)
-        result = {"ok": r.ok, "checked": r.checked, "first_bad_seq": r.first_bad_seq or 0, "reason": r.reason,
-                  "head_seq": r.head_seq, "head_hash": r.head_hash}
+        with _local_trail(store, key_file, previous_key_file, checkpoint_file) as trail:
+            r = trail.verify(AuditAnchor(anchor_seq, anchor_hash) if anchor_seq else None, checkpoints=not no_checkpoint)
+        result = {**r.to_dict(), "first_bad_seq": r.first_bad_seq or 0,
+                  "checkpoint_seq": r.checkpoint_seq if r.checkpoint_seq is not None else -1}
     else:
-        response = call(server, token, ca_file, "AuditVerify", pb.AuditVerifyRequest(anchor_seq=anchor_seq, anchor_hash=anchor_hash))
+        response = call(server, token, ca_file, "AuditVerify", pb.AuditVerifyRequest(
+            anchor_seq=anchor_seq, anchor_hash=anchor_hash, no_checkpoint=no_checkpoint))
         result = {"ok": response.ok, "checked": response.checked, "first_bad_seq": response.first_bad_seq,
-                  "reason": response.reason, "head_seq": response.head_seq, "head_hash": response.head_hash}
+                  "reason": response.reason, "head_seq": response.head_seq, "head_hash": response.head_hash,
+                  "checkpoint_seq": response.checkpoint_seq, "checkpoints_checked": response.checkpoints_checked,
+                  "unkeyed_entries": response.unkeyed_entries, "warnings": list(response.warnings),
+                  "registry_problems": list(response.registry_problems)}
     if as_json:
         _print_json(result)
-    elif result["ok"]:
-        console.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
-                      f"hash {result['head_hash']}", highlight=False)
     else:
-        err_console.print(f"[bold red]audit trail BROKEN[/] at entry seq {result['first_bad_seq']}: {result['reason']} "
-                          f"({result['checked']} entries verified before it)", highlight=False, soft_wrap=True)
+        for warning in result["warnings"]:
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        if result["ok"]:
+            anchored = (f", matches the signed checkpoint at seq {result['checkpoint_seq']}"
+                        if result["checkpoint_seq"] >= 0 else " (NOT checked against a checkpoint)")
+            console.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
+                          f"hash {result['head_hash']}{anchored}", highlight=False)
+        else:
+            where = f" at entry seq {result['first_bad_seq']}" if result["first_bad_seq"] else ""
+            err_console.print(f"[bold red]audit trail BROKEN[/]{where}: {result['reason']} "
+                              f"({result['checked']} entries verified before it)", highlight=False, soft_wrap=True)
+            for problem in result["registry_problems"][1:]:
+                err_console.print(f"  also: {problem}", highlight=False, soft_wrap=True)
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    out: Annotated[Path, typer.Option("--out", help="where to write the key (mode 0600; never overwritten)")],
+) -> None:
+    """Create an audit key. Keep it outside the state directory: whoever holds it can forge entries."""
+    from lockgate.control.audit_key import AuditKey
+    from lockgate.errors import LockgateError
+
+    try:
+        key = AuditKey.generate(out)
+    except LockgateError as exc:
+        fail(f"{exc.code}: {exc}")
+    console.print(f"audit key {key.key_id} written to {out}; pass it as --audit-key-file (or LOCKGATE_AUDIT_KEY_FILE)",
+                  highlight=False)
+
+
+@audit_app.command("seal")
+def audit_seal(
+    store: Annotated[str, typer.Option("--store", help="state dir, .db file or postgresql:// URL")],
+    key_file: Annotated[Path, typer.Option("--key-file", envvar="LOCKGATE_AUDIT_KEY_FILE", help="the audit key")],
+    actor: Annotated[str, typer.Option("--actor", help="who checked the old entries and seals them")],
+    reason: Annotated[str, typer.Option("--reason", help="why they are accepted")],
+    checkpoint_file: CheckpointOpt = None,
+) -> None:
+    """Seal a trail written before audit keys: verify its plain SHA-256 chain and pin its head under the key."""
+    from lockgate.control.checkpoint import Checkpointer
+
+    with _local_trail(store, key_file, None, checkpoint_file) as trail:
+        entry = trail.seal_legacy(actor, reason)
+        if trail.checkpoint_log is not None:
+            Checkpointer(trail.checkpoint_log, trail.key, trail.store.audit_head).write(entry.seq, entry.hash)
+    console.print(f"sealed {entry.details['legacy_entries']} unkeyed entries at seq {entry.seq} "
+                  f"(head {entry.details['legacy_head_hash'][:16]}…) under key {entry.key_id}", highlight=False)
 
 
 def _entries_table(entries: list[dict[str, Any]]) -> Table:
@@ -549,11 +654,12 @@ def audit_log(
 def audit_export(
     model: Annotated[str, typer.Option("--model", help="the model whose evidence bundle to export")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    key_file: KeyOpt = None, checkpoint_file: CheckpointOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="write the JSON bundle here [stdout]")] = None,
 ) -> None:
     """Evidence bundle of one model: card, reports, approvals, traffic history, rollbacks, drift."""
     if store is not None:
-        with _local_trail(store) as trail:
+        with _local_trail(store, key_file, None, checkpoint_file) as trail:
             text = json.dumps(trail.export(model), indent=2, sort_keys=True, default=str)
     else:
         text = call(server, token, ca_file, "AuditExport", pb.AuditExportRequest(model=model)).bundle_json
@@ -594,6 +700,27 @@ def tokens_create(
     sys.stdout.write(f"token: {issued.token}\n")
     sys.stdout.write("(shown once; store it now. The server keeps only its hash.)\n")
     sys.stdout.write(yaml.safe_dump({"tokens": entry}, sort_keys=True))
+
+
+def status_command(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """This replica: leader or not, store, audit head, last signed checkpoint, last verification."""
+    r = call(server, token, ca_file, "ControlStatus", pb.ControlStatusRequest())
+    result = {"replica_id": r.replica_id, "leader": r.leader, "store": r.store, "degraded": r.degraded,
+              "require_approval": r.require_approval, "audit_head_seq": r.audit_head_seq,
+              "audit_head_hash": r.audit_head_hash, "checkpoint_seq": r.checkpoint_seq,
+              "checkpoint_file": r.checkpoint_file, "audit_key_id": r.audit_key_id,
+              "audit_verify_ok": r.audit_verify_ok if r.HasField("audit_verify_ok") else None}
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(show_header=False, title=f"lockgate at {server}")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    console.print(table)
 
 
 @tokens_app.command("whoami")

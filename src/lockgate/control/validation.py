@@ -22,6 +22,8 @@ from lockgate.errors import InvalidArgument
 
 GOLDEN_INPUTS = "golden_inputs.npz"
 GOLDEN_OUTPUTS = "golden_outputs.npz"
+REFERENCE_PROFILE = "reference_profile.json"  # lockgate.governance.profile.PROFILE_FILE
+MODEL_CONFIG = "config.yaml"
 
 CheckStatus = Literal["passed", "failed", "skipped"]
 Arrays = Mapping[str, np.ndarray]
@@ -221,6 +223,50 @@ def _compare_golden(outputs: dict[str, np.ndarray], golden: Arrays, tolerance: T
     )
 
 
+def drift_required(model_dir: str | Path) -> bool:
+    """Whether the model's ``config.yaml`` turns drift monitoring on: a ``governance:``
+    section whose governance and drift are enabled. Such a version needs a reference
+    profile to be approved (drift could not be evaluated without one)."""
+    from lockgate.config import ModelConfigFile
+    from lockgate.governance.config import GovernanceConfig
+
+    config = ModelConfigFile.load(Path(model_dir) / MODEL_CONFIG)
+    if config.governance is None:
+        return False
+    governance = GovernanceConfig.model_validate(config.governance)
+    return governance.enabled and governance.drift.enabled
+
+
+def profile_problem(artifact: str | Path) -> str | None:
+    """None when a readable reference profile lies beside the artifact, else what is wrong."""
+    from lockgate.governance.profile import ReferenceProfile
+
+    path = Path(artifact).parent / REFERENCE_PROFILE
+    if not path.exists():
+        return f"no reference profile ({path.name}) beside the artifact: drift cannot be evaluated for this version"
+    try:
+        ReferenceProfile.load(path)
+    except Exception as exc:  # a broken profile is as good as none
+        return f"reference profile {path} is unreadable: {exc}"[:2000]
+    return None
+
+
+def check_reference_profile(artifact: str | Path) -> CheckResult:
+    """Reported in every validation; failed (not skipped) when the model's config enables drift."""
+    path = Path(artifact)
+    problem = profile_problem(path)
+    if problem is None:
+        return CheckResult(name="reference_profile", status="passed", detail=f"{REFERENCE_PROFILE} found")
+    try:
+        required = drift_required(path.parent.parent)
+    except Exception as exc:  # a config that does not parse: the load reports it; drift unknown here
+        required, problem = True, f"{problem}; model config unreadable: {exc}"
+    if required:
+        return CheckResult(name="reference_profile", status="failed",
+                           detail=f"{problem} (the model's governance config enables drift)")
+    return CheckResult(name="reference_profile", status="skipped", detail=problem)
+
+
 def run_checks(
     artifact: str | Path,
     *,
@@ -273,6 +319,8 @@ def run_checks(
                     detail="; ".join(problems) or "inputs and outputs match the config",
                 )
             )
+
+    checks.append(check_reference_profile(path))
 
     if golden is None:
         try:

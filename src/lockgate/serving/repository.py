@@ -6,6 +6,14 @@ with integer versions. A loaded model is an immutable ``LoadedModel``; reload bu
 one and swaps it in a single assignment, so a request sees either the old or the new set of
 versions, never a mix. Versions that leave the set drain: their queues finish everything
 already accepted before their sessions are released.
+
+Which versions load: those the version policy selects, plus those loaded on request
+(``load_version``), minus those unloaded on request (``unload_version``), plus whatever a
+*retainer* says must stay (the control plane: versions that serve, canary or shadow now),
+so loading a new version never takes the one in service out. A version that fails to load
+(tampered artifact, ORT refusing the graph) is refused alone: the model's other versions
+load, a version already loaded keeps serving from the session it was verified with, and
+the failure shows per version in the repository index.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ ModelListener = Callable[[str, list[str], list[str]], None]
 # Called with a version once it is built but before it can take requests (attach per-version
 # state such as the governance engine), and after it has drained (release that state).
 VersionHook = Callable[["ModelVersion"], None]
+# Called with a model name: versions that must stay loaded across a reload (they take traffic).
+Retainer = Callable[[str], "set[str]"]
 
 
 def sha256_file(path: Path) -> str:
@@ -102,12 +112,19 @@ class ModelRepository:
         self.drain_timeout_s = drain_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}  # model -> why its last load failed
+        self._version_failed: dict[tuple[str, str], str] = {}  # (model, version) -> why it did not load
+        self._requested: dict[str, set[str]] = {}  # loaded on request beside the version policy's
+        self._excluded: dict[str, set[str]] = {}  # unloaded on request
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
         self.verifiers: list[ArtifactVerifier] = []
         self.listeners: list[ModelListener] = []
         self.preparers: list[VersionHook] = []
         self.releasers: list[VersionHook] = []
+        self.retainers: list[Retainer] = []
+        #: Requests refused before a version was known (unknown model or version, ...), by
+        #: (model or "" when unknown, reason): counted in the failure metric with version "".
+        self.unrouted_failures: dict[tuple[str, str], int] = {}
 
     # -- lookups (hot path) ---------------------------------------------------------
     def get(self, name: str) -> LoadedModel:
@@ -130,6 +147,12 @@ class ModelRepository:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def count_unrouted(self, model: str, reason: str) -> None:
+        """Count a request refused before it reached a version (the label set stays bounded:
+        only loaded model names, else "")."""
+        key = (model if model in self._models else "", reason)
+        self.unrouted_failures[key] = self.unrouted_failures.get(key, 0) + 1
+
     def index(self) -> list[IndexEntry]:
         entries = []
         for name in self.discover():
@@ -138,6 +161,8 @@ class ModelRepository:
             for v in on_disk:
                 if model and str(v) in model.versions:
                     entries.append(IndexEntry(name, str(v), "READY"))
+                elif (name, str(v)) in self._version_failed:
+                    entries.append(IndexEntry(name, str(v), "UNAVAILABLE", self._version_failed[(name, str(v))]))
                 elif name in self._failed:
                     entries.append(IndexEntry(name, str(v), "UNAVAILABLE", self._failed[name]))
                 else:
@@ -169,29 +194,47 @@ class ModelRepository:
             model_dir = self.root / name
             if not model_dir.is_dir():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
+            current = self._models.get(name)
+            failures: dict[str, str] = {}
             try:
                 config = ModelConfigFile.load(model_dir / "config.yaml")
-                selected = config.version_policy.select(self._versions_on_disk(model_dir))
-                if not selected:
+                on_disk = {str(v) for v in self._versions_on_disk(model_dir)}
+                wanted = {str(v) for v in config.version_policy.select([int(v) for v in on_disk])}
+                wanted |= self._requested.get(name, set()) & on_disk
+                wanted -= self._excluded.get(name, set())
+                retained = set().union(*(set(r(name)) for r in self.retainers)) if self.retainers else set()
+                wanted |= retained & (on_disk | set(current.versions if current else ()))
+                if not wanted:
                     raise Unavailable(f"model '{name}': no version directory with {MODEL_FILENAME} matches the version policy")
-                current = self._models.get(name)
                 versions: dict[str, ModelVersion] = {}
-                for v in selected:
-                    key = str(v)
-                    path = model_dir / key / MODEL_FILENAME
-                    digest = await asyncio.to_thread(sha256_file, path)
+                for key in sorted(wanted, key=int):
                     old = current.versions.get(key) if current else None
-                    if old is not None and old.sha256 == digest and old.config == config:
-                        versions[key] = old
-                        continue
-                    versions[key] = await self._load_version(name, key, path, digest, config)
-                default = str(config.default_version) if config.default_version is not None else max(versions, key=int)
-                if default not in versions:
-                    raise Unavailable(f"model '{name}': default_version {default} is not among the loaded versions {sorted(versions)}")
+                    try:
+                        versions[key] = await self._version_for(name, key, model_dir / key / MODEL_FILENAME, config, old)
+                        self._version_failed.pop((name, key), None)
+                    except Exception as exc:  # this version alone is refused
+                        message = exc.message if isinstance(exc, LockgateError) else f"{type(exc).__name__}: {exc}"
+                        failures[key] = message
+                        self._version_failed[(name, key)] = message
+                        if old is not None:  # keeps serving the session it was verified with
+                            versions[key] = old
+                            log.error("%s could not be reloaded (%s); it keeps serving the loaded copy", old.label, message)
+                        else:
+                            log.error("model '%s' version %s refused: %s", name, key, message)
+                if not versions:
+                    raise Unavailable(f"model '{name}': no version could be loaded: "
+                                      + "; ".join(f"version {v}: {m}" for v, m in sorted(failures.items())))
+                if config.default_version is not None and str(config.default_version) in versions:
+                    default = str(config.default_version)
+                else:
+                    if config.default_version is not None:
+                        log.warning("model '%s': default_version %s is not loaded; using the highest loaded version",
+                                    name, config.default_version)
+                    default = max(versions, key=int)
             except LockgateError as exc:
                 self._failed[name] = exc.message
                 raise
-            except Exception as exc:  # bad YAML, ORT refused the graph, ...
+            except Exception as exc:  # bad YAML, ...
                 self._failed[name] = f"{type(exc).__name__}: {exc}"
                 log.exception("model '%s' failed to load", name)
                 raise Unavailable(f"model '{name}' failed to load: {exc}") from exc
@@ -205,6 +248,42 @@ class ModelRepository:
             for listener in self.listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
             return loaded
+
+    async def _version_for(self, name: str, key: str, path: Path, config: ModelConfigFile,
+                           old: ModelVersion | None) -> ModelVersion:
+        """The loaded version to keep (unchanged artifact and config) or a freshly loaded one."""
+        if old is not None and not path.exists():
+            log.warning("%s: %s was removed from disk; serving the loaded copy until it is retired or unloaded",
+                        old.label, path)
+            return old
+        digest = await asyncio.to_thread(sha256_file, path)
+        if old is not None and old.sha256 == digest and old.config == config:
+            return old
+        return await self._load_version(name, key, path, digest, config)
+
+    async def load_version(self, name: str, version: str) -> LoadedModel:
+        """Load one version beside the loaded ones (``lockgate models load M V``)."""
+        if not (self.root / name / version / MODEL_FILENAME).is_file():
+            raise NotFound(f"model '{name}' has no version {version} in the repository {self.root}")
+        self._requested.setdefault(name, set()).add(version)
+        self._excluded.get(name, set()).discard(version)
+        loaded = await self.load(name)
+        if version not in loaded.versions:
+            raise Unavailable(f"model '{name}' version {version} did not load: "
+                              f"{self._version_failed.get((name, version), 'unknown reason')}")
+        return loaded
+
+    async def unload_version(self, name: str, version: str) -> None:
+        """Unload one version (drained first); the model stays with the others."""
+        model = self.get(name)
+        if version not in model.versions:
+            raise NotFound(f"model '{name}' has no loaded version {version}")
+        self._excluded.setdefault(name, set()).add(version)
+        self._requested.get(name, set()).discard(version)
+        if set(model.versions) == {version}:
+            await self.unload(name)
+            return
+        await self.load(name)
 
     async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
         for verify in self.verifiers:

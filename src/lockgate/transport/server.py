@@ -26,11 +26,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from lockgate._descriptor_pool import POOL
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
+from lockgate.control.audit import AuditTrail, VerifyResult
+from lockgate.control.audit_key import AuditKeyring
+from lockgate.control.audit_setup import load_keyring, open_audit
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import elector_for
 from lockgate.control.plane import ControlPlane
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
+from lockgate.errors import LockgateError
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
@@ -57,13 +61,30 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def open_control_store(settings: ServerSettings) -> Store:
+def open_control_store(settings: ServerSettings, keyring: AuditKeyring) -> Store:
     """SQLite for one machine; PostgreSQL for a fleet, wrapped so that an outage spools
-    audit entries and drift snapshots to local disk instead of failing them."""
+    audit entries of what already happened (loads, drift alerts) and drift snapshots to local
+    disk instead of failing them. Governance changes are never spooled: they are refused."""
     store = open_store(settings.store_location())
     if settings.is_shared_store():
-        store = ResilientStore(store, settings.spool_dir or settings.state_dir / "spool")
+        store = ResilientStore(store, settings.spool_dir or settings.state_dir / "spool", keyring=keyring)
     return store
+
+
+def open_governed_audit(settings: ServerSettings) -> tuple[Store, AuditTrail, VerifyResult]:
+    """The store and its keyed, checkpointed, verified audit trail (refuses to start otherwise)."""
+    checkpoint_file = settings.checkpoint_file()
+    keyring = load_keyring(settings.audit_key_file, settings.audit_previous_key_files,
+                           state_dir=settings.state_dir, checkpoint_file=checkpoint_file)
+    store = open_control_store(settings, keyring)
+    try:
+        trail, verdict = open_audit(store, keyring, checkpoint_file, every=settings.audit_checkpoint_every,  # type: ignore[arg-type]
+                                    interval_s=settings.audit_checkpoint_interval_s,
+                                    where=f" in {settings.store_location() if not settings.is_shared_store() else 'the shared store'}")
+    except BaseException:
+        store.close()
+        raise
+    return store, trail, verdict
 
 
 def _install_uvloop() -> bool:
@@ -124,13 +145,18 @@ class Gateway:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        authenticator = Authenticator.load(tokens_file=settings.tokens_file)
+        store, trail, verdict = open_governed_audit(settings)
         self.control = ControlPlane(
-            open_control_store(settings),
+            store,
+            audit=trail,
             repository_root=settings.model_repository,
-            authenticator=Authenticator.load(tokens_file=settings.tokens_file),
+            authenticator=authenticator,
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
+            replica_id=settings.replica(),
         )
+        self.control.last_verify_ok = verdict.ok  # lockgate_audit_verify_ok is there from the start
         self.fleet: FleetDrift | None = None
         if settings.is_shared_store():
             location = settings.store_location()
@@ -141,11 +167,13 @@ class Gateway:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
         self.repository.verifiers.append(self.control.verify_artifact)
         self.repository.listeners.append(self.control.on_models_changed)
+        self.repository.retainers.append(self.control.retained_versions)
         self.routing = PolicyRouting(self.control)
         self.governance = GovernanceStage(repository_root=settings.model_repository, state_dir=settings.state_dir)
         self.governance.subscribers.append(
             lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
         )
+        self.control.drift_unavailable = self.governance.drift_unavailable
         # An OK window clears a latched DRIFT in the canary analysis (alerts alone never would).
         self.governance.report_listeners.append(self._on_drift_report)
         if settings.is_shared_store():
@@ -164,6 +192,9 @@ class Gateway:
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
         self.repository.listeners.append(self._on_models_changed)
+        self.control.gate_listeners.append(self._on_gates_changed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving_started = False
         self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
         self.governance.tracing_enabled = self.telemetry.tracing is not None
         self.telemetry.register_source("governance", self.governance.metric_samples)
@@ -174,15 +205,87 @@ class Gateway:
         if report.status == "OK":
             self.control.canary.on_drift_alert(report.model, report.version, "OK")
 
+    # -- health: a model is SERVING only while a version of it may take live traffic -------
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(self.health.set(model, status))
+        self._health_soon([model])
+
+    def _on_gates_changed(self, models: list[str]) -> None:
+        self._health_soon(models)
+
+    def _health_soon(self, models: list[str]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            loop.create_task(self._update_health(models))
+        else:  # a gate refresh on an admin or watcher thread
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._update_health(models)))
+
+    def model_serving(self, model: str) -> bool:
+        """Loaded with at least one version that may take live traffic now."""
+        return bool(self.repository.is_ready(model) and self.control.servable_loaded(model))
+
+    def serving_any(self) -> bool:
+        return any(self.model_serving(name) for name in self.repository.models())
+
+    def ready_for(self, model: str, version: str) -> bool:
+        """ModelReady: loaded, and (the named version / some version) may take live traffic."""
+        if not self.repository.is_ready(model, version):
+            return False
+        if version:
+            return self.control.can_serve(model, version)
+        return self.model_serving(model)
+
+    async def _update_health(self, models: list[str]) -> None:
+        """Per model: SERVING iff a loaded version may take live traffic. Overall ("" and the
+        inference service): SERVING iff the server is started, not draining, and at least one
+        model is SERVING."""
+        if self._stopping.is_set():
+            return
+        for model in models:
+            serving = self.model_serving(model)
+            await self.health.set(model, health_pb2.HealthCheckResponse.SERVING if serving
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._serving_started:
+            overall = (health_pb2.HealthCheckResponse.SERVING if self.serving_any()
+                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", INFERENCE_SERVICE):
+                await self.health.set(name, overall)
+
+    def _warn_unservable(self) -> None:
+        for name in sorted(self.repository.models()):
+            if self.model_serving(name):
+                continue
+            states = self.control._states.get(name, {})
+            described = ", ".join(f"{v} {states.get(v, 'unregistered')}"
+                                  for v in sorted(self.repository.models()[name].versions, key=int))
+            log.warning("model '%s' has no version that may take live traffic (loaded: %s): it reports NOT_SERVING "
+                        "and every request is refused. Approve a version (`lockgate models approve %s V --reason ...` "
+                        "after validation and a card by someone else), or start with --allow-unapproved for development",
+                        name, described, name)
+
+    async def _verify_periodically(self) -> None:
+        """Re-verify the whole trail (chain, checkpoints, registry): lockgate_audit_verify_ok."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.settings.audit_verify_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await asyncio.to_thread(self.control.verify_audit)
+            except Exception:
+                log.exception("periodic audit verification could not run")
 
     async def start(self) -> int:
         settings = self.settings
         services = GenericHandlersOnly(self.server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.pipeline, ready=self.ready), services
+            InferenceService(self.repository, self.pipeline, ready=self.ready, model_ready=self.ready_for), services
         )
         admin_service = add_admin_service(services, self.control, self.repository)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
@@ -199,17 +302,20 @@ class Gateway:
         address = f"{settings.host}:{settings.grpc_port}"
         creds = _credentials(settings)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        self._loop = asyncio.get_running_loop()
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
         loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._verify_periodically()))
         if self.fleet is not None:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
         self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
         self.telemetry.start()
-        for name in ("", INFERENCE_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving_started = True
+        await self._update_health(sorted(self.repository.models()))
+        self._warn_unservable()
         self.ready.set()
         log.info("lockgate ready on %s:%d (pid %d)", settings.host, self.port, os.getpid())
         return self.port
@@ -262,7 +368,11 @@ class Gateway:
 
 
 async def serve(settings: ServerSettings) -> None:
-    gateway = Gateway(settings)
+    try:
+        gateway = Gateway(settings)
+    except LockgateError as exc:  # a refusal to start says what to do, without a traceback
+        log.error("lockgate cannot start: %s", exc.message)
+        raise SystemExit(2) from None
     loop = asyncio.get_running_loop()
     stop_task: list[asyncio.Task] = []
 

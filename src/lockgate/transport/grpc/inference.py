@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -50,10 +50,14 @@ def _duration(d: Any, target: Any) -> None:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event) -> None:
+    def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event,
+                 model_ready: Callable[[str, str], bool] | None = None) -> None:
         self.repository = repository
         self.pipeline = pipeline
         self._ready = ready
+        # (model, version) -> ready: loaded *and* allowed to take live traffic (the gateway's
+        # approval gate); without one, loaded is ready.
+        self._model_ready = model_ready or repository.is_ready
 
     # -- health & metadata -----------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -63,7 +67,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._ready.is_set())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        return pb.ModelReadyResponse(ready=self.repository.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self._model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         # Which worker process answered: lets operators (and the --workers test) see the spread.
