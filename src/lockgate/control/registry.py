@@ -254,6 +254,13 @@ class Registry:
                 shadowable.add(record.version)
         return frozenset(servable), frozenset(shadowable), states
 
+    def servable_versions(self, model: str) -> frozenset[str]:
+        """Versions that may take live traffic (attested and approved or better)."""
+        return self.gates(model)[0]
+
+    def shadowable_versions(self, model: str) -> frozenset[str]:
+        return self.gates(model)[1]
+
     # -- register -----------------------------------------------------------
     def artifact_path(self, model: str, version: str) -> Path:
         if self.repository is None:
