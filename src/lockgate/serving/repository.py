@@ -186,7 +186,8 @@ class ModelRepository:
             try:
                 await self.load(name)
             except LockgateError as exc:
-                log.error("model '%s' failed to load: %s", name, exc.message)
+                log.error("model '%s' %s: %s", name, "is partly loaded" if name in self._models else "failed to load",
+                          exc.message)
 
     async def load(self, name: str) -> LoadedModel:
         """Load (or reload) a model: new versions are loaded first, then swapped in."""
@@ -196,6 +197,7 @@ class ModelRepository:
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
             current = self._models.get(name)
             failures: dict[str, str] = {}
+            refusals: list[BaseException] = []
             try:
                 config = ModelConfigFile.load(model_dir / "config.yaml")
                 on_disk = {str(v) for v in self._versions_on_disk(model_dir)}
@@ -215,6 +217,7 @@ class ModelRepository:
                     except Exception as exc:  # this version alone is refused
                         message = exc.message if isinstance(exc, LockgateError) else f"{type(exc).__name__}: {exc}"
                         failures[key] = message
+                        refusals.append(exc)
                         self._version_failed[(name, key)] = message
                         if old is not None:  # keeps serving the session it was verified with
                             versions[key] = old
@@ -247,6 +250,12 @@ class ModelRepository:
             log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
             for listener in self.listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
+            if refusals:  # the others serve; the caller still learns what was refused, precisely
+                first = refusals[0]
+                if isinstance(first, LockgateError):
+                    raise type(first)(f"{first.message} (model '{name}' serves versions "
+                                      f"{', '.join(sorted(versions, key=int))})") from first
+                raise Unavailable(f"model '{name}': {'; '.join(f'version {v}: {m}' for v, m in failures.items())}") from first
             return loaded
 
     async def _version_for(self, name: str, key: str, path: Path, config: ModelConfigFile,
@@ -267,7 +276,12 @@ class ModelRepository:
             raise NotFound(f"model '{name}' has no version {version} in the repository {self.root}")
         self._requested.setdefault(name, set()).add(version)
         self._excluded.get(name, set()).discard(version)
-        loaded = await self.load(name)
+        try:
+            loaded = await self.load(name)
+        except LockgateError:
+            if (name, version) in self._version_failed or name not in self._models:
+                raise
+            loaded = self._models[name]  # another version was refused; this one is what was asked
         if version not in loaded.versions:
             raise Unavailable(f"model '{name}' version {version} did not load: "
                               f"{self._version_failed.get((name, version), 'unknown reason')}")
