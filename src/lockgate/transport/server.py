@@ -303,6 +303,10 @@ class Gateway:
         creds = _credentials(settings)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         self._loop = asyncio.get_running_loop()
+        # The stored policies and gates first: a version in service is kept loaded even when
+        # the version policy would now pick another (ControlPlane.retained_versions).
+        self.control.refresh_gates()
+        self.control.refresh_policies()
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
