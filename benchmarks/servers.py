@@ -62,6 +62,16 @@ class Target:
         return " ".join(self.argv)
 
 
+def audit_key_for(state_dir: Path) -> Path:
+    """The audit key a benchmark server uses: beside its state dir (lockgate wants it outside)."""
+    from lockgate.control.audit_key import AuditKey
+
+    key = Path(state_dir).parent / f"{Path(state_dir).name}.audit.key"
+    if not key.exists():
+        AuditKey.generate(key)
+    return key
+
+
 @functools.cache
 def _lockgate_serve_help() -> str:
     proc = subprocess.run([str(LOCKGATE_BIN), "serve", "--help"], capture_output=True, text=True, check=False)
@@ -87,6 +97,8 @@ def lockgate_target(
     port = free_port()
     if allow_unapproved and "--allow-unapproved" in _lockgate_serve_help():
         extra_args = ("--allow-unapproved", *extra_args)
+    if "--audit-key-file" in _lockgate_serve_help() and "--audit-key-file" not in extra_args:
+        extra_args = ("--audit-key-file", str(audit_key_for(state_dir)), *extra_args)
     argv = [
         str(LOCKGATE_BIN), "serve",
         "--model-repository", str(repo),

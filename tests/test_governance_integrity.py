@@ -387,7 +387,7 @@ def _readme_roles() -> dict[str, tuple[set[str], set[str]]]:
     for row in rows:
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
         permission = cells[0].strip("`")
-        calls = {c.strip() for c in cells[1].split(",") if c.strip()}
+        calls = {c.strip() for c in cells[1].split(",") if c.strip() not in ("", "—")}
         granted = {role for role, cell in zip(roles, cells[2:6]) if cell == "yes"}
         parsed[permission] = (calls, granted)
     return parsed
@@ -398,7 +398,7 @@ def test_the_readme_role_table_matches_the_code() -> None:
 
     source = (ROOT / "src" / "lockgate" / "transport" / "grpc" / "admin.py").read_text()
     calls: dict[str, set[str]] = {}
-    for method, permission in re.findall(r'_serve\(context, "(\w+)", Permission\.(\w+)', source):
+    for method, permission in re.findall(r'_serve\(\s*context, "(\w+)", Permission\.(\w+)', source):
         calls.setdefault(Permission[permission].value, set()).add(method)
     for method in re.findall(r'_command\(context, request, "(\w+)"', source):
         calls.setdefault(Permission.TRAFFIC.value, set()).add(method)

@@ -151,6 +151,17 @@ def test_deployment_probes_drain_and_wiring(rendered: dict[str, list[dict[str, A
     assert tokens_arg.split("=", 1)[1].startswith(mounts["tokens"]["mountPath"] + "/")
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["tokens"]["secret"]["secretName"] == "lockgate-tokens"
+    # The audit key from its own Secret, the checkpoints on their own volume: both outside
+    # the state dir, as the server requires (it refuses to start otherwise).
+    from lockgate.control.audit_key import outside
+
+    key = Path(next(a for a in container["args"] if a.startswith("--audit-key-file=")).split("=", 1)[1])
+    checkpoints = Path(next(a for a in container["args"] if a.startswith("--audit-checkpoint-file=")).split("=", 1)[1])
+    assert str(key).startswith(mounts["audit-key"]["mountPath"] + "/") and mounts["audit-key"]["readOnly"]
+    assert volumes["audit-key"]["secret"]["secretName"] == "lockgate-audit-key"
+    assert str(checkpoints).startswith(mounts["audit-checkpoints"]["mountPath"] + "/")
+    assert outside(key, settings.state_dir) and outside(checkpoints, settings.state_dir)
+    assert outside(checkpoints, Path(mounts["state"]["mountPath"]))
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "lockgate-models"
     assert mounts["models"]["mountPath"] == str(settings.model_repository) and mounts["models"]["readOnly"]
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]

@@ -327,8 +327,9 @@ class Gateway:
     async def _watch_store_health(self) -> None:
         """Health service ``lockgate.control`` reports NOT_SERVING while the store is down.
 
-        The overall service ("") stays SERVING: serving continues on the last policy snapshot,
-        and a database outage must not pull every replica out of its load balancer.
+        The overall service ("") is not affected: serving continues on the last policy snapshot
+        and the cached gates (governance changes are refused meanwhile), and a database outage
+        must not pull every replica out of its load balancer.
         """
         last = None
         while not self._stopping.is_set():
