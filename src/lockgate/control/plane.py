@@ -89,6 +89,7 @@ class ControlPlane:
         self.rollback_listeners: list[Any] = []
         # Called with the models whose gates were refreshed (health follows them).
         self.gate_listeners: list[Callable[[list[str]], None]] = []
+        self._moved: dict[int, bool] = {}  # id(new policy) -> its recorded change moved lifecycle states
 
     # -- gates (hot path: dict lookups only) ------------------------------------------
     def can_serve(self, model: str, version: str) -> bool:
@@ -233,7 +234,8 @@ class ControlPlane:
         writes: list[Any] = [SetPolicy(new.model, new.to_dict(), actor,
                                        expected_revision=old.revision if old is not None else 0)]
         entries = [Entry(actor, action, str(event["subject"]), dict(event["details"]))]
-        for write, entry in self._lifecycle_steps(action, actor, new, old):
+        steps = self._lifecycle_steps(action, actor, new, old)
+        for write, entry in steps:
             writes.append(write)
             entries.append(entry)
         try:
@@ -241,6 +243,7 @@ class ControlPlane:
         except ConflictError:
             self.refresh_policies()  # another writer (replica) got there first: catch up for the retry
             raise
+        self._moved[id(new)] = bool(steps)
         stored = applied.results[0].revision
         if stored != new.revision:  # cannot happen with the CAS above; never publish a stranger
             raise ConflictError(f"policy of model '{new.model}' was stored as revision {stored}, not {new.revision}")
@@ -272,8 +275,9 @@ class ControlPlane:
         if old_shadow is not None and old_shadow != new_shadow and old_shadow not in live:
             targets.setdefault(old_shadow, State.VALIDATED)  # leaves shadow (approved ones as approved)
         steps = []
+        records = {r.version: r for r in self.store.list_versions(new.model)} if targets else {}
         for version, target in targets.items():
-            record = self.store.get_version(new.model, version)
+            record = records.get(version)
             if record is None:
                 continue
             try:
@@ -298,7 +302,8 @@ class ControlPlane:
                 listener(new.model, canary.canary, canary.stable, str(event["details"].get("reason", "")))
             log.warning("canary of model '%s' rolled back: %s", new.model, event["details"].get("reason"))
         self._forget_stale_agreements(new, old)
-        self.refresh_gates([new.model])
+        if self._moved.pop(id(new), True):  # lifecycle states changed with it: the gates follow
+            self.refresh_gates([new.model])
 
     def _forget_stale_agreements(self, new: TrafficPolicy, old: TrafficPolicy | None) -> None:
         old_shadow = old.shadow.version if old is not None and old.shadow is not None else None
