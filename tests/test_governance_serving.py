@@ -31,6 +31,7 @@ from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
 from lockgate.demo import DEMO_CARD, mlp_model
 from lockgate.governance.profile import ReferenceProfile, build_profile
 from lockgate_process import LockgateProcess
+from replica_helpers import wait_for
 
 TOKENS = "alice:admin:tok-a,bob:approver:tok-b,olga:operator:tok-o,vic:viewer:tok-v"
 WIDTH = 6
@@ -97,17 +98,6 @@ def health(channel: grpc.Channel, service: str) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def infer(server: LockgateProcess, model: str, version: str = "", x: np.ndarray | None = None) -> grpcclient.InferResult:
     with grpcclient.InferenceServerClient(server.url) as client:
         inp = grpcclient.InferInput("INPUT0", [1, WIDTH], "FP32")
@@ -153,7 +143,7 @@ def test_health_tells_the_truth_before_anything_is_approved(server: LockgateProc
     assert 'lockgate_leader{replica="' in text and "lockgate_audit_head " in text
 
     approve(admin, "live", "2")
-    wait_for(lambda: health(channel, "live") == SERVING, what="live SERVING after approval")
+    wait_for(lambda: health(channel, "live") == SERVING, 30, what="live SERVING after approval")
     assert model_ready(server, "live") and model_ready(server, "live", "2")
     assert health(channel, "") == SERVING and health(channel, "pair") == NOT_SERVING
     assert not model_ready(server, "pair")
@@ -248,14 +238,14 @@ def test_an_inconclusive_canary_resumes_when_the_evidence_arrives(server: Lockga
     admin("tok-o", "StartCanary", pb.StartCanaryRequest(
         model="pair", version="2", steps=[50, 100], interval_s=0.5, failure_limit=2, guardrails=guardrails))
     status = wait_for(lambda: (s := traffic(admin, "pair")).canary.state == "inconclusive" and s, 30,
-                      "the canary to wait for evidence")
+                      what="the canary to wait for evidence")
     assert "0 canary requests < min_requests 30" in status.canary.reason
     for i in range(80):
         infer(server, "pair")
     status = traffic(admin, "pair")
     assert "canary requests" in status.canary.waiting_for or status.canary.state != "inconclusive"
     status = wait_for(lambda: (s := traffic(admin, "pair")).canary.step_index >= 1 or
-                      s.canary.state == "promoted" and s, 30, "the canary to resume by itself")
+                      s.canary.state == "promoted" and s, 30, what="the canary to resume by itself")
     entries = list(admin("tok-v", "AuditLog", pb.AuditLogRequest(model="pair")).entries)
     started = max(e.seq for e in entries if e.action == "traffic.canary.started")
     since = [e for e in entries if e.seq > started and e.action.startswith("traffic.")]
@@ -282,7 +272,7 @@ def test_shadow_state_and_no_stale_agreement(server: LockgateProcess, admin: Adm
     assert {v["version"]: v["state"] for v in listed}["3"] == "shadow"  # not "approved"
     for _ in range(10):
         infer(server, "live")
-    wait_for(lambda: [a for a in traffic(admin, "live").agreements if a.shadow == "3" and a.count], 15, "agreement rows")
+    wait_for(lambda: [a for a in traffic(admin, "live").agreements if a.shadow == "3" and a.count], 15, what="agreement rows")
     admin("tok-o", "SetShadow", pb.SetShadowRequest(model="live", percent=0))
     status = traffic(admin, "live")
     assert not [a for a in status.agreements if a.shadow == "3"], "stale shadow-agreement row"

@@ -22,14 +22,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lockgate.control.audit import Action, canonical_json
 from lockgate.control.store import RecordKind, Store, StoredRecord, VersionRecord
 
-MODEL_REGISTER = "model.register"
-MODEL_VALIDATE = "model.validate"
-MODEL_CARD = "model.card"
-MODEL_APPROVE = "model.approve"
-MODEL_TRANSITION = "model.transition"
-MODEL_RETIRE = "model.retire"
+MODEL_REGISTER = Action.MODEL_REGISTER.value
+MODEL_VALIDATE = Action.MODEL_VALIDATE.value
+MODEL_CARD = Action.MODEL_CARD.value
+MODEL_APPROVE = Action.MODEL_APPROVE.value
+MODEL_TRANSITION = Action.MODEL_TRANSITION.value
+MODEL_RETIRE = Action.MODEL_RETIRE.value
 #: The actions whose entries make up a version's attested history.
 ATTESTED_ACTIONS = frozenset({MODEL_REGISTER, MODEL_VALIDATE, MODEL_CARD, MODEL_APPROVE, MODEL_TRANSITION, MODEL_RETIRE})
 
@@ -43,8 +44,6 @@ def is_system_actor(actor: str) -> bool:
 
 def document_digest(body: Mapping[str, Any]) -> str:
     """SHA-256 of a stored document (a model card) in the audit trail's canonical JSON."""
-    from lockgate.control.audit import canonical_json
-
     return hashlib.sha256(canonical_json(dict(body)).encode("utf-8")).hexdigest()
 
 
