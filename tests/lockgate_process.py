@@ -22,6 +22,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_server_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    """Until ``ServerReady`` answers true on ``url`` (lockgate's own stubs: no client package
+    needed); fails at once with the log if the process exits."""
+    from lockgate._proto import inference_pb2 as pb
+    from lockgate._proto import inference_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"lockgate exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"lockgate not ready after {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
 class LockgateProcess:
     """A lockgate server subprocess; ``url`` is what clients dial."""
 
@@ -56,21 +77,9 @@ class LockgateProcess:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
 
     def wait_ready(self, timeout: float = 60.0) -> "LockgateProcess":
-        from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"lockgate exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    if stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready:
-                        return self
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"lockgate not ready after {timeout}s:\n{self.log()}")
+        self._log.flush()
+        wait_server_ready(self.url, self.proc, self.log_path, timeout)
+        return self
 
     def log(self) -> str:
         self._log.flush()

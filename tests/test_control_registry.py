@@ -80,8 +80,9 @@ def test_full_lifecycle_and_audit(env: tuple[Registry, Path]) -> None:
     report = registry.validate("iris", "1", "alice", expected_signature=SIGNATURE, latency_runs=3)
     statuses = {c.name: c.status for c in report.checks}
     assert statuses == {
-        "sha256": "passed", "onnx_checker": "passed", "signature": "passed",
-        "smoke_inference": "passed", "latency": "passed", "reference_profile": "skipped",
+        "provenance": "not_applicable", "sha256": "passed", "onnx_checker": "passed", "signature": "passed",
+        "reference_profile": "not_applicable", "smoke_inference": "passed", "golden_outputs": "not_applicable",
+        "latency": "passed",
     }
     assert report.passed and report.latency_ms["median"] > 0 and report.latency_ms["runs"] == 3
     assert report.signature is not None and report.signature.inputs[0].shape == [-1, 4]
@@ -212,7 +213,7 @@ def test_signature_mismatch_fails_validation(env: tuple[Registry, Path]) -> None
     report = registry.validate("iris", "1", "alice", expected_signature=wrong, latency_runs=1)
     assert not report.passed and report.failed_checks() == ["signature"]
     detail = next(c.detail for c in report.checks if c.name == "signature")
-    assert "datatype FP32, expected INT64" in detail and "shape" in detail and "'probabilities' not in model" in detail
+    assert "datatype FP32, expected INT64" in detail and "shape" in detail and "output 'probabilities' of the expected signature is not in the model" in detail
     assert registry.get("iris", "1").state == "registered"
 
 

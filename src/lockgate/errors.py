@@ -122,3 +122,21 @@ class ArtifactTamperedError(FailedPrecondition):
     """The artifact's SHA-256 differs from the one recorded at registration."""
 
     reason = "artifact_tampered"
+
+
+class ArtifactSignatureError(ArtifactTamperedError):
+    """The version's ``model.sig`` does not hold: files added, removed or changed since signing,
+    a signer outside the trust policy, an invalid or malformed signature, or no signature where
+    the policy requires one. ``cause`` is the metric/audit reason (``manifest_mismatch``, ...)."""
+
+    reason = "artifact_signature_invalid"
+
+    def __init__(self, message: str, *, cause: str, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.cause = cause
+
+
+class ConfigError(InvalidArgument):
+    """Server configuration that cannot work (e.g. signatures required, verifier not installed)."""
+
+    reason = "config"

@@ -31,8 +31,10 @@ MODEL_CARD = Action.MODEL_CARD.value
 MODEL_APPROVE = Action.MODEL_APPROVE.value
 MODEL_TRANSITION = Action.MODEL_TRANSITION.value
 MODEL_RETIRE = Action.MODEL_RETIRE.value
+MODEL_REJECT = Action.MODEL_REJECT.value
 #: The actions whose entries make up a version's attested history.
-ATTESTED_ACTIONS = frozenset({MODEL_REGISTER, MODEL_VALIDATE, MODEL_CARD, MODEL_APPROVE, MODEL_TRANSITION, MODEL_RETIRE})
+ATTESTED_ACTIONS = frozenset({MODEL_REGISTER, MODEL_VALIDATE, MODEL_CARD, MODEL_APPROVE, MODEL_REJECT,
+                              MODEL_TRANSITION, MODEL_RETIRE})
 
 SYSTEM_PREFIX = "system:"
 
@@ -93,8 +95,8 @@ def attest(model: str, version: str, entries: Iterable[Any]) -> Attestation:
             acts.append((entry.actor, "wrote its card"))
         elif action == MODEL_APPROVE:
             approved_by, state = entry.actor, details.get("to", state)
-        elif action in (MODEL_TRANSITION, MODEL_RETIRE):
-            state = details.get("to", "retired" if action == MODEL_RETIRE else state)
+        elif action in (MODEL_TRANSITION, MODEL_RETIRE, MODEL_REJECT):
+            state = details.get("to", "retired" if action != MODEL_TRANSITION else state)
     return Attestation(model, version, registered, sha256, registered_by, state, approved_by, card_id, card_sha256,
                        tuple(acts))
 

@@ -21,7 +21,9 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
 from lockgate.control.audit import Action, AuditTrail, Entry, model_subject
 from lockgate.control.auth import Authenticator
+from lockgate.config import ProvenanceSettings
 from lockgate.control.leader import LocalLeader
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.registry import SYSTEM_ACTOR, Registry, State
 from lockgate.control.store import Change, ChangeKind, SetPolicy, Store, UpdateVersion
 from lockgate.control.watch import ChangeWatcher
@@ -49,10 +51,12 @@ class ControlPlane:
         require_approval: bool = True,
         canary_tick_s: float = 1.0,
         replica_id: str = "",
+        provenance: ProvenanceSettings | None = None,
     ) -> None:
         self.store = store
         self.audit = audit
-        self.registry = Registry(store, self.audit, repository=repository_root)
+        self.provenance = ProvenanceGate(store, self.audit, provenance)
+        self.registry = Registry(store, self.audit, repository=repository_root, provenance=self.provenance)
         self.auth = authenticator
         self.require_approval = require_approval
         self.canary_tick_s = canary_tick_s
@@ -147,6 +151,18 @@ class ControlPlane:
             self.refresh_policies()
 
     # -- repository hooks ---------------------------------------------------------------
+    def digest_for_load(self, model: str, version: str, path: Path) -> str:
+        """Verify the version directory's signature (audited refusal) and return the artifact's
+        SHA-256, from the verified manifest when it has it: the bytes are hashed once."""
+        card, card_known = None, True
+        try:
+            card = self.registry.latest_card(model, version)
+        except StoreError as exc:  # a third_party rule cannot be decided without it: fails closed
+            log.warning("model %s version %s: card unavailable for the signature policy: %s", model, version, exc)
+            card_known = False
+        provenance = self.provenance.verify(model, version, path.parent, stage="load", card=card, card_known=card_known)
+        return provenance.artifact_digest(path)
+
     def verify_artifact(self, model: str, version: str, path: Path, digest: str) -> None:
         """Before a version loads: register it if it is new, else refuse it (audited) when its
         artifact differs from the audited registration. Unverifiable (store down) refuses too."""
@@ -159,7 +175,7 @@ class ControlPlane:
                 log.warning("model %s version %s not registered (control-plane store unavailable): %s",
                             model, version, exc)
             return
-        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR)
+        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR, actual_sha256=digest)
 
     def on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         previous = self._loaded.get(model, frozenset())
@@ -343,10 +359,13 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self.leader_jobs]
 
-    def _lost_leadership(self) -> None:
+    def _lost_leadership(self, *, stepping_down: bool = False) -> None:
         if self._leader_stop is None:
             return
-        log.warning("leadership lost: stopping leader-only work")
+        if stepping_down:  # our own shutdown: expected, not news
+            log.info("stepping down as leader (shutting down): stopping leader-only work")
+        else:
+            log.warning("leadership lost: stopping leader-only work")
         self._leader_stop.set()
         for task in self._leader_tasks:
             task.cancel()
@@ -413,7 +432,7 @@ class ControlPlane:
     async def close(self) -> None:
         self._stop.set()
         leader_tasks = list(self._leader_tasks)
-        self._lost_leadership()
+        self._lost_leadership(stepping_down=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *leader_tasks, return_exceptions=True)

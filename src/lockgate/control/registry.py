@@ -47,8 +47,10 @@ from lockgate.control.attestation import (
 )
 from lockgate.control.audit import Action, AuditTrail, Entry, model_subject
 from lockgate.control.card import ModelCard, parse_card
+from lockgate.control.provenance import Provenance, ProvenanceGate
 from lockgate.errors import (
     ApprovalError,
+    ArtifactSignatureError,
     ArtifactTamperedError,
     InvalidArgument,
     LifecycleError,
@@ -66,6 +68,7 @@ from lockgate.control.store import (
 )
 from lockgate.control.validation import (
     Arrays,
+    CheckResult,
     Signature,
     Tolerance,
     ValidationReport,
@@ -128,13 +131,23 @@ class Registry:
     """Lifecycle operations over a ``Store``, each committed with its audit entry.
 
     ``repository`` is the model repository root (``REPO/<model>/<version>/model.onnx``);
-    it is only needed when ``register`` is called without an explicit path.
+    it is only needed when ``register`` is called without an explicit path. ``provenance``
+    verifies the version directory's ``model.sig`` at register, validate and approve (the
+    default gate: no signature required, any present signature must verify).
     """
 
-    def __init__(self, store: Store, audit: AuditTrail, *, repository: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditTrail,
+        *,
+        repository: str | Path | None = None,
+        provenance: ProvenanceGate | None = None,
+    ) -> None:
         self.store = store
         self.audit = audit
         self.repository = Path(repository) if repository is not None else None
+        self.provenance = provenance or ProvenanceGate(store, self.audit)
         self._reported: set[tuple[str, str, tuple[str, ...]]] = set()  # disagreements already audited
 
     # -- queries ------------------------------------------------------------
@@ -281,7 +294,8 @@ class Registry:
         path = Path(artifact_path) if artifact_path is not None else self.artifact_path(model, version)
         if not path.is_file():
             raise NotFound(f"artifact {path} does not exist")
-        digest = sha256_file(path)
+        provenance = self.provenance.verify(model, version, path.parent, stage="register", actor=actor)
+        digest = provenance.artifact_digest(path)
         now = utc_now_iso()
         record = VersionRecord(
             model=model,
@@ -292,7 +306,7 @@ class Registry:
             registered_by=actor,
             registered_at=now,
             updated_at=now,
-            metadata=dict(metadata or {}),
+            metadata={**dict(metadata or {}), "provenance": provenance.to_dict()},
         )
         self.audit.record(
             [CreateVersion(record)],
@@ -301,6 +315,21 @@ class Registry:
                     "to": State.REGISTERED.value})],
         )
         return record
+
+    def _provenance_check(self, record: VersionRecord, actor: str) -> tuple[CheckResult, Provenance | None]:
+        """Verification of ``model.sig`` as one validation check (a refusal fails the report)."""
+        try:
+            provenance = self.provenance.verify(
+                record.model, record.version, Path(record.artifact_path).parent, stage="validate", actor=actor,
+                card=self.latest_card(record.model, record.version),
+            )
+        except ArtifactSignatureError as exc:
+            return CheckResult(name="provenance", status="failed", detail=exc.message, data={"reason": exc.cause}), None
+        if not provenance.signed:  # allowed unsigned by the policy (verify refuses it otherwise)
+            return CheckResult(name="provenance", status="not_applicable", detail=f"unsigned (no model.sig); "
+                               f"provenance.require_signature is {self.provenance.settings.require_signature!r}",
+                               data=provenance.to_dict()), provenance
+        return CheckResult(name="provenance", status="passed", detail=provenance.summary, data=provenance.to_dict()), provenance
 
     # -- validate -----------------------------------------------------------
     def validate(
@@ -314,6 +343,7 @@ class Registry:
         golden: tuple[Arrays, Arrays] | None = None,
         tolerance: Tolerance | None = None,
         latency_runs: int = 5,
+        signature_source: str = "the expected signature",
     ) -> ValidationReport:
         """Run the automatic checks, store the report, and move to *validated* if it passed.
 
@@ -325,6 +355,7 @@ class Registry:
                 f"model {model!r} version {version!r} is {record.state}; only registered versions are validated"
             )
         started = utc_now_iso()
+        provenance_check, provenance = self._provenance_check(record, actor)
         checks, signature, latency = run_checks(
             record.artifact_path,
             expected_sha256=record.sha256,
@@ -333,7 +364,9 @@ class Registry:
             golden=golden,
             tolerance=tolerance,
             latency_runs=latency_runs,
+            signature_source=signature_source,
         )
+        checks.insert(0, provenance_check)
         report = ValidationReport(
             model=model,
             version=version,
@@ -350,7 +383,9 @@ class Registry:
         new_state = State.VALIDATED if report.passed else State.REGISTERED
         writes: list[Any] = [AddRecord(RecordKind.VALIDATION, model, version, actor, body)]
         if report.passed:
-            writes.append(UpdateVersion(model, version, new_state.value, expected_state=State.REGISTERED.value))
+            writes.append(UpdateVersion(
+                model, version, new_state.value, expected_state=State.REGISTERED.value,
+                metadata={"provenance": provenance.to_dict()} if provenance is not None else None))
         self.audit.record(writes, [Entry(actor, Action.MODEL_VALIDATE, model_subject(model, version), lambda r: {
             "passed": report.passed,
             "failed_checks": report.failed_checks(),
@@ -369,28 +404,58 @@ class Registry:
         record = self.get(model, version)
         if record.state == State.RETIRED:
             raise LifecycleError(f"model {model!r} version {version!r} is retired")
-        parsed = parse_card(card)
-        body = parsed.model_dump(mode="json")
-        applied = self.audit.record(
-            [AddRecord(RecordKind.CARD, model, version, actor, body)],
-            [Entry(actor, Action.MODEL_CARD, model_subject(model, version),
-                   lambda r: {"card_id": r[0].id, "card_sha256": document_digest(body), "owner": parsed.owner})],
-        )
-        stored: StoredRecord = applied.results[0]
+        filled = self.provenance.fill_card(parse_card(card), Provenance.from_dict(record.metadata.get("provenance")))
+        write, entry = self._card_step(model, version, filled, actor)
+        stored: StoredRecord = self.audit.record([write], [entry]).results[0]
         return stored
 
-    def four_eyes_problem(self, attestation: Attestation, approver: str) -> str | None:
-        """Why ``approver`` may not approve this version under the four-eyes rule, or None."""
+    @staticmethod
+    def _card_step(model: str, version: str, card: ModelCard, actor: str, index: int = 0) -> tuple[AddRecord, Entry]:
+        """The write and audit entry of one card (``index``: the write's place in its unit)."""
+        body = card.model_dump(mode="json")
+        return AddRecord(RecordKind.CARD, model, version, actor, body), Entry(
+            actor, Action.MODEL_CARD, model_subject(model, version),
+            lambda r: {"card_id": r[index].id, "card_sha256": document_digest(body), "owner": card.owner,
+                       "signer": card.signer, "manifest_digest": card.manifest_digest, "license": card.license})
+
+    def _decision(self, model: str, version: str, person: str, reason: str, kind: str) -> tuple[VersionRecord, State]:
+        """The rules an approval and a rejection share: the version awaits approval (validated,
+        or shadowing unapproved), its registry row agrees with the audit trail, the person did
+        not act on it (four eyes), and a reason is given."""
+        record = self.get(model, version)
+        state = State(record.state)
+        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {state.value}; only validated versions can be "
+                + ("approved" if kind == "approval" else "rejected")
+            )
+        if not reason or not reason.strip():
+            raise ApprovalError(f"an {kind} needs a non-empty reason" if kind == "approval" else f"a {kind} needs a non-empty reason")
+        attestation, problems = self.attestation(model, version)
+        problems += disagreements(record, latest_card(self.store, model, version), attestation)
+        if problems:
+            self._report(record, problems)
+            raise ApprovalError(f"model {model!r} version {version!r} cannot be "
+                                f"{'approved' if kind == 'approval' else 'rejected'}: the registry disagrees "
+                                f"with the audit trail ({problems[0]})")
+        refusal = self.four_eyes_problem(attestation, person, kind)
+        if refusal is not None:
+            raise ApprovalError(refusal)
+        return record, state
+
+    def four_eyes_problem(self, attestation: Attestation, person: str, kind: str = "approval") -> str | None:
+        """Why ``person`` may not approve (or reject) this version under the four-eyes rule, or None."""
         subject = f"model {attestation.model!r} version {attestation.version!r}"
-        if is_system_actor(approver):
-            return f"four-eyes rule: {approver!r} is lockgate itself; a person must approve {subject}"
+        verb = "approve" if kind == "approval" else "reject"
+        if is_system_actor(person):
+            return f"four-eyes rule: {person!r} is lockgate itself; a person must {verb} {subject}"
         humans = attestation.humans()
-        acts = humans.get(approver)
+        acts = humans.get(person)
         if acts:
             others = ", ".join(f"{name} {' and '.join(what)}" for name, what in humans.items()) or "nobody"
-            return (f"four-eyes rule: the approver must differ from every person who acted on {subject} "
-                    f"(registered it, validated it or wrote its card); {approver!r} {' and '.join(acts)} "
-                    f"(actors: {others})")
+            return (f"four-eyes rule: the {'approver' if kind == 'approval' else 'rejecter'} must differ from every "
+                    f"person who acted on {subject} (registered it, validated it or wrote its card); "
+                    f"{person!r} {' and '.join(acts)} (actors: {others})")
         return None
 
     def approve(
@@ -406,33 +471,18 @@ class Registry:
         Refused (``ApprovalError``) when the approver acted on the version (four eyes), the
         reason is blank, the approver brings the card (writing the card is acting on it),
         no complete card is stored, the model's config enables drift but the version has no
-        reference profile, or the registry disagrees with the audit trail;
+        reference profile, the provenance policy is not met (signature, trusted signer,
+        licence, vendor assessment), or the registry disagrees with the audit trail;
         ``LifecycleError`` when the version is not validated.
         """
-        record = self.get(model, version)
-        state = State(record.state)
-        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
-            raise LifecycleError(
-                f"model {model!r} version {version!r} is {state.value}; only validated versions can be approved"
-            )
-        if not reason or not reason.strip():
-            raise ApprovalError("an approval needs a non-empty reason")
         if card is not None:
             raise ApprovalError(
                 f"four-eyes rule: the approver may not supply the model card of model {model!r} version {version!r} "
                 "(writing the card is acting on the version); have someone else attach it with `lockgate models card`"
             )
-        attestation, problems = self.attestation(model, version)
-        problems += disagreements(record, latest_card(self.store, model, version), attestation)
-        if problems:
-            self._report(record, problems)
-            raise ApprovalError(f"model {model!r} version {version!r} cannot be approved: the registry disagrees "
-                                f"with the audit trail ({problems[0]})")
-        refusal = self.four_eyes_problem(attestation, approver)
-        if refusal is not None:
-            raise ApprovalError(refusal)
-        card_record = latest_card(self.store, model, version)
-        if card_record is None:
+        record, state = self._decision(model, version, approver, reason, "approval")
+        stored_card = latest_card(self.store, model, version)
+        if stored_card is None:
             raise ApprovalError(f"model {model!r} version {version!r} has no model card; someone other than the "
                                 "approver must attach one (`lockgate models card`)")
         model_dir = Path(record.artifact_path).parent.parent
@@ -441,33 +491,71 @@ class Registry:
             if missing is not None:
                 raise ApprovalError(f"model {model!r} version {version!r} cannot be approved: {missing}, and the "
                                     "model's governance config enables drift (build one with `lockgate profile build`)")
-        self.verify_artifact(model, version, actor=approver)
+        # Its signer fields were lockgate's: they are refreshed from this verification.
+        parsed = ModelCard.model_validate(stored_card.body).model_copy(update={"signer": "", "manifest_digest": ""})
+        try:
+            provenance, filled, policy_problems = self.provenance.check_approval(
+                model, version, Path(record.artifact_path).parent, parsed, actor=approver)
+        except (ArtifactSignatureError, InvalidArgument) as exc:
+            raise ApprovalError(f"cannot approve: {exc.message}") from exc
+        if policy_problems:
+            raise ApprovalError(f"cannot approve model {model!r} version {version!r}: " + "; ".join(policy_problems))
+        self.verify_artifact(model, version, actor=approver,
+                             actual_sha256=provenance.artifact_digest(Path(record.artifact_path)))
         target = State.APPROVED if state is State.VALIDATED else State.SHADOW
         now = utc_now_iso()
         reports = [r for r in self.store.list_records(RecordKind.VALIDATION, model, version) if r.body.get("passed")]
-        card_digest = document_digest(card_record.body)
-        body = {
+        writes: list[Any] = [UpdateVersion(model, version, target.value, expected_state=state.value,
+                                           metadata={"approved_by": approver, "approved_at": now,
+                                                     "provenance": provenance.to_dict()})]
+        entries: list[Entry] = []
+        # The card approved is the one stating what was verified now (lockgate fills its signer
+        # fields): when they changed, the refreshed card is stored with the approval.
+        refreshed = stored_card.body != filled.model_dump(mode="json")
+        if refreshed:
+            write, entry = self._card_step(model, version, filled, approver, index=1)
+            writes.append(write)
+            entries.append(entry)
+        card_digest = document_digest(filled.model_dump(mode="json") if refreshed else stored_card.body)
+
+        def card_id(results: Any) -> int:
+            return int(results[1].id) if refreshed else stored_card.id
+
+        body_of = {
             "approver": approver,
             "reason": reason.strip(),
-            "card_id": card_record.id,
             "card_sha256": card_digest,
             "sha256": record.sha256,
             "validation_id": reports[-1].id if reports else None,
             "registered_by": record.registered_by,
+            "provenance": provenance.to_dict(),
         }
-        applied = self.audit.record(
-            [
-                UpdateVersion(model, version, target.value, expected_state=state.value,
-                              metadata={"approved_by": approver, "approved_at": now}),
-                AddRecord(RecordKind.APPROVAL, model, version, approver, body),
-            ],
-            [Entry(approver, Action.MODEL_APPROVE, model_subject(model, version), lambda r: {
-                "reason": reason.strip(), "approval_id": r[1].id, "card_id": card_record.id,
-                "card_sha256": card_digest, "sha256": record.sha256, "from": state.value, "to": target.value,
-            })],
-        )
-        approval: StoredRecord = applied.results[1]
+        approval_index = len(writes)
+        writes.append(AddRecord(RecordKind.APPROVAL, model, version, approver, body_of))
+        entries.append(Entry(approver, Action.MODEL_APPROVE, model_subject(model, version), lambda r: {
+            "reason": reason.strip(), "approval_id": r[approval_index].id, "card_id": card_id(r),
+            "card_sha256": card_digest, "sha256": record.sha256, "from": state.value, "to": target.value,
+            "provenance": provenance.summary,
+        }))
+        applied = self.audit.record(writes, entries)
+        approval: StoredRecord = applied.results[approval_index]
         return approval
+
+    def reject(self, model: str, version: str, rejecter: str, reason: str) -> VersionRecord:
+        """Refuse a version awaiting approval: it is retired, so it can never be approved.
+
+        The same hands and rules as ``approve``: four eyes, a reason, only a validated
+        (pending) version.
+        """
+        record, state = self._decision(model, version, rejecter, reason, "rejection")
+        applied = self.audit.record(
+            [UpdateVersion(model, version, State.RETIRED.value, expected_state=state.value,
+                           metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})],
+            [Entry(rejecter, Action.MODEL_REJECT, model_subject(model, version),
+                   {"reason": reason.strip(), "sha256": record.sha256, "from": state.value, "to": State.RETIRED.value})],
+        )
+        updated: VersionRecord = applied.results[0]
+        return updated
 
     # -- traffic states and retirement ------------------------------------------
     def plan_transition(self, record: VersionRecord, target: State | str) -> State | None:
@@ -550,9 +638,21 @@ class Registry:
         return updated
 
     # -- integrity ----------------------------------------------------------------
-    def verify_artifact(self, model: str, version: str, path: str | Path | None = None, *, actor: str = "lockgate") -> None:
+    def verify_artifact(
+        self,
+        model: str,
+        version: str,
+        path: str | Path | None = None,
+        *,
+        actor: str = "lockgate",
+        actual_sha256: str | None = None,
+    ) -> None:
         """Re-hash the artifact (call at every load) against the registry *and* the audited
-        registration; any mismatch is audited and refused."""
+        registration; any mismatch is audited and refused.
+
+        ``actual_sha256``: the digest the caller just took of ``path`` (the load's, or the
+        verified manifest's), so the artifact is not hashed a second time.
+        """
         record = self.get(model, version)
         attestation, problems = self.attestation(model, version)
         target = Path(path) if path is not None else Path(record.artifact_path)
@@ -564,7 +664,7 @@ class Registry:
             issues.append(f"the registry's digest {record.sha256[:16]}… was changed from the audited "
                           f"{str(attestation.sha256)[:16]}…")
         try:
-            actual: str | None = sha256_file(target)
+            actual: str | None = actual_sha256 if actual_sha256 is not None else sha256_file(target)
             if actual != expected or actual != record.sha256:
                 issues.insert(0, "sha256 mismatch")
         except OSError as exc:

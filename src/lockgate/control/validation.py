@@ -1,8 +1,10 @@
 """Automatic validation of an ONNX artifact before it may be approved.
 
-Each check is independent and recorded (passed / failed / skipped with a
-detail), so a report explains *why* a version was refused instead of
-stopping at the first problem. Inference runs on CPU with one thread: this
+Each check is independent and recorded as passed, failed or not applicable,
+always with the reason in ``detail``, so a report explains *why* a version was
+refused instead of stopping at the first problem, and a check that could not
+run is never shown as passed (nor left out). Every report has the same rows:
+``CHECK_NAMES``. Inference runs on CPU with one thread: this
 is a gate, not a benchmark, and must not starve the serving threads.
 """
 
@@ -25,7 +27,14 @@ GOLDEN_OUTPUTS = "golden_outputs.npz"
 REFERENCE_PROFILE = "reference_profile.json"  # lockgate.governance.profile.PROFILE_FILE
 MODEL_CONFIG = "config.yaml"
 
-CheckStatus = Literal["passed", "failed", "skipped"]
+CheckStatus = Literal["passed", "failed", "not_applicable"]
+# Every report carries these rows, in this order (the registry puts the provenance row first).
+CHECK_NAMES: tuple[str, ...] = (
+    "provenance", "sha256", "onnx_checker", "signature", "reference_profile", "smoke_inference", "golden_outputs",
+    "latency",
+)
+# Reports stored before "not_applicable" existed said "skipped".
+LEGACY_STATUS = {"skipped": "not_applicable"}
 Arrays = Mapping[str, np.ndarray]
 
 # ONNX TensorProto element type -> Open Inference Protocol datatype.
@@ -126,6 +135,33 @@ def onnx_signature(path: str | Path) -> Signature:
     )
 
 
+def config_signature(model_dir: str | Path) -> dict[str, Any] | None:
+    """The expected signature the model's config declares (``inputs``/``outputs`` with datatype
+    and dims, in config.yaml or config.pbtxt), or None if it declares none or cannot be read
+    (a config that cannot be read fails the load, where the error is reported)."""
+    from lockgate.serving.model_config import ModelConfigError, datatypes_name, read_model_config
+
+    try:
+        config = read_model_config(Path(model_dir))
+    except (ModelConfigError, ValueError, OSError):
+        return None
+    batched = config.max_batch_size is None or config.max_batch_size > 0
+
+    def specs(declared: list[Any]) -> list[dict[str, Any]] | None:
+        out = []
+        for tensor in declared:
+            if tensor.datatype is None or tensor.dims is None:
+                return None  # only a full declaration is an expectation
+            out.append({"name": tensor.name, "datatype": datatypes_name(tensor.datatype),
+                        "shape": ([-1] if batched else []) + list(tensor.dims)})
+        return out
+
+    inputs, outputs = specs(config.inputs), specs(config.outputs)
+    if not config.inputs or inputs is None or outputs is None:
+        return None
+    return {"inputs": inputs, "outputs": outputs}
+
+
 def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
     if isinstance(data, Signature):
         return data
@@ -135,13 +171,14 @@ def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
         raise InvalidArgument(f"invalid expected signature: {exc}") from exc
 
 
-def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpec], exact: bool) -> list[str]:
+def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpec], exact: bool,
+                   source: str = "the config") -> list[str]:
     problems: list[str] = []
     by_name = {s.name: s for s in actual}
     for want in expected:
         have = by_name.get(want.name)
         if have is None:
-            problems.append(f"{kind} {want.name!r} not in model")
+            problems.append(f"{kind} {want.name!r} of {source} is not in the model (its {kind}s: {', '.join(by_name) or 'none'})")
             continue
         if normalize_datatype(want.datatype) != normalize_datatype(have.datatype):
             problems.append(f"{kind} {want.name!r}: datatype {have.datatype}, expected {normalize_datatype(want.datatype)}")
@@ -152,14 +189,15 @@ def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpe
     if exact:
         extra = sorted(set(by_name) - {s.name for s in expected})
         if extra:
-            problems.append(f"model has {kind}s not in the config: {', '.join(extra)}")
+            problems.append(f"model has {kind}s not in {source}: {', '.join(extra)}")
     return problems
 
 
-def check_signature(expected: Signature, actual: Signature) -> list[str]:
-    """Every model input must be configured; configured outputs must exist."""
-    return _compare_specs("input", expected.inputs, actual.inputs, exact=True) + _compare_specs(
-        "output", expected.outputs, actual.outputs, exact=False
+def check_signature(expected: Signature, actual: Signature, source: str = "the config") -> list[str]:
+    """Every model input must be expected; expected outputs must exist. ``source`` names what
+    the expectation came from (the serving version, the config, a file) in the messages."""
+    return _compare_specs("input", expected.inputs, actual.inputs, exact=True, source=source) + _compare_specs(
+        "output", expected.outputs, actual.outputs, exact=False, source=source
     )
 
 
@@ -218,7 +256,10 @@ def _compare_golden(outputs: dict[str, np.ndarray], golden: Arrays, tolerance: T
     return CheckResult(
         name="golden_outputs",
         status="failed" if problems else "passed",
-        detail="; ".join(problems) or f"{len(golden)} output(s) within tolerance",
+        detail="; ".join(problems) or (
+            f"{', '.join(golden)} within rtol={tolerance.rtol:g}, atol={tolerance.atol:g} of {GOLDEN_OUTPUTS}"
+            + (f" (max |diff| {max(diffs.values()):.2g})" if diffs else "")
+        ),
         data={"max_abs_diff": diffs, "rtol": tolerance.rtol, "atol": tolerance.atol},
     )
 
@@ -264,7 +305,12 @@ def check_reference_profile(artifact: str | Path) -> CheckResult:
     if required:
         return CheckResult(name="reference_profile", status="failed",
                            detail=f"{problem} (the model's governance config enables drift)")
-    return CheckResult(name="reference_profile", status="skipped", detail=problem)
+    return CheckResult(name="reference_profile", status="not_applicable", detail=problem)
+
+
+def _rows(feed: Arrays) -> int:
+    shapes = [np.shape(a) for a in feed.values()]
+    return int(shapes[0][0]) if shapes and shapes[0] else 1
 
 
 def run_checks(
@@ -276,8 +322,13 @@ def run_checks(
     golden: tuple[Arrays, Arrays] | None = None,
     tolerance: Tolerance | None = None,
     latency_runs: int = 5,
+    signature_source: str = "the expected signature",
 ) -> tuple[list[CheckResult], Signature | None, dict[str, float]]:
-    """Run every check; returns (checks, observed signature, latency stats in ms)."""
+    """Run every check; returns (checks in ``CHECK_NAMES`` order, observed signature, latency in ms).
+
+    ``signature_source`` says where ``expected_signature`` came from (e.g. "version 1, which
+    serves now"), so a mismatch names what the model was compared with.
+    """
     path = Path(artifact)
     tolerance = tolerance or Tolerance()
     checks: list[CheckResult] = []
@@ -298,7 +349,7 @@ def run_checks(
         import onnx
 
         onnx.checker.check_model(str(path))
-        checks.append(CheckResult(name="onnx_checker", status="passed"))
+        checks.append(CheckResult(name="onnx_checker", status="passed", detail="onnx.checker found no problems"))
     except Exception as exc:  # onnx raises several types; all mean "invalid model"
         checks.append(CheckResult(name="onnx_checker", status="failed", detail=str(exc)[:2000]))
 
@@ -309,14 +360,20 @@ def run_checks(
         checks.append(CheckResult(name="signature", status="failed", detail=f"cannot read graph: {exc}"))
     if signature is not None:
         if expected_signature is None:
-            checks.append(CheckResult(name="signature", status="skipped", detail="no expected signature configured"))
+            checks.append(CheckResult(
+                name="signature", status="not_applicable",
+                detail="nothing to compare with: no version of this model serves yet, its config declares no "
+                       "inputs or outputs, and no expected signature was given",
+            ))
         else:
-            problems = check_signature(parse_signature(expected_signature), signature)
+            problems = check_signature(parse_signature(expected_signature), signature, signature_source)
             checks.append(
                 CheckResult(
                     name="signature",
                     status="failed" if problems else "passed",
-                    detail="; ".join(problems) or "inputs and outputs match the config",
+                    detail=(f"compared with {signature_source}: " + "; ".join(problems)) if problems
+                    else f"inputs and outputs match {signature_source}",
+                    data={"compared_with": signature_source},
                 )
             )
 
@@ -338,6 +395,7 @@ def run_checks(
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         feed = dict(sample) if sample is not None else dict(golden[0]) if golden is not None else generate_sample(session)
+        fed_from = "the sample given" if sample is not None else GOLDEN_INPUTS if golden is not None else "one generated row"
         missing = [i.name for i in session.get_inputs() if i.name not in feed]
         if missing:
             raise InvalidArgument(f"reference sample lacks input(s) {', '.join(missing)}")
@@ -349,7 +407,9 @@ def run_checks(
             CheckResult(
                 name="smoke_inference",
                 status="passed",
-                detail=f"{len(results)} output(s)" + (f", {non_finite} non-finite value(s)" if non_finite else ""),
+                detail=f"{_rows(feed)} row(s) from {fed_from} -> "
+                + ", ".join(f"{n} {list(np.shape(r))}" for n, r in zip(names, results))
+                + (f"; {non_finite} non-finite value(s)" if non_finite else ""),
                 data={"output_shapes": {n: list(np.shape(r)) for n, r in zip(names, results)}, "non_finite": non_finite},
             )
         )
@@ -369,6 +429,14 @@ def run_checks(
     except Exception as exc:  # any runtime failure is a failed smoke test, recorded
         checks.append(CheckResult(name="smoke_inference", status="failed", detail=f"{type(exc).__name__}: {exc}"[:2000]))
         if golden is not None and not any(c.name == "golden_outputs" for c in checks):
-            checks.append(CheckResult(name="golden_outputs", status="skipped", detail="smoke inference failed"))
-        checks.append(CheckResult(name="latency", status="skipped", detail="smoke inference failed"))
+            checks.append(CheckResult(name="golden_outputs", status="not_applicable",
+                                      detail="could not run: smoke inference failed"))
+        checks.append(CheckResult(name="latency", status="not_applicable", detail="could not run: smoke inference failed"))
+    if not any(c.name == "golden_outputs" for c in checks):
+        checks.append(CheckResult(
+            name="golden_outputs", status="not_applicable",
+            detail=f"no {GOLDEN_INPUTS} and {GOLDEN_OUTPUTS} beside {path.name}, and none given",
+        ))
+    order = {name: i for i, name in enumerate(CHECK_NAMES)}
+    checks.sort(key=lambda c: order.get(c.name, len(order)))
     return checks, signature, latency

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lockgate.cli_common import JsonOpt, Output, err_console, with_default
+
 from .config import GovernanceConfig
 from .profile import ReferenceProfile, build_profile, load_data
 from .report import compute_report, print_report, write_html
@@ -42,6 +44,18 @@ def _governance_of(model_dir: Path) -> GovernanceConfig | None:
     raw = yaml.safe_load(path.read_text()) or {}
     section = raw.get("governance") if isinstance(raw, dict) else None
     return GovernanceConfig.model_validate(section) if section else None
+
+
+def _output_labels(model_dir: Path, outputs: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Class names from the model config for outputs with one column per class."""
+    from lockgate.serving.model_config import ModelConfigError, read_model_config
+
+    try:
+        labels = read_model_config(model_dir).labels()
+    except (ModelConfigError, ValueError, OSError):
+        return {}
+    return {name: names for name, names in labels.items()
+            if name in outputs and outputs[name].ndim >= 2 and outputs[name].shape[-1] == len(names)}
 
 
 def _onnx_file(version_dir: Path) -> Path | None:
@@ -83,14 +97,16 @@ def _run_model(model_file: Path, inputs: dict[str, np.ndarray], progress: Progre
 
 @profile_app.command("build")
 def build(
-    model: str = typer.Option(..., "--model", help="model name"),
-    version: str = typer.Option(..., "--version", help="model version"),
-    data: Path = typer.Option(..., "--data", help="reference data: .npy, .npz, .csv or .parquet"),
-    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
-    input_name: str | None = typer.Option(None, "--input", help="input the data belongs to (single-input data)"),
-    bins: int = typer.Option(20, "--bins", help="equal-frequency bins per numeric feature"),
-    kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)"),
-    outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="run the model to profile its outputs"),
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str = typer.Option(..., "--version", help="Model version."),
+    data: Path = typer.Option(..., "--data", help="Reference data: .npy, .npz, .csv or .parquet."),
+    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="Model repository root (env LOCKGATE_MODEL_REPOSITORY)."),
+    input_name: str | None = typer.Option(
+        None, "--input", help=with_default("Input the data belongs to (single-input data).", "the model's only input")),
+    bins: int = typer.Option(20, "--bins", help="Equal-frequency bins per numeric feature."),
+    kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)."),
+    outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="Run the model to profile its outputs."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Build REPO/<model>/<version>/reference_profile.json from reference data."""
     version_dir = model_repository / model / version
@@ -122,7 +138,7 @@ def build(
         elif loaded.feature_names and len(loaded.feature_names) == n:
             feature_names[name] = loaded.feature_names
     total = sum(a.shape[-1] if a.ndim >= 2 else 1 for a in arrays.values())
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console) as progress:
         output_arrays: dict[str, np.ndarray] = {}
         if outputs and model_file is not None:
             try:
@@ -139,13 +155,17 @@ def build(
             version=version,
             outputs=output_arrays,
             classifier_outputs=[n for n, a in output_arrays.items() if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] > 1],
+            output_feature_names=_output_labels(model_repository / model, output_arrays),
             allowed=allowed,
             bins=bins,
             kll_k=kll_k,
             progress=lambda _name: progress.update(task, advance=1),
         )
     path = profile.save(ReferenceProfile.path_for(model_repository, model, version))
-    console.print(f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
+    Output(as_json).message(
+        {"model": model, "version": version, "rows": profile.rows, "features": total, "path": str(path),
+         "tensors": {name: t.feature_names for name, t in profile.tensors.items()}},
+        f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
 
 
 @drift_app.command("report")

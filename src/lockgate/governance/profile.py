@@ -241,11 +241,14 @@ def build_profile(
     bins: int = 20,
     kll_k: int = 200,
     progress: Callable[[str], None] | None = None,
+    output_feature_names: Mapping[str, Sequence[str]] | None = None,
 ) -> ReferenceProfile:
     """Profile reference inputs (one array, or one per input name) and optional outputs.
 
     ``feature_names``/``categorical_features`` apply to the single input, or are mappings by
-    input name. ``bins`` equal-frequency bins per numeric feature (default 20).
+    input name. ``output_feature_names`` names an output's columns (a classifier's class
+    labels from the model config), so reports and metrics say ``approve``, not ``f0``.
+    ``bins`` equal-frequency bins per numeric feature (default 20).
     """
     if not 2 <= bins <= MAX_EDGES + 1:
         raise ValueError(f"bins must be in 2..{MAX_EDGES + 1}")
@@ -274,7 +277,8 @@ def build_profile(
     classifiers = set(classifier_outputs)
     for name, array in (outputs or {}).items():
         tensors[name] = profile_tensor(
-            name, array, kind="output", classifier=name in classifiers, bins=bins, kll_k=kll_k, progress=progress
+            name, array, kind="output", classifier=name in classifiers, bins=bins, kll_k=kll_k, progress=progress,
+            feature_names=(output_feature_names or {}).get(name),
         )
     return ReferenceProfile(model=model, version=str(version), rows=rows, kll_k=kll_k, tensors=tensors)
 

@@ -1,8 +1,8 @@
 """The model repository: find models on disk, load the versions the policy selects, and
 swap them at run time without failing in-flight requests.
 
-Layout: ``REPO/<model>/config.yaml`` (optional) and ``REPO/<model>/<version>/model.onnx``
-with integer versions. A loaded model is an immutable ``LoadedModel``; reload builds a new
+Layout: ``REPO/<model>/config.yaml`` and/or Triton's ``config.pbtxt`` (both optional, see
+``serving.model_config``) and ``REPO/<model>/<version>/model.onnx`` with integer versions. A loaded model is an immutable ``LoadedModel``; reload builds a new
 one and swaps it in a single assignment, so a request sees either the old or the new set of
 versions, never a mix. Versions that leave the set drain: their queues finish everything
 already accepted before their sessions are released.
@@ -10,10 +10,15 @@ already accepted before their sessions are released.
 Which versions load: those the version policy selects, plus those loaded on request
 (``load_version``), minus those unloaded on request (``unload_version``), plus whatever a
 *retainer* says must stay (the control plane: versions that serve, canary or shadow now),
-so loading a new version never takes the one in service out. A version that fails to load
-(tampered artifact, ORT refusing the graph) is refused alone: the model's other versions
-load, a version already loaded keeps serving from the session it was verified with, and
-the failure shows per version in the repository index.
+so loading a new version never takes the one in service out.
+
+Every load and reload hashes each of those versions (``digester``) and runs the verifiers
+before the version may serve, whether or not it was loaded before. A version that is refused
+(``ArtifactTamperedError``: a changed artifact, a signature that does not hold; or ORT refusing
+the graph) is refused alone: the model's other versions load and keep serving, a copy of the
+refused version that is already loaded keeps serving the verified bytes it was built from, the
+refusal shows per version in the repository index, and the load reports it once the rest is
+swapped in.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from lockgate.config import ModelConfigFile
 from lockgate.errors import LockgateError, NotFound, Unavailable
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
+from lockgate.serving.model_config import ModelConfigError, declared_signature, read_model_config
 from lockgate.serving.runtime import OrtRuntime
 from lockgate.serving.stats import VersionStats
 
@@ -37,8 +43,13 @@ log = logging.getLogger("lockgate.repository")
 
 MODEL_FILENAME = "model.onnx"
 
-# Called before a version's session is created; raises to refuse the load (the control
-# plane checks the artifact's SHA-256 against the registry here).
+# Hashes a version before it is verified: (model, version, artifact path) -> the artifact's
+# SHA-256. The control plane installs one that verifies the version directory's signature over
+# the manifest it hashes, and returns the artifact's digest from that manifest (one pass over
+# the bytes for both checks); it raises ArtifactTamperedError to refuse the version.
+VersionDigester = Callable[[str, str, Path], str]
+# Called with that digest before a version may serve (new or reused); raises to refuse it (the
+# control plane checks the artifact's SHA-256 against the registry here).
 ArtifactVerifier = Callable[[str, str, Path, str], None]
 # Called after the set of loaded versions changes: (model, loaded_versions, removed_versions).
 ModelListener = Callable[[str, list[str], list[str]], None]
@@ -112,11 +123,12 @@ class ModelRepository:
         self.drain_timeout_s = drain_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}  # model -> why its last load failed
-        self._version_failed: dict[tuple[str, str], str] = {}  # (model, version) -> why it did not load
+        self._refused: dict[str, dict[str, str]] = {}  # model -> version -> why it was refused
         self._requested: dict[str, set[str]] = {}  # loaded on request beside the version policy's
         self._excluded: dict[str, set[str]] = {}  # unloaded on request
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
+        self.digester: VersionDigester = lambda model, version, path: sha256_file(path)
         self.verifiers: list[ArtifactVerifier] = []
         self.listeners: list[ModelListener] = []
         self.preparers: list[VersionHook] = []
@@ -158,11 +170,12 @@ class ModelRepository:
         for name in self.discover():
             model = self._models.get(name)
             on_disk = self._versions_on_disk(self.root / name)
+            refused = self._refused.get(name, {})
             for v in on_disk:
                 if model and str(v) in model.versions:
-                    entries.append(IndexEntry(name, str(v), "READY"))
-                elif (name, str(v)) in self._version_failed:
-                    entries.append(IndexEntry(name, str(v), "UNAVAILABLE", self._version_failed[(name, str(v))]))
+                    entries.append(IndexEntry(name, str(v), "READY", refused.get(str(v), "")))
+                elif str(v) in refused:
+                    entries.append(IndexEntry(name, str(v), "UNAVAILABLE", refused[str(v)]))
                 elif name in self._failed:
                     entries.append(IndexEntry(name, str(v), "UNAVAILABLE", self._failed[name]))
                 else:
@@ -196,10 +209,9 @@ class ModelRepository:
             if not model_dir.is_dir():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
             current = self._models.get(name)
-            failures: dict[str, str] = {}
-            refusals: list[BaseException] = []
+            refusals: dict[str, LockgateError] = {}
             try:
-                config = ModelConfigFile.load(model_dir / "config.yaml")
+                config = read_model_config(model_dir)
                 on_disk = {str(v) for v in self._versions_on_disk(model_dir)}
                 wanted = {str(v) for v in config.version_policy.select([int(v) for v in on_disk])}
                 wanted |= self._requested.get(name, set()) & on_disk
@@ -213,30 +225,38 @@ class ModelRepository:
                     old = current.versions.get(key) if current else None
                     try:
                         versions[key] = await self._version_for(name, key, model_dir / key / MODEL_FILENAME, config, old)
-                        self._version_failed.pop((name, key), None)
-                    except Exception as exc:  # this version alone is refused
-                        message = exc.message if isinstance(exc, LockgateError) else f"{type(exc).__name__}: {exc}"
-                        failures[key] = message
-                        refusals.append(exc)
-                        self._version_failed[(name, key)] = message
-                        if old is not None:  # keeps serving the session it was verified with
+                    except Exception as exc:  # this version alone is refused; audited by the verifier
+                        refusal = exc if isinstance(exc, LockgateError) else Unavailable(f"{type(exc).__name__}: {exc}")
+                        refusals[key] = refusal
+                        if old is not None:  # keeps serving the verified bytes it was built from
                             versions[key] = old
-                            log.error("%s could not be reloaded (%s); it keeps serving the loaded copy", old.label, message)
+                            log.error("%s could not be reloaded (%s); it keeps serving the loaded copy", old.label,
+                                      refusal.message)
                         else:
-                            log.error("model '%s' version %s refused: %s", name, key, message)
+                            log.error("model '%s' version %s refused: %s", name, key, refusal.message)
+                self._refused[name] = {version: exc.message for version, exc in refusals.items()}
                 if not versions:
-                    raise Unavailable(f"model '{name}': no version could be loaded: "
-                                      + "; ".join(f"version {v}: {m}" for v, m in sorted(failures.items())))
+                    first = next(iter(refusals.values()))
+                    if len(refusals) == 1:
+                        raise first
+                    raise type(first)(f"model '{name}': no version could be loaded: "
+                                      + "; ".join(f"version {v}: {e.message}" for v, e in refusals.items()))
                 if config.default_version is not None and str(config.default_version) in versions:
                     default = str(config.default_version)
                 else:
-                    if config.default_version is not None:
-                        log.warning("model '%s': default_version %s is not loaded; using the highest loaded version",
-                                    name, config.default_version)
                     default = max(versions, key=int)
+                    if config.default_version is not None:
+                        (log.error if str(config.default_version) in refusals else log.warning)(
+                            "model '%s': default_version %s is not loaded (%s); version %s is the default meanwhile",
+                            name, config.default_version,
+                            refusals[str(config.default_version)].message if str(config.default_version) in refusals
+                            else "not selected", default)
             except LockgateError as exc:
                 self._failed[name] = exc.message
                 raise
+            except ModelConfigError as exc:  # names the file and the setting: no traceback needed
+                self._failed[name] = str(exc)
+                raise Unavailable(f"model '{name}' failed to load: {exc}") from exc
             except Exception as exc:  # bad YAML, ...
                 self._failed[name] = f"{type(exc).__name__}: {exc}"
                 log.exception("model '%s' failed to load", name)
@@ -251,11 +271,11 @@ class ModelRepository:
             for listener in self.listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
             if refusals:  # the others serve; the caller still learns what was refused, precisely
-                first = refusals[0]
-                if isinstance(first, LockgateError):
-                    raise type(first)(f"{first.message} (model '{name}' serves versions "
-                                      f"{', '.join(sorted(versions, key=int))})") from first
-                raise Unavailable(f"model '{name}': {'; '.join(f'version {v}: {m}' for v, m in failures.items())}") from first
+                first = next(iter(refusals.values()))
+                raise type(first)(
+                    f"model '{name}': version(s) {', '.join(refusals)} refused, versions "
+                    f"{', '.join(sorted(versions, key=int))} serve: " + "; ".join(e.message for e in refusals.values())
+                ) from first
             return loaded
 
     async def _version_for(self, name: str, key: str, path: Path, config: ModelConfigFile,
@@ -265,7 +285,7 @@ class ModelRepository:
             log.warning("%s: %s was removed from disk; serving the loaded copy until it is retired or unloaded",
                         old.label, path)
             return old
-        digest = await asyncio.to_thread(sha256_file, path)
+        digest = await asyncio.to_thread(self._verified_digest, name, key, path)
         if old is not None and old.sha256 == digest and old.config == config:
             return old
         return await self._load_version(name, key, path, digest, config)
@@ -279,12 +299,12 @@ class ModelRepository:
         try:
             loaded = await self.load(name)
         except LockgateError:
-            if (name, version) in self._version_failed or name not in self._models:
+            if version in self._refused.get(name, {}) or name not in self._models:
                 raise
             loaded = self._models[name]  # another version was refused; this one is what was asked
         if version not in loaded.versions:
             raise Unavailable(f"model '{name}' version {version} did not load: "
-                              f"{self._version_failed.get((name, version), 'unknown reason')}")
+                              f"{self._refused.get(name, {}).get(version, 'unknown reason')}")
         return loaded
 
     async def unload_version(self, name: str, version: str) -> None:
@@ -299,12 +319,17 @@ class ModelRepository:
             return
         await self.load(name)
 
-    async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
+    def _verified_digest(self, name: str, version: str, path: Path) -> str:
+        """Hash (and verify the signature of) one version, then run every verifier (thread)."""
+        digest = self.digester(name, version, path)
         for verify in self.verifiers:
             verify(name, version, path, digest)
+        return digest
+
+    async def _load_version(self, name: str, version: str, path: Path, digest: str, config: ModelConfigFile) -> ModelVersion:
         label = f"model '{name}' version {version}"
         runtime = await asyncio.to_thread(OrtRuntime, path, config.runtime, label=label)
-        signature = runtime.signature(config.max_batch_size)
+        signature = declared_signature(runtime.signature(config.max_batch_size), config, label)
         await asyncio.to_thread(runtime.warm_up, signature)
         stats = VersionStats()
         batcher = DynamicBatcher(
@@ -328,6 +353,7 @@ class ModelRepository:
         async with self._lock(name):
             model = self._models.pop(name, None)
             self._failed.pop(name, None)
+            self._refused.pop(name, None)
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._drain(v) for v in model.versions.values()))

@@ -99,6 +99,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_audit_checkpoints": FamilySpec("counter", "Signed audit checkpoints written by this process", ()),
     "lockgate_audit_checkpoint_failures": FamilySpec("counter", "Audit checkpoints that could not be written", ()),
     "lockgate_leader": FamilySpec("gauge", "1 while this replica is the leader (canary analysis, fleet drift merge)", ("replica",)),
+    "lockgate_artifact_verify_failures": FamilySpec("counter", "Version signature (model.sig) verifications refused, by reason", (*MV, "reason")),
     # telemetry itself (filled by lockgate.telemetry.tracing)
     "lockgate_otel_spans_exported": FamilySpec("counter", "Spans the OTLP exporter delivered", ()),
     "lockgate_otel_spans_dropped": FamilySpec("counter", "Spans dropped: queue_full or export_failed", ("reason",)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from lockgate.control.audit_setup import load_keyring, open_audit
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import elector_for
 from lockgate.control.plane import ControlPlane
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.errors import LockgateError
@@ -85,6 +87,34 @@ def open_governed_audit(settings: ServerSettings) -> tuple[Store, AuditTrail, Ve
         store.close()
         raise
     return store, trail, verdict
+
+
+def prepare_state_dir(settings: ServerSettings) -> None:
+    """Create the state directory and say where it is: approvals, drift windows and payloads
+    live there, and an operator who cannot find them cannot audit them."""
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot create the state directory {settings.state_dir}: {exc.strerror or exc}; "
+            "pass --state-dir DIR (or set LOCKGATE_STATE_DIR) to a writable place"
+        ) from None
+    log.info("state directory %s (control-plane store %s)", settings.state_dir.resolve(), settings.store_for_logs())
+
+
+def load_tokens(settings: ServerSettings) -> Authenticator:
+    """The admin principals, and a line saying where they came from (never the tokens)."""
+    path = settings.tokens_path()
+    authenticator = Authenticator.load(tokens_file=path)
+    sources = [str(path)] if path is not None else []
+    if os.environ.get("LOCKGATE_TOKENS"):
+        sources.append("LOCKGATE_TOKENS")
+    if len(authenticator):
+        log.info("admin API: %d principal(s) from %s: %s", len(authenticator), " and ".join(sources),
+                 ", ".join(authenticator.names))
+    else:
+        log.info("admin API: no tokens configured (--tokens-file or LOCKGATE_TOKENS): every admin call is refused")
+    return authenticator
 
 
 def _install_uvloop() -> bool:
@@ -144,17 +174,17 @@ class Gateway:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        authenticator = Authenticator.load(tokens_file=settings.tokens_file)
+        prepare_state_dir(settings)
         store, trail, verdict = open_governed_audit(settings)
         self.control = ControlPlane(
             store,
             audit=trail,
             repository_root=settings.model_repository,
-            authenticator=authenticator,
+            authenticator=load_tokens(settings),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
             replica_id=settings.replica(),
+            provenance=settings.provenance,
         )
         self.control.last_verify_ok = verdict.ok  # lockgate_audit_verify_ok is there from the start
         self.fleet: FleetDrift | None = None
@@ -165,6 +195,7 @@ class Gateway:
             )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
+        self.repository.digester = self.control.digest_for_load  # signature + digest, one pass
         self.repository.verifiers.append(self.control.verify_artifact)
         self.repository.listeners.append(self.control.on_models_changed)
         self.repository.retainers.append(self.control.retained_versions)
@@ -199,6 +230,7 @@ class Gateway:
         self.governance.tracing_enabled = self.telemetry.tracing is not None
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
+        self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
         self.control.rollback_listeners.append(self.telemetry.rollback)
 
     def _on_drift_report(self, report: Any) -> None:
@@ -394,16 +426,33 @@ async def serve(settings: ServerSettings) -> None:
         await stop_task[0]
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def run_single(settings: ServerSettings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uv = _install_uvloop()
     log.info("event loop: %s", "uvloop" if uv else "asyncio")
     asyncio.run(serve(settings))
@@ -414,14 +463,20 @@ def _worker_main(settings_json: str, index: int) -> None:
     run_single(ServerSettings.model_validate_json(settings_json))
 
 
+def check_settings(settings: ServerSettings) -> None:
+    """Refuse, before anything starts, a configuration that cannot work (``ConfigError``)."""
+    ProvenanceGate.check_settings(settings.provenance)
+
+
 def run(settings: ServerSettings) -> None:
     """Run one process, or ``workers`` processes sharing the port."""
+    check_settings(settings)
     if settings.workers <= 1:
         run_single(settings)
         return
     if settings.grpc_port == 0:
         raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     ctx = multiprocessing.get_context("spawn")
     payload = settings.model_copy(update={"workers": 1}).model_dump_json()
     procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -27,9 +28,11 @@ import numpy as np
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
+from lockgate.control.evidence import evidence_bundle, render
+from lockgate.control.provenance import Provenance, TrustedSigner
 from lockgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
-from lockgate.control.validation import onnx_signature
+from lockgate.control.validation import config_signature, onnx_signature
 from lockgate.errors import LockgateError
 from lockgate.protocol import datatypes
 from lockgate.transport.grpc.call_metadata import call_metadata
@@ -156,6 +159,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             serve_denial=denial or "",
             can_shadow=self.plane.registry.can_shadow(record.model, record.version),
             loaded=record.version in self._loaded_versions(record.model),
+            provenance=_provenance(Provenance.from_dict(record.metadata.get("provenance"))),
         )
 
     def _refresh(self, model: str) -> None:
@@ -195,15 +199,25 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if live:
                 return live[-1][1]
         serving = [r.version for r in self.plane.registry.list_versions(model) if r.state == "serving" and r.version != version]
-        return serving[-1] if serving else None
+        if serving:
+            return serving[-1]
+        loaded = self.repository.models().get(model)  # no policy: the default version serves
+        if loaded is not None:
+            default = self.plane.default_version(model, loaded.default_version, loaded.versions)
+            if default != version and self.plane.can_serve(model, default):
+                return default
+        return None
 
-    def _expected_signature(self, model: str, version: str, text: str) -> dict[str, Any] | None:
-        """The request's signature, else the signature of the version now serving (None: nothing to match)."""
+    def _expected_signature(self, model: str, version: str, text: str) -> tuple[dict[str, Any] | None, str]:
+        """What the new version must look like, and where that came from: the request's
+        signature, else the version clients are served now, else the inputs and outputs the
+        model's config declares (None: nothing to compare with)."""
         if text.strip():
-            return _json_object(text, "expected_signature_json")
+            return _json_object(text, "expected_signature_json"), "the expected signature given"
         reference = self._reference_version(model, version)
         if reference is None:
-            return None
+            declared = config_signature(self.repository.root / model)
+            return declared, "the inputs and outputs the model's config declares"
         loaded = self._loaded_versions(model).get(reference)
         if loaded is not None:
             specs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.inputs]
@@ -216,7 +230,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         def spec(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
             return [{"name": n, "datatype": d, "shape": shape} for n, d, shape in items]
 
-        return {"inputs": spec(specs), "outputs": spec(outs)}
+        return {"inputs": spec(specs), "outputs": spec(outs)}, f"version {reference}, which serves now"
 
     @staticmethod
     def _sample(artifact: str, text: str) -> dict[str, np.ndarray] | None:
@@ -241,11 +255,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
             model = _required(request.model, "model")
             version = _required(request.version, "version")
             record = self.plane.registry.get(model, version)
+            expected, source = self._expected_signature(model, version, request.expected_signature_json)
             report = self.plane.registry.validate(
                 model,
                 version,
                 principal.name,
-                expected_signature=self._expected_signature(model, version, request.expected_signature_json),
+                expected_signature=expected,
+                signature_source=source,
                 sample=self._sample(record.artifact_path, request.sample_json),
                 latency_runs=request.latency_runs or 5,
             )
@@ -380,6 +396,50 @@ class AdminService(pb_grpc.AdminServiceServicer):
         remaining = self.repository.models().get(model)
         return pb.UnloadVersionResponse(loaded_versions=sorted(remaining.versions, key=int) if remaining else [])
 
+    async def VerifyVersion(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            model = _required(request.model, "model")
+            version = _required(request.version, "version")
+            record = self.plane.registry.get(model, version)
+            provenance = self.plane.provenance.verify(
+                model, version, Path(record.artifact_path).parent, stage="verify", actor=principal.name,
+                card=self.plane.registry.latest_card(model, version),
+            )
+            return pb.VerifyVersionResponse(provenance=_provenance(provenance))
+
+        return await self._serve(context, "VerifyVersion", Permission.READ, body)
+
+    # ------------------------------------------------------------------ trust policy
+    async def ListTrustedSigners(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            gate = self.plane.provenance
+            return pb.ListTrustedSignersResponse(
+                signers=[_signer(s) for s in gate.trusted_signers()],
+                require_signature=gate.settings.require_signature,
+                allowed_licenses=gate.allowed_licenses,
+            )
+
+        return await self._serve(context, "ListTrustedSigners", Permission.READ, body)
+
+    async def AddTrustedSigner(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            signer = self.plane.provenance.add_signer(
+                _required(request.name, "name"), _required(request.vendor, "vendor"), principal.name,
+                reason=request.reason, public_key_pem=request.public_key_pem,
+                certificate_chain_pem=list(request.certificate_chain_pem),
+                sigstore_identity=request.sigstore_identity, sigstore_issuer=request.sigstore_issuer,
+            )
+            return _signer(signer)
+
+        return await self._serve(context, "AddTrustedSigner", Permission.ADMIN, body)
+
+    async def RemoveTrustedSigner(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            return _signer(self.plane.provenance.remove_signer(_required(request.name, "name"), principal.name,
+                                                               reason=request.reason))
+
+        return await self._serve(context, "RemoveTrustedSigner", Permission.ADMIN, body)
+
     # ------------------------------------------------------------------ traffic
     def _traffic(self, model: str) -> Any:
         plane = self.plane
@@ -444,8 +504,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         if missing:
             raise NotServable(
                 f"version(s) {', '.join(missing)} of model '{model}' are not loaded in this server "
-                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'})"
+                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'}); {self._how_to_load(model, missing)}"
             )
+
+    def _how_to_load(self, model: str, versions: list[str]) -> str:
+        """What the operator runs next: the load command, or where the artifact must go first."""
+        absent = [v for v in versions if not (self.repository.root / model / v / "model.onnx").is_file()]
+        if absent:
+            where = ", ".join(str(self.repository.root / model / v / "model.onnx") for v in absent)
+            return f"put the artifact at {where}, then run `lockgate models load {model} {absent[0]}`"
+        return "run " + " and ".join(f"`lockgate models load {model} {v}`" for v in versions)
 
     async def GetTraffic(self, request: Any, context: Any) -> Any:
         return await self._serve(
@@ -583,11 +651,10 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     async def AuditExport(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
-            bundle = self.plane.audit.export(_required(request.model, "model"))
-            return pb.AuditExportResponse(bundle_json=json.dumps(bundle, indent=2, sort_keys=True, default=str))
+            bundle = evidence_bundle(self.plane.audit, _required(request.model, "model"))
+            return pb.AuditExportResponse(bundle_json=render(bundle))
 
         return await self._serve(context, "AuditExport", Permission.READ, body)
-
 
     async def ControlStatus(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
@@ -611,6 +678,25 @@ class AdminService(pb_grpc.AdminServiceServicer):
             return status
 
         return await self._serve(context, "ControlStatus", Permission.READ, body)
+
+
+def _provenance(provenance: Provenance | None) -> Any:
+    if provenance is None:
+        return pb.Provenance(summary="not verified yet")
+    return pb.Provenance(
+        signed=provenance.signed, signer=provenance.signer, vendor=provenance.vendor, identity=provenance.identity,
+        manifest_digest=provenance.manifest_digest, files=list(provenance.files), verified_at=provenance.verified_at,
+        summary=provenance.summary,
+    )
+
+
+def _signer(signer: TrustedSigner) -> Any:
+    return pb.TrustedSigner(
+        name=signer.name, vendor=signer.vendor, kind=signer.kind, identity=signer.identity, origin=signer.origin,
+        public_key_pem=signer.public_key_pem, certificate_chain_pem=list(signer.certificate_chain_pem),
+        sigstore_identity=signer.sigstore_identity, sigstore_issuer=signer.sigstore_issuer,
+        added_by=signer.added_by, added_at=signer.added_at,
+    )
 
 
 def _entry(entry: Mapping[str, Any]) -> Any:
