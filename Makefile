@@ -15,11 +15,11 @@ $(VENV)/bin/python:
 	$(PIP) install --upgrade pip setuptools wheel
 
 $(VENV)/.installed-demo: $(SOURCES) | $(VENV)/bin/python
-	$(PIP) install -e .
+	$(PIP) install -e '.[http]'
 	touch $@
 
 $(VENV)/.installed-test: $(SOURCES) | $(VENV)/bin/python
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,http]'
 	touch $@ $(VENV)/.installed-demo
 
 # Developer setup: the test extra too.

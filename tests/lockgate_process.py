@@ -51,17 +51,21 @@ class LockgateProcess:
         self.repo = Path(repo)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{self.http_port}"
         self.state_dir = state_dir or self.repo.parent / f"state-{self.port}"
         self.log_path = log_path or self.repo.parent / f"lockgate-{self.port}.log"
         cmd = [*LOCKGATE, "serve", "--model-repository", str(self.repo), "--grpc-port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
         # The audit key and checkpoints live beside the state dir (outside it, as lockgate
         # requires) and belong to it: a restart on the same state dir finds the same key.
         # A fleet sharing one store passes one key for all (LOCKGATE_AUDIT_KEY_FILE).
         environment = {**os.environ, **(env or {})}
+        demo_key = self.repo / ".audit" / "audit.key"  # lockgate demo's (serve finds it there too)
         self.audit_key_file = Path(environment.get("LOCKGATE_AUDIT_KEY_FILE")
-                                   or self.state_dir.parent / f"{self.state_dir.name}.audit.key")
+                                   or (demo_key if demo_key.is_file() else
+                                       self.state_dir.parent / f"{self.state_dir.name}.audit.key"))
         self.checkpoint_file = self.state_dir.parent / f"{self.state_dir.name}.audit-checkpoints.jsonl"
         if "--audit-key-file" not in args:
             if not self.audit_key_file.exists():
@@ -80,6 +84,25 @@ class LockgateProcess:
         self._log.flush()
         wait_server_ready(self.url, self.proc, self.log_path, timeout)
         return self
+
+    def post(self, path: str, body: dict | None = None, token: str | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, object]:
+        """POST JSON to the HTTP port (``Authorization: Bearer token`` if given): (status, JSON body)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body or {}).encode(),
+                                         method="POST", headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, text = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, text = err.code, err.read()
+        return status, json.loads(text) if text else None
 
     def log(self) -> str:
         self._log.flush()

@@ -238,6 +238,12 @@ def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, 
     promoted = run("traffic", "canary", "promote", "credit", token=oscar)
     assert promoted["canary"]["state"] == "promoted" and promoted["weights"]["2"]["percent"] == 100.0
 
+    shutil.copytree(repo / "credit" / "2", repo / "credit" / "4")
+    run("models", "register", "credit", "4", token=rita)
+    run("models", "validate", "credit", "4", token=rita)
+    rejected = run("models", "reject", "credit", "4", "--reason", "a copy of 2, not a candidate", token=alex)
+    assert rejected["state"] == "retired" and rejected["version"] == "4" and rejected["reason"]
+
     retired = run("models", "retire", "credit", "1", "--reason", "replaced by 2", token=rita)
     assert retired["state"] == "retired" and retired["version"] == "1"
 
@@ -293,6 +299,33 @@ def test_provenance_commands_print_json(demo_server, capsys, tmp_path: Path) -> 
     assert Path(exported["signature"]).is_file()
     checked = run("audit", "verify-export", str(out), "--key", str(pub), local=True)
     assert checked["ok"] and checked["signature_ok"] and checked["model"] == "credit"
+
+
+def test_audit_key_seal_status_and_unload_print_json(demo_server, capsys, tmp_path: Path) -> None:
+    """The commands of the keyed trail and of this replica, with --json like every other."""
+    from test_control_audit import _legacy_store
+
+    server, repo, t = demo_server
+    run = _runner(server, capsys)
+    key = tmp_path / "keys" / "audit.key"
+    made = run("audit", "keygen", "--out", str(key), local=True)
+    assert made["file"] == str(key) and len(made["key_id"]) == 16 and key.stat().st_mode & 0o077 == 0
+    _legacy_store(tmp_path).close()  # a trail written before audit keys: 5 unkeyed entries
+    sealed = run("audit", "seal", "--store", str(tmp_path / "old-state"), "--key-file", str(key), "--actor", "carol",
+                 "--reason", "checked the 5 old entries", local=True)
+    assert sealed["seal_seq"] == 6 and sealed["legacy_entries"] == 5 and sealed["key_id"] == made["key_id"]
+    offline = run("audit", "verify", "--store", str(tmp_path / "old-state"), "--key-file", str(key), local=True)
+    assert offline["ok"] and offline["unkeyed_entries"] == 5 and offline["checkpoint_seq"] == 6
+
+    status = run("status", token=t["VERA_TOKEN"])
+    assert status["leader"] is True and status["audit_verify_ok"] is True and status["require_approval"] is True
+    assert status["audit_head_seq"] >= status["checkpoint_seq"] >= 0 and status["audit_key_id"]
+
+    shutil.copytree(repo / ".candidates" / "credit" / "2", repo / "credit" / "5")
+    loaded = run("models", "load", "credit", "5", token=t["RITA_TOKEN"])
+    assert loaded["registered"] and loaded["validated"] and "5" in loaded["loaded_versions"]
+    unloaded = run("models", "unload", "credit", "5", token=t["RITA_TOKEN"])
+    assert unloaded["version"] == "5" and "5" not in unloaded["loaded_versions"]
 
 
 def test_every_command_was_run_with_json() -> None:

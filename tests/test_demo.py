@@ -175,12 +175,13 @@ def test_the_demo_install_has_no_test_packages_and_bounds_that_do_not_wander() -
     assert not names & TEST_ONLY, names & TEST_ONLY
     makefile = (ROOT / "Makefile").read_text()
     demo_install = re.search(r"^\$\(VENV\)/\.installed-demo:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
-    assert "pip install -e .\n" in demo_install.replace("$(PIP)", "pip") and "[" not in demo_install
+    # the demo serves REST and the console too: the [http] extra, and no other
+    assert "pip install -e '.[http]'\n" in demo_install.replace("$(PIP)", "pip"), demo_install
     assert re.search(r"^demo: install-demo$", makefile, re.M)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["license"] == "Apache-2.0"  # SPDX string: no setuptools deprecation warning
     client = project["project"]["optional-dependencies"]["client"]
-    assert any(r.startswith("tritonclient[grpc]>=2.73") for r in client) and "protobuf>=6.33.5,<7" in client
+    assert any(r.startswith("tritonclient[grpc,http]>=2.73") for r in client) and "protobuf>=6.33.5,<7" in client
     build = project["build-system"]["requires"]
     assert any(r.startswith("grpcio-tools") and "<1.82" in r for r in build)  # gencode runs on protobuf 6 and 7
     generated = (ROOT / "src" / "lockgate" / "_proto" / "inference_pb2.py").read_text()
@@ -192,14 +193,15 @@ def test_the_demo_install_has_no_test_packages_and_bounds_that_do_not_wander() -
 def test_make_demo_serves_from_a_fresh_venv_with_only_the_demo_dependencies(tmp_path: Path) -> None:
     """The demo's dependency set, installed alone into a new virtual environment, serves.
 
-    The venv gets exactly lockgate's base requirements (from its metadata, as ``make demo``'s
-    ``pip install -e .`` resolves them) and this checkout's source with its built extensions
+    The venv gets exactly lockgate's base and ``[http]`` requirements (from its metadata, as
+    ``make demo``'s ``pip install -e '.[http]'`` resolves them) and this checkout's source with its built extensions
     on the path; the probe below runs from the test environment, since the fresh one has no
     client."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    base = [r for r in importlib.metadata.requires("lockgate") or [] if "extra ==" not in r]
+    base = [r.split(";")[0].strip() for r in importlib.metadata.requires("lockgate") or []
+            if "extra ==" not in r or 'extra == "http"' in r]  # what `make demo` installs
     installed = subprocess.run([str(python), "-m", "pip", "install", "-q", *base], capture_output=True, text=True,
                                timeout=1200)
     assert installed.returncode == 0, installed.stdout + installed.stderr

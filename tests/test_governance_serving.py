@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -121,6 +122,15 @@ def cli(*args: str, token: str = "tok-a") -> subprocess.CompletedProcess:
     return run
 
 
+def rest_ready(server: LockgateProcess, path: str) -> int:
+    """The HTTP status of a KServe v2 REST readiness endpoint (200 ready, 503 not)."""
+    try:
+        with urllib.request.urlopen(f"http://{server.http_url}{path}", timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def traffic(admin: Admin, model: str) -> pb.TrafficStatus:
     return admin("tok-v", "GetTraffic", pb.GetTrafficRequest(model=model))
 
@@ -133,6 +143,11 @@ def test_health_tells_the_truth_before_anything_is_approved(server: LockgateProc
     # The overall service follows the rule: no model can take live traffic -> NOT_SERVING.
     assert health(channel, "") == NOT_SERVING
     assert health(channel, "inference.GRPCInferenceService") == NOT_SERVING
+    # ... while the liveness service says the process is up (probes must not restart the pod),
+    # and REST readiness agrees with gRPC ModelReady.
+    assert health(channel, "lockgate.live") == SERVING
+    assert rest_ready(server, "/v2/models/live/ready") == 503
+    assert rest_ready(server, "/v2/models/live/versions/2/ready") == 503
     log = server.log()
     for model in ("live", "pair"):
         assert f"model '{model}' has no version that may take live traffic" in log
@@ -145,6 +160,8 @@ def test_health_tells_the_truth_before_anything_is_approved(server: LockgateProc
     approve(admin, "live", "2")
     wait_for(lambda: health(channel, "live") == SERVING, 30, what="live SERVING after approval")
     assert model_ready(server, "live") and model_ready(server, "live", "2")
+    assert rest_ready(server, "/v2/models/live/ready") == 200 and rest_ready(server, "/v2/models/live/versions/2/ready") == 200
+    assert rest_ready(server, "/v2/models/live/versions/1/ready") == 503  # not loaded (latest: 1)
     assert health(channel, "") == SERVING and health(channel, "pair") == NOT_SERVING
     assert not model_ready(server, "pair")
     assert infer(server, "live").get_response().model_version == "2"

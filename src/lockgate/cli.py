@@ -26,6 +26,9 @@ GrpcPortOpt = Annotated[Optional[int], typer.Option(
     "--grpc-port", help=with_default("Inference, health, reflection and admin gRPC port.", "8001; env LOCKGATE_GRPC_PORT"))]
 MetricsPortOpt = Annotated[Optional[int], typer.Option(
     "--metrics-port", help=with_default("Prometheus /metrics port (worker i serves on port + i).", "8002; env LOCKGATE_METRICS_PORT"))]
+HttpPortOpt = Annotated[Optional[int], typer.Option(
+    "--http-port", help=with_default("KServe v2 REST, admin API over REST and the console.", "8000; env LOCKGATE_HTTP_PORT"))]
+NoHttpOpt = Annotated[bool, typer.Option("--no-http", help="Serve gRPC only (no REST port, no console).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help=with_default("Processes sharing the gRPC port (SO_REUSEPORT).", "1"))]
 StateDirOpt = Annotated[Optional[Path], typer.Option(
@@ -67,6 +70,8 @@ def server_settings(config: Path | None, **flags: Any) -> ServerSettings:
     """Defaults < ``--config`` < ``LOCKGATE_*`` < flags: the one way both commands build settings."""
     if flags.pop("allow_unapproved", False):
         flags["require_approval"] = False
+    if flags.pop("no_http", False):
+        flags["http_enabled"] = False
     if flags.pop("log_json", False):
         flags["log_format"] = "json"
     return ServerSettings.load(config, **flags)
@@ -75,7 +80,8 @@ def server_settings(config: Path | None, **flags: Any) -> ServerSettings:
 @app.command()
 def serve(
     model_repository: Annotated[Path, typer.Option("--model-repository", help="Repository root: REPO/<model>/<version>/model.onnx.")],
-    grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, workers: WorkersOpt = None,
+    grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, http_port: HttpPortOpt = None,
+    no_http: NoHttpOpt = False, workers: WorkersOpt = None,
     state_dir: StateDirOpt = None, config: ConfigOpt = None, host: HostOpt = None, store: StoreOpt = None,
     tokens_file: TokensFileOpt = None, allow_unapproved: AllowUnapprovedOpt = False, log_json: LogJsonOpt = False,
     audit_key_file: AuditKeyOpt = None, audit_checkpoint_file: AuditCheckpointOpt = None,
@@ -85,7 +91,8 @@ def serve(
 
     with configuration_errors():
         run(server_settings(
-            config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port, workers=workers,
+            config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
+            http_port=http_port, no_http=no_http, workers=workers,
             state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
             log_json=log_json, audit_key_file=audit_key_file, audit_checkpoint_file=audit_checkpoint_file,
         ))
@@ -97,7 +104,8 @@ def demo(
     build_only: Annotated[bool, typer.Option("--build-only", help="Write the models, tokens and approvals, then exit.")] = False,
     tokens_out: Annotated[Optional[Path], typer.Option(
         "--tokens-out", help=with_default("Where to write the demo people's tokens (shell exports).", "<dir>/demo-tokens.env"))] = None,
-    grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, workers: WorkersOpt = None,
+    grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, http_port: HttpPortOpt = None,
+    no_http: NoHttpOpt = False, workers: WorkersOpt = None,
     state_dir: StateDirOpt = None, config: ConfigOpt = None, host: HostOpt = None, store: StoreOpt = None,
     tokens_file: TokensFileOpt = None, allow_unapproved: AllowUnapprovedOpt = False, as_json: JsonOpt = False,
 ) -> None:
@@ -107,7 +115,8 @@ def demo(
 
     with configuration_errors():
         settings = server_settings(
-            config, model_repository=dir, grpc_port=grpc_port, metrics_port=metrics_port, workers=workers,
+            config, model_repository=dir, grpc_port=grpc_port, metrics_port=metrics_port,
+            http_port=http_port, no_http=no_http, workers=workers,
             state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
             log_json=as_json,
         )

@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 
 
 class TLSSettings(_Strict):
-    """Server-side TLS for both the inference and admin APIs (same port)."""
+    """Server-side TLS for every serving port: gRPC (inference and admin) and HTTP (REST, console)."""
 
     cert_file: Path
     key_file: Path
@@ -109,6 +109,11 @@ class ServerSettings(_Strict):
     host: str = "0.0.0.0"
     grpc_port: int = 8001
     metrics_port: int = 8002
+    http_port: int = Field(8000, ge=0, description="KServe v2 REST, the admin API over REST and the console (0: any free port)")
+    http_enabled: bool = Field(True, description="serve the HTTP port (needs the [http] extra)")
+    console_session_key: str | None = Field(
+        None, repr=False, min_length=16,
+        description="signs console session cookies; default: random per start, shared by --workers siblings")
     workers: int = Field(1, ge=1)
     state_dir: Path | None = Field(None, description="control-plane state, drift windows, payload log [<model_repository>/.lockgate]")
     max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

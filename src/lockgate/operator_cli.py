@@ -302,6 +302,17 @@ def models_unload(
         f"unloaded {model} / {version}; loaded versions now {', '.join(response.loaded_versions) or 'none'}")
 
 
+@models_app.command("reject")
+def models_reject(
+    model: ModelArg, version: VersionArg,
+    reason: Annotated[str, typer.Option("--reason", help="Why this version may not take traffic (kept in the audit trail).")],
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Reject a version awaiting approval (it is retired; four eyes as for approve)."""
+    info = call(server, token, ca_file, "RejectVersion", pb.RejectVersionRequest(model=model, version=version, reason=reason))
+    Output(as_json).message({"reason": reason, **_version_dict(info)}, f"rejected {info.model} / {info.version}; state {info.state}")
+
+
 @models_app.command("retire")
 def models_retire(
     model: ModelArg, version: VersionArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,

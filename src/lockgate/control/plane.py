@@ -31,7 +31,7 @@ from lockgate.errors import AlreadyExists, ConflictError, LifecycleError, Lockga
 from lockgate.routing.changes import PolicyChanges
 from lockgate.routing.policy import PolicyBook, TrafficPolicy
 from lockgate.routing.rollout import CanaryController, TrafficStats
-from lockgate.routing.router import Router
+from lockgate.routing.router import Router, default_version
 from lockgate.routing.shadow import AgreementBook
 
 log = logging.getLogger("lockgate.control")
@@ -51,8 +51,11 @@ class ControlPlane:
         require_approval: bool = True,
         canary_tick_s: float = 1.0,
         replica_id: str = "",
+        leader_factory: Callable[[Callable[[], Any], Callable[[], Any]], Any] = LocalLeader,
         provenance: ProvenanceSettings | None = None,
     ) -> None:
+        """``leader_factory(on_elected, on_lost)`` builds the leader elector: a local one for
+        one process, a PostgreSQL advisory-lock one for a fleet."""
         self.store = store
         self.audit = audit
         self.provenance = ProvenanceGate(store, self.audit, provenance)
@@ -66,8 +69,8 @@ class ControlPlane:
         self.traffic_stats = TrafficStats(self.agreements)
         self.changes = PolicyChanges(self.book, self._persist_change, servable=self.can_serve, shadowable=self.can_shadow)
         self.changes.published.append(self._after_change)
-        #: (model, version) -> why drift cannot be evaluated for it (the server wires governance in).
-        self.drift_unavailable: Callable[[str, str], str | None] | None = None
+        #: (model, version) -> why drift cannot be evaluated for it (``set_drift_check``).
+        self._drift_check: Callable[[str, str], str | None] | None = None
         self.canary = CanaryController(self.book, changes=self.changes, drift_unavailable=self._drift_unavailable)
         self.router = Router(self.book, state_of=self._state_of)
         # Gate caches read on every request: model -> versions. Replaced wholesale (atomic).
@@ -82,18 +85,35 @@ class ControlPlane:
         # Leader-only work (canary analysis, fleet drift merge): started when this replica is
         # elected, cancelled when it loses the lease, so each decision is made and audited once.
         self.leader: Any = None  # LeaderElector | LocalLeader, built in start()
-        # (on_elected, on_lost) -> elector; the server installs a PostgreSQL advisory-lock one.
-        self.leader_factory: Callable[[Callable[[], Any], Callable[[], Any]], Any] = LocalLeader
-        self.leader_jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [self._canary_job]
+        self._leader_factory = leader_factory
+        self._leader_jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [self._canary_job]
         self._leader_stop: asyncio.Event | None = None
         self._leader_tasks: list[asyncio.Task] = []
         self.rollbacks_by_version: dict[tuple[str, str], int] = {}
         self.last_verify_ok: bool | None = None  # set by every verification (startup, periodic, AuditVerify)
-        # (model, from_version, to_version, reason): telemetry turns these into span events/logs.
-        self.rollback_listeners: list[Any] = []
-        # Called with the models whose gates were refreshed (health follows them).
-        self.gate_listeners: list[Callable[[list[str]], None]] = []
+        self._rollback_listeners: list[Callable[[str, str, str, str], Any]] = []
+        self._gate_listeners: list[Callable[[list[str]], None]] = []
         self._moved: dict[int, bool] = {}  # id(new policy) -> its recorded change moved lifecycle states
+
+    def add_leader_job(self, job: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        """Run ``job(stop)`` while this replica leads (started on election, stopped on loss)."""
+        self._leader_jobs.append(job)
+
+    def add_rollback_listener(self, listener: Callable[[str, str, str, str], Any]) -> None:
+        """``listener(model, from_version, to_version, reason)`` on every canary rollback
+        (telemetry turns these into span events and log records)."""
+        self._rollback_listeners.append(listener)
+
+    def add_gate_listener(self, listener: Callable[[list[str]], None]) -> None:
+        """``listener(models)`` after the gates of those models were refreshed (health follows
+        them); may be called on an admin or store-watcher thread."""
+        self._gate_listeners.append(listener)
+
+    def set_drift_check(self, check: Callable[[str, str], str | None]) -> None:
+        """``check(model, version)`` -> why drift cannot be evaluated for that version, or None
+        (governance knows: no reference profile, drift off); the canary's drift guardrail is
+        inconclusive, never passed, while it says why."""
+        self._drift_check = check
 
     # -- gates (hot path: dict lookups only) ------------------------------------------
     def can_serve(self, model: str, version: str) -> bool:
@@ -124,7 +144,7 @@ class ControlPlane:
             for name in names:
                 servable[name], shadowable[name], states[name] = self.registry.gates(name)
             self._servable, self._shadowable, self._states = servable, shadowable, states
-        for listener in self.gate_listeners:
+        for listener in self._gate_listeners:
             try:
                 listener(sorted(names))
             except Exception:
@@ -199,10 +219,11 @@ class ControlPlane:
             # our artifact must still match the hash it recorded.
             self.registry.verify_artifact(model, version, self.registry.artifact_path(model, version), actor=SYSTEM_ACTOR)
 
-    def retained_versions(self, model: str) -> set[str]:
+    def retained_versions(self, model: str, default: str | None = None) -> set[str]:
         """Versions a reload must keep loaded: they serve, canary or mirror now (by the live
-        policy, by the registry, or as the default route). Only retiring them or a policy
-        moving their traffic away lets them go."""
+        policy, by the registry, or as the default route: ``default`` is the model's default
+        the router starts from, ``routing.router.default_version`` decides). Only retiring
+        them or a policy moving their traffic away lets them go."""
         keep: set[str] = set()
         policy = self.book.get(model)
         if policy is not None:
@@ -213,12 +234,17 @@ class ControlPlane:
                 keep.add(policy.shadow.version)
         keep.update(v for v, state in self._states.get(model, {}).items() if state in _LIVE_REGISTRY_STATES)
         if policy is None:
-            servable = self.servable_loaded(model)
-            if servable:
-                keep.add(servable[-1])  # the default route's version
+            route = self._default_route(model, default)
+            if route is not None:
+                keep.add(route)
         return keep
 
-    def traffic_of(self, model: str, version: str) -> str | None:
+    def _default_route(self, model: str, default: str | None) -> str | None:
+        """The loaded version a request naming none goes to without a policy (None: none may serve)."""
+        route = default_version(default, self._loaded.get(model, ()), lambda v: self.can_serve(model, v))
+        return route if route is not None and self.can_serve(model, route) else None
+
+    def traffic_of(self, model: str, version: str, default: str | None = None) -> str | None:
         """Why ``version`` takes traffic now (for refusing to unload it), or None."""
         policy = self.book.get(model)
         if policy is not None:
@@ -230,16 +256,12 @@ class ControlPlane:
                 return f"it is in the {canary.state.value} canary ({canary.stable} -> {canary.canary})"
             if policy.shadow is not None and policy.shadow.version == version:
                 return f"it takes {policy.shadow.percent:g}% of the requests as a shadow"
-        elif version in self.retained_versions(model):
+        elif version == self._default_route(model, default):
             return "it is the version requests without a pinned version go to"
+        state = self._states.get(model, {}).get(version)
+        if state in _LIVE_REGISTRY_STATES:
+            return f"it is {state} in the registry"
         return None
-
-    def default_version(self, model: str, loaded_default: str, loaded: Mapping[str, Any]) -> str:
-        """Without a policy: the model's default if it may serve, else the highest servable one."""
-        if self.can_serve(model, loaded_default):
-            return loaded_default
-        candidates = [v for v in loaded if self.can_serve(model, v)]
-        return max(candidates, key=int) if candidates else loaded_default
 
     # -- policy changes: recorded first, published after ----------------------------------
     def _persist_change(self, event: Mapping[str, Any], new: TrafficPolicy, old: TrafficPolicy | None) -> None:
@@ -314,7 +336,7 @@ class ControlPlane:
         if action.endswith("rolled_back") and canary is not None:
             key = (new.model, canary.canary)
             self.rollbacks_by_version[key] = self.rollbacks_by_version.get(key, 0) + 1
-            for listener in self.rollback_listeners:
+            for listener in self._rollback_listeners:
                 listener(new.model, canary.canary, canary.stable, str(event["details"].get("reason", "")))
             log.warning("canary of model '%s' rolled back: %s", new.model, event["details"].get("reason"))
         self._forget_stale_agreements(new, old)
@@ -327,7 +349,7 @@ class ControlPlane:
             self.agreements.forget(new.model, old_shadow)
 
     def _drift_unavailable(self, model: str, version: str) -> str | None:
-        check = self.drift_unavailable
+        check = self._drift_check
         return check(model, version) if check is not None else None
 
     # -- background -------------------------------------------------------------------
@@ -341,7 +363,7 @@ class ControlPlane:
 
         self._watcher = ChangeWatcher(self.store, deliver)
         self._watcher.start()
-        self.leader = self.leader_factory(
+        self.leader = self._leader_factory(
             lambda: loop.call_soon_threadsafe(self._became_leader),
             lambda: loop.call_soon_threadsafe(self._lost_leadership),
         )
@@ -357,7 +379,7 @@ class ControlPlane:
         self.refresh_policies()
         self._leader_stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self.leader_jobs]
+        self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self._leader_jobs]
 
     def _lost_leadership(self, *, stepping_down: bool = False) -> None:
         if self._leader_stop is None:
@@ -379,6 +401,16 @@ class ControlPlane:
     def degraded(self) -> bool:
         """True while the store is unreachable and writes are being spooled."""
         return bool(getattr(self.store, "degraded", False))
+
+    def on_drift_event(self, event: Any) -> None:
+        """Governance alert listener (a ``DriftEvent``): latched for the canary, DRIFT audited."""
+        self.on_drift_alert(event.model, event.version, event.status, event.to_audit())
+
+    def on_drift_report(self, report: Any) -> None:
+        """Governance report listener: an OK window clears a latched DRIFT in the canary
+        analysis (alerts alone never would)."""
+        if report.status == "OK":
+            self.canary.on_drift_alert(report.model, report.version, "OK")
 
     def on_drift_alert(self, model: str, version: str, status: object, details: Mapping[str, Any] | None = None) -> None:
         """Governance hook: latch the status for canary analysis and audit DRIFT alerts."""

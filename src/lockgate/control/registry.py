@@ -101,7 +101,7 @@ LIFECYCLE: Mapping[State, frozenset[State]] = {
     State.REGISTERED: frozenset({State.VALIDATED, State.RETIRED}),
     State.VALIDATED: frozenset({State.APPROVED, State.SHADOW, State.RETIRED}),
     State.APPROVED: frozenset({State.SERVING, State.CANARY, State.SHADOW, State.RETIRED}),
-    State.SERVING: frozenset({State.APPROVED, State.RETIRED}),
+    State.SERVING: frozenset({State.CANARY, State.APPROVED, State.RETIRED}),  # canary: a weighted version becomes the canary
     State.CANARY: frozenset({State.SERVING, State.APPROVED, State.RETIRED}),
     State.SHADOW: frozenset({State.VALIDATED, State.APPROVED, State.SERVING, State.CANARY, State.RETIRED}),
     State.RETIRED: frozenset(),

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from lockgate.errors import InvalidArgument
+from lockgate.protocol import datatypes
+from lockgate.protocol.codec import Signature, TensorSpec
 
 GOLDEN_INPUTS = "golden_inputs.npz"
 GOLDEN_OUTPUTS = "golden_outputs.npz"
@@ -37,15 +39,10 @@ CHECK_NAMES: tuple[str, ...] = (
 LEGACY_STATUS = {"skipped": "not_applicable"}
 Arrays = Mapping[str, np.ndarray]
 
-# ONNX TensorProto element type -> Open Inference Protocol datatype.
+# ONNX TensorProto element type -> Open Inference Protocol datatype (what lockgate can serve).
 _ONNX_TO_OIP: dict[int, str] = {
     1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
-    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16",
-}
-_ALIASES: dict[str, str] = {
-    "FLOAT": "FP32", "FLOAT32": "FP32", "FLOAT16": "FP16", "HALF": "FP16",
-    "FLOAT64": "FP64", "DOUBLE": "FP64", "STRING": "BYTES", "STR": "BYTES",
-    "BFLOAT16": "BF16",
+    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
 }
 # onnxruntime type string -> numpy dtype for generated samples.
 _ORT_TO_NUMPY: dict[str, Any] = {
@@ -56,24 +53,13 @@ _ORT_TO_NUMPY: dict[str, Any] = {
     "tensor(string)": np.object_,
 }
 
-
-def normalize_datatype(name: str) -> str:
-    """Accept OIP (FP32), Triton config (TYPE_FP32) and numpy (float32) spellings."""
-    upper = name.strip().upper().removeprefix("TYPE_")
-    return _ALIASES.get(upper, upper)
-
-
-class TensorSpec(BaseModel):
-    """One input or output; shapes include the batch dimension, -1 = any size."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class Signature(BaseModel):
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+# Stored in the report as its JSON form (``Signature.to_dict``) and read back from it.
+StoredSignature = Annotated[
+    Signature,
+    PlainValidator(Signature.from_dict),
+    PlainSerializer(Signature.to_dict, return_type=dict),
+    WithJsonSchema({"type": "object"}),
+]
 
 
 class Tolerance(BaseModel):
@@ -99,7 +85,7 @@ class ValidationReport(BaseModel):
     passed: bool
     sha256: str
     checks: list[CheckResult]
-    signature: Signature | None = None
+    signature: StoredSignature | None = None
     latency_ms: dict[str, float] = Field(default_factory=dict)
     started_at: str
     finished_at: str
@@ -118,7 +104,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def onnx_signature(path: str | Path) -> Signature:
-    """Graph inputs (initializers excluded) and outputs of an ONNX file."""
+    """Graph inputs (initializers excluded) and outputs of an ONNX file.
+
+    ValueError names a tensor whose element type lockgate cannot serve."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -126,12 +114,16 @@ def onnx_signature(path: str | Path) -> Signature:
 
     def spec(value: Any) -> TensorSpec:
         tensor = value.type.tensor_type
+        name = _ONNX_TO_OIP.get(tensor.elem_type)
+        if name is None:
+            type_name = onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "undefined"
+            raise ValueError(f"tensor {value.name!r} has element type {type_name}, which lockgate does not serve")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
-        return TensorSpec(name=value.name, datatype=_ONNX_TO_OIP.get(tensor.elem_type, str(tensor.elem_type)), shape=dims)
+        return TensorSpec(value.name, datatypes.BY_NAME[name], tuple(dims))
 
     return Signature(
-        inputs=[spec(v) for v in model.graph.input if v.name not in initializers],
-        outputs=[spec(v) for v in model.graph.output],
+        tuple(spec(v) for v in model.graph.input if v.name not in initializers),
+        tuple(spec(v) for v in model.graph.output),
     )
 
 
@@ -163,15 +155,10 @@ def config_signature(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
-    if isinstance(data, Signature):
-        return data
-    try:
-        return Signature.model_validate(dict(data))
-    except Exception as exc:  # pydantic.ValidationError: report it as a caller error
-        raise InvalidArgument(f"invalid expected signature: {exc}") from exc
+    return Signature.from_dict(data)
 
 
-def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpec], exact: bool,
+def _compare_specs(kind: str, expected: Sequence[TensorSpec], actual: Sequence[TensorSpec], exact: bool,
                    source: str = "the config") -> list[str]:
     problems: list[str] = []
     by_name = {s.name: s for s in actual}
@@ -180,12 +167,12 @@ def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpe
         if have is None:
             problems.append(f"{kind} {want.name!r} of {source} is not in the model (its {kind}s: {', '.join(by_name) or 'none'})")
             continue
-        if normalize_datatype(want.datatype) != normalize_datatype(have.datatype):
-            problems.append(f"{kind} {want.name!r}: datatype {have.datatype}, expected {normalize_datatype(want.datatype)}")
+        if want.datatype != have.datatype:
+            problems.append(f"{kind} {want.name!r}: datatype {have.datatype.name}, expected {want.datatype.name}")
         if len(want.shape) != len(have.shape) or any(
             w != h and w != -1 and h != -1 for w, h in zip(want.shape, have.shape)
         ):
-            problems.append(f"{kind} {want.name!r}: shape {have.shape}, expected {want.shape}")
+            problems.append(f"{kind} {want.name!r}: shape {list(have.shape)}, expected {list(want.shape)}")
     if exact:
         extra = sorted(set(by_name) - {s.name for s in expected})
         if extra:

@@ -46,12 +46,35 @@ def compute_report(
     return evaluate(merged, ReferenceProfile.load(profile_path), config or DriftConfig(), window=len(states))
 
 
-def latest_version(state_dir: str | Path, model: str) -> str:
+def window_history(
+    model_repository: str | Path,
+    state_dir: str | Path,
+    model: str,
+    version: str,
+    last: int = 20,
+    config: DriftConfig | None = None,
+) -> list[DriftReport]:
+    """Each of the newest ``last`` persisted windows evaluated on its own against the profile:
+    how one version's drift moved window by window (the console charts it)."""
+    profile_path = ReferenceProfile.path_for(model_repository, model, version)
+    if not profile_path.exists():
+        raise FileNotFoundError(f"no reference profile at {profile_path}; build one with `lockgate profile build`")
+    profile = ReferenceProfile.load(profile_path)
+    states = load_windows(state_dir, model, version, last)
+    return [evaluate(state, profile, config or DriftConfig(), window=index) for index, state in enumerate(states)]
+
+
+def versions_with_windows(state_dir: str | Path, model: str) -> list[str]:
     root = Path(state_dir) / "drift" / model
     versions = [p.name for p in root.iterdir() if p.is_dir() and any(p.glob("window-*.bin"))] if root.is_dir() else []
+    return sorted(versions, key=lambda v: (0, int(v)) if v.isdigit() else (1, v))
+
+
+def latest_version(state_dir: str | Path, model: str) -> str:
+    versions = versions_with_windows(state_dir, model)
     if not versions:
-        raise FileNotFoundError(f"no drift windows for model {model!r} under {root}")
-    return max(versions, key=lambda v: (0, int(v)) if v.isdigit() else (1, v))
+        raise FileNotFoundError(f"no drift windows for model {model!r} under {Path(state_dir) / 'drift' / model}")
+    return versions[-1]
 
 
 def table(report: DriftReport) -> Table:
@@ -75,7 +98,7 @@ def print_report(report: DriftReport, console: Console | None = None) -> None:
     (console or Console()).print(table(report))
 
 
-def _svg(feature: FeatureDrift, width: int = 520, height: int = 150) -> str:
+def bins_svg(feature: FeatureDrift, width: int = 520, height: int = 150) -> str:
     ref, live = feature.reference_fractions, feature.live_fractions
     n = max(len(ref), 1)
     top = max([*ref, *live, 1e-9])
@@ -115,7 +138,7 @@ def write_html(report: DriftReport, path: str | Path) -> Path:
         )
         rows.append(
             f'<div class="f"><h3>{name} <span style="color:{colour}">{f.status}</span></h3>'
-            f"<p>{html.escape(stats)} · rows {f.rows} · NaN {f.nan} · Inf {f.inf}</p>{_svg(f)}</div>"
+            f"<p>{html.escape(stats)} · rows {f.rows} · NaN {f.nan} · Inf {f.inf}</p>{bins_svg(f)}</div>"
         )
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Drift report {html.escape(report.model)} v{html.escape(report.version)}</title>

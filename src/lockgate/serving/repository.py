@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from lockgate.config import ModelConfigFile
-from lockgate.errors import LockgateError, NotFound, Unavailable
+from lockgate.errors import ArtifactTamperedError, LockgateError, NotFound, Unavailable, error_for_code
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
 from lockgate.serving.model_config import ModelConfigError, declared_signature, read_model_config
@@ -56,8 +56,17 @@ ModelListener = Callable[[str, list[str], list[str]], None]
 # Called with a version once it is built but before it can take requests (attach per-version
 # state such as the governance engine), and after it has drained (release that state).
 VersionHook = Callable[["ModelVersion"], None]
-# Called with a model name: versions that must stay loaded across a reload (they take traffic).
-Retainer = Callable[[str], "set[str]"]
+# Called with a model name and the default version requests are routed from now (None before
+# the first load): versions that must stay loaded across a reload (they take traffic).
+Retainer = Callable[[str, "str | None"], "set[str]"]
+
+
+def _refusal(first: LockgateError, message: str) -> LockgateError:
+    """The error a load reports for its refused versions: the first refusal's status
+    (FAILED_PRECONDITION for a changed or unsigned artifact), with every version named."""
+    if isinstance(first, ArtifactTamperedError):
+        return ArtifactTamperedError(message)
+    return error_for_code(first.code, message)
 
 
 def sha256_file(path: Path) -> str:
@@ -128,15 +137,43 @@ class ModelRepository:
         self._excluded: dict[str, set[str]] = {}  # unloaded on request
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
-        self.digester: VersionDigester = lambda model, version, path: sha256_file(path)
-        self.verifiers: list[ArtifactVerifier] = []
-        self.listeners: list[ModelListener] = []
-        self.preparers: list[VersionHook] = []
-        self.releasers: list[VersionHook] = []
-        self.retainers: list[Retainer] = []
+        # Hooks other packages register through the methods below; called in registration order.
+        self._digester: VersionDigester = lambda model, version, path: sha256_file(path)
+        self._verifiers: list[ArtifactVerifier] = []
+        self._listeners: list[ModelListener] = []
+        self._preparers: list[VersionHook] = []
+        self._releasers: list[VersionHook] = []
+        self._retainers: list[Retainer] = []
         #: Requests refused before a version was known (unknown model or version, ...), by
         #: (model or "" when unknown, reason): counted in the failure metric with version "".
         self.unrouted_failures: dict[tuple[str, str], int] = {}
+
+    # -- hooks ----------------------------------------------------------------------
+    def set_digester(self, digester: VersionDigester) -> None:
+        """``digester(model, version, path)`` -> the artifact's SHA-256 (the control plane's
+        verifies the signature in the same pass); plain SHA-256 of the file by default."""
+        self._digester = digester
+
+    def add_verifier(self, verify: ArtifactVerifier) -> None:
+        """``verify(model, version, path, sha256)`` runs before a version's session is built;
+        raising refuses the load (the control plane checks the registered digest here)."""
+        self._verifiers.append(verify)
+
+    def add_version_hooks(self, prepare: VersionHook, release: VersionHook | None = None) -> None:
+        """``prepare(version)`` runs once a version is built, before it can take a request
+        (raising refuses the load); ``release(version)`` once it has drained after unload."""
+        self._preparers.append(prepare)
+        if release is not None:
+            self._releasers.append(release)
+
+    def add_retainer(self, retainer: Retainer) -> None:
+        """``retainer(model, default)`` -> versions that must stay loaded across a reload (they
+        take traffic now), whatever the version policy selects."""
+        self._retainers.append(retainer)
+
+    def subscribe(self, listener: ModelListener) -> None:
+        """``listener(model, loaded_versions, removed_versions)`` after every load and unload."""
+        self._listeners.append(listener)
 
     # -- lookups (hot path) ---------------------------------------------------------
     def get(self, name: str) -> LoadedModel:
@@ -216,7 +253,8 @@ class ModelRepository:
                 wanted = {str(v) for v in config.version_policy.select([int(v) for v in on_disk])}
                 wanted |= self._requested.get(name, set()) & on_disk
                 wanted -= self._excluded.get(name, set())
-                retained = set().union(*(set(r(name)) for r in self.retainers)) if self.retainers else set()
+                default_now = current.default_version if current is not None else None
+                retained = set().union(*(set(r(name, default_now)) for r in self._retainers))
                 wanted |= retained & (on_disk | set(current.versions if current else ()))
                 if not wanted:
                     raise Unavailable(f"model '{name}': no version directory with {MODEL_FILENAME} matches the version policy")
@@ -239,8 +277,8 @@ class ModelRepository:
                     first = next(iter(refusals.values()))
                     if len(refusals) == 1:
                         raise first
-                    raise type(first)(f"model '{name}': no version could be loaded: "
-                                      + "; ".join(f"version {v}: {e.message}" for v, e in refusals.items()))
+                    raise _refusal(first, f"model '{name}': no version could be loaded: "
+                                   + "; ".join(f"version {v}: {e.message}" for v, e in refusals.items()))
                 if config.default_version is not None and str(config.default_version) in versions:
                     default = str(config.default_version)
                 else:
@@ -268,11 +306,11 @@ class ModelRepository:
             for old in removed:
                 self._drain_later(old)
             log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
             if refusals:  # the others serve; the caller still learns what was refused, precisely
                 first = next(iter(refusals.values()))
-                raise type(first)(
+                raise _refusal(first,
                     f"model '{name}': version(s) {', '.join(refusals)} refused, versions "
                     f"{', '.join(sorted(versions, key=int))} serve: " + "; ".join(e.message for e in refusals.values())
                 ) from first
@@ -321,8 +359,8 @@ class ModelRepository:
 
     def _verified_digest(self, name: str, version: str, path: Path) -> str:
         """Hash (and verify the signature of) one version, then run every verifier (thread)."""
-        digest = self.digester(name, version, path)
-        for verify in self.verifiers:
+        digest = self._digester(name, version, path)
+        for verify in self._verifiers:
             verify(name, version, path, digest)
         return digest
 
@@ -342,7 +380,7 @@ class ModelRepository:
         )
         loaded = ModelVersion(name, version, path, digest, config, runtime, signature, batcher, stats)
         try:
-            for prepare in self.preparers:
+            for prepare in self._preparers:
                 prepare(loaded)
         except Exception:
             await batcher.drain(0)
@@ -357,7 +395,7 @@ class ModelRepository:
             if model is None:
                 raise NotFound(f"model '{name}' is not loaded")
             await asyncio.gather(*(self._drain(v) for v in model.versions.values()))
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener(name, [], list(model.versions))
             log.info("model '%s' unloaded", name)
 
@@ -372,7 +410,7 @@ class ModelRepository:
             log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
         else:
             version.runtime.close()  # a batch still running after a timeout keeps its buffers
-        for release in self.releasers:
+        for release in self._releasers:
             try:
                 release(version)
             except Exception:

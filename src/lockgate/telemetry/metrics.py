@@ -166,7 +166,7 @@ class GatewayMetrics:
         for model in repository.models().values():
             for version in model.versions.values():
                 self.attach(version)
-        repository.listeners.append(self._on_models_changed)
+        repository.subscribe(self._on_models_changed)
 
     # -- wiring ----------------------------------------------------------------------
     def attach(self, version: "ModelVersion") -> VersionInstruments:

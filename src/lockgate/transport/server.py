@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
 import time
@@ -31,7 +32,7 @@ from lockgate.control.audit import AuditTrail, VerifyResult
 from lockgate.control.audit_key import AuditKeyring
 from lockgate.control.audit_setup import load_keyring, open_audit
 from lockgate.control.auth import Authenticator
-from lockgate.control.leader import elector_for
+from lockgate.control.leader import LocalLeader, elector_for
 from lockgate.control.plane import ControlPlane
 from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
@@ -42,8 +43,8 @@ from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
-from lockgate.telemetry.integration import install as install_telemetry
-from lockgate.transport.grpc.admin import add_admin_service
+from lockgate.telemetry.integration import Telemetry
+from lockgate.transport.grpc.admin import AdminService, add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
 from lockgate.transport.grpc.inference import InferenceService
 
@@ -51,6 +52,10 @@ log = logging.getLogger("lockgate.server")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 CONTROL_HEALTH_SERVICE = "lockgate.control"
+#: SERVING from start until drain, whatever is approved: for liveness and startup probes (the
+#: overall service "" follows approval and is for readiness; a pod with nothing approved is
+#: alive and must not be restarted, only kept out of its load balancer).
+LIVENESS_HEALTH_SERVICE = "lockgate.live"
 
 
 def tune_gc() -> None:
@@ -76,7 +81,7 @@ def open_control_store(settings: ServerSettings, keyring: AuditKeyring) -> Store
 def open_governed_audit(settings: ServerSettings) -> tuple[Store, AuditTrail, VerifyResult]:
     """The store and its keyed, checkpointed, verified audit trail (refuses to start otherwise)."""
     checkpoint_file = settings.checkpoint_file()
-    keyring = load_keyring(settings.audit_key_file, settings.audit_previous_key_files,
+    keyring = load_keyring(settings.key_file(), settings.audit_previous_key_files,
                            state_dir=settings.state_dir, checkpoint_file=checkpoint_file)
     store = open_control_store(settings, keyring)
     try:
@@ -169,13 +174,19 @@ class GenericHandlersOnly:
 
 
 class Gateway:
-    """Everything one serving process owns, started and stopped in order."""
+    """Everything one serving process owns, started and stopped in order.
+
+    Each part receives what it uses when it is built, or subscribes through the other part's
+    hook methods below; nothing reaches into another object's lists.
+    """
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         prepare_state_dir(settings)
         store, trail, verdict = open_governed_audit(settings)
+        shared_store = settings.is_shared_store()
+        location = settings.store_location()
+        self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         self.control = ControlPlane(
             store,
             audit=trail,
@@ -184,58 +195,83 @@ class Gateway:
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
             replica_id=settings.replica(),
+            leader_factory=(lambda elected, lost: elector_for(location, "lockgate/leader", elected, lost,
+                                                              lease_s=settings.leader_lease_s))
+            if shared_store else LocalLeader,
             provenance=settings.provenance,
         )
         self.control.last_verify_ok = verdict.ok  # lockgate_audit_verify_ok is there from the start
-        self.fleet: FleetDrift | None = None
-        if settings.is_shared_store():
-            location = settings.store_location()
-            self.control.leader_factory = lambda elected, lost: elector_for(
-                location, "lockgate/leader", elected, lost, lease_s=settings.leader_lease_s
-            )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
-        self.repository.digester = self.control.digest_for_load  # signature + digest, one pass
-        self.repository.verifiers.append(self.control.verify_artifact)
-        self.repository.listeners.append(self.control.on_models_changed)
-        self.repository.retainers.append(self.control.retained_versions)
+        self.telemetry = Telemetry.from_settings(settings, self.repository)  # opens no port yet
         self.routing = PolicyRouting(self.control)
-        self.governance = GovernanceStage(repository_root=settings.model_repository, state_dir=settings.state_dir)
-        self.governance.subscribers.append(
-            lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
+        self.governance = GovernanceStage(
+            repository_root=settings.model_repository, state_dir=settings.state_dir,
+            tracing_enabled=self.telemetry.tracing is not None,
+            alert_listeners=[self.control.on_drift_event], report_listeners=[self.control.on_drift_report],
         )
-        self.control.drift_unavailable = self.governance.drift_unavailable
-        # An OK window clears a latched DRIFT in the canary analysis (alerts alone never would).
-        self.governance.report_listeners.append(self._on_drift_report)
-        if settings.is_shared_store():
+        self.fleet: FleetDrift | None = None
+        if shared_store:
             self.fleet = FleetDrift(self.control.store, self.governance, replica_id=settings.replica(),
                                     window_s=settings.fleet_window_s)
-            self.control.leader_jobs.append(self.fleet.merge_loop)
-        self.repository.preparers.append(self.governance.prepare)
-        if self.fleet is not None:
-            self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
-        self.repository.releasers.append(self.governance.release)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
-        self.ready = asyncio.Event()
+            self.control.add_leader_job(self.fleet.merge_loop)
         self.health = HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings))
-        self.port = 0
-        self._stopping = asyncio.Event()
-        self._background: list[asyncio.Task] = []
-        self.repository.listeners.append(self._on_models_changed)
-        self.control.gate_listeners.append(self._on_gates_changed)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._serving_started = False
-        self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
-        self.governance.tracing_enabled = self.telemetry.tracing is not None
+        self.repository.set_digester(self.control.digest_for_load)  # signature + digest, one pass
+        self.repository.add_verifier(self.control.verify_artifact)
+        self.repository.add_version_hooks(self.governance.prepare, self.governance.release)
+        if self.fleet is not None:
+            self.repository.add_version_hooks(self.fleet.adopt)  # after governance.prepare
+        self.repository.subscribe(self.control.on_models_changed)
+        self.repository.subscribe(self._on_models_changed)
+        self.repository.add_retainer(self.control.retained_versions)
+        self.control.add_gate_listener(self._on_gates_changed)
+        self.control.set_drift_check(self.governance.drift_unavailable)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
+                                          telemetry=self.telemetry)
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
         self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
-        self.control.rollback_listeners.append(self.telemetry.rollback)
+        self.control.add_rollback_listener(self.telemetry.rollback)
+        self.ready = asyncio.Event()
+        self.admin = AdminService(self.control, self.repository)
+        self.server = grpc.aio.server(options=server_options(settings))
+        self.port = 0
+        self.http = self._http_server(settings)
+        self.http_port = 0
+        self._stopping = asyncio.Event()
+        self._background: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving_started = False
 
-    def _on_drift_report(self, report: Any) -> None:
-        if report.status == "OK":
-            self.control.canary.on_drift_alert(report.model, report.version, "OK")
+    def _http_server(self, settings: ServerSettings) -> Any:
+        """The REST binding, the admin API over REST and the console, on ``http_port``."""
+        if not settings.http_enabled:
+            return None
+        try:
+            from lockgate.transport.http.server import HttpServer
+        except ImportError as exc:  # the [http] extra is not installed
+            log.warning("HTTP port off: %s (install lockgate[http], or pass --no-http to silence this)", exc)
+            return None
+        return HttpServer(self.http_app(), host=settings.host, port=settings.http_port, tls=settings.tls,
+                          drain_timeout_s=settings.drain_timeout_s)
+
+    def http_app(self) -> Any:
+        """The ASGI application of the HTTP port (any ASGI server can carry it)."""
+        from lockgate.transport.http.admin import RestAdmin
+        from lockgate.transport.http.app import HttpApp
+        from lockgate.transport.http.inference import RestInference
+
+        from lockgate.transport.http.console import Console
+
+        settings = self.settings
+        rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth,
+                             model_ready=self.ready_for)
+        key = settings.console_session_key or secrets.token_urlsafe(32)
+        console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
+                          secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
+                          model_repository=settings.model_repository)
+        return HttpApp([rest.handle, RestAdmin(self.admin).handle, console.handle],
+                       max_body_bytes=settings.max_receive_message_bytes)
 
     # -- health: a model is SERVING only while a version of it may take live traffic -------
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
@@ -319,7 +355,7 @@ class Gateway:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.pipeline, ready=self.ready, model_ready=self.ready_for), services
         )
-        admin_service = add_admin_service(services, self.control, self.repository)
+        admin_service = add_admin_service(services, self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
@@ -348,12 +384,16 @@ class Gateway:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
         self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         self.telemetry.start()
+        await self.health.set(LIVENESS_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._serving_started = True
         await self._update_health(sorted(self.repository.models()))
         self._warn_unservable()
         self.ready.set()
-        log.info("lockgate ready on %s:%d (pid %d)", settings.host, self.port, os.getpid())
+        log.info("lockgate ready on %s: gRPC %d%s (pid %d)", settings.host, self.port,
+                 f", HTTP {self.http_port}" if self.http is not None else "", os.getpid())
         return self.port
 
     async def _watch_store_health(self) -> None:
@@ -385,7 +425,8 @@ class Gateway:
         self.ready.clear()
         await self.health.enter_graceful_shutdown()
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
-        await self.server.stop(self.settings.drain_timeout_s)
+        await asyncio.gather(self.server.stop(self.settings.drain_timeout_s),
+                             self.http.stop() if self.http is not None else asyncio.sleep(0))
         await self.routing.drain()
         for task in self._background:
             task.cancel()
@@ -474,11 +515,13 @@ def run(settings: ServerSettings) -> None:
     if settings.workers <= 1:
         run_single(settings)
         return
-    if settings.grpc_port == 0:
-        raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
+    if settings.grpc_port == 0 or (settings.http_enabled and settings.http_port == 0):
+        raise SystemExit("--workers > 1 needs a fixed --grpc-port and --http-port: every worker must bind the same ports")
     configure_logging(settings.log_level, settings.log_format)
     ctx = multiprocessing.get_context("spawn")
-    payload = settings.model_copy(update={"workers": 1}).model_dump_json()
+    # one console session key for every worker: a signed-in browser may reach any of them
+    key = settings.console_session_key or secrets.token_urlsafe(32)
+    payload = settings.model_copy(update={"workers": 1, "console_session_key": key}).model_dump_json()
     procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]
     for proc in procs:
         proc.start()

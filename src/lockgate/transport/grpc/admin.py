@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -33,11 +33,11 @@ from lockgate.control.provenance import Provenance, TrustedSigner
 from lockgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import config_signature, onnx_signature
-from lockgate.errors import LockgateError
-from lockgate.protocol import datatypes
+from lockgate.errors import LockgateError, error_for_code
 from lockgate.transport.grpc.call_metadata import call_metadata
 from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
+from lockgate.routing.router import default_version
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
 
 if TYPE_CHECKING:
@@ -89,8 +89,39 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+class DirectCall:
+    """The context of an admin call that did not arrive over gRPC (the REST binding, the
+    console): it carries the caller's ``authorization`` value, and a refusal raises the
+    ``LockgateError`` of its status instead of aborting an RPC. The call runs the servicer's own
+    method, so its authentication, role check, four-eyes rules and audit are the same."""
+
+    def __init__(self, authorization: str | None = None, principal: Principal | None = None) -> None:
+        self.authorization = authorization
+        #: a caller already authenticated by its transport (a console session): only the
+        #: permission is checked
+        self.principal = principal
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> NoReturn:
+        raise error_for_code(code.name, message)
+
+
+#: The admin RPCs by name, with their request and response message classes.
+METHODS: dict[str, tuple[Any, Any]] = {
+    method.name: (getattr(pb, method.input_type.name), getattr(pb, method.output_type.name))
+    for method in pb.DESCRIPTOR.services_by_name["AdminService"].methods
+}
+
+
 class AdminService(pb_grpc.AdminServiceServicer):
     """The servicer: the control plane it governs and the repository it checks loads against."""
+
+    async def call(self, method: str, request: Any, authorization: str | None = None, *,
+                   principal: Principal | None = None) -> Any:
+        """Run admin RPC ``method`` in process, as the holder of ``authorization`` (or as an
+        already authenticated ``principal``)."""
+        if method not in METHODS:
+            raise NotFound(f"the admin API has no method {method!r}")
+        return await getattr(self, method)(request, DirectCall(authorization, principal))
 
     def __init__(self, plane: "ControlPlane", repository: "ModelRepository") -> None:
         self._plane = plane
@@ -110,13 +141,17 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> T:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
         header = None
-        for key, value in call_metadata(context):
-            if key.lower() == AUTHORIZATION:
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
+        if isinstance(context, DirectCall):
+            header = context.authorization
+        else:
+            for key, value in call_metadata(context):
+                if key.lower() == AUTHORIZATION:
+                    header = value if isinstance(value, str) else value.decode("latin-1")
+                    break
         try:
             auth = self.plane.auth
-            principal = auth.authenticate(header)
+            known = context.principal if isinstance(context, DirectCall) else None
+            principal = known if known is not None else auth.authenticate(header)
             if permission is not None:
                 auth.authorize(principal, permission)
         except LockgateError as exc:
@@ -203,8 +238,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             return serving[-1]
         loaded = self.repository.models().get(model)  # no policy: the default version serves
         if loaded is not None:
-            default = self.plane.default_version(model, loaded.default_version, loaded.versions)
-            if default != version and self.plane.can_serve(model, default):
+            default = default_version(loaded.default_version, loaded.versions,
+                                      lambda v: self.plane.can_serve(model, v))
+            if default is not None and default != version and self.plane.can_serve(model, default):
                 return default
         return None
 
@@ -220,17 +256,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             return declared, "the inputs and outputs the model's config declares"
         loaded = self._loaded_versions(model).get(reference)
         if loaded is not None:
-            specs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.inputs]
-            outs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.outputs]
-        else:
-            graph = onnx_signature(self.plane.registry.get(model, reference).artifact_path)
-            specs = [(s.name, s.datatype, s.shape) for s in graph.inputs]
-            outs = [(s.name, s.datatype, s.shape) for s in graph.outputs]
-
-        def spec(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
-            return [{"name": n, "datatype": d, "shape": shape} for n, d, shape in items]
-
-        return {"inputs": spec(specs), "outputs": spec(outs)}, f"version {reference}, which serves now"
+            return loaded.signature.to_dict(), f"version {reference}, which serves now"
+        graph = onnx_signature(self.plane.registry.get(model, reference).artifact_path)
+        return graph.to_dict(), f"version {reference}, which serves now"
 
     @staticmethod
     def _sample(artifact: str, text: str) -> dict[str, np.ndarray] | None:
@@ -238,10 +266,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
         data = _json_object(text, "sample_json")
         if not data:
             return None
-        types = {spec.name: spec.datatype for spec in onnx_signature(artifact).inputs}
+        try:
+            types = {spec.name: spec.datatype for spec in onnx_signature(artifact).inputs}
+        except ValueError as exc:  # an element type lockgate cannot serve: nothing to decode into
+            raise InvalidArgument(f"sample_json cannot be decoded: {exc}") from None
         sample: dict[str, np.ndarray] = {}
         for name, value in data.items():
-            dt = datatypes.BY_NAME.get(types.get(name, ""))
+            dt = types.get(name)
             if dt is None:
                 raise InvalidArgument(f"sample_json names {name!r}, which is not a supported input of the model")
             try:
@@ -296,6 +327,15 @@ class AdminService(pb_grpc.AdminServiceServicer):
             )
 
         return await self._serve(context, "ApproveVersion", Permission.APPROVE, body)
+
+    async def RejectVersion(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            model = _required(request.model, "model")
+            record = self.plane.registry.reject(model, _required(request.version, "version"), principal.name, request.reason)
+            self._refresh(model)
+            return self._version_info(record)
+
+        return await self._serve(context, "RejectVersion", Permission.APPROVE, body)
 
     async def RetireVersion(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
@@ -355,10 +395,12 @@ class AdminService(pb_grpc.AdminServiceServicer):
         def finish(principal: Principal) -> Any:
             registry = self.plane.registry
             report = None
-            if not request.skip_validation and registry.get(model, version).state == "registered":
+            record = registry.get(model, version)
+            if not request.skip_validation and record.state == "registered":
+                expected, source = self._expected_signature(model, version, "")
                 report = registry.validate(
-                    model, version, principal.name,
-                    expected_signature=self._expected_signature(model, version, ""),
+                    model, version, principal.name, expected_signature=expected, signature_source=source,
+                    sample=self._sample(record.artifact_path, ""),
                 )
             self._refresh(model)
             return pb.LoadVersionResponse(
@@ -377,7 +419,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
         def check(principal: Principal) -> str:
             _required(model, "model")
             _required(version, "version")
-            why = self.plane.traffic_of(model, version)
+            loaded = self.repository.models().get(model)
+            why = self.plane.traffic_of(model, version, loaded.default_version if loaded is not None else None)
             if why is not None:
                 raise FailedPrecondition(
                     f"version {version} of model '{model}' cannot be unloaded: {why}; move its traffic away "
@@ -451,7 +494,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
         named: set[str] = set(loaded.versions) if loaded is not None else set()
         if policy is None:
             if loaded is not None:
-                status.default_version = plane.default_version(model, loaded.default_version, loaded.versions)
+                status.default_version = default_version(
+                    loaded.default_version, loaded.versions, lambda v: plane.can_serve(model, v)) or ""
         else:
             status.revision = policy.revision
             status.sticky = policy.sticky
@@ -712,10 +756,10 @@ def policy_from_status(status: Any) -> TrafficPolicy | None:
     return TrafficPolicy.from_json(status.policy_json) if status.policy_json else None
 
 
-def add_admin_service(server: grpc.aio.Server, plane: "ControlPlane", repository: "ModelRepository") -> str:
+def add_admin_service(server: grpc.aio.Server, service: AdminService) -> str:
     """Register the admin servicer on ``server``; returns its full name for reflection."""
-    pb_grpc.add_AdminServiceServicer_to_server(AdminService(plane, repository), server)
+    pb_grpc.add_AdminServiceServicer_to_server(service, server)
     return SERVICE_NAME
 
 
-__all__ = ["AdminService", "SERVICE_NAME", "add_admin_service", "policy_from_status", "status_of"]
+__all__ = ["AdminService", "DirectCall", "METHODS", "SERVICE_NAME", "add_admin_service", "policy_from_status", "status_of"]
