@@ -213,7 +213,7 @@ def test_a_version_found_on_disk_needs_two_people(admin: Admin, server: Lockgate
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     service_pb2_grpc.GRPCInferenceServiceStub(inference).RepositoryModelLoad(
-        service_pb2.RepositoryModelLoadRequest(model_name="solo"), timeout=60)
+        service_pb2.RepositoryModelLoadRequest(model_name="solo"), metadata=(("authorization", "Bearer tok-a"),), timeout=60)
     inference.close()
     shown = admin.as_("tok-v").ShowVersion(pb.ShowVersionRequest(model="solo", version="1")).version
     assert shown.registered_by == "system:lockgate"
@@ -233,7 +233,7 @@ def test_tampered_artifact_refuses_to_load_and_is_audited(admin: Admin, server: 
     write_model(server.repo, "tamper", 1, mlp(8))  # same signature, different bytes
     inference = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="tamper"), timeout=60)
+        inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="tamper"), metadata=(("authorization", "Bearer tok-a"),), timeout=60)
     # FAILED_PRECONDITION, not UNAVAILABLE: retrying cannot help until the artifact is restored.
     assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
     assert "refusing to load" in info.value.details() and "sha256 mismatch" in info.value.details()

@@ -115,13 +115,13 @@ def rechain(path: Path, start: int, key: AuditKey | None = None) -> None:
     all_rows = rows(path)
     prev = all_rows[start - 2][7] if start > 1 else "0" * 64
     statements, values = [], []
-    for seq, time, actor, action, subject, details, _prev, _hash in all_rows:
+    for seq, when, actor, action, subject, details, _prev, _hash in all_rows:
         if seq < start:
             continue
         if key is None:
-            digest, key_id = legacy_hash(seq, time, actor, action, subject, details, prev), ""
+            digest, key_id = legacy_hash(seq, when, actor, action, subject, details, prev), ""
         else:
-            digest, key_id = entry_mac(key, seq, time, actor, action, subject, details, prev), key.key_id
+            digest, key_id = entry_mac(key, seq, when, actor, action, subject, details, prev), key.key_id
         statements.append("UPDATE audit SET prev_hash = ?, hash = ?, key_id = ? WHERE seq = ?")
         values.append((prev, digest, key_id, seq))
         prev = digest

@@ -5,11 +5,9 @@ against the trail, and the role table of the README against the code."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -179,7 +177,7 @@ def test_a_registry_edit_cannot_make_a_tampered_model_serve(tmp_path: Path) -> N
                 conn.execute("UPDATE versions SET sha256 = ? WHERE model = 'm' AND version = '1'", (sha256_file(artifact),))
             inference = service_pb2_grpc.GRPCInferenceServiceStub(admin.channel)
             with pytest.raises(grpc.RpcError) as info:
-                inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="m"), timeout=60)
+                inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="m"), metadata=(("authorization", "Bearer tok-a"),), timeout=60)
             assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
             assert "changed from the audited" in info.value.details()
             entries = admin("AuditLog", pb.AuditLogRequest(model="m"), token="tok-v").entries

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -172,7 +170,7 @@ def test_loading_a_new_version_keeps_the_approved_one_serving(server: LockgatePr
     """latest: 1 with approved version 2 serving; version 3 copied in and loaded."""
     write_model(server.repo, "live", 3, mlp(3))
     service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
-        service_pb2.RepositoryModelLoadRequest(model_name="live"), timeout=60)
+        service_pb2.RepositoryModelLoadRequest(model_name="live"), metadata=(("authorization", "Bearer tok-a"),), timeout=60)
     index = {(m.name, m.version): m.state for m in service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
         service_pb2.RepositoryIndexRequest(), timeout=30).models}
     assert index[("live", "2")] == "READY" and index[("live", "3")] == "READY"
@@ -199,6 +197,14 @@ def test_loading_a_new_version_keeps_the_approved_one_serving(server: LockgatePr
     gone = cli("models", "unload", "live", "4", "--server", server.url, "--json")
     assert gone.returncode == 0, gone.stderr
     assert json.loads(gone.stdout)["loaded_versions"] == ["2"]
+    assert infer(server, "live").get_response().model_version == "2"
+    # Triton's unload would take every version out at once: it needs a token with `load`.
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                           ((("authorization", "Bearer tok-v"),), grpc.StatusCode.PERMISSION_DENIED)):
+        err = refused(lambda: stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="live"),
+                                                         metadata=metadata, timeout=60))
+        assert err.code() is code, err.details()
     assert infer(server, "live").get_response().model_version == "2"
 
 

@@ -546,3 +546,55 @@ def test_resilient_store_is_a_store_and_passes_through(tmp_path: Path) -> None:
         assert entry.seq == 1 and not store.degraded
         store.put_snapshot("m", "1", 1, "r", b"x")
         assert store.latest_window("m", "1") == 1
+
+
+def test_pg_attacks_on_a_keyed_trail_are_detected(pg_dsn: str, tmp_path: Path) -> None:
+    """Issue 15 §1-2 on PostgreSQL, by someone who can write the database but holds neither the
+    audit key nor the checkpoint file: a registry edit, a forged approval at the head (a key of
+    their own), and deleting the tail with the triggers off are each caught by verify."""
+    from lockgate.control.audit import entry_mac
+    from lockgate.control.audit_key import AuditKey
+    from lockgate.control.checkpoint import Checkpointer, CheckpointLog
+    from lockgate.control.registry import Registry
+    from test_control_registry import CARD, SIGNATURE, write_add_model
+
+    repo = tmp_path / "repo"
+    write_add_model(repo / "iris" / "1" / "model.onnx")
+    log_file = CheckpointLog(tmp_path / "checkpoints.jsonl")
+    store = open_store(pg_dsn)
+    try:
+        trail = AuditTrail(store, TEST_KEYRING, Checkpointer(log_file, TEST_KEYRING.current, store.audit_head), log_file)
+        registry = Registry(store, trail, repository=repo)
+        registry.register("iris", "1", None, "alice")
+        registry.validate("iris", "1", "alice", expected_signature=SIGNATURE, latency_runs=1)
+        registry.set_card("iris", "1", CARD, "carol")
+        registry.approve("iris", "1", "bob", "reviewed")
+        trail.checkpoints.write_head()
+        assert trail.verify().ok and registry.can_serve("iris", "1")
+        head = store.audit_head()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE versions SET sha256 = %s WHERE model = 'iris' AND version = '1'", ("cd" * 32,))
+            result = trail.verify()
+            assert not result.ok and any("artifact digest cdcdcdcd" in p for p in result.registry_problems), result
+            assert not registry.can_serve("iris", "1")
+            audited = registry.attestation("iris", "1")[0].sha256
+            conn.execute("UPDATE versions SET sha256 = %s WHERE model = 'iris' AND version = '1'", (audited,))
+            assert trail.verify().ok
+            # A forged "approve" appended at the head, MAC'd under a key of the forger's own.
+            mallory = AuditKey(b"mallory-has-her-own-key-0123456789abcdef")
+            seq, when, details = head.seq + 1, utc_now_iso(), '{"reason":"ok"}'
+            forged = entry_mac(mallory, seq, when, "mallory", "model.approve", "iris/2", details, head.hash)
+            conn.execute("INSERT INTO audit (seq, time, actor, action, subject, details, prev_hash, hash, key_id) "
+                         "VALUES (%s, %s, 'mallory', 'model.approve', 'iris/2', %s, %s, %s, %s)",
+                         (seq, when, details, head.hash, forged, mallory.key_id))
+            result = trail.verify()
+            assert not result.ok and result.first_bad_seq == seq, result
+            # Deleting that entry and the tail, triggers off: the signed checkpoint still names the head.
+            with conn.transaction():
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute("DELETE FROM audit WHERE seq >= %s", (head.seq - 1,))
+            result = trail.verify()
+            assert not result.ok and "checkpoint" in result.reason, result
+            assert trail.verify(checkpoints=False, registry=False).ok  # the chain alone cannot see it
+    finally:
+        store.close()

@@ -702,22 +702,22 @@ def audit_verify(
                   "checkpoint_seq": response.checkpoint_seq, "checkpoints_checked": response.checkpoints_checked,
                   "unkeyed_entries": response.unkeyed_entries, "warnings": list(response.warnings),
                   "registry_problems": list(response.registry_problems)}
-    if as_json:
-        _print_json(result)
-    else:
+    def render(out: Any) -> None:
         for warning in result["warnings"]:
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
         if result["ok"]:
             anchored = (f", matches the signed checkpoint at seq {result['checkpoint_seq']}"
                         if result["checkpoint_seq"] >= 0 else " (NOT checked against a checkpoint)")
-            console.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
-                          f"hash {result['head_hash']}{anchored}", highlight=False)
-        else:
-            where = f" at entry seq {result['first_bad_seq']}" if result["first_bad_seq"] else ""
-            err_console.print(f"[bold red]audit trail BROKEN[/]{where}: {result['reason']} "
-                              f"({result['checked']} entries verified before it)", highlight=False, soft_wrap=True)
-            for problem in result["registry_problems"][1:]:
-                err_console.print(f"  also: {problem}", highlight=False, soft_wrap=True)
+            out.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
+                      f"hash {result['head_hash']}{anchored}", highlight=False)
+            return
+        where = f" at entry seq {result['first_bad_seq']}" if result["first_bad_seq"] else ""
+        err_console.print(f"[bold red]audit trail BROKEN[/]{where}: {result['reason']} "
+                          f"({result['checked']} entries verified before it)", highlight=False, soft_wrap=True)
+        for problem in result["registry_problems"][1:]:
+            err_console.print(f"  also: {problem}", highlight=False, soft_wrap=True)
+
+    Output(as_json).emit(result, render)
     if not result["ok"]:
         raise typer.Exit(1)
 
@@ -870,7 +870,7 @@ def audit_verify_export(
         console.print(f"[green]evidence intact[/]: {file} is signed by {key} (model {check.model}, "
                       f"{check.entries} audit entries)", highlight=False)
     else:
-        err_console.print(f"[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
+        err_console.print("[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
     if not check.ok:
         raise typer.Exit(1)
 

@@ -406,42 +406,54 @@ class ErrorRateGuardrail(_Always):
         return GuardrailResult(self.name, "inconclusive", canary.error_rate, limit, ev.short)
 
 
-class ErrorRatioGuardrail(_Always):
-    name = "error_ratio"
+class _RatioGuardrail(_Always):
+    """The canary's value may be at most ``ratio`` times stable's (floored, so a clean or
+    very fast stable does not make a single error or a slow millisecond an infinite ratio);
+    inconclusive while either value is missing."""
+
+    name = ""
+    ratio_field = ""
+    floor_field = ""
+    label, unit, digits = "", "", 4
+
+    @staticmethod
+    def value(window: VersionWindow) -> float | None:
+        raise NotImplementedError
 
     def enabled(self, g: Guardrails) -> bool:
-        return g.max_error_ratio is not None
+        return getattr(g, self.ratio_field) is not None
 
     def evaluate(self, ev: Evidence) -> GuardrailResult:
-        g, canary, reference = ev.guardrails, ev.canary, ev.reference
-        if not ev.enough:
-            return GuardrailResult(self.name, "inconclusive", None, g.max_error_ratio, ev.short)
-        if reference is None:
-            return GuardrailResult(self.name, "inconclusive", None, g.max_error_ratio, ev.no_reference)
-        limit = float(g.max_error_ratio) * max(reference.error_rate, g.error_rate_floor)  # type: ignore[arg-type]
-        ok = canary.error_rate <= limit
-        return GuardrailResult(self.name, "pass" if ok else "fail", canary.error_rate, limit,
-                               f"canary {canary.error_rate:.4f} vs stable {reference.error_rate:.4f} "
-                               f"(limit {g.max_error_ratio}x, floor {g.error_rate_floor})")
+        g, reference = ev.guardrails, ev.reference
+        ratio, floor = getattr(g, self.ratio_field), getattr(g, self.floor_field)
+        measured = self.value(ev.canary)
+        if not ev.enough or measured is None:
+            return GuardrailResult(self.name, "inconclusive", measured, ratio, ev.short)
+        baseline = self.value(reference) if reference is not None else None
+        if baseline is None:
+            return GuardrailResult(self.name, "inconclusive", measured, ratio, ev.no_reference)
+        limit = float(ratio) * max(baseline, floor)
+        ok = measured <= limit
+        return GuardrailResult(self.name, "pass" if ok else "fail", measured, limit,
+                               f"canary {self.label}{measured:.{self.digits}f}{self.unit} vs stable "
+                               f"{self.label}{baseline:.{self.digits}f}{self.unit} (limit {ratio}x, floor {floor}{self.unit})")
 
 
-class P99RatioGuardrail(_Always):
-    name = "p99_ratio"
+class ErrorRatioGuardrail(_RatioGuardrail):
+    name, ratio_field, floor_field = "error_ratio", "max_error_ratio", "error_rate_floor"
 
-    def enabled(self, g: Guardrails) -> bool:
-        return g.max_p99_ratio is not None
+    @staticmethod
+    def value(window: VersionWindow) -> float | None:
+        return window.error_rate
 
-    def evaluate(self, ev: Evidence) -> GuardrailResult:
-        g, canary, reference = ev.guardrails, ev.canary, ev.reference
-        if not ev.enough or canary.p99_ms is None:
-            return GuardrailResult(self.name, "inconclusive", canary.p99_ms, g.max_p99_ratio, ev.short)
-        if reference is None or reference.p99_ms is None:
-            return GuardrailResult(self.name, "inconclusive", canary.p99_ms, g.max_p99_ratio, ev.no_reference)
-        limit = float(g.max_p99_ratio) * max(reference.p99_ms, g.p99_floor_ms)  # type: ignore[arg-type]
-        ok = canary.p99_ms <= limit
-        return GuardrailResult(self.name, "pass" if ok else "fail", canary.p99_ms, limit,
-                               f"canary p99 {canary.p99_ms:.3f} ms vs stable {reference.p99_ms:.3f} ms "
-                               f"(limit {g.max_p99_ratio}x, floor {g.p99_floor_ms} ms)")
+
+class P99RatioGuardrail(_RatioGuardrail):
+    name, ratio_field, floor_field = "p99_ratio", "max_p99_ratio", "p99_floor_ms"
+    label, unit, digits = "p99 ", " ms", 3
+
+    @staticmethod
+    def value(window: VersionWindow) -> float | None:
+        return window.p99_ms
 
 
 class P99MsGuardrail(_Always):

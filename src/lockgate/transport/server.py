@@ -353,7 +353,8 @@ class Gateway:
         settings = self.settings
         services = GenericHandlersOnly(self.server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.pipeline, ready=self.ready, model_ready=self.ready_for), services
+            InferenceService(self.repository, self.pipeline, ready=self.ready, model_ready=self.ready_for,
+                             auth=self.control.auth), services
         )
         admin_service = add_admin_service(services, self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)

@@ -17,6 +17,7 @@ import grpc
 
 from lockgate._proto import inference_pb2 as pb
 from lockgate._proto import inference_pb2_grpc as pb_grpc
+from lockgate.control.auth import Authenticator, Permission
 from lockgate.errors import InferenceFailed, LockgateError
 from lockgate.pipeline import InferencePipeline, RequestContext
 from lockgate.transport import model_info
@@ -44,10 +45,13 @@ def _stream_message() -> tuple[Any, Any]:
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event,
-                 model_ready: Callable[[str, str], bool] | None = None) -> None:
+                 model_ready: Callable[[str, str], bool] | None = None, auth: Authenticator | None = None) -> None:
         self.repository = repository
         self.pipeline = pipeline
         self._ready = ready
+        # With tokens configured, Triton's repository load/unload need the ``load`` permission
+        # (as over REST): unloading a model takes every version of it out of service.
+        self._auth = auth
         # (model, version) -> ready: loaded *and* allowed to take live traffic (the gateway's
         # approval gate); without one, loaded is ready.
         self._model_ready = model_ready or repository.is_ready
@@ -94,8 +98,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
         return response
 
+    def _authorize_load(self, context: Any) -> None:
+        if self._auth is not None and len(self._auth):
+            self._auth.check(text_metadata(context).get("authorization"), Permission.LOAD)
+
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         try:
+            self._authorize_load(context)
             await self.repository.load(request.model_name)
         except LockgateError as exc:
             return await abort(context, exc)
@@ -103,6 +112,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         try:
+            self._authorize_load(context)
             await self.repository.unload(request.model_name)
         except LockgateError as exc:
             return await abort(context, exc)
