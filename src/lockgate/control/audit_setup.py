@@ -25,7 +25,7 @@ from pathlib import Path
 from lockgate.control.audit import Action, AuditTrail, VerifyResult
 from lockgate.control.audit_key import AuditKeyring, outside
 from lockgate.control.checkpoint import CheckpointLog, Checkpointer
-from lockgate.control.registry import SYSTEM_ACTOR
+from lockgate.control.actor import SYSTEM_ACTOR
 from lockgate.control.store import Store
 from lockgate.errors import FailedPrecondition
 

@@ -43,6 +43,7 @@ class Role(StrEnum):
     VIEWER = "viewer"
     OPERATOR = "operator"
     APPROVER = "approver"
+    ANALYST = "analyst"
     ADMIN = "admin"
 
 
@@ -55,6 +56,7 @@ class Permission(StrEnum):
     RETIRE = "retire"  # retire a version
     LOAD = "load"  # load/unload versions in the running server
     ADMIN = "admin"  # anything else administrative (tokens, config)
+    EXPLAIN = "explain"  # feature attributions beside predictions (they can leak model internals)
 
 
 # The explicit permission matrix. Roles are not a strict hierarchy: an
@@ -64,6 +66,7 @@ PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.OPERATOR: frozenset({Permission.READ, Permission.TRAFFIC}),
     Role.APPROVER: frozenset({Permission.READ, Permission.APPROVE}),
+    Role.ANALYST: frozenset({Permission.READ, Permission.EXPLAIN}),
     Role.ADMIN: frozenset(Permission),
 }
 

@@ -19,12 +19,13 @@ import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
+from lockgate.control.actor import SYSTEM_ACTOR, current_actor
 from lockgate.control.audit import Action, AuditTrail, Entry, model_subject
 from lockgate.control.auth import Authenticator
 from lockgate.config import ProvenanceSettings
 from lockgate.control.leader import LocalLeader
 from lockgate.control.provenance import ProvenanceGate
-from lockgate.control.registry import SYSTEM_ACTOR, Registry, State
+from lockgate.control.registry import Registry, State
 from lockgate.control.store import Change, ChangeKind, SetPolicy, Store, UpdateVersion
 from lockgate.control.watch import ChangeWatcher
 from lockgate.errors import AlreadyExists, ConflictError, LifecycleError, LockgateError, NotFound, StoreError
@@ -199,12 +200,13 @@ class ControlPlane:
 
     def on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         previous = self._loaded.get(model, frozenset())
+        actor = current_actor()  # the caller of RepositoryModelLoad/Unload, else the system
         # Audit appends are spooled by a ResilientStore while the store is down.
         for version in sorted(set(loaded) - previous, key=int):
-            self.audit.append(SYSTEM_ACTOR, Action.MODEL_LOAD, model_subject(model, version), {})
+            self.audit.append(actor, Action.MODEL_LOAD, model_subject(model, version), {})
         for version in removed:
             if version not in loaded:
-                self.audit.append(SYSTEM_ACTOR, Action.MODEL_UNLOAD, model_subject(model, version), {})
+                self.audit.append(actor, Action.MODEL_UNLOAD, model_subject(model, version), {})
         self._loaded = {**self._loaded, model: frozenset(loaded)}
         try:
             self.refresh_gates([model])

@@ -37,6 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from lockgate.control.actor import SYSTEM_ACTOR
 from lockgate.control.attestation import (
     Attestation,
     attest,
@@ -80,7 +81,6 @@ from lockgate.control.validation import (
 
 log = logging.getLogger("lockgate.control")
 
-SYSTEM_ACTOR = "system:lockgate"
 
 ARTIFACT_FILENAME = "model.onnx"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

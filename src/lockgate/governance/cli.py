@@ -36,14 +36,20 @@ _STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", ".lockgate"))
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
     """The ``governance:`` section of the model's config.yaml, if any."""
+    section = _section_of(model_dir, "governance")
+    return GovernanceConfig.model_validate(section) if section else None
+
+
+def _section_of(model_dir: Path, key: str) -> dict | None:
+    """One section of the model's config.yaml (raw), if any."""
     path = model_dir / "config.yaml"
     if not path.exists():
         return None
     import yaml
 
     raw = yaml.safe_load(path.read_text()) or {}
-    section = raw.get("governance") if isinstance(raw, dict) else None
-    return GovernanceConfig.model_validate(section) if section else None
+    section = raw.get(key) if isinstance(raw, dict) else None
+    return section if isinstance(section, dict) else None
 
 
 def _output_labels(model_dir: Path, outputs: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -106,9 +112,12 @@ def build(
     bins: int = typer.Option(20, "--bins", help="Equal-frequency bins per numeric feature."),
     kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)."),
     outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="Run the model to profile its outputs."),
+    background: int = typer.Option(100, "--background", help="Rows sampled as the explanation background (0: none)."),
+    importance_rows: int = typer.Option(
+        100, "--importance-rows", help="Reference rows explained for the reference importance (0: none)."),
     as_json: JsonOpt = False,
 ) -> None:
-    """Build REPO/<model>/<version>/reference_profile.json from reference data."""
+    """Build REPO/<model>/<version>/reference_profile.json (and the explanation background) from reference data."""
     version_dir = model_repository / model / version
     if not version_dir.is_dir():
         console.print(f"[red]model version directory {version_dir} does not exist[/red]")
@@ -162,10 +171,23 @@ def build(
             progress=lambda _name: progress.update(task, advance=1),
         )
     path = profile.save(ReferenceProfile.path_for(model_repository, model, version))
-    Output(as_json).message(
-        {"model": model, "version": version, "rows": profile.rows, "features": total, "path": str(path),
-         "tensors": {name: t.feature_names for name, t in profile.tensors.items()}},
-        f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
+    result = {"model": model, "version": version, "rows": profile.rows, "features": total, "path": str(path),
+              "tensors": {name: t.feature_names for name, t in profile.tensors.items()}}
+    text = f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}"
+    if background > 0:
+        from lockgate.explain.reference import write_background
+
+        try:
+            bg_path, note = write_background(
+                model_repository, model, version, arrays, rows=background, importance_rows=importance_rows,
+                model_file=model_file, explain_section=_section_of(model_repository / model, "explain"),
+                feature_names=feature_names,
+            )
+        except ValueError as exc:
+            note, bg_path = f"no explanation background: {exc}", None
+        result["explanation_background"] = {"path": str(bg_path) if bg_path else None, "rows": background, "note": note}
+        text += (f"\nexplanation background: {background} rows, {note} -> {bg_path}" if bg_path else f"\n{note}")
+    Output(as_json).message(result, text)
 
 
 @drift_app.command("report")
@@ -187,5 +209,12 @@ def report(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     print_report(result, console)
+    from lockgate.explain.report import html_section, importance_section, table as importance_table, traffic_roles
+
+    importance = importance_section(model_repository, state_dir, model, result.version, windows or None,
+                                    roles=traffic_roles(state_dir, model))
+    if importance is not None:
+        console.print(importance_table(importance))
     if html is not None:
-        console.print(f"HTML report: {write_html(result, html)}")
+        extra = html_section(importance) if importance is not None else ""
+        console.print(f"HTML report: {write_html(result, html, extra)}")

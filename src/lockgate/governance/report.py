@@ -126,7 +126,8 @@ def bins_svg(feature: FeatureDrift, width: int = 520, height: int = 150) -> str:
     return "".join(parts)
 
 
-def write_html(report: DriftReport, path: str | Path) -> Path:
+def write_html(report: DriftReport, path: str | Path, extra_html: str = "") -> Path:
+    """``extra_html``: more sections (the feature-importance one), placed after the features."""
     path = Path(path)
     rows = []
     for f in report.features:
@@ -148,6 +149,7 @@ border:1px solid #ddd;padding:.5em}} h3{{margin:.2em 0}} p{{font-size:12px;margi
 <p>Status <b>{report.status}</b> over {report.rows} rows
 ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(report.start))} – {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(report.end))} UTC){'' if report.evaluated else ' — too few rows to alert'}.</p>
 {''.join(rows)}
+{extra_html}
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,20 +31,25 @@ log = logging.getLogger("lockgate.governance")
 
 ENGINE_KEY = "governance"
 _STATUS_CODE = {"OK": 0, "WARN": 1, "DRIFT": 2}
+PayloadExplainer = Callable[..., bool]
 
 
 class GovernanceStage:
     def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False,
                  alert_listeners: Sequence[Callable[[DriftEvent], None]] = (),
-                 report_listeners: Sequence[Callable[[Any], None]] = ()) -> None:
+                 report_listeners: Sequence[Callable[[Any], None]] = (),
+                 payload_explainer: PayloadExplainer | None = None) -> None:
         """``alert_listeners`` get every WARN/DRIFT alert, ``report_listeners`` every evaluated
-        window, of every version this stage prepares."""
+        window, of every version this stage prepares. ``payload_explainer(version, engine,
+        inspection, inputs, outputs, route decision)`` returns True when it takes over logging a
+        sampled payload (lockgate.explain adds the attributions to the entry first)."""
         self.repository_root = Path(repository_root)
         self.state_dir = Path(state_dir)
         self.tracing_enabled = tracing_enabled
         self._alert_listeners = tuple(alert_listeners)
         self._report_listeners = tuple(report_listeners)
         self._engines: dict[tuple[str, str], GovernanceEngine] = {}
+        self._payload_explainer = payload_explainer
 
     # -- lifecycle (repository hooks) ------------------------------------------------------
     def prepare(self, version: "ModelVersion") -> None:
@@ -55,6 +60,7 @@ class GovernanceStage:
             version.model, version.version, config,
             [spec.name for spec in version.signature.inputs], profile,
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
+            output_shapes={spec.name: spec.shape for spec in version.signature.outputs},
             state_dir=self.state_dir,
         )
         for listener in self._alert_listeners:
@@ -118,7 +124,9 @@ class GovernanceStage:
         engine: GovernanceEngine = version.extensions[ENGINE_KEY]
         engine.observe_outputs(outputs)
         if inspection.sampled:
-            engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
+            explainer = self._payload_explainer
+            if explainer is None or not explainer(version, engine, inspection, inputs, outputs, route.decision):
+                engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
 
     # -- metrics (read at scrape time, on the metrics thread) ---------------------------------
     def metric_samples(self) -> Iterator[Any]:
@@ -134,6 +142,8 @@ class GovernanceStage:
             yield Sample("lockgate_payload_samples", mv, stats["sampled"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "queue_full"}, stats["payload_dropped"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
+            payload = stats["payload"] or {}
+            yield Sample("lockgate_payload_dropped", {**mv, "reason": "write_failed"}, payload.get("failed", 0))
             report = engine.monitor.last_report
             if report is None:
                 continue

@@ -87,6 +87,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_payload_dropped": FamilySpec("counter", "Payload records dropped (sink full or failed), by reason", (*MV, "reason")),
     "lockgate_drift_statistic": FamilySpec("gauge", "Drift statistic per feature (e.g. psi, ks) against the reference profile", (*MV, "feature", "statistic")),
     "lockgate_drift_status": FamilySpec("gauge", "Drift status per feature: 0 ok, 1 warning, 2 drift", (*MV, "feature")),
+    # explanations (lockgate.explain)
+    "lockgate_explanations": FamilySpec("counter", "On-demand explanations by outcome (ok, queue_full, deadline_exceeded, refused, ...)", (*MV, "outcome")),
+    "lockgate_explanations_sampled": FamilySpec("counter", "Sampled payloads chosen for explanation, by outcome (ok, explain_queue_full, failed, ...)", (*MV, "outcome")),
+    "lockgate_explain_in_flight": FamilySpec("gauge", "Explanations queued or running for a version, by queue (on_demand, sampled)", (*MV, "queue")),
+    "lockgate_feature_importance": FamilySpec("gauge", "Mean |attribution| per feature in the last closed importance window", (*MV, "feature")),
+    "lockgate_feature_importance_shift": FamilySpec("gauge", "Total variation distance of normalised importance against a baseline (reference, or another version)", (*MV, "baseline")),
     # routing
     "lockgate_traffic_weight": FamilySpec("gauge", "Configured traffic weight of a version (0..1)", MV),
     "lockgate_shadow_agreement": FamilySpec("gauge", "Share of shadow responses agreeing with the primary (0..1)", (*MV, "shadow_version")),
@@ -99,6 +105,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_audit_checkpoints": FamilySpec("counter", "Signed audit checkpoints written by this process", ()),
     "lockgate_audit_checkpoint_failures": FamilySpec("counter", "Audit checkpoints that could not be written", ()),
     "lockgate_leader": FamilySpec("gauge", "1 while this replica is the leader (canary analysis, fleet drift merge)", ("replica",)),
+    # transport (filled by lockgate.transport.grpc.inference and the HTTP app)
+    "lockgate_grpc_events": FamilySpec("counter", "Inference calls answered outside the request path, by cause: undecodable, ended_before_reply, refused_draining, internal", ("cause",)),
+    "lockgate_http_events": FamilySpec("counter", "HTTP requests answered outside the request path, by cause: undecodable, refused_draining, internal", ("cause",)),
     "lockgate_artifact_verify_failures": FamilySpec("counter", "Version signature (model.sig) verifications refused, by reason", (*MV, "reason")),
     # telemetry itself (filled by lockgate.telemetry.tracing)
     "lockgate_otel_spans_exported": FamilySpec("counter", "Spans the OTLP exporter delivered", ()),
