@@ -189,7 +189,7 @@ def test_loading_a_new_version_keeps_the_approved_one_serving(server: LockgatePr
     assert loaded["registered_by"] == "alice" and loaded["loaded_versions"] == ["2", "4"]
     entries = admin("tok-v", "AuditLog", pb.AuditLogRequest(model="live")).entries
     assert [(e.actor, e.action) for e in entries if e.subject == "live/4"][:3] == [
-        ("alice", "model.register"), ("system:lockgate", "model.load"), ("alice", "model.validate")]
+        ("alice", "model.register"), ("alice", "model.load"), ("alice", "model.validate")]
 
     # The version in service cannot be unloaded; an idle one can.
     refusal = cli("models", "unload", "live", "2", "--server", server.url)
@@ -197,6 +197,8 @@ def test_loading_a_new_version_keeps_the_approved_one_serving(server: LockgatePr
     gone = cli("models", "unload", "live", "4", "--server", server.url, "--json")
     assert gone.returncode == 0, gone.stderr
     assert json.loads(gone.stdout)["loaded_versions"] == ["2"]
+    entries = admin("tok-v", "AuditLog", pb.AuditLogRequest(model="live")).entries
+    assert [(e.actor, e.action) for e in entries if e.subject == "live/4"][-1] == ("alice", "model.unload")
     assert infer(server, "live").get_response().model_version == "2"
     # Triton's unload would take every version out at once: it needs a token with `load`.
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

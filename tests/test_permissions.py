@@ -134,6 +134,8 @@ def test_every_rpc_needs_exactly_the_permission_in_the_readme(server: LockgatePr
                 if not allowed and code is not grpc.StatusCode.PERMISSION_DENIED:
                     wrong.append(f"{rpc} as {role.value}: {code.name}, expected PERMISSION_DENIED")
     assert wrong == []
+    # Every refusal and every empty request got its status from the handler, never a crash in it.
+    assert "Traceback" not in server.log(), server.log()[-3000:]
 
 
 def _infer_ok(url: str, model: str) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
+from lockgate.control.actor import acting_as
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
 from lockgate.control.evidence import evidence_bundle, render
 from lockgate.control.provenance import Provenance, TrustedSigner
@@ -379,14 +380,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 registry.register(model, version, None, principal.name, metadata={"loaded_by": principal.name})
                 return True, principal.name
 
-        registered, actor = await self._serve(context, "LoadVersion", Permission.LOAD, prepare)
+        prepared = await self._serve(context, "LoadVersion", Permission.LOAD, prepare)
+        if prepared is None:
+            return None  # refused: the call is aborted with its status
+        registered, actor = prepared
         try:
-            loaded = await self.repository.load_version(model, version)
+            with acting_as(actor):  # the caller is the actor of model.load, as for Triton's load
+                loaded = await self.repository.load_version(model, version)
         except LockgateError as exc:
-            code, message = status_of(exc)
-            log.info("admin LoadVersion by %s: %s: %s", actor, code.name, message)
-            await context.abort(code, message)
-            raise
+            log.info("admin LoadVersion by %s: %s", actor, message_of(exc))
+            return await abort(context, exc)
 
         def finish(principal: Principal) -> Any:
             registry = self.plane.registry
@@ -424,13 +427,14 @@ class AdminService(pb_grpc.AdminServiceServicer):
             return principal.name
 
         actor = await self._serve(context, "UnloadVersion", Permission.LOAD, check)
+        if actor is None:
+            return None  # refused: the call is aborted with its status
         try:
-            await self.repository.unload_version(model, version)
+            with acting_as(actor):  # the caller is the actor of model.unload
+                await self.repository.unload_version(model, version)
         except LockgateError as exc:
-            code, message = status_of(exc)
-            log.info("admin UnloadVersion by %s: %s: %s", actor, code.name, message)
-            await context.abort(code, message)
-            raise
+            log.info("admin UnloadVersion by %s: %s", actor, message_of(exc))
+            return await abort(context, exc)
         log.info("admin UnloadVersion by %s: %s/%s unloaded", actor, model, version)
         remaining = self.repository.models().get(model)
         return pb.UnloadVersionResponse(loaded_versions=sorted(remaining.versions, key=int) if remaining else [])
