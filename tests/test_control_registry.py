@@ -346,3 +346,29 @@ def test_a_serving_version_can_become_the_canary(env: tuple[Registry, Path]) -> 
     registry.transition("iris", "1", State.SERVING, "ops")
     assert registry.transition("iris", "1", State.CANARY, "ops").state == "canary"
     assert registry.transition("iris", "1", State.SERVING, "ops").state == "serving"
+
+
+def test_approval_needs_a_reference_profile_when_drift_is_enabled(env: tuple[Registry, Path]) -> None:
+    """A version validated with its profile, whose profile is gone (or broken) by approval time,
+    is refused: the drift guardrail could never be evaluated for it (issue 15 §7)."""
+    from lockgate.governance.profile import ReferenceProfile, build_profile
+
+    registry, repo = env
+    (repo / "iris" / "config.yaml").write_text(
+        "max_batch_size: 8\ngovernance: {mode: flag, drift: {window_rows: 1000, min_rows: 50, persist: false}}\n")
+    profile = ReferenceProfile.path_for(repo, "iris", "1")
+    sample = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    build_profile(sample, model="iris", version="1", input_name="X").save(profile)
+    _validated(registry)
+    registry.set_card("iris", "1", CARD, "carol")
+    kept = profile.read_bytes()
+    profile.unlink()
+    with pytest.raises(ApprovalError, match="cannot be approved: no reference profile .* enables drift"):
+        registry.approve("iris", "1", "bob", "ok")
+    profile.write_text("{not a profile")
+    with pytest.raises(ApprovalError, match="reference profile .* is unreadable"):
+        registry.approve("iris", "1", "bob", "ok")
+    assert registry.get("iris", "1").state == "validated"
+    profile.write_bytes(kept)
+    registry.approve("iris", "1", "bob", "ok")
+    assert registry.get("iris", "1").state == "approved"
