@@ -66,9 +66,10 @@ def test_a_free_feature_dimension_is_not_sized_by_the_first_request(server: Lock
         assert len(reply.raw_output_contents[0]) == x.nbytes
     after = memory(server.proc.pid)
     # A 16 MB identity round trip holds the request and the response a few times each (grpc,
-    # protobuf, the arrays), in whichever malloc arenas grpc's threads use (the full suite saw
-    # 136 MB once); no per-feature state (64 KiB per feature before: GBs here) appears.
-    assert after["VmHWM"] - before["VmHWM"] < 16 * 16_000_000, (before, after)
+    # protobuf, the arrays, malloc arenas of the threads that touched them): ~100 MB on a quiet
+    # machine, 246 MB seen at load average 6. Per-feature state (64 KiB per feature before)
+    # would be GBs for 4,000,000 features.
+    assert after["VmHWM"] - before["VmHWM"] < 32 * 16_000_000, (before, after)
     # With feature_count in the config the input is profiled at that width, and another width
     # is refused naming it.
     assert stub.ModelInfer(fp32("counted", np.ones((2, 4))), timeout=60).raw_output_contents
