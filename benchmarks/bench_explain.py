@@ -44,7 +44,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from benchmarks.servers import RunningServer, install_cleanup, lockgate_target
+from benchmarks.servers import RunningServer, audit_key_for, install_cleanup, lockgate_target
 from lockgate.demo import mlp_model
 from lockgate.explain.background import background_path, save_background
 from lockgate.explain.kernel import BatchedKernelExplainer
@@ -212,7 +212,7 @@ async def _hot_path(repo: Path, state: Path, requests: int, repeats: int) -> dic
     from lockgate.transport.server import Gateway
 
     settings = ServerSettings(model_repository=repo, state_dir=state, grpc_port=0, metrics_port=0,
-                              require_approval=False, log_level="WARNING")
+                              require_approval=False, log_level="WARNING", audit_key_file=audit_key_for(state))
     gateway = Gateway(settings)
     await gateway.control.start()
     await gateway.repository.load_all()

@@ -33,6 +33,7 @@ import yaml
 
 from benchmarks.h2load import infer_request
 from benchmarks.models import MLP, sample_input, write_repository
+from benchmarks.servers import audit_key_for
 from benchmarks.thin_server import ThinModel
 from lockgate._proto import inference_pb2 as lpb
 from lockgate.config import ServerSettings
@@ -69,7 +70,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, dict[int, float
                              "sampling": {"rate": 0.01}}
         cfg_path.write_text(yaml.safe_dump(cfg))
     settings = ServerSettings(model_repository=repo, state_dir=work / "state", grpc_port=0, metrics_port=0,
-                              require_approval=False, log_level="WARNING")
+                              require_approval=False, log_level="WARNING",
+                              audit_key_file=audit_key_for(work / "state"))
     gateway = Gateway(settings)
     await gateway.control.start()
     await gateway.repository.load_all()

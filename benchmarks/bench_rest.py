@@ -44,7 +44,8 @@ from benchmarks.h2load import UNARY_PATH, Load, infer_request, run_h2load, warm_
 from benchmarks.inprocess import session
 from benchmarks.models import MLP, sample_input, write_model, write_repository
 from benchmarks.servers import (
-    MLSERVER_BIN, REPO_ROOT, RunningServer, Target, free_port, install_cleanup, lockgate_target, mlserver_target,
+    MLSERVER_BIN, REPO_ROOT, RunningServer, Target, audit_key_for, free_port, install_cleanup, lockgate_target,
+    mlserver_target,
 )
 
 PYTRITON_PY = REPO_ROOT / ".venv-pytriton" / "bin" / "python"
@@ -57,7 +58,8 @@ async def _serve(args: argparse.Namespace) -> None:
     from lockgate.transport.server import Gateway
 
     settings = ServerSettings(model_repository=args.repo, state_dir=args.state, grpc_port=0, metrics_port=free_port(),
-                              http_enabled=False, require_approval=False, host="127.0.0.1", log_level="WARNING")
+                              http_enabled=False, require_approval=False, host="127.0.0.1", log_level="WARNING",
+                              audit_key_file=audit_key_for(Path(args.state)))
     gateway = Gateway(settings)
     await gateway.start()
     app = gateway.http_app()

@@ -33,7 +33,7 @@ import numpy as np
 from benchmarks.h2load import UNARY_PATH, infer_request
 from benchmarks.inprocess import rows_per_second
 from benchmarks.models import MODELS, sample_input, write_repository
-from benchmarks.servers import RunningServer, Target, free_port
+from benchmarks.servers import RunningServer, Target, audit_key_for, free_port
 
 
 def _gpu_spec(name: str, max_batch: int, delay_us: int, instances: int):
@@ -92,7 +92,7 @@ def served(repo: Path, model: str, workers: int, clients: int, concurrency: int,
     state = Path(tempfile.mkdtemp())
     argv = [sys.executable, "-m", "lockgate.cli", "serve", "--model-repository", str(repo), "--grpc-port", str(port),
             "--metrics-port", str(free_port()), "--host", "127.0.0.1", "--state-dir", str(state / "state"),
-            "--allow-unapproved", "--workers", str(workers)]
+            "--allow-unapproved", "--workers", str(workers), "--audit-key-file", str(audit_key_for(state / "state"))]
     target = Target(name=f"lockgate-x{workers}", argv=argv, env={}, port=port, processes=workers, ready_timeout_s=180.0)
     # RunningServer waits for ServerReady + ModelReady over several connections: every worker loaded.
     with RunningServer(target, [model], state) as server:

@@ -63,9 +63,21 @@ class Target:
         return " ".join(self.argv)
 
 
+def audit_key_for(state_dir: Path) -> Path:
+    """The audit key a benchmark server uses: beside its state dir (lockgate wants it outside)."""
+    from lockgate.control.audit_key import AuditKey
+
+    key = Path(state_dir).parent / f"{Path(state_dir).name}.audit.key"
+    if not key.exists():
+        AuditKey.generate(key)
+    return key
+
+
 @functools.cache
-def _lockgate_serve_help() -> str:
-    proc = subprocess.run([str(LOCKGATE_BIN), "serve", "--help"], capture_output=True, text=True, check=False)
+def _lockgate_serve_help(pythonpath: str | None = None) -> str:
+    """``serve --help`` of the lockgate that runs (a baseline tree's with its PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    proc = subprocess.run([str(LOCKGATE_BIN), "serve", "--help"], capture_output=True, text=True, check=False, env=env)
     return proc.stdout + proc.stderr
 
 
@@ -89,10 +101,13 @@ def lockgate_target(
     ``serve`` has no HTTP port.
     """
     port = free_port()
-    if allow_unapproved and "--allow-unapproved" in _lockgate_serve_help():
+    serve_help = _lockgate_serve_help((env or {}).get("PYTHONPATH"))
+    if allow_unapproved and "--allow-unapproved" in serve_help:
         extra_args = ("--allow-unapproved", *extra_args)
+    if "--audit-key-file" in serve_help and "--audit-key-file" not in extra_args:
+        extra_args = ("--audit-key-file", str(audit_key_for(state_dir)), *extra_args)
     http_port = 0
-    if http and "--http-port" in _lockgate_serve_help() and not any(a.startswith("--http-port") or a == "--no-http" for a in extra_args):
+    if http and "--http-port" in serve_help and not any(a.startswith("--http-port") or a == "--no-http" for a in extra_args):
         http_port = free_port()
         extra_args = ("--http-port", str(http_port), *extra_args)
     argv = [

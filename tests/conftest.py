@@ -12,8 +12,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from lockgate.control.audit_key import AuditKey, AuditKeyring  # noqa: E402
 from lockgate.demo import build_demo_repository, identity_model, mlp_model, onnx_model, reference_sample  # noqa: E402
 from lockgate_process import LockgateProcess  # noqa: E402
+
+#: The audit key of in-process tests (servers get a key file of their own: LockgateProcess).
+TEST_KEYRING = AuditKeyring(AuditKey(b"lockgate-tests-audit-key-0123456789abcdef"))
 
 def credit_rows(n: int, seed: int = 0) -> np.ndarray:
     """Valid rows for the demo 'credit' model (its governance constraints reject e.g. age 0)."""

@@ -78,10 +78,27 @@ class LockgateProcess:
         self.log_path = log_path or self.repo.parent / f"lockgate-{self.port}.log"
         cmd = [*LOCKGATE, "serve", "--model-repository", str(self.repo), "--grpc-port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir), *args]
+        # The audit key and checkpoints live beside the state dir (outside it, as lockgate
+        # requires) and belong to it: a restart on the same state dir finds the same key.
+        # A fleet sharing one store passes one key for all (LOCKGATE_AUDIT_KEY_FILE).
+        environment = {**os.environ, **(env or {})}
+        demo_key = self.repo / ".audit" / "audit.key"  # lockgate demo's (serve finds it there too)
+        self.audit_key_file = Path(environment.get("LOCKGATE_AUDIT_KEY_FILE")
+                                   or (demo_key if demo_key.is_file() else
+                                       self.state_dir.parent / f"{self.state_dir.name}.audit.key"))
+        self.checkpoint_file = self.state_dir.parent / f"{self.state_dir.name}.audit-checkpoints.jsonl"
+        if "--audit-key-file" not in args:
+            if not self.audit_key_file.exists():
+                from lockgate.control.audit_key import AuditKey
+
+                AuditKey.generate(self.audit_key_file)
+            cmd += ["--audit-key-file", str(self.audit_key_file)]
+        if "--audit-checkpoint-file" not in args:
+            cmd += ["--audit-checkpoint-file", str(self.checkpoint_file)]
         if not gated:  # data-plane tests: approval gates are tested on their own
             cmd.append("--allow-unapproved")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
 
     def wait_ready(self, timeout: float = 60.0) -> "LockgateProcess":
         self._log.flush()

@@ -37,9 +37,25 @@ ELECTED = "this replica is the leader"
 LOST = "leadership lost"
 
 
+#: The fleet's one audit key (every replica MACs and verifies the shared chain with it);
+#: set by ``start_fleet``. Each replica keeps its own checkpoint file beside its state dir.
+FLEET: dict[str, Path] = {}
+
+
+def fleet_key(root: Path) -> Path:
+    from lockgate.control.audit_key import AuditKey
+
+    path = root / "fleet-audit.key"
+    if not path.exists():
+        AuditKey.generate(path)
+    FLEET["key"] = path
+    return path
+
+
 def replica_env(replica_id: str) -> dict[str, str]:
     """Scale-out settings for one replica, through the ``LOCKGATE_<FIELD>`` environment."""
     return {
+        "LOCKGATE_AUDIT_KEY_FILE": str(FLEET["key"]),
         "LOCKGATE_TOKENS": TOKENS,
         "LOCKGATE_REPLICA_ID": replica_id,
         "LOCKGATE_FLEET_WINDOW_S": str(FLEET_WINDOW_S),
@@ -50,10 +66,13 @@ def replica_env(replica_id: str) -> dict[str, str]:
 
 def start_replica(repo: Path, dsn: str, replica_id: str, root: Path) -> LockgateProcess:
     """Start (not wait for) one replica with its own state dir and log."""
-    return LockgateProcess(
+    fleet_key(root)
+    proc = LockgateProcess(
         repo, args=["--store", dsn], env=replica_env(replica_id),
         state_dir=root / f"state-{replica_id}", log_path=root / f"lockgate-{replica_id}.log",
     )
+    FLEET[f"checkpoints-{replica_id}"] = proc.checkpoint_file
+    return proc
 
 
 def start_fleet(repo: Path, dsn: str, root: Path, ids: Iterable[str] = ("A", "B")) -> dict[str, LockgateProcess]:
@@ -193,9 +212,11 @@ def details(row: AuditRow) -> dict[str, Any]:
     return json.loads(row.details)
 
 
-def verify_cli(dsn: str) -> dict[str, Any]:
-    """``lockgate audit verify --store <dsn> --json``: the operator's offline check."""
-    result = subprocess.run([*LOCKGATE, "audit", "verify", "--store", dsn, "--json"],
+def verify_cli(dsn: str, replica: str = "A") -> dict[str, Any]:
+    """``lockgate audit verify --store <dsn> --json``: the operator's offline check, with the
+    fleet's key, against one replica's signed checkpoints."""
+    result = subprocess.run([*LOCKGATE, "audit", "verify", "--store", dsn, "--json",
+                             "--key-file", str(FLEET["key"]), "--checkpoint-file", str(FLEET[f"checkpoints-{replica}"])],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"audit verify failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout)

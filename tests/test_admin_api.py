@@ -78,12 +78,11 @@ def refused(fn, request) -> grpc.RpcError:
 
 
 def approve(admin: Admin, model: str, version: str) -> None:
-    """Validate as alice (admin), approve as bob (approver): four eyes."""
+    """Validate and write the card as alice (admin), approve as bob (approver): four eyes."""
     report = admin.as_("tok-a").ValidateVersion(pb.ValidateVersionRequest(model=model, version=version))
     assert report.passed, report.report_json
-    admin.as_("tok-b").ApproveVersion(
-        pb.ApproveVersionRequest(model=model, version=version, reason="passed review", card_json=json.dumps(DEMO_CARD))
-    )
+    admin.as_("tok-a").SetModelCard(pb.SetModelCardRequest(model=model, version=version, card_json=json.dumps(DEMO_CARD)))
+    admin.as_("tok-b").ApproveVersion(pb.ApproveVersionRequest(model=model, version=version, reason="passed review"))
 
 
 def infer(url: str, model: str, version: str = "") -> grpcclient.InferResult:
@@ -168,38 +167,61 @@ def test_unapproved_version_gets_no_traffic(admin: Admin, server: LockgateProces
     assert ("olga", "traffic.set") in trail
 
 
-def test_registrant_cannot_approve(admin: Admin, server: LockgateProcess) -> None:
+def test_four_eyes_one_token_doing_everything_is_refused(admin: Admin, server: LockgateProcess) -> None:
     write_model(server.repo, "gate", 3, mlp(3))
     info = admin.as_("tok-a").RegisterVersion(pb.RegisterVersionRequest(model="gate", version="3"))
     assert (info.state, info.registered_by, info.loaded) == ("registered", "alice", False)
     err = refused(admin.as_("tok-a").RegisterVersion, pb.RegisterVersionRequest(model="gate", version="3"))
     assert err.code() is grpc.StatusCode.ALREADY_EXISTS
     # Approval before validation is a lifecycle error.
-    err = refused(admin.as_("tok-b").ApproveVersion,
-                  pb.ApproveVersionRequest(model="gate", version="3", reason="r", card_json=json.dumps(DEMO_CARD)))
+    err = refused(admin.as_("tok-b").ApproveVersion, pb.ApproveVersionRequest(model="gate", version="3", reason="r"))
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "only validated" in err.details()
     report = admin.as_("tok-a").ValidateVersion(pb.ValidateVersionRequest(model="gate", version="3"))
     assert report.passed and report.version.state == "validated"
-    assert {c["name"] for c in json.loads(report.report_json)["checks"]} >= {"sha256", "onnx_checker", "signature", "smoke_inference", "latency"}
-
-    err = refused(admin.as_("tok-a").ApproveVersion,
-                  pb.ApproveVersionRequest(model="gate", version="3", reason="mine", card_json=json.dumps(DEMO_CARD)))
-    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "four-eyes" in err.details()
+    assert {c["name"] for c in json.loads(report.report_json)["checks"]} >= {
+        "sha256", "onnx_checker", "signature", "smoke_inference", "latency", "reference_profile"}
     incomplete = {k: v for k, v in DEMO_CARD.items() if k != "limitations"}
-    err = refused(admin.as_("tok-b").ApproveVersion,
-                  pb.ApproveVersionRequest(model="gate", version="3", reason="ok", card_json=json.dumps(incomplete)))
-    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION and "limitations is missing" in err.details()
-    err = refused(admin.as_("tok-b").ApproveVersion,
-                  pb.ApproveVersionRequest(model="gate", version="3", reason=" ", card_json=json.dumps(DEMO_CARD)))
+    err = refused(admin.as_("tok-a").SetModelCard,
+                  pb.SetModelCardRequest(model="gate", version="3", card_json=json.dumps(incomplete)))
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT and "limitations is missing" in err.details()
+    admin.as_("tok-a").SetModelCard(pb.SetModelCardRequest(model="gate", version="3", card_json=json.dumps(DEMO_CARD)))
+
+    # alice registered, validated and wrote the card: her approval is refused, naming the rule.
+    err = refused(admin.as_("tok-a").ApproveVersion, pb.ApproveVersionRequest(model="gate", version="3", reason="mine"))
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "four-eyes rule" in err.details() and "must differ from every person who acted" in err.details()
+    assert "'alice' registered it and validated it and wrote its card" in err.details()
+    # An approver who brings the card would be the card's author: refused too.
+    err = refused(admin.as_("tok-b").ApproveVersion, pb.ApproveVersionRequest(
+        model="gate", version="3", reason="ok", card_json=json.dumps(DEMO_CARD)))
+    assert "four-eyes rule" in err.details() and "card" in err.details()
+    err = refused(admin.as_("tok-b").ApproveVersion, pb.ApproveVersionRequest(model="gate", version="3", reason=" "))
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
 
-    done = admin.as_("tok-b").ApproveVersion(
-        pb.ApproveVersionRequest(model="gate", version="3", reason="reviewed by bob", card_json=json.dumps(DEMO_CARD)))
+    done = admin.as_("tok-b").ApproveVersion(pb.ApproveVersionRequest(model="gate", version="3", reason="reviewed by bob"))
     assert done.version.state == "approved" and done.version.can_serve
     shown = admin.as_("tok-v").ShowVersion(pb.ShowVersionRequest(model="gate", version="3"))
     details = json.loads(shown.details_json)
     assert details["approvals"][0]["approver"] == "bob" and details["approvals"][0]["registered_by"] == "alice"
     assert details["cards"][-1]["owner"] == DEMO_CARD["owner"]
+
+
+def test_a_version_found_on_disk_needs_two_people(admin: Admin, server: LockgateProcess) -> None:
+    """Registered by system:lockgate: one admin validating, writing the card and approving is refused."""
+    write_model(server.repo, "solo", 1, mlp(11), CONFIG)
+    inference = grpc.insecure_channel(server.url)
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    service_pb2_grpc.GRPCInferenceServiceStub(inference).RepositoryModelLoad(
+        service_pb2.RepositoryModelLoadRequest(model_name="solo"), metadata=(("authorization", "Bearer tok-a"),), timeout=60)
+    inference.close()
+    shown = admin.as_("tok-v").ShowVersion(pb.ShowVersionRequest(model="solo", version="1")).version
+    assert shown.registered_by == "system:lockgate"
+    admin.as_("tok-a").ValidateVersion(pb.ValidateVersionRequest(model="solo", version="1"))
+    admin.as_("tok-a").SetModelCard(pb.SetModelCardRequest(model="solo", version="1", card_json=json.dumps(DEMO_CARD)))
+    err = refused(admin.as_("tok-a").ApproveVersion, pb.ApproveVersionRequest(model="solo", version="1", reason="me"))
+    assert "four-eyes rule" in err.details() and "alice" in err.details()
+    admin.as_("tok-b").ApproveVersion(pb.ApproveVersionRequest(model="solo", version="1", reason="second person"))
 
 
 def test_tampered_artifact_refuses_to_load_and_is_audited(admin: Admin, server: LockgateProcess, channel) -> None:
@@ -214,7 +236,7 @@ def test_tampered_artifact_refuses_to_load_and_is_audited(admin: Admin, server: 
         inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="tamper"), timeout=60,
                                       metadata=(("authorization", "Bearer tok-a"),))
     # FAILED_PRECONDITION, not UNAVAILABLE: retrying cannot help until the artifact is restored.
-    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
     assert "refusing to load" in info.value.details() and "sha256 mismatch" in info.value.details()
     tampered = [e for e in actions(admin, "tamper") if e.action == "artifact.tampered"]
     assert tampered, "the refused load must be audited"
@@ -232,7 +254,7 @@ def test_cli_prints_status_without_traceback(server: LockgateProcess) -> None:
     ok = subprocess.run([*cli, "models", "list", "--server", server.url, "--json"], capture_output=True, text=True,
                         env={**os.environ, "LOCKGATE_TOKEN": "tok-v"}, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert {v["model"] for v in json.loads(ok.stdout)} == {"gate", "tamper"}
+    assert {v["model"] for v in json.loads(ok.stdout)} >= {"gate", "tamper"}
     for token, args, code in (
         ("wrong", ["models", "list"], "UNAUTHENTICATED"),
         ("tok-v", ["traffic", "set", "gate", "1=100"], "PERMISSION_DENIED"),

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -328,6 +329,74 @@ def test_outcome_commands_print_json(demo_server, capsys, tmp_path: Path) -> Non
     report = run("outcomes", "report", "--model", "credit", token=t["VERA_TOKEN"])
     quality = report["versions"][served]["total"]["quality"]
     assert quality["labeled"] >= 40 and report["protected"] == ["gender", "age_band"]
+
+
+def test_audit_key_seal_status_and_unload_print_json(demo_server, capsys, tmp_path: Path) -> None:
+    """The commands of the keyed trail and of this replica, with --json like every other."""
+    from test_control_audit import _legacy_store
+
+    server, repo, t = demo_server
+    run = _runner(server, capsys)
+    key = tmp_path / "keys" / "audit.key"
+    made = run("audit", "keygen", "--out", str(key), local=True)
+    assert made["file"] == str(key) and len(made["key_id"]) == 16 and key.stat().st_mode & 0o077 == 0
+    _legacy_store(tmp_path).close()  # a trail written before audit keys: 5 unkeyed entries
+    sealed = run("audit", "seal", "--store", str(tmp_path / "old-state"), "--key-file", str(key), "--actor", "carol",
+                 "--reason", "checked the 5 old entries", local=True)
+    assert sealed["seal_seq"] == 6 and sealed["legacy_entries"] == 5 and sealed["key_id"] == made["key_id"]
+    offline = run("audit", "verify", "--store", str(tmp_path / "old-state"), "--key-file", str(key), local=True)
+    assert offline["ok"] and offline["unkeyed_entries"] == 5 and offline["checkpoint_seq"] == 6
+
+    status = run("status", token=t["VERA_TOKEN"])
+    assert status["leader"] is True and status["audit_verify_ok"] is True and status["require_approval"] is True
+    assert status["audit_head_seq"] >= status["checkpoint_seq"] >= 0 and status["audit_key_id"]
+
+    shutil.copytree(repo / ".candidates" / "credit" / "2", repo / "credit" / "5")
+    loaded = run("models", "load", "credit", "5", token=t["RITA_TOKEN"])
+    assert loaded["registered"] and loaded["validated"] and "5" in loaded["loaded_versions"]
+    unloaded = run("models", "unload", "credit", "5", token=t["RITA_TOKEN"])
+    assert unloaded["version"] == "5" and "5" not in unloaded["loaded_versions"]
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = command().main(args=args, prog_name="lockgate", standalone_mode=False)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_audit_keygen_and_seal_refusals_exit_1_with_one_line(tmp_path: Path, capsys) -> None:
+    """keygen never overwrites a key; seal refuses a trail already sealed and a broken old
+    chain: exit 1, one ``error:`` line naming the status, nothing on stdout, no traceback."""
+    from test_control_audit import TRIGGERS, _legacy_store
+
+    key = tmp_path / "audit.key"
+    assert _refused(["audit", "keygen", "--out", str(key), "--json"], capsys)[0] in (0, None)
+    before = key.read_bytes()
+    code, out, err = _refused(["audit", "keygen", "--out", str(key), "--json"], capsys)
+    assert code == 1 and out == "" and "FAILED_PRECONDITION" in err and "refusing to overwrite" in err, err
+    assert key.read_bytes() == before and "Traceback" not in err
+
+    _legacy_store(tmp_path).close()
+    seal = ["audit", "seal", "--store", str(tmp_path / "old-state"), "--key-file", str(key), "--actor", "carol",
+            "--reason", "checked", "--json"]
+    assert _refused(seal, capsys)[0] in (0, None)
+    code, out, err = _refused(seal, capsys)
+    assert code == 1 and out == "" and "FAILED_PRECONDITION" in err and "already sealed" in err, err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    store = _legacy_store(broken)
+    store.close()
+    conn = sqlite3.connect(store.path, isolation_level=None)  # an attacker's edit, triggers dropped
+    for trigger in TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    conn.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+    conn.close()
+    code, out, err = _refused([*seal[:3], str(broken / "old-state"), *seal[4:]], capsys)
+    assert code == 1 and out == "" and "seq 2" in err, err
+    code, out, err = _refused(["audit", "seal", "--store", str(tmp_path / "nowhere"), "--key-file", str(key),
+                               "--actor", "carol", "--reason", "r"], capsys)
+    assert code == 1 and "no control-plane store" in err, err
 
 
 def test_every_command_was_run_with_json() -> None:

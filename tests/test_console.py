@@ -113,6 +113,21 @@ def test_wrong_role_sees_the_apis_refusal(page, server) -> None:
     shot(page, "03-viewer-refused")
 
 
+def test_four_eyes_holds_in_the_console(page, server) -> None:
+    """alice validated version 2 and wrote its card: the console refuses her approval and her
+    rejection with the admin API's four-eyes message (system:lockgate registered it)."""
+    sign_in(page, "tok-alice-1")
+    for button in ("Approve version 2", "Reject version 2"):
+        page.goto("/console/models/gate/versions/2")
+        page.get_by_label("Reason (recorded in the audit trail)").fill("I checked it myself")
+        page.get_by_role("button", name=button).click()
+        alert = page.locator("#error")
+        alert.wait_for()
+        assert "four-eyes rule" in alert.inner_text() and "'alice' validated it and wrote its card" in alert.inner_text()
+        assert page.locator("#state").inner_text() == "validated"
+    shot(page, "03b-four-eyes-refused")
+
+
 def test_second_person_approves_weights_change_live_and_audit_shows_it(page, server) -> None:
     sign_in(page, "tok-bob-2")
     page.get_by_role("link", name="Pending approvals").click()
@@ -145,7 +160,9 @@ def test_second_person_approves_weights_change_live_and_audit_shows_it(page, ser
     actions = [(rows.nth(i).locator(".actor").inner_text(), rows.nth(i).locator(".action").inner_text())
                for i in range(rows.count())]
     assert ("bob", "model.approve") in actions and ("olga", "traffic.set") in actions, actions
-    assert page.locator("#verify").inner_text().startswith("Chain verified")
+    verified = page.locator("#verify").inner_text()
+    assert verified.startswith("Chain verified") and "against the signed checkpoint at seq" in verified, verified
+    assert "the registry agrees with the trail" in verified
     page.get_by_label("Action contains").fill("approve")
     page.get_by_role("button", name="Filter").click()
     page.wait_for_url(re.compile(r"action=approve"))

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import TEST_KEYRING
 from lockgate.control.audit import Action, AuditTrail
 from lockgate.errors import (
     AlreadyExists,
@@ -58,7 +59,7 @@ def env(tmp_path: Path) -> tuple[Registry, Path]:
     store = SQLiteStore(tmp_path / "state")
     repo = tmp_path / "repo"
     write_add_model(repo / "iris" / "1" / "model.onnx")
-    registry = Registry(store, AuditTrail(store), repository=repo)
+    registry = Registry(store, AuditTrail(store, TEST_KEYRING), repository=repo)
     yield registry, repo
     store.close()
 
@@ -80,7 +81,8 @@ def test_full_lifecycle_and_audit(env: tuple[Registry, Path]) -> None:
     statuses = {c.name: c.status for c in report.checks}
     assert statuses == {
         "provenance": "not_applicable", "sha256": "passed", "onnx_checker": "passed", "signature": "passed",
-        "smoke_inference": "passed", "golden_outputs": "not_applicable", "latency": "passed",
+        "reference_profile": "not_applicable", "smoke_inference": "passed", "golden_outputs": "not_applicable",
+        "latency": "passed",
     }
     assert report.passed and report.latency_ms["median"] > 0 and report.latency_ms["runs"] == 3
     assert report.signature is not None and report.signature.inputs[0].shape == (-1, 4)
@@ -88,7 +90,8 @@ def test_full_lifecycle_and_audit(env: tuple[Registry, Path]) -> None:
     assert registry.latest_report("iris", "1") == report
     assert registry.can_shadow("iris", "1") and not registry.can_serve("iris", "1")
 
-    approval = registry.approve("iris", "1", "bob", "reviewed the eval", CARD)
+    registry.set_card("iris", "1", CARD, "carol")
+    approval = registry.approve("iris", "1", "bob", "reviewed the eval")
     assert approval.body["approver"] == "bob" and approval.body["reason"] == "reviewed the eval"
     assert registry.get("iris", "1").state == "approved" and registry.can_serve("iris", "1")
     assert registry.latest_card("iris", "1").owner == "risk-team"  # type: ignore[union-attr]
@@ -105,9 +108,9 @@ def test_full_lifecycle_and_audit(env: tuple[Registry, Path]) -> None:
     assert [e.action for e in entries] == [
         Action.MODEL_REGISTER, Action.MODEL_VALIDATE, Action.MODEL_CARD, Action.MODEL_APPROVE, Action.MODEL_TRANSITION,
     ]
-    assert [e.actor for e in entries] == ["alice", "alice", "bob", "bob", "ops"]
+    assert [e.actor for e in entries] == ["alice", "alice", "carol", "bob", "ops"]
     assert entries[-1].details["from"] == "approved" and entries[-1].details["to"] == "serving"
-    assert registry.audit.verify().ok
+    assert registry.audit.verify(checkpoints=False).ok
 
 
 def test_unvalidated_or_unapproved_cannot_serve(env: tuple[Registry, Path]) -> None:
@@ -117,8 +120,9 @@ def test_unvalidated_or_unapproved_cannot_serve(env: tuple[Registry, Path]) -> N
     for target in (State.SERVING, State.CANARY, State.SHADOW):
         with pytest.raises(LifecycleError):
             registry.transition("iris", "1", target, "ops")
+    registry.set_card("iris", "1", CARD, "carol")
     with pytest.raises(LifecycleError):
-        registry.approve("iris", "1", "bob", "looks fine", CARD)
+        registry.approve("iris", "1", "bob", "looks fine")
     registry.validate("iris", "1", "alice", latency_runs=1)
     assert not registry.can_serve("iris", "1")
     assert "not approved" in (registry.serve_denial_reason("iris", "1") or "")
@@ -132,8 +136,9 @@ def test_unvalidated_or_unapproved_cannot_serve(env: tuple[Registry, Path]) -> N
 def test_approval_by_registrant_refused(env: tuple[Registry, Path]) -> None:
     registry, _ = env
     _validated(registry)
+    registry.set_card("iris", "1", CARD, "carol")
     with pytest.raises(ApprovalError, match="four-eyes"):
-        registry.approve("iris", "1", "alice", "I trust myself", CARD)
+        registry.approve("iris", "1", "alice", "I trust myself")
     assert registry.get("iris", "1").state == "validated"
     assert registry.store.list_records(RecordKind.APPROVAL, "iris", "1") == []
 
@@ -142,16 +147,18 @@ def test_approval_needs_reason_and_complete_card(env: tuple[Registry, Path]) -> 
     registry, _ = env
     _validated(registry)
     with pytest.raises(ApprovalError, match="reason"):
-        registry.approve("iris", "1", "bob", "   ", CARD)
+        registry.approve("iris", "1", "bob", "   ")
     with pytest.raises(ApprovalError, match="no model card"):
         registry.approve("iris", "1", "bob", "ok")
     incomplete = {k: v for k, v in CARD.items() if k != "limitations"} | {"owner": "  ", "evaluation_metrics": {}}
-    with pytest.raises(ApprovalError) as info:
-        registry.approve("iris", "1", "bob", "ok", incomplete)
+    with pytest.raises(InvalidArgument) as info:
+        registry.set_card("iris", "1", incomplete, "carol")
     message = str(info.value)
+    with pytest.raises(ApprovalError, match="four-eyes rule: the approver may not supply the model card"):
+        registry.approve("iris", "1", "bob", "ok", CARD)
     assert "limitations is missing" in message and "owner is empty" in message and "evaluation_metrics" in message
     assert registry.get("iris", "1").state == "validated"
-    registry.set_card("iris", "1", CARD, "alice")  # a stored card is used when none is passed
+    registry.set_card("iris", "1", CARD, "carol")  # the stored card is what is approved
     registry.approve("iris", "1", "bob", "ok")
     assert registry.get("iris", "1").state == "approved"
 
@@ -159,7 +166,8 @@ def test_approval_needs_reason_and_complete_card(env: tuple[Registry, Path]) -> 
 def test_tampered_artifact_refuses_load_and_is_audited(env: tuple[Registry, Path]) -> None:
     registry, repo = env
     _validated(registry)
-    registry.approve("iris", "1", "bob", "ok", CARD)
+    registry.set_card("iris", "1", CARD, "carol")
+    registry.approve("iris", "1", "bob", "ok")
     artifact = repo / "iris" / "1" / "model.onnx"
     write_add_model(artifact, bias=np.array([9.0, 9.0, 9.0, 9.0], dtype=np.float32))  # swapped weights
     with pytest.raises(ArtifactTamperedError, match="sha256 mismatch") as info:
@@ -172,7 +180,7 @@ def test_tampered_artifact_refuses_load_and_is_audited(env: tuple[Registry, Path
     artifact.unlink()
     with pytest.raises(ArtifactTamperedError, match="unreadable"):
         registry.verify_artifact("iris", "1")
-    assert registry.audit.verify().ok
+    assert registry.audit.verify(checkpoints=False).ok
 
 
 def test_tampered_before_validation_fails_report(env: tuple[Registry, Path]) -> None:
@@ -189,8 +197,9 @@ def test_tampered_between_validation_and_approval_refused(env: tuple[Registry, P
     registry, repo = env
     _validated(registry)
     write_add_model(repo / "iris" / "1" / "model.onnx", bias=np.zeros(4, dtype=np.float32))
+    registry.set_card("iris", "1", CARD, "carol")
     with pytest.raises(ArtifactTamperedError):
-        registry.approve("iris", "1", "bob", "ok", CARD)
+        registry.approve("iris", "1", "bob", "ok")
     assert registry.get("iris", "1").state == "validated"
 
 
@@ -245,7 +254,8 @@ def test_shadow_then_approve_then_serve(env: tuple[Registry, Path]) -> None:
     assert registry.can_shadow("iris", "1") and not registry.can_serve("iris", "1")
     with pytest.raises(LifecycleError, match="not approved"):
         registry.transition("iris", "1", State.CANARY, "ops")
-    registry.approve("iris", "1", "bob", "shadow results look good", CARD)
+    registry.set_card("iris", "1", CARD, "carol")
+    registry.approve("iris", "1", "bob", "shadow results look good")
     assert registry.get("iris", "1").state == "shadow" and registry.can_serve("iris", "1")
     registry.transition("iris", "1", State.VALIDATED, "ops")  # leaving shadow keeps the approval
     assert registry.get("iris", "1").state == "approved"
@@ -257,7 +267,8 @@ def test_shadow_then_approve_then_serve(env: tuple[Registry, Path]) -> None:
 def test_retire_rules(env: tuple[Registry, Path]) -> None:
     registry, _ = env
     _validated(registry)
-    registry.approve("iris", "1", "bob", "ok", CARD)
+    registry.set_card("iris", "1", CARD, "carol")
+    registry.approve("iris", "1", "bob", "ok")
     registry.transition("iris", "1", State.SERVING, "ops")
     with pytest.raises(LifecycleError, match="move its traffic"):
         registry.retire("iris", "1", "admin")
@@ -310,8 +321,10 @@ def test_reject_retires_a_pending_version_with_four_eyes_and_audit(env: tuple[Re
     registry, _ = env
     registry.register("iris", "1", None, "alice")
     registry.validate("iris", "1", "carol", expected_signature=SIGNATURE, latency_runs=1)
-    with pytest.raises(ApprovalError, match="four-eyes rule: 'alice' registered"):
+    with pytest.raises(ApprovalError, match="four-eyes rule: the rejecter must differ .* 'alice' registered it"):
         registry.reject("iris", "1", "alice", "not good")
+    with pytest.raises(ApprovalError, match="'carol' validated it"):
+        registry.reject("iris", "1", "carol", "not good")
     with pytest.raises(ApprovalError, match="non-empty reason"):
         registry.reject("iris", "1", "bob", "  ")
     record = registry.reject("iris", "1", "bob", "bias found in review")
@@ -320,3 +333,42 @@ def test_reject_retires_a_pending_version_with_four_eyes_and_audit(env: tuple[Re
         registry.approve("iris", "1", "bob", "changed my mind")
     entry = registry.audit.log(model="iris")[-1]
     assert (entry.actor, entry.action, entry.details["reason"]) == ("bob", "model.reject", "bias found in review")
+
+
+def test_a_serving_version_can_become_the_canary(env: tuple[Registry, Path]) -> None:
+    """`traffic set 1=90 2=10` makes 2 serving; `canary start 2` must then move it to canary
+    (the lifecycle refused serving -> canary, so the registry said "serving" during the canary)."""
+    registry, _ = env
+    registry.register("iris", "1", None, "alice")
+    registry.validate("iris", "1", "alice", expected_signature=SIGNATURE, latency_runs=1)
+    registry.set_card("iris", "1", CARD, "carol")
+    registry.approve("iris", "1", "bob", "ok")
+    registry.transition("iris", "1", State.SERVING, "ops")
+    assert registry.transition("iris", "1", State.CANARY, "ops").state == "canary"
+    assert registry.transition("iris", "1", State.SERVING, "ops").state == "serving"
+
+
+def test_approval_needs_a_reference_profile_when_drift_is_enabled(env: tuple[Registry, Path]) -> None:
+    """A version validated with its profile, whose profile is gone (or broken) by approval time,
+    is refused: the drift guardrail could never be evaluated for it (issue 15 §7)."""
+    from lockgate.governance.profile import ReferenceProfile, build_profile
+
+    registry, repo = env
+    (repo / "iris" / "config.yaml").write_text(
+        "max_batch_size: 8\ngovernance: {mode: flag, drift: {window_rows: 1000, min_rows: 50, persist: false}}\n")
+    profile = ReferenceProfile.path_for(repo, "iris", "1")
+    sample = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    build_profile(sample, model="iris", version="1", input_name="X").save(profile)
+    _validated(registry)
+    registry.set_card("iris", "1", CARD, "carol")
+    kept = profile.read_bytes()
+    profile.unlink()
+    with pytest.raises(ApprovalError, match="cannot be approved: no reference profile .* enables drift"):
+        registry.approve("iris", "1", "bob", "ok")
+    profile.write_text("{not a profile")
+    with pytest.raises(ApprovalError, match="reference profile .* is unreadable"):
+        registry.approve("iris", "1", "bob", "ok")
+    assert registry.get("iris", "1").state == "validated"
+    profile.write_bytes(kept)
+    registry.approve("iris", "1", "bob", "ok")
+    assert registry.get("iris", "1").state == "approved"

@@ -25,6 +25,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from conftest import write_model
+from lockgate.control.audit_key import AuditKey
 from lockgate.demo import mlp_model
 from lockgate_process import LOCKGATE, LockgateProcess, free_port
 
@@ -187,10 +188,14 @@ def test_sigterm_under_load_loses_no_accepted_request(repo: Path, run: int) -> N
 def _lockgate(repo: Path, grpc_port: int, metrics_port: int, tmp: Path, *extra: str,
               http_port: int | None = None) -> subprocess.Popen:
     http_port = free_port() if http_port is None else http_port
+    key = tmp / "audit.key"  # the audit key lives outside every state directory
+    if not key.exists():
+        AuditKey.generate(key)
     return subprocess.Popen(
         [*LOCKGATE, "serve", "--model-repository", str(repo), "--grpc-port", str(grpc_port), "--metrics-port",
          str(metrics_port), "--http-port", str(http_port), "--host", "127.0.0.1",
-         "--state-dir", str(tmp / f"state-{grpc_port}-{metrics_port}"), "--allow-unapproved", *extra],
+         "--state-dir", str(tmp / f"state-{grpc_port}-{metrics_port}"), "--allow-unapproved",
+         "--audit-key-file", str(key), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -98,13 +98,25 @@ def test_governance_flow_over_rest_with_four_eyes_and_audit(server: LockgateProc
                               token="tok-a")
         assert status == 200 and report["passed"], report
     card = json.dumps(DEMO_CARD)
-    status, body = call(server, "/admin/v1/ApproveVersion", {"model": "gate", "version": "1", "reason": "",
-                                                            "card_json": card}, token="tok-b")
-    err = grpc_refusal(server, "ApproveVersion", pb.ApproveVersionRequest(model="gate", version="1", card_json=card), "tok-b")
-    assert status == 400 and body == {"error": err.details()}  # the approval rules are the admin API's
+    # An approver who brings the card is refused (writing it is acting on the version), over
+    # REST exactly as over gRPC; so is an empty reason.
+    for reason in ("reviewed", ""):
+        status, body = call(server, "/admin/v1/ApproveVersion", {"model": "gate", "version": "1", "reason": reason,
+                                                                "card_json": card}, token="tok-b")
+        err = grpc_refusal(server, "ApproveVersion", pb.ApproveVersionRequest(
+            model="gate", version="1", reason=reason, card_json=card), "tok-b")
+        assert status == 400 and body == {"error": err.details()}  # the approval rules are the admin API's
+    assert "four-eyes rule" in err.details() or "non-empty reason" in err.details()
+    for version in ("1", "2"):
+        status, body = call(server, "/admin/v1/SetModelCard", {"model": "gate", "version": version, "card_json": card},
+                            token="tok-a")
+        assert status == 200, body
+    status, body = call(server, "/admin/v1/ApproveVersion", {"model": "gate", "version": "1", "reason": "mine"},
+                        token="tok-a")
+    assert status == 400 and "four-eyes rule" in body["error"] and "'alice' validated it" in body["error"]
     for version in ("1", "2"):
         status, body = call(server, "/admin/v1/ApproveVersion", {"model": "gate", "version": version,
-                                                                "reason": "reviewed", "card_json": card}, token="tok-b")
+                                                                "reason": "reviewed"}, token="tok-b")
         assert status == 200, body
     status, traffic = call(server, "/admin/v1/SetWeights", {"model": "gate", "weights": {"1": 50, "2": 50},
                                                            "sticky": True}, token="tok-o")
@@ -138,9 +150,13 @@ def test_repository_load_and_unload_need_the_load_permission(server: LockgatePro
     assert call(server, "/v2/repository/models/spare/unload", token="tok-a")[0] == 200
     client = httpclient.InferenceServerClient(server.http_url)
     try:
-        assert not client.is_model_ready("spare")
+        def spare_state() -> str:
+            return next(m.get("state", "") for m in client.get_model_repository_index() if m["name"] == "spare")
+
+        assert spare_state() == "UNAVAILABLE"
         client.load_model("spare", headers={"Authorization": "Bearer tok-a"})
-        assert client.is_model_ready("spare")
+        assert spare_state() == "READY"
+        assert not client.is_model_ready("spare")  # loaded, but nothing of it is approved: not ready
         with pytest.raises(InferenceServerException) as err:
             client.unload_model("spare")
         assert err.value.status() == "401"

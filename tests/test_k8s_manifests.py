@@ -127,9 +127,12 @@ def test_deployment_probes_drain_and_wiring(rendered: dict[str, list[dict[str, A
     settings = _server_settings(objects)
     assert settings.grpc_port == SERVING_PORT and settings.metrics_port == 8002
     assert deployment["spec"]["replicas"] >= 2
-    # Probes: the standard gRPC health service on the serving port, whole-server status.
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert container[probe]["grpc"] == {"port": SERVING_PORT, "service": ""}, probe
+    # Probes: the standard gRPC health service on the serving port. Readiness follows approval
+    # (whole-server status ""); startup and liveness only say the process is up, so a pod with
+    # nothing approved is not restarted in a loop.
+    assert container["readinessProbe"]["grpc"] == {"port": SERVING_PORT, "service": ""}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"] == {"port": SERVING_PORT, "service": "lockgate.live"}, probe
     # Drain: preStop sleep, then SIGTERM drains for drain_timeout_s, all inside the grace period.
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     match = re.search(r"sleep (\d+)", " ".join(command))
@@ -152,6 +155,17 @@ def test_deployment_probes_drain_and_wiring(rendered: dict[str, list[dict[str, A
     assert tokens_arg.split("=", 1)[1].startswith(mounts["tokens"]["mountPath"] + "/")
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["tokens"]["secret"]["secretName"] == "lockgate-tokens"
+    # The audit key from its own Secret, the checkpoints on their own volume: both outside
+    # the state dir, as the server requires (it refuses to start otherwise).
+    from lockgate.control.audit_key import outside
+
+    key = Path(next(a for a in container["args"] if a.startswith("--audit-key-file=")).split("=", 1)[1])
+    checkpoints = Path(next(a for a in container["args"] if a.startswith("--audit-checkpoint-file=")).split("=", 1)[1])
+    assert str(key).startswith(mounts["audit-key"]["mountPath"] + "/") and mounts["audit-key"]["readOnly"]
+    assert volumes["audit-key"]["secret"]["secretName"] == "lockgate-audit-key"
+    assert str(checkpoints).startswith(mounts["audit-checkpoints"]["mountPath"] + "/")
+    assert outside(key, settings.state_dir) and outside(checkpoints, settings.state_dir)
+    assert outside(checkpoints, Path(mounts["state"]["mountPath"]))
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "lockgate-models"
     assert mounts["models"]["mountPath"] == str(settings.model_repository) and mounts["models"]["readOnly"]
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]

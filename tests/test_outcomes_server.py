@@ -211,11 +211,8 @@ def test_canary_rolls_back_on_quality_and_the_audit_shows_why(server: LockgatePr
     summary = feedback_stub(url).StreamFeedback(stream, metadata=auth("tok-l"), timeout=120)
     assert (summary.received, summary.accepted, summary.duplicate, summary.unknown) == (20_000, 20_000, 0, 0)
 
-    def state() -> str | None:
+    def state() -> str | None:  # labels still on their way at an analysis leave it inconclusive; it resumes by itself
         status = admin(url, "GetTraffic", apb.GetTrafficRequest(model="canary"), "tok-v")
-        if status.canary.state == "paused" and "inconclusive" in status.canary.reason:
-            # labels were still on their way at the first analysis: inconclusive paused it (never passed)
-            admin(url, "ResumeCanary", apb.CanaryCommand(model="canary"), "tok-o")
         return status.canary.state if status.canary.state == "rolled_back" else None
 
     wait_for(state, 120, what="the canary to roll back")
@@ -244,8 +241,8 @@ def test_canary_rolls_back_on_quality_and_the_audit_shows_why(server: LockgatePr
 
 
 def test_outcome_guardrails_without_labels_are_inconclusive_and_pause_the_canary(server: LockgateProcess) -> None:
-    """No label ever arrives: the outcome guardrails cannot be judged, so the canary pauses
-    (audited with the evidence), never advances or promotes on them."""
+    """No label ever arrives: the outcome guardrails cannot be judged, so the canary waits
+    inconclusive (audited once, with the evidence), never advances or promotes on them."""
     url = server.url
     admin(url, "SetWeights", apb.SetWeightsRequest(model="unlabeled", weights={"1": 100}), "tok-o")
     guardrails = apb.Guardrails(disable=["max_error_rate", "max_p99_ratio", "max_disagreement"], fail_on_drift=False,
@@ -257,17 +254,17 @@ def test_outcome_guardrails_without_labels_are_inconclusive_and_pause_the_canary
     served = asyncio.run(predict_all(url, "unlabeled", [rng.standard_normal((5, 2)).astype(np.float32) for _ in range(200)]))
     assert {v for _, v, _ in served} == {"1", "2"}
 
-    def paused() -> str | None:
+    def waiting() -> str | None:
         canary = admin(url, "GetTraffic", apb.GetTrafficRequest(model="unlabeled"), "tok-v").canary
-        return canary.reason if canary.state == "paused" else None
+        return canary.reason if canary.state == "inconclusive" else None
 
-    reason = wait_for(paused, 60, what="the canary to pause")
-    assert reason.startswith("inconclusive")
+    reason = wait_for(waiting, 60, what="the canary to wait inconclusive")
+    assert "label" in reason, reason
     entries = admin(url, "AuditLog", apb.AuditLogRequest(model="unlabeled"), "tok-v").entries
     actions = [e.action for e in entries]
-    assert "traffic.canary.paused" in actions
+    assert actions.count("traffic.canary.inconclusive") == 1, actions
     assert not {"traffic.canary.advanced", "traffic.canary.promoted", "traffic.canary.rolled_back"} & set(actions)
-    pause = next(json.loads(e.details_json) for e in entries if e.action == "traffic.canary.paused")
+    pause = next(json.loads(e.details_json) for e in entries if e.action == "traffic.canary.inconclusive")
     verdicts = {g["guardrail"]: g for g in pause["guardrails"]}
     for name in ("label_coverage", "quality_drop:accuracy", "fairness_gap"):
         assert verdicts[name]["status"] == "inconclusive", verdicts[name]

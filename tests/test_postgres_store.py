@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pg_server import PgServer, pg_dsn, pg_server  # noqa: E402,F401  (fixtures)
 
+from conftest import TEST_KEYRING  # noqa: E402
 from lockgate.control.audit import AuditTrail  # noqa: E402
 from lockgate.errors import (  # noqa: E402
     AlreadyExists,
@@ -27,7 +28,9 @@ from lockgate.errors import (  # noqa: E402
 )
 from lockgate.control.postgres_store import MIGRATIONS, SCHEMA_VERSION, PostgresStore, migrate  # noqa: E402
 from lockgate.control.sqlite_store import SQLiteStore  # noqa: E402
+from lockgate.control.audit import Entry  # noqa: E402
 from lockgate.control.store import (  # noqa: E402
+    SetPolicy,
     ChangeKind,
     RecordKind,
     Store,
@@ -165,7 +168,7 @@ def test_contract_snapshots(opener: Opener) -> None:
 
 def test_contract_audit_filters_and_threads(opener: Opener) -> None:
     store = opener()
-    trail = AuditTrail(store)
+    trail = AuditTrail(store, TEST_KEYRING)
     assert store.audit_head() is None
     errors: list[BaseException] = []
 
@@ -182,7 +185,7 @@ def test_contract_audit_filters_and_threads(opener: Opener) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    result = trail.verify()
+    result = trail.verify(checkpoints=False, registry=False)
     assert result.ok and result.checked == 24, result.reason
     head = store.audit_head()
     assert head is not None and head.seq == 24
@@ -204,7 +207,7 @@ def test_contract_reopen_keeps_data(opener: Opener) -> None:
     store = opener()
     store.create_version(_version())
     store.set_policy("iris", {"weights": {"1": 100}}, "op")
-    AuditTrail(store).append("alice", "model.register", "iris/1", {"x": 1})
+    AuditTrail(store, TEST_KEYRING).append("alice", "model.register", "iris/1", {"x": 1})
     store.close()
     for _ in range(2):  # reopening re-runs the migrations: nothing applied twice, nothing lost
         again = opener()
@@ -212,7 +215,7 @@ def test_contract_reopen_keeps_data(opener: Opener) -> None:
         assert record is not None and record.metadata == {"k": 1}
         policy = again.get_policy("iris")
         assert policy is not None and policy.revision == 1
-        assert AuditTrail(again).verify().checked == 1
+        assert AuditTrail(again, TEST_KEYRING).verify(checkpoints=False, registry=False).checked == 1
         again.close()
 
 
@@ -270,7 +273,7 @@ def _append_many(location: str, worker: int, count: int, start: float) -> None:
     while time.time() < start:  # line the processes up so their appends interleave
         time.sleep(0.005)
     store = open_store(location)
-    trail = AuditTrail(store)
+    trail = AuditTrail(store, TEST_KEYRING)
     for i in range(count):
         trail.append(f"worker-{worker}", "test.append", "m", {"i": i})
     store.close()
@@ -289,8 +292,8 @@ def test_contract_two_processes_append_one_linear_chain(store_location: str) -> 
         p.join(timeout=120)
         assert p.exitcode == 0
     with open_store(store_location) as store:  # type: ignore[attr-defined]
-        trail = AuditTrail(store)
-        result = trail.verify()
+        trail = AuditTrail(store, TEST_KEYRING)
+        result = trail.verify(checkpoints=False, registry=False)
         assert result.ok, result.reason
         assert result.checked == 80
         entries = trail.log()
@@ -427,8 +430,8 @@ def test_spool_through_a_real_outage(tmp_path: Path) -> None:
 
     with PgServer() as server:
         store = ResilientStore(PostgresStore(server.dsn(), connect_timeout=2), tmp_path / "spool",
-                               min_backoff_s=0.05, max_backoff_s=0.5)
-        trail = AuditTrail(store)
+                               keyring=TEST_KEYRING, min_backoff_s=0.05, max_backoff_s=0.5)
+        trail = AuditTrail(store, TEST_KEYRING)
         try:
             for i in range(3):
                 trail.append("alice", "before", "m/1", {"i": i})
@@ -444,6 +447,8 @@ def test_spool_through_a_real_outage(tmp_path: Path) -> None:
             store.put_snapshot("m", "1", 4, "replica-a", b"\x00\xffsketch")
             with pytest.raises(StoreError):
                 store.set_policy("m", {"w": 2}, "op")  # CAS writes cannot be deferred
+            with pytest.raises(StoreError):  # nor can a governance change with its audit entry
+                trail.record([SetPolicy("m", {"w": 3}, "op")], [Entry("op", "traffic.set", "m", {})])
             assert store.pending == 6 and store.degraded
             time.sleep(0.3)  # a few failed replay attempts with backoff
             assert store.replay_errors >= 1
@@ -451,7 +456,7 @@ def test_spool_through_a_real_outage(tmp_path: Path) -> None:
             assert store.wait_drained(30.0), "spool was not replayed"
             assert not store.degraded and store.pending == 0
             trail.append("carol", "after", "m/1", {})
-            result = trail.verify()
+            result = trail.verify(checkpoints=False)
             assert result.ok, result.reason
             entries = trail.log()
             assert [e.action for e in entries] == ["before"] * 3 + ["during"] * 5 + ["after"]
@@ -466,28 +471,60 @@ def test_spool_through_a_real_outage(tmp_path: Path) -> None:
             store.close()
 
 
+def _signed(record: dict) -> dict:
+    """A spool line as ResilientStore writes it (MAC'd with the audit key)."""
+    from lockgate.control.spool import _spool_mac
+
+    record = {**record, "key_id": TEST_KEYRING.current.key_id}
+    return {**record, "mac": _spool_mac(TEST_KEYRING, record)}
+
+
 def test_spool_left_by_a_crashed_process_is_replayed_in_order(tmp_path: Path) -> None:
     from lockgate.control.spool import ResilientStore, Spool
 
     spool_dir = tmp_path / "spool"
     spool = Spool(spool_dir)
     for i in range(3):
-        spool.append({"op": "audit", "spooled_at": f"2024-01-01T00:00:0{i}.000000Z", "actor": "x",
-                      "action": "a", "subject": "m", "details": canonical(i)})
-    spool.append({"op": "snapshot", "spooled_at": "t", "model": "m", "version": "1", "window": 1,
-                  "replica": "r", "payload": "AAE="})
+        spool.append(_signed({"op": "audit", "spooled_at": f"2024-01-01T00:00:0{i}.000000Z", "actor": "x",
+                              "action": "a", "subject": "m", "details": canonical(i)}))
+    spool.append(_signed({"op": "snapshot", "spooled_at": "t", "model": "m", "version": "1", "window": 1,
+                          "replica": "r", "payload": "AAE="}))
     with open(spool_dir / "spool.jsonl", "ab") as handle:
         handle.write(b'{"op":"audit","torn')  # crash mid-write: never acknowledged
-    store = ResilientStore(SQLiteStore(tmp_path / "db"), spool_dir)
+    store = ResilientStore(SQLiteStore(tmp_path / "db"), spool_dir, keyring=TEST_KEYRING)
     try:
         assert store.spool.corrupt_lines == 1
         assert store.wait_drained(20.0)
-        trail = AuditTrail(store)
-        assert trail.verify().ok
+        trail = AuditTrail(store, TEST_KEYRING)
+        assert trail.verify(checkpoints=False).ok
         assert [e.details["i"] for e in trail.log()] == [0, 1, 2]
         assert trail.log()[0].details["spooled_at"] == "2024-01-01T00:00:00.000000Z"
         assert store.get_snapshots("m", "1", 1)[0].payload == b"\x00\x01"
         assert store.replayed_total == 4
+    finally:
+        store.close()
+
+
+def test_a_line_added_to_the_spool_without_the_key_is_never_signed(tmp_path: Path) -> None:
+    """The spool sits in the state dir: an injected 'approve' must not become a signed entry."""
+    from lockgate.control.spool import ResilientStore, Spool
+
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir)
+    spool.append(_signed({"op": "audit", "spooled_at": "2024-01-01T00:00:00.000000Z", "actor": "x",
+                          "action": "model.load", "subject": "m/1", "details": canonical(0)}))
+    forged = {"op": "audit", "spooled_at": "2024-01-01T00:00:01.000000Z", "actor": "mallory",
+              "action": "model.approve", "subject": "m/1", "details": canonical(1)}
+    spool.append({**forged, "key_id": TEST_KEYRING.current.key_id, "mac": "0" * 64})
+    spool.append(forged)  # no MAC at all
+    store = ResilientStore(SQLiteStore(tmp_path / "db"), spool_dir, keyring=TEST_KEYRING)
+    try:
+        assert store.wait_drained(20.0)
+        trail = AuditTrail(store, TEST_KEYRING)
+        assert trail.verify(checkpoints=False).ok
+        actions = [e.action for e in trail.log()]
+        assert actions == ["model.load", "audit.spool_rejected", "audit.spool_rejected"], actions
+        assert "model.approve" not in actions and store.rejected_lines == 2
     finally:
         store.close()
 
@@ -501,11 +538,63 @@ def canonical(i: int) -> str:
 def test_resilient_store_is_a_store_and_passes_through(tmp_path: Path) -> None:
     from lockgate.control.spool import ResilientStore
 
-    with ResilientStore(SQLiteStore(tmp_path / "db"), tmp_path / "spool") as store:
+    with ResilientStore(SQLiteStore(tmp_path / "db"), tmp_path / "spool", keyring=TEST_KEYRING) as store:
         assert isinstance(store, Store)
         store.create_version(_version())
         assert store.list_versions()[0].version == "1"
-        entry = AuditTrail(store).append("a", "b", "c", {})
+        entry = AuditTrail(store, TEST_KEYRING).append("a", "b", "c", {})
         assert entry.seq == 1 and not store.degraded
         store.put_snapshot("m", "1", 1, "r", b"x")
         assert store.latest_window("m", "1") == 1
+
+
+def test_pg_attacks_on_a_keyed_trail_are_detected(pg_dsn: str, tmp_path: Path) -> None:
+    """Issue 15 §1-2 on PostgreSQL, by someone who can write the database but holds neither the
+    audit key nor the checkpoint file: a registry edit, a forged approval at the head (a key of
+    their own), and deleting the tail with the triggers off are each caught by verify."""
+    from lockgate.control.audit import entry_mac
+    from lockgate.control.audit_key import AuditKey
+    from lockgate.control.checkpoint import Checkpointer, CheckpointLog
+    from lockgate.control.registry import Registry
+    from test_control_registry import CARD, SIGNATURE, write_add_model
+
+    repo = tmp_path / "repo"
+    write_add_model(repo / "iris" / "1" / "model.onnx")
+    log_file = CheckpointLog(tmp_path / "checkpoints.jsonl")
+    store = open_store(pg_dsn)
+    try:
+        trail = AuditTrail(store, TEST_KEYRING, Checkpointer(log_file, TEST_KEYRING.current, store.audit_head), log_file)
+        registry = Registry(store, trail, repository=repo)
+        registry.register("iris", "1", None, "alice")
+        registry.validate("iris", "1", "alice", expected_signature=SIGNATURE, latency_runs=1)
+        registry.set_card("iris", "1", CARD, "carol")
+        registry.approve("iris", "1", "bob", "reviewed")
+        trail.checkpoints.write_head()
+        assert trail.verify().ok and registry.can_serve("iris", "1")
+        head = store.audit_head()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE versions SET sha256 = %s WHERE model = 'iris' AND version = '1'", ("cd" * 32,))
+            result = trail.verify()
+            assert not result.ok and any("artifact digest cdcdcdcd" in p for p in result.registry_problems), result
+            assert not registry.can_serve("iris", "1")
+            audited = registry.attestation("iris", "1")[0].sha256
+            conn.execute("UPDATE versions SET sha256 = %s WHERE model = 'iris' AND version = '1'", (audited,))
+            assert trail.verify().ok
+            # A forged "approve" appended at the head, MAC'd under a key of the forger's own.
+            mallory = AuditKey(b"mallory-has-her-own-key-0123456789abcdef")
+            seq, when, details = head.seq + 1, utc_now_iso(), '{"reason":"ok"}'
+            forged = entry_mac(mallory, seq, when, "mallory", "model.approve", "iris/2", details, head.hash)
+            conn.execute("INSERT INTO audit (seq, time, actor, action, subject, details, prev_hash, hash, key_id) "
+                         "VALUES (%s, %s, 'mallory', 'model.approve', 'iris/2', %s, %s, %s, %s)",
+                         (seq, when, details, head.hash, forged, mallory.key_id))
+            result = trail.verify()
+            assert not result.ok and result.first_bad_seq == seq, result
+            # Deleting that entry and the tail, triggers off: the signed checkpoint still names the head.
+            with conn.transaction():
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute("DELETE FROM audit WHERE seq >= %s", (head.seq - 1,))
+            result = trail.verify()
+            assert not result.ok and "checkpoint" in result.reason, result
+            assert trail.verify(checkpoints=False, registry=False).ok  # the chain alone cannot see it
+    finally:
+        store.close()

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -92,8 +91,10 @@ def test_signed_versions_load_approve_and_show_their_signer(gated) -> None:
         assert report.passed, report.report_json
         checks = {c["name"]: c for c in json.loads(report.report_json)["checks"]}
         assert checks["provenance"]["status"] == "passed"
-        admin.ApproveVersion(pb.ApproveVersionRequest(model="scorer", version=version, reason="vendor assessed",
-                                                      card_json=json.dumps(VENDOR_CARD)), metadata=as_("tok-b"))
+        admin.SetModelCard(pb.SetModelCardRequest(model="scorer", version=version, card_json=json.dumps(VENDOR_CARD)),
+                           metadata=as_("tok-a"))  # four eyes: not by the approver
+        admin.ApproveVersion(pb.ApproveVersionRequest(model="scorer", version=version, reason="vendor assessed"),
+                             metadata=as_("tok-b"))
     admin.SetWeights(pb.SetWeightsRequest(model="scorer", weights={"1": 50, "2": 50}), metadata=as_("tok-a"))
     assert infer(proc.url, "scorer", "1").get_response().model_version == "1"
     assert infer(proc.url, "scorer", "2").get_response().model_version == "2"
@@ -171,8 +172,8 @@ def test_trust_policy_through_the_cli(gated, keys, tmp_path: Path) -> None:
     cli("models", "register", "scorer", "3", "--server", proc.url)
     cli("models", "validate", "scorer", "3", "--server", proc.url)
     cli("trust", "remove", "contractor", "--reason", "contract ended", "--server", proc.url)
-    approve = cli("models", "approve", "scorer", "3", "--reason", "ok", "--card", str(_card(tmp_path)),
-                  "--server", proc.url, token="tok-b", check=False)
+    cli("models", "card", "scorer", "3", "--file", str(_card(tmp_path)), "--server", proc.url)
+    approve = cli("models", "approve", "scorer", "3", "--reason", "ok", "--server", proc.url, token="tok-b", check=False)
     assert approve.returncode == 1 and "FAILED_PRECONDITION" in approve.stderr and "not a trusted signer" in approve.stderr
     trail = audited(admin, "trust", "trust.signer_added") + audited(admin, "trust", "trust.signer_removed")
     assert [(e["name"], e["_actor"], e["reason"]) for e in trail] == [

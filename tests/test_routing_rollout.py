@@ -27,6 +27,17 @@ from lockgate.routing import (
     analyse,
 )
 from lockgate.routing.changes import SYSTEM_ACTOR
+from lockgate.routing.policy import NoActiveCanary, ShadowSpec
+from lockgate.routing.rollout import (
+    GUARDRAILS,
+    CanarySetup,
+    DisagreementEvidence,
+    DriftEvidence,
+    Evidence,
+    GuardrailResult,
+    GuardrailUnavailable,
+    register_guardrail,
+)
 
 ALL = lambda version: True  # noqa: E731
 
@@ -38,7 +49,7 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self.policies: list[TrafficPolicy] = []
 
-    def __call__(self, event: dict[str, Any], policy: TrafficPolicy) -> None:
+    def __call__(self, event: dict[str, Any], policy: TrafficPolicy, old: TrafficPolicy | None = None) -> None:
         self.events.append(event)
         self.policies.append(policy)
 
@@ -48,10 +59,14 @@ class Recorder:
 
 
 def setup(min_requests: int = 50, failure_limit: int = 2, **guard: Any) -> tuple[PolicyBook, CanaryController, Recorder]:
+    """A canary of version 2 at 5 %; drift latched OK and disagreement off unless asked for,
+    so that these tests judge the other guardrails (fail-closed ones have their own)."""
     book = PolicyBook()
     rec = Recorder()
     book.replace(TrafficPolicy("m", 1, {"1": 100}))
     ctl = CanaryController(book, rec)
+    guard.setdefault("max_disagreement", None)
+    ctl.on_drift_alert("m", "2", "ok")
     ctl.start(
         "m",
         "2",
@@ -130,8 +145,59 @@ def test_analyse_pass_fail_inconclusive() -> None:
     assert [r.name for r in disagree.failed] == ["disagreement"]
     no_ref = analyse(g, window("1", 10), window("2", 200))
     assert no_ref.outcome == "inconclusive" and "no baseline" in no_ref.reason
-    with_baseline = analyse(g, window("1", 10), window("2", 200), baseline=window("1", 500))
+    with_baseline = analyse(g, window("1", 10), window("2", 200), "ok", 0.01, baseline=window("1", 500))
     assert with_baseline.outcome == "pass"
+
+
+def test_a_guardrail_without_evidence_is_inconclusive_never_passed() -> None:
+    """Issue 15 §7: 'no drift reported' and 'no mirrored comparisons' used to pass."""
+    g = Guardrails(min_requests=100, max_disagreement=0.1)
+    healthy = (window("1", 1000, 5, 10.0), window("2", 200, 1, 11.0))
+    no_drift = analyse(g, *healthy, None, 0.01)
+    assert no_drift.outcome == "inconclusive" and [r.name for r in no_drift.inconclusive] == ["drift"]
+    assert "no drift window" in no_drift.reason
+    no_profile = analyse(g, *healthy, DriftEvidence(None, "no reference profile"), 0.01)
+    assert no_profile.outcome == "inconclusive" and "no reference profile" in no_profile.reason
+    no_mirror = analyse(g, *healthy, "ok", None)
+    assert no_mirror.outcome == "inconclusive" and [r.name for r in no_mirror.inconclusive] == ["disagreement"]
+    assert "no mirrored comparisons" in no_mirror.reason
+    nothing_compared = analyse(g, *healthy, "ok", DisagreementEvidence(None, 0))
+    assert nothing_compared.outcome == "inconclusive"
+    few = analyse(g, *healthy, "ok", DisagreementEvidence(0.0, 10))
+    assert few.outcome == "inconclusive" and "10 mirrored rows compared < min_comparisons 50" in few.reason
+    assert analyse(g, *healthy, "ok", DisagreementEvidence(0.79, 400)).failed[0].name == "disagreement"
+    assert analyse(g, *healthy, "ok", DisagreementEvidence(0.02, 400)).outcome == "pass"
+    assert all(r.status != "skipped" for r in no_mirror.results)
+
+
+def test_guardrails_are_an_extensible_set() -> None:
+    """A new guardrail (quality, fairness) registers and reads its evidence from Evidence.extra."""
+
+    class Quality:
+        name = "quality"
+
+        def enabled(self, g: Guardrails) -> bool:
+            return True
+
+        def unavailable(self, g: Guardrails, setup: CanarySetup) -> str | None:
+            return None
+
+        def evaluate(self, ev: Evidence) -> GuardrailResult:
+            accuracy = ev.extra.get("quality")
+            if accuracy is None:
+                return GuardrailResult(self.name, "inconclusive", None, 0.9, "no labelled outcomes yet")
+            return GuardrailResult(self.name, "pass" if accuracy >= 0.9 else "fail", accuracy, 0.9, "")
+
+    register_guardrail(Quality())
+    try:
+        g = Guardrails(min_requests=1, max_disagreement=None)
+        assert analyse(g, window("1", 10), window("2", 10), "ok").outcome == "inconclusive"
+        assert analyse(g, window("1", 10), window("2", 10), "ok", extra={"quality": 0.95}).outcome == "pass"
+        assert analyse(g, window("1", 10), window("2", 10), "ok", extra={"quality": 0.5}).failed[0].name == "quality"
+        with pytest.raises(ValueError):
+            register_guardrail(Quality())
+    finally:
+        GUARDRAILS[:] = [x for x in GUARDRAILS if x.name != "quality"]
 
 
 def test_analyse_accepts_enum_drift_status_and_disabled_guardrails() -> None:
@@ -210,27 +276,68 @@ def test_failing_canary_rolls_back_after_failure_limit(
     assert_revisions_bump(rec)
 
 
-def test_too_few_requests_pauses_until_resumed() -> None:
+def test_lack_of_evidence_pauses_and_resumes_by_itself() -> None:
+    """Issue 15 §8: an automatic pause for lack of evidence resumes when the evidence arrives."""
     book, ctl, rec = setup(min_requests=50)
-    action = ctl.evaluate("m", 10.0, window("1", 1000), window("2", 10))
-    assert action.kind == "paused"
-    assert book.get("m").canary.state is CanaryState.PAUSED and book.get("m").weights == {"1": 95, "2": 5}
-    assert "inconclusive" in book.get("m").canary.reason
+    action = ctl.evaluate("m", 10.0, window("1", 1000), window("2", 0))
+    assert action.kind == "inconclusive"
+    assert book.get("m").canary.state is CanaryState.INCONCLUSIVE and book.get("m").weights == {"1": 95, "2": 5}
+    assert "0 canary requests < min_requests 50" in book.get("m").canary.reason
+    waiting = ctl.evaluate("m", 11.0, window("1", 1000), window("2", 30))  # still short: nothing recorded
+    assert waiting.kind == "waiting" and len(rec.events) == 2
+    assert "30 canary requests" in (ctl.waiting_reason("m") or "")  # the live reason, never stale
+    resumed = ctl.evaluate("m", 12.0, window("1", 1000), window("2", 60))
+    assert resumed.kind == "advanced" and book.get("m").canary.state is CanaryState.PROGRESSING
+    assert rec.events[-1]["details"]["resumed_from"] == "inconclusive"
+    assert rec.actions == ["traffic.canary.started", "traffic.canary.inconclusive", "traffic.canary.advanced"]
+    assert_revisions_bump(rec)
+
+
+def test_an_operator_pause_waits_for_the_operator() -> None:
+    book, ctl, rec = setup(min_requests=50)
+    ctl.pause("m", actor="bob", reason="investigating")
     assert ctl.evaluate("m", 20.0, window("1", 1000), window("2", 100)).kind == "none"  # paused: no analysis
     ctl.resume("m", actor="bob")
     assert book.get("m").canary.state is CanaryState.PROGRESSING
     assert ctl.evaluate("m", 30.0, window("1", 1000), window("2", 100)).kind == "advanced"
     assert rec.actions[1:] == ["traffic.canary.paused", "traffic.canary.resumed", "traffic.canary.advanced"]
-    assert rec.events[2]["actor"] == "bob"
+    assert rec.events[1]["actor"] == "bob"
     assert_revisions_bump(rec)
+
+
+def test_canary_start_refuses_a_guardrail_that_cannot_be_evaluated() -> None:
+    book = PolicyBook()
+    book.replace(TrafficPolicy("m", 1, {"1": 100}))
+    ctl = CanaryController(book, drift_unavailable=lambda m, v: "version 2 has no reference profile")
+    with pytest.raises(GuardrailUnavailable, match="no reference profile.*--ignore-drift") as info:
+        ctl.start("m", "2", actor="a")
+    assert info.value.code == "FAILED_PRECONDITION" and book.get("m").revision == 1
+    with pytest.raises(GuardrailUnavailable, match="mirror_percent"):
+        ctl.start("m", "2", actor="a", guardrails=Guardrails(fail_on_drift=False, mirror_percent=0))
+    ctl.start("m", "2", actor="a", guardrails=Guardrails(fail_on_drift=False, max_disagreement=None))
+    assert book.get("m").shadow is None
+
+
+def test_disagreement_turns_on_mirroring_for_the_canary_and_off_after() -> None:
+    book = PolicyBook()
+    book.replace(TrafficPolicy("m", 1, {"1": 100}, shadow=ShadowSpec("3", 20)))
+    ctl = CanaryController(book)
+    with pytest.raises(GuardrailUnavailable, match="mirrors to version 3"):
+        ctl.start("m", "2", actor="a", guardrails=Guardrails(max_disagreement=0.1))
+    book.replace(book.get("m").evolve(shadow=None))
+    ctl.start("m", "2", actor="a", guardrails=Guardrails(max_disagreement=0.1, mirror_percent=15))
+    assert book.get("m").shadow == ShadowSpec("2", 15)
+    ctl.abort("m", actor="a")
+    assert book.get("m").shadow is None
 
 
 def test_operator_promote_and_abort_at_any_time() -> None:
     book, ctl, rec = setup()
     ctl.promote("m", actor="carol")
     assert book.get("m").weights == {"2": 100} and book.get("m").canary.state is CanaryState.PROMOTED
-    with pytest.raises(PolicyError, match="no canary in progress"):
+    with pytest.raises(NoActiveCanary, match="no canary in progress") as info:
         ctl.abort("m", actor="carol")
+    assert info.value.code == "FAILED_PRECONDITION"  # issue 15 §9: not INVALID_ARGUMENT
 
     book2, ctl2, rec2 = setup()
     ctl2.evaluate("m", 10.0, window("1", 1000), window("2", 100))  # now at 25 %
@@ -292,15 +399,37 @@ def test_policy_changes_set_weights_and_shadow() -> None:
     assert_revisions_bump(rec)
 
 
-def test_emit_failure_is_counted_not_raised() -> None:
+def test_a_change_that_cannot_be_recorded_never_goes_live() -> None:
+    """Issue 15 §3: persist first; a failure refuses the change (the old code published it)."""
     book = PolicyBook()
+    recorded: list[int] = []
 
-    def broken(event: dict[str, Any], policy: TrafficPolicy) -> None:
-        raise RuntimeError("audit down")
+    def persist(event: dict[str, Any], policy: TrafficPolicy, old: TrafficPolicy | None) -> None:
+        if len(recorded) == 1:
+            raise RuntimeError("disk full")
+        assert book.get("m") is old  # not published yet while it is being recorded
+        recorded.append(policy.revision)
 
-    changes = PolicyChanges(book, broken)
+    changes = PolicyChanges(book, persist)
     changes.set_weights("m", {"1": 100}, actor="op")
-    assert changes.emit_failures == 1 and book.get("m").revision == 1
+    with pytest.raises(RuntimeError, match="disk full"):
+        changes.set_weights("m", {"1": 30, "2": 70}, actor="op")
+    assert book.get("m").weights == {"1": 100} and book.get("m").revision == 1 and changes.refused == 1
+    recorded.append(0)  # recording works again: the next change takes the next revision, never a reused one
+    changes.set_weights("m", {"1": 30, "2": 70}, actor="op")
+    assert book.get("m").revision == 2 and recorded == [1, 0, 2]
+
+
+def test_a_failing_listener_cannot_undo_a_recorded_change() -> None:
+    book = PolicyBook()
+    changes = PolicyChanges(book, Recorder())
+
+    def broken(event: dict[str, Any], policy: TrafficPolicy, old: TrafficPolicy | None) -> None:
+        raise RuntimeError("metrics down")
+
+    changes.published.append(broken)
+    changes.set_weights("m", {"1": 100}, actor="op")
+    assert changes.listener_failures == 1 and book.get("m").revision == 1
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -343,9 +472,11 @@ def loop_setup(behaviour: dict[str, tuple[float, float]], **guard: Any) -> tuple
     rec = Recorder()
     book.replace(TrafficPolicy("m", 1, {"1": 100}))
     ctl = CanaryController(book, rec)
+    guard.setdefault("max_disagreement", None)
+    ctl.on_drift_alert("m", "2", "ok")
     ctl.start("m", "2", actor="alice", now=100.0, steps=(10, 50, 100), interval_s=10.0,
               guardrails=Guardrails(min_requests=30, **guard), failure_limit=2)
-    return book, ctl, rec, Sim(book, TrafficStats(), behaviour)
+    return book, ctl, rec, Sim(book, TrafficStats(AgreementBook()), behaviour)
 
 
 def test_run_loop_promotes_a_healthy_canary() -> None:
@@ -390,7 +521,7 @@ def test_run_loop_survives_a_broken_stats_provider() -> None:
     book, ctl, rec, sim = loop_setup({"1": (0.0, 10.0), "2": (0.0, 10.0)})
 
     class Broken(TrafficStats):
-        def take_window(self, model: str, version: str, now: float) -> VersionWindow:
+        def peek_window(self, model: str, version: str, now: float) -> VersionWindow:
             raise RuntimeError("boom")
 
     sim.stats = Broken()
@@ -408,7 +539,54 @@ def test_outcome_guardrails_that_cannot_be_evaluated_pause_inconclusive(judge: s
             raise RuntimeError("ledger gone")
         ctl.set_outcome_guardrails(broken)
     action = ctl.evaluate("m", 10.0, window("1", 1000), window("2", 100))
-    assert action.kind == "paused" and "inconclusive" in book.get("m").canary.reason
+    assert action.kind == "inconclusive" and book.get("m").canary.state is CanaryState.INCONCLUSIVE
     verdict = next(g for g in rec.events[-1]["details"]["guardrails"] if g["guardrail"] == "outcomes")
     assert verdict["status"] == "inconclusive"
     assert ("ledger gone" if judge else "no outcome evaluator") in verdict["detail"]
+
+
+def test_run_loop_waits_for_evidence_then_resumes_on_its_own() -> None:
+    """7,421 canary requests after an inconclusive pause used to change nothing."""
+    book, ctl, rec, sim = loop_setup({"1": (0.0, 10.0), "2": (0.0, 10.0)})
+    idle = Sim(book, sim.stats, sim.behaviour)
+    drive(ctl, idle, seconds=15, per_tick=0)  # no traffic at all: nothing to judge
+    assert book.get("m").canary.state is CanaryState.INCONCLUSIVE, rec.actions
+    drive(ctl, sim, seconds=60)  # traffic arrives: judged on the next ticks, no operator needed
+    assert book.get("m").canary.state is CanaryState.PROMOTED, rec.actions
+    assert rec.actions[:3] == ["traffic.canary.started", "traffic.canary.inconclusive", "traffic.canary.advanced"]
+    assert rec.events[2]["details"]["resumed_from"] == "inconclusive"
+    assert_revisions_bump(rec)
+
+
+class MirroredSim(Sim):
+    """Also carries out the policy's mirror: the shadow's answer agrees `agreement` of the time."""
+
+    def __init__(self, book: PolicyBook, stats: TrafficStats, behaviour: dict[str, tuple[float, float]],
+                 agreement: float) -> None:
+        super().__init__(book, stats, behaviour)
+        self.agreement = agreement
+
+    def traffic(self, requests: int) -> None:
+        for _ in range(requests):
+            self.n += 1
+            route = self.router.route("m", "", None, f"r{self.n}", ALL)
+            self.stats.record("m", route.version, 10.0, True)
+            if route.shadow_version is not None:
+                label = self.rng.randrange(3)
+                other = label if self.rng.random() < self.agreement else (label + 1) % 3
+                self.stats.agreements.record("m", route.version, route.shadow_version,  # type: ignore[union-attr]
+                                             {"y": np.eye(3)[[label]]}, {"y": np.eye(3)[[other]]})
+
+
+@pytest.mark.parametrize(("agreement", "outcome"), [(0.21, CanaryState.ROLLED_BACK), (0.99, CanaryState.PROMOTED)])
+def test_run_loop_judges_disagreement_over_the_mirror_it_set_up(agreement: float, outcome: CanaryState) -> None:
+    """Issue 15 §7: --max-disagreement 0.1 without a mirror went to 100 % at 21 % agreement."""
+    book, ctl, rec, _ = loop_setup({"1": (0.0, 10.0), "2": (0.0, 10.0)}, max_disagreement=0.1, mirror_percent=50)
+    assert book.get("m").shadow == ShadowSpec("2", 50)
+    sim = MirroredSim(book, TrafficStats(AgreementBook()), {}, agreement)
+    drive(ctl, sim, seconds=80)
+    final = book.get("m")
+    assert final.canary.state is outcome, rec.actions
+    assert final.shadow is None  # the mirror goes with the canary
+    if outcome is CanaryState.ROLLED_BACK:
+        assert rec.events[-1]["details"]["guardrail"] == "disagreement"

@@ -111,8 +111,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                         model=name, version=version, sample_json=sample))
                     assert report.passed, report.report_json
                     if (name, version) != ("mirror", "2"):  # the shadow stays validated only
+                        admin.call("tok-a", "SetModelCard", pb.SetModelCardRequest(
+                            model=name, version=version, card_json=json.dumps(DEMO_CARD)))
                         admin.call("tok-b", "ApproveVersion", pb.ApproveVersionRequest(
-                            model=name, version=version, reason="e2e", card_json=json.dumps(DEMO_CARD)))
+                            model=name, version=version, reason="e2e"))
         yield proc
 
 
@@ -325,7 +327,7 @@ CANARY_STEPS = (20, 60, 100)
 def canary_until_settled(server: LockgateProcess, admin: Admin, model: str, guardrails: pb.Guardrails,
                          x: float, failure_limit: int = 2, interval_s: float = 1.0,
                          timeout_s: float = 45.0) -> tuple[list[Outcome], pb.TrafficStatus]:
-    """Start a canary of version 2 against 1 and drive steady traffic until it leaves 'progressing'."""
+    """Start a canary of version 2 against 1 and drive steady traffic until it is settled."""
     set_weights(admin, model, v1=100)
     started = admin.call("tok-o", "StartCanary", pb.StartCanaryRequest(
         model=model, version="2", steps=CANARY_STEPS, interval_s=interval_s, failure_limit=failure_limit, guardrails=guardrails))
@@ -351,7 +353,7 @@ def canary_until_settled(server: LockgateProcess, admin: Admin, model: str, guar
                     while True:
                         status = await admin_aio.GetTraffic(pb.GetTrafficRequest(model=model),
                                                             metadata=(("authorization", "Bearer tok-v"),), timeout=30)
-                        if status.canary.state != "progressing" or loop.time() > deadline:
+                        if status.canary.state not in ("progressing", "inconclusive") or loop.time() > deadline:
                             return status
                         await asyncio.sleep(0.1)
                 finally:
@@ -388,7 +390,8 @@ def assert_rolled_back(server: LockgateProcess, admin: Admin, model: str, status
 
 
 def test_failing_canary_rolls_back(server: LockgateProcess, admin: Admin) -> None:
-    guardrails = pb.Guardrails(max_error_rate=0.05, min_requests=10, disable=["max_disagreement", "max_p99_ratio"])
+    guardrails = pb.Guardrails(max_error_rate=0.05, min_requests=10, fail_on_drift=False,
+                               disable=["max_disagreement", "max_p99_ratio"])
     outcomes, status = canary_until_settled(server, admin, "failing", guardrails, x=50.0)
     evidence = assert_rolled_back(server, admin, "failing", status, "error_rate", 2, x=50.0)
     assert evidence["observed"] > 0.05
@@ -401,7 +404,7 @@ def test_failing_canary_rolls_back(server: LockgateProcess, admin: Admin) -> Non
 
 
 def test_slow_canary_rolls_back(server: LockgateProcess, admin: Admin) -> None:
-    guardrails = pb.Guardrails(max_p99_ratio=2.0, min_requests=10, disable=["max_disagreement"])
+    guardrails = pb.Guardrails(max_p99_ratio=2.0, min_requests=10, fail_on_drift=False, disable=["max_disagreement"])
     outcomes, status = canary_until_settled(server, admin, "slow", guardrails, x=1.0)
     evidence = assert_rolled_back(server, admin, "slow", status, "p99_ratio", 2, x=1.0)
     assert evidence["observed"] > evidence["threshold"]

@@ -32,6 +32,8 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|µs|s)\b"), "<duration>"),
     (re.compile(r"127\.0\.0\.1:\d+"), "127.0.0.1:<port>"),
     (re.compile(r"max \|diff\| [0-9.e+-]+"), "max |diff| <n>"),  # float rounding differs between CPUs
+    # Checkpoints are written every N entries and every T seconds: which is newest is timing.
+    (re.compile(r"signed checkpoint at seq \d+"), "signed checkpoint at seq <n>"),
     (re.compile(r"[─━═]+"), "─"),
     (re.compile(r"[ \t]+"), " "),
 ]

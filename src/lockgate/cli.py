@@ -44,6 +44,12 @@ TokensFileOpt = Annotated[Optional[Path], typer.Option(
 AllowUnapprovedOpt = Annotated[bool, typer.Option(
     "--allow-unapproved", help="Development only: every loaded version may take live traffic without approval.")]
 LogJsonOpt = Annotated[bool, typer.Option("--json", help="Write log lines as JSON objects (one per line) instead of text.")]
+AuditKeyOpt = Annotated[Optional[Path], typer.Option(
+    "--audit-key-file", help=with_default("HMAC key of the audit trail, outside the state dir (`lockgate audit keygen`).",
+                                          "<model repository>/.audit/audit.key if it exists; env LOCKGATE_AUDIT_KEY_FILE"))]
+AuditCheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--audit-checkpoint-file", help=with_default("Signed checkpoints of the audit chain's head, outside the state dir.",
+                                                 "audit-checkpoints.jsonl beside the key"))]
 
 
 @contextmanager
@@ -78,6 +84,7 @@ def serve(
     no_http: NoHttpOpt = False, workers: WorkersOpt = None,
     state_dir: StateDirOpt = None, config: ConfigOpt = None, host: HostOpt = None, store: StoreOpt = None,
     tokens_file: TokensFileOpt = None, allow_unapproved: AllowUnapprovedOpt = False, log_json: LogJsonOpt = False,
+    audit_key_file: AuditKeyOpt = None, audit_checkpoint_file: AuditCheckpointOpt = None,
 ) -> None:
     """Serve the models in a repository."""
     from lockgate.transport.server import run
@@ -87,7 +94,7 @@ def serve(
             config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
             http_port=http_port, no_http=no_http, workers=workers,
             state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
-            log_json=log_json,
+            log_json=log_json, audit_key_file=audit_key_file, audit_checkpoint_file=audit_checkpoint_file,
         ))
 
 
@@ -121,7 +128,9 @@ def demo(
 
 def _mount() -> None:
     from lockgate.governance.cli import drift_app, profile_app
-    from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app, trust_app
+    from lockgate.operator_cli import audit_app, models_app, status_command, tokens_app, traffic_app, trust_app
+
+    app.command("status")(status_command)
 
     app.add_typer(models_app, name="models")
     app.add_typer(traffic_app, name="traffic")

@@ -28,6 +28,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 STATE_DIR_NAME = ".lockgate"
 TOKENS_FILE_NAME = "tokens.yaml"
+AUDIT_KEY_DIR = ".audit"  # <model_repository>/.audit/audit.key: the demo's audit key
 
 
 def default_state_dir(model_repository: Path | str) -> Path:
@@ -161,6 +162,17 @@ class ServerSettings(_Strict):
     fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
     outcomes_refresh_s: float = Field(5.0, gt=0, description="how often the exported quality/fairness figures are recomputed")
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
+    audit_key_file: Path | None = Field(
+        None, description="HMAC key that authenticates the audit trail, outside state_dir (create with "
+        "`lockgate audit keygen --out FILE`) [<model_repository>/.audit/audit.key if it exists; else required]")
+    audit_previous_key_files: list[Path] = Field(
+        default_factory=list, description="rotated-out audit keys, still accepted when verifying the entries they wrote")
+    audit_checkpoint_file: Path | None = Field(
+        None, description="append-only file of signed chain-head checkpoints, outside state_dir "
+        "[audit-checkpoints.jsonl beside audit_key_file]")
+    audit_checkpoint_every: int = Field(100, ge=1, description="checkpoint at least every N entries this process appends")
+    audit_checkpoint_interval_s: float = Field(10.0, gt=0, description="and every T seconds while the head moved")
+    audit_verify_interval_s: float = Field(300.0, gt=0, description="re-verify the whole trail this often (lockgate_audit_verify_ok)")
     explain_workers: int = Field(1, ge=1, description="processes of the explain pool (per serving process)")
     explain_nice: int = Field(19, ge=0, le=19, description="scheduling priority of the explain pool (19: only CPU serving leaves)")
     explain_cpu_share: float = Field(0.25, gt=0, le=1, description="share of one core each explain worker may use")
@@ -179,6 +191,21 @@ class ServerSettings(_Strict):
 
     def store_location(self) -> str:
         return self.store or str(self.state_dir / "lockgate.db")
+
+    def checkpoint_file(self) -> Path | None:
+        """Where signed audit checkpoints go (None without a key file)."""
+        if self.audit_checkpoint_file is not None:
+            return self.audit_checkpoint_file
+        key = self.key_file()
+        return key.parent / "audit-checkpoints.jsonl" if key is not None else None
+
+    def key_file(self) -> Path | None:
+        """The audit key in use: the configured one, else ``<model_repository>/.audit/audit.key``
+        if it exists (where ``lockgate demo`` keeps its key); None refuses to serve."""
+        if self.audit_key_file is not None:
+            return self.audit_key_file
+        candidate = Path(self.model_repository) / AUDIT_KEY_DIR / "audit.key"
+        return candidate if candidate.is_file() else None
 
     def tokens_path(self) -> Path | None:
         """The tokens file in use: the configured one, else ``<state_dir>/tokens.yaml`` if present
@@ -201,7 +228,7 @@ class ServerSettings(_Strict):
         for field in cls.model_fields:
             env = os.environ.get(f"LOCKGATE_{field.upper()}")
             if env is not None and field not in ("tls", "telemetry", "limits", "provenance"):
-                data[field] = env
+                data[field] = env.split(os.pathsep) if field == "audit_previous_key_files" else env
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
 

@@ -425,21 +425,45 @@ def write_hashed_tokens(path: Path, tokens: dict[str, str]) -> Path:
     return path
 
 
-def approve_demo_versions(repo_root: Path, store_location: str, versions: tuple[str, ...] = ("1",)) -> list[str]:
+def demo_audit_key(repo_root: Path) -> Path:
+    """The demo's audit key (created once): under ``.audit/`` in the demo repository, outside
+    its state directory. A real deployment keeps it in a secret store or a root-owned file."""
+    from lockgate.control.audit_key import AuditKey
+
+    from lockgate.config import AUDIT_KEY_DIR
+
+    path = Path(repo_root) / AUDIT_KEY_DIR / "audit.key"
+    if not path.exists():
+        AuditKey.generate(path)
+    return path
+
+
+def approve_demo_versions(repo_root: Path, store_location: str, versions: tuple[str, ...] = ("1",),
+                          key_file: Path | None = None, checkpoint_file: Path | None = None) -> list[str]:
     """Register, validate, card and approve ``versions`` as rita (admin) and alex (approver).
 
-    Idempotent: versions already past a step skip it. Every step is in the audit trail,
-    exactly as if those people had done it through the admin API.
+    Idempotent: versions already past a step skip it. Every step is in the audit trail (keyed
+    with the demo's audit key), exactly as if those people had done it through the admin API,
+    and the head is checkpointed (``checkpoint_file``, beside the key by default) as a server
+    would, so the server that starts next checks the trail against it.
     """
-    from lockgate.control.audit import AuditTrail
+    from lockgate.control.audit import Action, AuditTrail
+    from lockgate.control.audit_key import AuditKeyring
+    from lockgate.control.checkpoint import Checkpointer, CheckpointLog
     from lockgate.control.registry import Registry, State
     from lockgate.control.store import open_store
     from lockgate.control.validation import config_signature
     from lockgate.errors import NotFound
 
+    key_file = key_file or demo_audit_key(repo_root)
+    keyring = AuditKeyring.load(key_file)
+    log_file = CheckpointLog(checkpoint_file or key_file.parent / "audit-checkpoints.jsonl")
     store = open_store(store_location)
     try:
-        registry = Registry(store, AuditTrail(store), repository=repo_root)
+        trail = AuditTrail(store, keyring, Checkpointer(log_file, keyring.current, store.audit_head), log_file)
+        if not log_file.exists():
+            trail.append("system:lockgate", Action.CHECKPOINTS_STARTED, "audit", {"file": str(log_file.path), "by": "demo"})
+        registry = Registry(store, trail, repository=repo_root)
         model_dir = Path(repo_root) / DEMO_MODEL
         for version in versions:
             try:
@@ -459,6 +483,7 @@ def approve_demo_versions(repo_root: Path, store_location: str, versions: tuple[
                 card = yaml.safe_load((model_dir / version / "card.yaml").read_text())
                 registry.set_card(DEMO_MODEL, version, card, "rita")
                 registry.approve(DEMO_MODEL, version, "alex", "demo: the version in production before the walkthrough")
+        trail.checkpoints.write_head()
         return list(versions)
     finally:
         store.close()
@@ -536,7 +561,9 @@ def prepare_demo(settings: "ServerSettings", tokens_out: Path | None = None) -> 
     env_file = tokens_out or root / TOKENS_ENV_FILE
     tokens = demo_tokens(env_file, server)
     hashed = write_hashed_tokens(state_dir / TOKENS_FILE_NAME, tokens)
-    approved = approve_demo_versions(root, settings.store_location())
+    key_file = settings.key_file() or demo_audit_key(root)  # the server finds it there too
+    approved = approve_demo_versions(root, settings.store_location(), key_file=key_file,
+                                     checkpoint_file=settings.audit_checkpoint_file or key_file.parent / "audit-checkpoints.jsonl")
     waiting = sorted(p.name for p in (candidates_root / DEMO_MODEL).glob("*") if p.is_dir()
                      and not (root / DEMO_MODEL / p.name).exists()) if (candidates_root / DEMO_MODEL).is_dir() else []
     return PreparedDemo(root, state_dir, env_file, hashed if settings.tokens_file is None else None, server,

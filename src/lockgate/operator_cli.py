@@ -39,11 +39,13 @@ T = TypeVar("T")
 ModelArg = Annotated[str, typer.Argument(help="Model name (its directory in the repository).", show_default=False)]
 VersionArg = Annotated[str, typer.Argument(help="Version (its numbered directory).", show_default=False)]
 
-models_app = typer.Typer(help="Model registry: register, validate, card, approve, retire, load, list, show, sign, verify.",
-                         no_args_is_help=True)
+models_app = typer.Typer(
+    help="Model registry: register, validate, card, approve, retire, load, unload, list, show, sign, verify.",
+    no_args_is_help=True)
 traffic_app = typer.Typer(help="Traffic policy: weights, shadow, canary.", no_args_is_help=True)
 canary_app = typer.Typer(help="Progressive canary with automatic rollback.", no_args_is_help=True)
-audit_app = typer.Typer(help="Hash-chained audit trail: verify, log, export (signed), verify-export.", no_args_is_help=True)
+audit_app = typer.Typer(help="Keyed, hash-chained audit trail: verify, keygen, seal, log, export (signed), verify-export.",
+                        no_args_is_help=True)
 tokens_app = typer.Typer(help="Admin API tokens: create (local, no server) and whoami.", no_args_is_help=True)
 trust_app = typer.Typer(help="Trusted signers of model.sig bundles: list, add, remove (audited).", no_args_is_help=True)
 traffic_app.add_typer(canary_app, name="canary")
@@ -257,16 +259,47 @@ def models_approve(
     model: ModelArg, version: VersionArg,
     reason: Annotated[str, typer.Option("--reason", help="Why this version may take live traffic (kept in the audit trail).")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
-    card: Annotated[Optional[Path], typer.Option(
-        "--card", help=with_default("Model card to attach with the approval.", "the card stored with `models card`"))] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Approve a validated version (four eyes: not by its registrant)."""
+    """Approve a validated version (four eyes: not by anyone who registered, validated it or wrote its card)."""
     response = call(server, token, ca_file, "ApproveVersion", pb.ApproveVersionRequest(
-        model=model, version=version, reason=reason, card_json=json.dumps(_read_document(card)) if card else ""))
+        model=model, version=version, reason=reason))
     Output(as_json).message(
         {"approval_id": response.approval_id, "reason": reason, **_version_dict(response.version)},
         f"approved {model} / {version} (approval {response.approval_id}); state {response.version.state}")
+
+
+@models_app.command("load")
+def models_load(
+    model: ModelArg, version: VersionArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Do not validate a newly registered version.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a version beside the loaded ones (those in service stay); a new one is registered and validated as you."""
+    response = call(server, token, ca_file, "LoadVersion", pb.LoadVersionRequest(
+        model=model, version=version, skip_validation=no_validate))
+    report = json.loads(response.report_json) if response.report_json else None
+    done = ", ".join(d for d, flag in (("registered", response.registered), ("validated", response.validated)) if flag)
+    Output(as_json).message(
+        {**_version_dict(response.version), "loaded": True, "registered": response.registered,
+         "validated": response.validated, "loaded_versions": list(response.loaded_versions), "report": report},
+        f"loaded {model} / {version}{f' ({done} by you)' if done else ''}; loaded versions now "
+        f"{', '.join(response.loaded_versions)}")
+    if report is not None and not response.validated:
+        failed = ", ".join(c["name"] for c in report.get("checks", []) if c["status"] == "failed")
+        err_console.print(f"validation failed: {failed}; the version stays registered", highlight=False)
+
+
+@models_app.command("unload")
+def models_unload(
+    model: ModelArg, version: VersionArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Unload a version that takes no traffic (drained first); one in service is refused."""
+    response = call(server, token, ca_file, "UnloadVersion", pb.UnloadVersionRequest(model=model, version=version))
+    Output(as_json).message(
+        {"model": model, "version": version, "loaded_versions": list(response.loaded_versions)},
+        f"unloaded {model} / {version}; loaded versions now {', '.join(response.loaded_versions) or 'none'}")
 
 
 @models_app.command("reject")
@@ -305,36 +338,6 @@ def models_list(
         _print_json([_version_dict(v) for v in response.versions])
     else:
         console.print(_versions_table(list(response.versions), "model versions"))
-
-
-@models_app.command("load")
-def models_load(
-    model: ModelArg, version: VersionArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Load a version that is in the repository, beside the ones already serving."""
-    with _client(server, token, ca_file) as client:
-        result = load_version(client, model, version)
-    Output(as_json).message(result, f"loaded {model} / {version}; loaded versions now {', '.join(result['loaded_versions'])}")
-
-
-def load_version(client: Client, model: str, version: str) -> dict[str, Any]:
-    """Minimal load: reload the model from the repository (Triton's RepositoryModelLoad: every
-    version the version policy selects), then check ``version`` is among the loaded ones."""
-    from lockgate._proto import inference_pb2 as ipb
-    from lockgate._proto import inference_pb2_grpc as ipb_grpc
-
-    stub = ipb_grpc.GRPCInferenceServiceStub(client.channel)
-    stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name=model), metadata=client.metadata, timeout=300)
-    index = stub.RepositoryIndex(ipb.RepositoryIndexRequest(), metadata=client.metadata, timeout=60)
-    entries = {m.version: m for m in index.models if m.name == model}
-    loaded = sorted((v for v, m in entries.items() if m.state == "READY"), key=lambda v: int(v) if v.isdigit() else 0)
-    if version not in loaded:
-        entry = entries.get(version)
-        why = (f"{entry.state}: {entry.reason}" if entry is not None
-               else f"there is no {model}/{version}/model.onnx in the server's repository")
-        fail(f"FAILED_PRECONDITION: {model} / {version} is not loaded after the reload ({why})")
-    return {"model": model, "version": version, "loaded": True, "loaded_versions": loaded}
 
 
 @models_app.command("show")
@@ -465,6 +468,7 @@ def _traffic_dict(status: Any) -> dict[str, Any]:
             "step_index": c.step_index, "percent": c.percent, "failures": c.failures,
             "failure_limit": c.failure_limit, "state": c.state, "reason": c.reason,
             "guardrails": json.loads(c.guardrails_json or "{}"), "started_at": c.started_at,
+            "waiting_for": c.waiting_for,
         }
     return result
 
@@ -483,7 +487,7 @@ def _print_traffic(status: Any, as_json: bool) -> None:
         canary = status.canary if status.HasField("canary") else None
         for w in status.weights:
             role = ""
-            if canary is not None and canary.state in ("progressing", "paused"):
+            if canary is not None and canary.state in ("progressing", "inconclusive", "paused"):
                 role = "canary" if w.version == canary.canary else "stable" if w.version == canary.stable else ""
             table.add_row(w.version, str(w.weight), f"{w.percent:.2f}", role)
         if status.HasField("shadow"):
@@ -575,7 +579,13 @@ def canary_start(
     max_disagreement: Annotated[Optional[float], typer.Option(
         "--max-disagreement", help=with_default("Highest share (0-1) of mirrored requests where the versions' top class differs.", _default("max_disagreement")))] = None,
     min_requests: Annotated[Optional[int], typer.Option(
-        "--min-requests", help=with_default("Fewest canary requests an analysis needs; fewer is inconclusive (the canary pauses).", _default("min_requests")))] = None,
+        "--min-requests", help=with_default("Fewest canary requests an analysis needs; fewer is inconclusive (the canary waits, then resumes by itself).", _default("min_requests")))] = None,
+    mirror_percent: Annotated[Optional[float], typer.Option(
+        "--mirror-percent", help=with_default("Share (%) of stable's requests mirrored to the canary (and back) for the "
+                                              "disagreement guardrail.", _default("mirror_percent")))] = None,
+    min_comparisons: Annotated[Optional[int], typer.Option(
+        "--min-comparisons", help=with_default("Fewest mirrored rows compared before disagreement is conclusive.",
+                                               _default("min_comparisons")))] = None,
     fail_on_drift: Annotated[Optional[bool], typer.Option(
         "--fail-on-drift/--ignore-drift", help=with_default("Whether a DRIFT status of the canary fails the analysis.", "fail-on-drift" if _GUARDRAILS.fail_on_drift else "ignore-drift"))] = None,
     disable: Annotated[Optional[list[str]], typer.Option(
@@ -601,7 +611,8 @@ def canary_start(
                         ("max_p99_ratio", max_p99_ratio), ("max_p99_ms", max_p99_ms),
                         ("max_disagreement", max_disagreement), ("min_requests", min_requests),
                         ("fail_on_drift", fail_on_drift), ("max_fairness_gap", max_fairness_gap),
-                        ("min_label_coverage", min_label_coverage), ("min_labels", min_labels)):
+                        ("min_label_coverage", min_label_coverage), ("min_labels", min_labels),
+                        ("mirror_percent", mirror_percent), ("min_comparisons", min_comparisons)):
         if value is not None:
             setattr(guardrails, name, value)
     for item in (max_quality_drop or "").split(","):
@@ -638,23 +649,39 @@ canary_app.command("resume")(_canary_command("ResumeCanary", "Continue a paused 
 
 
 # ---------------------------------------------------------------------- audit
+KeyOpt = Annotated[Optional[Path], typer.Option(
+    "--key-file", envvar="LOCKGATE_AUDIT_KEY_FILE",
+    help=with_default("Offline: the audit key (authenticates the entries).", "none: entries cannot be authenticated"))]
+PreviousKeysOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--previous-key-file", help=with_default("Offline: a rotated-out audit key (repeatable).", "none"))]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint-file", envvar="LOCKGATE_AUDIT_CHECKPOINT_FILE",
+    help=with_default("Offline: the signed checkpoint file.", "audit-checkpoints.jsonl beside the key file"))]
 
 
 @contextmanager
-def _local_trail(store: str) -> Iterator[Any]:
+def _local_trail(store: str, key_file: Path | None = None, previous: list[Path] | None = None,
+                 checkpoint_file: Path | None = None) -> Iterator[Any]:
     from lockgate.control.audit import AuditTrail
+    from lockgate.control.audit_key import AuditKeyring
+    from lockgate.control.checkpoint import CheckpointLog
     from lockgate.errors import LockgateError
     from lockgate.control.sqlite_store import resolve_db_path
     from lockgate.control.store import open_store
 
     if not store.startswith(("postgres://", "postgresql://")) and not resolve_db_path(store).exists():
         fail(f"no control-plane store at {store}")
+    keyring = None
     try:
+        if key_file is not None:
+            keyring = AuditKeyring.load(key_file, previous or ())
         opened = open_store(store)
     except LockgateError as exc:
         fail(f"{exc.code}: {exc}")
+    if checkpoint_file is None and key_file is not None:
+        checkpoint_file = key_file.parent / "audit-checkpoints.jsonl"
     try:
-        yield AuditTrail(opened)
+        yield AuditTrail(opened, keyring, None, CheckpointLog(checkpoint_file) if checkpoint_file else None)
     except LockgateError as exc:
         fail(f"{exc.code}: {exc}")
     finally:
@@ -664,11 +691,14 @@ def _local_trail(store: str) -> Iterator[Any]:
 @audit_app.command("verify")
 def audit_verify(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    key_file: KeyOpt = None, previous_key_file: PreviousKeysOpt = None, checkpoint_file: CheckpointOpt = None,
+    no_checkpoint: Annotated[bool, typer.Option(
+        "--no-checkpoint", help="Check the chain alone, not against the signed checkpoints (truncation goes undetected).")] = False,
     anchor: Annotated[Optional[str], typer.Option(
         "--anchor", help=with_default("SEQ:HASH recorded earlier (detects truncation).", "none"))] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the whole hash chain; exit 1 naming the first bad entry."""
+    """Check the keyed chain against its signed checkpoints and the registry; exit 1 naming the first problem."""
     anchor_seq, anchor_hash = 0, ""
     if anchor:
         seq_text, _, anchor_hash = anchor.partition(":")
@@ -678,24 +708,77 @@ def audit_verify(
     if store is not None:
         from lockgate.control.audit import AuditAnchor
 
-        with _local_trail(store) as trail:
-            r = trail.verify(AuditAnchor(anchor_seq, anchor_hash) if anchor_seq else None)
-        result = {"ok": r.ok, "checked": r.checked, "first_bad_seq": r.first_bad_seq or 0, "reason": r.reason,
-                  "head_seq": r.head_seq, "head_hash": r.head_hash}
+        with _local_trail(store, key_file, previous_key_file, checkpoint_file) as trail:
+            r = trail.verify(AuditAnchor(anchor_seq, anchor_hash) if anchor_seq else None, checkpoints=not no_checkpoint)
+        result = {**r.to_dict(), "first_bad_seq": r.first_bad_seq or 0,
+                  "checkpoint_seq": r.checkpoint_seq if r.checkpoint_seq is not None else -1}
     else:
-        response = call(server, token, ca_file, "AuditVerify", pb.AuditVerifyRequest(anchor_seq=anchor_seq, anchor_hash=anchor_hash))
+        response = call(server, token, ca_file, "AuditVerify", pb.AuditVerifyRequest(
+            anchor_seq=anchor_seq, anchor_hash=anchor_hash, no_checkpoint=no_checkpoint))
         result = {"ok": response.ok, "checked": response.checked, "first_bad_seq": response.first_bad_seq,
-                  "reason": response.reason, "head_seq": response.head_seq, "head_hash": response.head_hash}
-    if as_json:
-        _print_json(result)
-    elif result["ok"]:
-        console.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
-                      f"hash {result['head_hash']}", highlight=False)
-    else:
-        err_console.print(f"[bold red]audit trail BROKEN[/] at entry seq {result['first_bad_seq']}: {result['reason']} "
+                  "reason": response.reason, "head_seq": response.head_seq, "head_hash": response.head_hash,
+                  "checkpoint_seq": response.checkpoint_seq, "checkpoints_checked": response.checkpoints_checked,
+                  "unkeyed_entries": response.unkeyed_entries, "warnings": list(response.warnings),
+                  "registry_problems": list(response.registry_problems)}
+    def render(out: Any) -> None:
+        for warning in result["warnings"]:
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        if result["ok"]:
+            anchored = (f", matches the signed checkpoint at seq {result['checkpoint_seq']}"
+                        if result["checkpoint_seq"] >= 0 else " (NOT checked against a checkpoint)")
+            out.print(f"[green]audit trail intact[/]: {result['checked']} entries, head seq {result['head_seq']} "
+                      f"hash {result['head_hash']}{anchored}", highlight=False)
+            return
+        where = f" at entry seq {result['first_bad_seq']}" if result["first_bad_seq"] else ""
+        err_console.print(f"[bold red]audit trail BROKEN[/]{where}: {result['reason']} "
                           f"({result['checked']} entries verified before it)", highlight=False, soft_wrap=True)
+        for problem in result["registry_problems"][1:]:
+            err_console.print(f"  also: {problem}", highlight=False, soft_wrap=True)
+
+    Output(as_json).emit(result, render)
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the key (mode 0600; never overwritten).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an audit key. Keep it outside the state directory: whoever holds it can forge entries."""
+    from lockgate.control.audit_key import AuditKey
+    from lockgate.errors import LockgateError
+
+    try:
+        key = AuditKey.generate(out)
+    except LockgateError as exc:
+        fail(f"{exc.code}: {exc}")
+    Output(as_json).message({"key_id": key.key_id, "file": str(out)},
+                            f"audit key {key.key_id} written to {out}; pass it as --audit-key-file "
+                            "(or LOCKGATE_AUDIT_KEY_FILE)")
+
+
+@audit_app.command("seal")
+def audit_seal(
+    store: Annotated[str, typer.Option("--store", help="State dir, .db file or postgresql:// URL of the old trail.")],
+    key_file: Annotated[Path, typer.Option("--key-file", envvar="LOCKGATE_AUDIT_KEY_FILE", help="The audit key.")],
+    actor: Annotated[str, typer.Option("--actor", help="Who checked the old entries and seals them (audited).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why they are accepted (audited).")],
+    checkpoint_file: CheckpointOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Seal a trail written before audit keys: verify its plain SHA-256 chain and pin its head under the key."""
+    from lockgate.control.checkpoint import Checkpointer
+
+    with _local_trail(store, key_file, None, checkpoint_file) as trail:
+        entry = trail.seal_legacy(actor, reason)
+        if trail.checkpoint_log is not None:
+            Checkpointer(trail.checkpoint_log, trail.key, trail.store.audit_head).write(entry.seq, entry.hash)
+    Output(as_json).message(
+        {"seal_seq": entry.seq, "legacy_entries": entry.details["legacy_entries"],
+         "legacy_head_hash": entry.details["legacy_head_hash"], "key_id": entry.key_id},
+        f"sealed {entry.details['legacy_entries']} unkeyed entries at seq {entry.seq} "
+        f"(head {entry.details['legacy_head_hash'][:16]}…) under key {entry.key_id}")
 
 
 def _entries_table(entries: list[dict[str, Any]]) -> Table:
@@ -742,6 +825,7 @@ def audit_log(
 def audit_export(
     model: Annotated[str, typer.Option("--model", help="The model whose evidence bundle to export.")],
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, store: StoreOpt = None,
+    key_file: KeyOpt = None, checkpoint_file: CheckpointOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help=with_default("Write the JSON bundle to this file.", "stdout"))] = None,
     sign: Annotated[Optional[Path], typer.Option(
         "--sign", help=with_default("EC private key: also write OUT.sig, a detached model-signing signature.", "unsigned"))] = None,
@@ -759,7 +843,7 @@ def audit_export(
     if sign is not None and out is None:
         fail("--sign needs --out FILE: the detached signature is written beside it as FILE.sig")
     if store is not None:
-        with _local_trail(store) as trail:
+        with _local_trail(store, key_file, None, checkpoint_file) as trail:
             outcomes = lambda name: _offline_outcomes(store, model_repository, name, trail)  # noqa: E731
             text = render(evidence_bundle(trail, model, {"outcomes": outcomes}))
     else:
@@ -808,7 +892,7 @@ def audit_verify_export(
         console.print(f"[green]evidence intact[/]: {file} is signed by {key} (model {check.model}, "
                       f"{check.entries} audit entries)", highlight=False)
     else:
-        err_console.print(f"[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
+        err_console.print("[bold red]evidence NOT verified[/]: " + "; ".join(check.problems), highlight=False, soft_wrap=True)
     if not check.ok:
         raise typer.Exit(1)
 
@@ -863,6 +947,28 @@ def tokens_create(
     sys.stdout.write(f"token: {issued.token}\n")
     sys.stdout.write("(shown once; store it now. The server keeps only its hash.)\n")
     sys.stdout.write(yaml.safe_dump({"tokens": entry}, sort_keys=True))
+
+
+def status_command(
+    server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = "", ca_file: CaOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """This replica: leader or not, store, audit head, last signed checkpoint, last verification."""
+    r = call(server, token, ca_file, "ControlStatus", pb.ControlStatusRequest())
+    result = {"replica_id": r.replica_id, "leader": r.leader, "store": r.store, "degraded": r.degraded,
+              "require_approval": r.require_approval, "audit_head_seq": r.audit_head_seq,
+              "audit_head_hash": r.audit_head_hash, "checkpoint_seq": r.checkpoint_seq,
+              "checkpoint_file": r.checkpoint_file, "audit_key_id": r.audit_key_id,
+              "audit_verify_ok": r.audit_verify_ok if r.HasField("audit_verify_ok") else None}
+
+    def render(out: Any) -> None:
+        table = make_table(show_header=False, title=f"lockgate at {server}")
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        for key, value in result.items():
+            table.add_row(key, str(value))
+        out.print(table)
+
+    Output(as_json).emit(result, render)
 
 
 @tokens_app.command("whoami")

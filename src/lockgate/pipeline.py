@@ -155,6 +155,9 @@ class InferencePipeline:
             route = routing.route(model, request.model_version, routing_key, request_id)
             version = model.get(route.version)
         except BaseException as exc:  # NOT_FOUND / PERMISSION_DENIED before a version is known
+            # counted per model (version ""), so a refused request is never invisible
+            self.repository.count_unrouted(request.model_name,
+                                           exc.code.lower() if isinstance(exc, LockgateError) else "internal")
             if trace is not None:
                 trace.finish(exc, time.perf_counter_ns())
             raise

@@ -8,10 +8,13 @@ from lockgate.control.audit import (
     AuditAnchor,
     AuditEntry,
     AuditTrail,
+    Entry,
     VerifyResult,
     model_subject,
     redact,
 )
+from lockgate.control.audit_key import AuditKey, AuditKeyring
+from lockgate.control.checkpoint import Checkpoint, CheckpointLog, Checkpointer
 from lockgate.control.auth import (
     Authenticator,
     IssuedToken,
@@ -54,6 +57,7 @@ from lockgate.control.validation import Signature, TensorSpec, Tolerance, Valida
 from lockgate.control.watch import ChangeWatcher
 
 __all__ = [
+    "AuditKey", "AuditKeyring", "Checkpoint", "CheckpointLog", "Checkpointer", "Entry",
     "Action", "AlreadyExists", "ApprovalError", "ArtifactTamperedError", "AuditAnchor",
     "AuditEntry", "AuditTrail", "Authenticator", "Change", "ChangeKind", "ChangeWatcher",
     "ConflictError", "InvalidArgument", "LockgateError", "IssuedToken", "LIFECYCLE",

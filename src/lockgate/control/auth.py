@@ -35,6 +35,7 @@ from lockgate.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 TOKENS_ENV = "LOCKGATE_TOKENS"
 TOKEN_PREFIX = "lgt_"
+SYSTEM_NAME_PREFIX = "system:"  # reserved for lockgate's own audit actors
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -171,6 +172,10 @@ class Authenticator:
         self._entries: tuple[TokenEntry, ...] = tuple(entries)
         seen: set[str] = set()
         for entry in self._entries:
+            if entry.name.startswith(SYSTEM_NAME_PREFIX):
+                raise InvalidArgument(
+                    f"token name {entry.name!r}: names starting with {SYSTEM_NAME_PREFIX!r} are lockgate's own "
+                    "actors in the audit trail (a person must never pass for one under the four-eyes rule)")
             if entry.name in seen:
                 raise InvalidArgument(f"token name {entry.name!r} is defined twice")
             seen.add(entry.name)

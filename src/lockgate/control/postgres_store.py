@@ -9,8 +9,10 @@ is how the guarantees are obtained across machines:
   commit in revision order and ``changes_since`` can never skip a revision that commits
   late. A listener thread (one ``LISTEN`` connection per store) wakes
   ``wait_for_changes``; a short poll remains as the safety net for lost notifications.
-* **Audit chain.** ``append_audit`` takes ``pg_advisory_xact_lock(AUDIT_LOCK)`` before
-  reading the head, so appends from any number of replicas form one linear chain.
+* **Audit chain.** A unit that appends to the chain (``apply`` with audit drafts, and so
+  ``append_audit``) takes ``pg_advisory_xact_lock(AUDIT_LOCK)`` before reading the head,
+  so appends from any number of replicas form one linear chain; a governance change and
+  its audit entry commit in one transaction.
 * **Schema.** ``schema_migrations`` lists applied versions; opening applies the missing
   entries of ``MIGRATIONS`` under ``pg_advisory_xact_lock(MIGRATION_LOCK)``.
 * **Text order.** Text columns use ``COLLATE "C"`` so ordering and the subject range
@@ -35,9 +37,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql as pgsql
 
-from lockgate.errors import ConflictError, StoreError
+from lockgate.errors import StoreError
 from lockgate.control.sql_store import SqlStore, apply_migrations
-from lockgate.control.store import AuditBuilder, AuditRow, Change, ChangeKind, utc_now_iso
+from lockgate.control.store import Change, ChangeKind, utc_now_iso
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
            FOR EACH ROW EXECUTE FUNCTION lockgate_audit_append_only()""",
         """CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
            FOR EACH STATEMENT EXECUTE FUNCTION lockgate_audit_append_only()""",
+    ),
+    (
+        # Keyed entries: ``hash`` is an HMAC under the key named here ('' = written before
+        # audit keys, plain SHA-256). Inserts go at the head only: seq = max + 1, so a
+        # gap cannot be filled in later and an upsert cannot land on an existing row.
+        "ALTER TABLE audit ADD COLUMN key_id TEXT NOT NULL DEFAULT ''",
+        """CREATE FUNCTION lockgate_audit_at_head() RETURNS trigger
+           LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.seq <> (SELECT COALESCE(MAX(seq), 0) + 1 FROM audit) THEN
+               RAISE EXCEPTION 'audit trail is append-only: entry seq % is not at the head', NEW.seq;
+             END IF;
+             RETURN NEW;
+           END $$""",
+        """CREATE TRIGGER audit_at_head BEFORE INSERT ON audit
+           FOR EACH ROW EXECUTE FUNCTION lockgate_audit_at_head()""",
     ),
 )
 
@@ -307,19 +325,26 @@ class PostgresStore(SqlStore):
                 raise StoreError(f"PostgreSQL at {self.display_url} failed: {exc}") from exc
         raise StoreError("unreachable")  # pragma: no cover - the loop always returns or raises
 
-    def _transact(self, work: Callable[[psycopg.Connection[Any]], T], *, feed: bool = False) -> T:
+    def _transact(
+        self, work: Callable[[psycopg.Connection[Any]], T], *, feed: bool = False, audit: bool = False
+    ) -> T:
         """``work`` in one transaction (``_run``: one retry if the connection is lost before COMMIT).
 
         ``feed``: take ``CHANGES_LOCK`` first. An identity column alone would let a later
         revision commit before an earlier one, and ``changes_since`` could then skip the
         late one; holding the lock from the transaction's start makes revisions commit in
         revision order (and serialises policy revision numbering per model).
+        ``audit``: take ``AUDIT_LOCK`` (after ``CHANGES_LOCK``, always in that order, so two
+        units never wait on each other) before the chain head is read, so appends from any
+        number of replicas form one linear chain.
         """
-        if not feed:
+        locks = ([CHANGES_LOCK] if feed else []) + ([AUDIT_LOCK] if audit else [])
+        if not locks:
             return self._run(work, write=True)
 
         def locked(conn: psycopg.Connection[Any]) -> T:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+            for lock in locks:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
             return work(conn)
 
         return self._run(locked, write=True)
@@ -403,20 +428,6 @@ class PostgresStore(SqlStore):
                     self._stop.wait(0.2)
             finally:
                 conn.close()
-
-    # -- audit ----------------------------------------------------------------------------
-    def append_audit(self, build: AuditBuilder) -> AuditRow:
-        """``AUDIT_LOCK`` is taken before the head is read and held until commit, so
-        appends from any number of replicas form one linear chain."""
-
-        def work(conn: psycopg.Connection[Any]) -> AuditRow:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK,))
-            return self._append_audit_in(conn, build)
-
-        try:
-            return self._run(work, write=True)
-        except psycopg.errors.UniqueViolation as exc:  # only if someone bypassed the lock
-            raise ConflictError(f"audit chain head moved concurrently: {exc}") from exc
 
     # -- lifecycle -------------------------------------------------------------------------------
     def schema_version(self) -> int:

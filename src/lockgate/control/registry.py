@@ -15,11 +15,21 @@ keeps it in shadow and marks it approved (``metadata["approved_by"]``), so it
 may then move to serving/canary directly.
 
 Every state change is a compare-and-set on the stored state, so two admins
-racing on one version cannot both win, and every change is audited.
+racing on one version cannot both win, and every change is committed in one transaction
+with its audit entry (``AuditTrail.record``): nothing happens that is not audited.
+
+The audit trail is the authority on a version's approval-relevant state
+(``attestation``): a version whose registry row disagrees with its authenticated history
+takes no traffic, cannot be approved or loaded, and the disagreement is audited once.
+
+Four eyes: the approver must differ from every human who acted on the version (registered
+it, validated it, or wrote its card); ``system:*`` actors never count as humans, so a
+version found on disk needs two people.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -27,7 +37,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from lockgate.control.audit import Action, AuditTrail, model_subject
+from lockgate.control.actor import SYSTEM_ACTOR
+from lockgate.control.attestation import (
+    Attestation,
+    attest,
+    disagreements,
+    document_digest,
+    is_system_actor,
+    latest_card,
+)
+from lockgate.control.audit import Action, AuditTrail, Entry, model_subject
 from lockgate.control.card import ModelCard, parse_card
 from lockgate.control.provenance import Provenance, ProvenanceGate
 from lockgate.errors import (
@@ -38,16 +57,30 @@ from lockgate.errors import (
     LifecycleError,
     NotFound,
 )
-from lockgate.control.store import RecordKind, Store, StoredRecord, VersionRecord, utc_now_iso
+from lockgate.control.store import (
+    AddRecord,
+    CreateVersion,
+    RecordKind,
+    Store,
+    StoredRecord,
+    UpdateVersion,
+    VersionRecord,
+    utc_now_iso,
+)
 from lockgate.control.validation import (
     Arrays,
     CheckResult,
     Signature,
     Tolerance,
     ValidationReport,
+    drift_required,
+    profile_problem,
     run_checks,
     sha256_file,
 )
+
+log = logging.getLogger("lockgate.control")
+
 
 ARTIFACT_FILENAME = "model.onnx"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -68,7 +101,7 @@ LIFECYCLE: Mapping[State, frozenset[State]] = {
     State.REGISTERED: frozenset({State.VALIDATED, State.RETIRED}),
     State.VALIDATED: frozenset({State.APPROVED, State.SHADOW, State.RETIRED}),
     State.APPROVED: frozenset({State.SERVING, State.CANARY, State.SHADOW, State.RETIRED}),
-    State.SERVING: frozenset({State.APPROVED, State.RETIRED}),
+    State.SERVING: frozenset({State.CANARY, State.APPROVED, State.RETIRED}),  # canary: a weighted version becomes the canary
     State.CANARY: frozenset({State.SERVING, State.APPROVED, State.RETIRED}),
     State.SHADOW: frozenset({State.VALIDATED, State.APPROVED, State.SERVING, State.CANARY, State.RETIRED}),
     State.RETIRED: frozenset(),
@@ -95,7 +128,7 @@ def _is_approved(record: VersionRecord) -> bool:
 
 
 class Registry:
-    """Lifecycle operations over a ``Store``, each audited through ``AuditTrail``.
+    """Lifecycle operations over a ``Store``, each committed with its audit entry.
 
     ``repository`` is the model repository root (``REPO/<model>/<version>/model.onnx``);
     it is only needed when ``register`` is called without an explicit path. ``provenance``
@@ -106,15 +139,16 @@ class Registry:
     def __init__(
         self,
         store: Store,
-        audit: AuditTrail | None = None,
+        audit: AuditTrail,
         *,
         repository: str | Path | None = None,
         provenance: ProvenanceGate | None = None,
     ) -> None:
         self.store = store
-        self.audit = audit or AuditTrail(store)
+        self.audit = audit
         self.repository = Path(repository) if repository is not None else None
         self.provenance = provenance or ProvenanceGate(store, self.audit)
+        self._reported: set[tuple[str, str, tuple[str, ...]]] = set()  # disagreements already audited
 
     # -- queries ------------------------------------------------------------
     def get(self, model: str, version: str) -> VersionRecord:
@@ -130,6 +164,7 @@ class Registry:
     def show(self, model: str, version: str) -> dict[str, Any]:
         """Version row plus its reports, approvals and cards (for ``models show``)."""
         record = self.get(model, version)
+        problems = self.integrity_problems(record)
 
         def bodies(kind: RecordKind) -> list[dict[str, Any]]:
             return [
@@ -139,8 +174,9 @@ class Registry:
 
         return {
             **asdict(record),
-            "can_serve": self._serve_denial(record) is None,
-            "can_shadow": State(record.state) in SHADOWABLE_STATES,
+            "can_serve": self._serve_denial(record, problems) is None,
+            "can_shadow": not problems and State(record.state) in SHADOWABLE_STATES,
+            "audit_disagreements": problems,
             "validation_reports": bodies(RecordKind.VALIDATION),
             "approvals": bodies(RecordKind.APPROVAL),
             "cards": bodies(RecordKind.CARD),
@@ -151,11 +187,39 @@ class Registry:
         return ValidationReport.model_validate(records[-1].body) if records else None
 
     def latest_card(self, model: str, version: str) -> ModelCard | None:
-        records = self.store.list_records(RecordKind.CARD, model, version)
-        return ModelCard.model_validate(records[-1].body) if records else None
+        card = latest_card(self.store, model, version)
+        return ModelCard.model_validate(card.body) if card is not None else None
+
+    # -- the audit trail's word ------------------------------------------------
+    def attestation(self, model: str, version: str) -> tuple[Attestation, list[str]]:
+        """The version's attested state, and the entries that failed to authenticate."""
+        entries, problems = self.audit.authentic(model_subject(model, version))
+        return attest(model, version, entries), problems
+
+    def integrity_problems(self, record: VersionRecord) -> list[str]:
+        """Every way the registry row disagrees with the authenticated audit trail ([] if none)."""
+        attestation, problems = self.attestation(record.model, record.version)
+        return problems + disagreements(record, latest_card(self.store, record.model, record.version), attestation)
+
+    def _report(self, record: VersionRecord, problems: list[str]) -> None:
+        """Audit (once per distinct finding per process) and log a registry/trail disagreement."""
+        key = (record.model, record.version, tuple(problems))
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.error("model %s version %s takes no traffic: the registry disagrees with the audit trail: %s",
+                  record.model, record.version, "; ".join(problems))
+        try:
+            self.audit.append(SYSTEM_ACTOR, Action.REGISTRY_MISMATCH, model_subject(record.model, record.version),
+                              {"problems": problems, "row": asdict(record)})
+        except Exception:  # the refusal stands whether or not it could be recorded
+            log.exception("registry mismatch of %s/%s could not be audited", record.model, record.version)
 
     @staticmethod
-    def _serve_denial(record: VersionRecord) -> str | None:
+    def _serve_denial(record: VersionRecord, problems: list[str] | None = None) -> str | None:
+        if problems:
+            return (f"model {record.model!r} version {record.version!r} takes no traffic: the registry disagrees "
+                    f"with the audit trail ({problems[0]})")
         state = State(record.state)
         if state in SERVABLE_STATES or (state is State.SHADOW and _is_approved(record)):
             return None
@@ -170,34 +234,45 @@ class Registry:
         record = self.store.get_version(model, version)
         if record is None:
             return f"model {model!r} version {version!r} is not registered"
-        return self._serve_denial(record)
+        return self._serve_denial(record, self.integrity_problems(record))
 
     def can_serve(self, model: str, version: str) -> bool:
-        """Approved, serving or canary (or approved while shadowing)."""
+        """Approved, serving or canary (or approved while shadowing), and attested."""
         return self.serve_denial_reason(model, version) is None
 
     def can_shadow(self, model: str, version: str) -> bool:
-        """Validated or better and not retired."""
+        """Validated or better, not retired, and attested."""
         record = self.store.get_version(model, version)
-        return record is not None and State(record.state) in SHADOWABLE_STATES
+        return (record is not None and State(record.state) in SHADOWABLE_STATES
+                and not self.integrity_problems(record))
 
     def gates(self, model: str) -> tuple[frozenset[str], frozenset[str], dict[str, str]]:
-        """(servable, shadowable, state by version) from one read: the router's cached view."""
-        records = self.store.list_versions(model)
-        return (
-            frozenset(r.version for r in records if self._serve_denial(r) is None),
-            frozenset(r.version for r in records if State(r.state) in SHADOWABLE_STATES),
-            {r.version: str(r.state) for r in records},
-        )
+        """(servable, shadowable, state by version): the router's cached view.
+
+        A version whose row disagrees with its attested history is in neither set, and
+        the disagreement is audited.
+        """
+        servable: set[str] = set()
+        shadowable: set[str] = set()
+        states: dict[str, str] = {}
+        for record in self.store.list_versions(model):
+            states[record.version] = str(record.state)
+            problems = self.integrity_problems(record)
+            if problems:
+                self._report(record, problems)
+                continue
+            if self._serve_denial(record) is None:
+                servable.add(record.version)
+            if State(record.state) in SHADOWABLE_STATES:
+                shadowable.add(record.version)
+        return frozenset(servable), frozenset(shadowable), states
 
     def servable_versions(self, model: str) -> frozenset[str]:
-        """Versions that may take live traffic: for the router's snapshot (refresh on VERSION changes)."""
-        return frozenset(r.version for r in self.store.list_versions(model) if self._serve_denial(r) is None)
+        """Versions that may take live traffic (attested and approved or better)."""
+        return self.gates(model)[0]
 
     def shadowable_versions(self, model: str) -> frozenset[str]:
-        return frozenset(
-            r.version for r in self.store.list_versions(model) if State(r.state) in SHADOWABLE_STATES
-        )
+        return self.gates(model)[1]
 
     # -- register -----------------------------------------------------------
     def artifact_path(self, model: str, version: str) -> Path:
@@ -233,12 +308,11 @@ class Registry:
             updated_at=now,
             metadata={**dict(metadata or {}), "provenance": provenance.to_dict()},
         )
-        self.store.create_version(record)
-        self.audit.append(
-            actor,
-            Action.MODEL_REGISTER,
-            model_subject(model, version),
-            {"artifact_path": record.artifact_path, "sha256": digest, "metadata": record.metadata},
+        self.audit.record(
+            [CreateVersion(record)],
+            [Entry(actor, Action.MODEL_REGISTER, model_subject(model, version),
+                   {"artifact_path": record.artifact_path, "sha256": digest, "metadata": record.metadata,
+                    "to": State.REGISTERED.value})],
         )
         return record
 
@@ -305,28 +379,23 @@ class Registry:
             started_at=started,
             finished_at=utc_now_iso(),
         )
-        stored = self.store.add_record(RecordKind.VALIDATION, model, version, actor, report.model_dump(mode="json"))
+        body = report.model_dump(mode="json")
         new_state = State.VALIDATED if report.passed else State.REGISTERED
+        writes: list[Any] = [AddRecord(RecordKind.VALIDATION, model, version, actor, body)]
         if report.passed:
-            self.store.update_version(
-                model, version, state=new_state.value, expected_state=State.REGISTERED.value,
-                metadata={"validation_id": stored.id,
-                          **({"provenance": provenance.to_dict()} if provenance is not None else {})},
-            )
-        self.audit.append(
-            actor,
-            Action.MODEL_VALIDATE,
-            model_subject(model, version),
-            {
-                "passed": report.passed,
-                "failed_checks": report.failed_checks(),
-                "report_id": stored.id,
-                "sha256": record.sha256,
-                "latency_ms": latency,
-                "from": record.state,
-                "to": new_state.value,
-            },
-        )
+            writes.append(UpdateVersion(
+                model, version, new_state.value, expected_state=State.REGISTERED.value,
+                metadata={"provenance": provenance.to_dict()} if provenance is not None else None))
+        self.audit.record(writes, [Entry(actor, Action.MODEL_VALIDATE, model_subject(model, version), lambda r: {
+            "passed": report.passed,
+            "failed_checks": report.failed_checks(),
+            "report_id": r[0].id,
+            "report_sha256": document_digest(body),
+            "sha256": record.sha256,
+            "latency_ms": latency,
+            "from": record.state,
+            "to": new_state.value,
+        })])
         return report
 
     # -- card and approval ----------------------------------------------------
@@ -336,18 +405,23 @@ class Registry:
         if record.state == State.RETIRED:
             raise LifecycleError(f"model {model!r} version {version!r} is retired")
         filled = self.provenance.fill_card(parse_card(card), Provenance.from_dict(record.metadata.get("provenance")))
-        return self._store_card(model, version, filled, actor)
-
-    def _store_card(self, model: str, version: str, card: ModelCard, actor: str) -> StoredRecord:
-        stored = self.store.add_record(RecordKind.CARD, model, version, actor, card.model_dump(mode="json"))
-        self.audit.append(actor, Action.MODEL_CARD, model_subject(model, version),
-                          {"card_id": stored.id, "owner": card.owner, "signer": card.signer,
-                           "manifest_digest": card.manifest_digest, "license": card.license})
+        write, entry = self._card_step(model, version, filled, actor)
+        stored: StoredRecord = self.audit.record([write], [entry]).results[0]
         return stored
+
+    @staticmethod
+    def _card_step(model: str, version: str, card: ModelCard, actor: str, index: int = 0) -> tuple[AddRecord, Entry]:
+        """The write and audit entry of one card (``index``: the write's place in its unit)."""
+        body = card.model_dump(mode="json")
+        return AddRecord(RecordKind.CARD, model, version, actor, body), Entry(
+            actor, Action.MODEL_CARD, model_subject(model, version),
+            lambda r: {"card_id": r[index].id, "card_sha256": document_digest(body), "owner": card.owner,
+                       "signer": card.signer, "manifest_digest": card.manifest_digest, "license": card.license})
 
     def _decision(self, model: str, version: str, person: str, reason: str, kind: str) -> tuple[VersionRecord, State]:
         """The rules an approval and a rejection share: the version awaits approval (validated,
-        or shadowing unapproved), the person did not register it (four eyes), a reason is given."""
+        or shadowing unapproved), its registry row agrees with the audit trail, the person did
+        not act on it (four eyes), and a reason is given."""
         record = self.get(model, version)
         state = State(record.state)
         if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
@@ -355,14 +429,34 @@ class Registry:
                 f"model {model!r} version {version!r} is {state.value}; only validated versions can be "
                 + ("approved" if kind == "approval" else "rejected")
             )
-        if person.strip() == record.registered_by.strip():
-            raise ApprovalError(
-                f"four-eyes rule: {person!r} registered model {model!r} version {version!r} "
-                + ("and cannot also approve it" if kind == "approval" else "and cannot also decide on its approval")
-            )
         if not reason or not reason.strip():
             raise ApprovalError(f"an {kind} needs a non-empty reason" if kind == "approval" else f"a {kind} needs a non-empty reason")
+        attestation, problems = self.attestation(model, version)
+        problems += disagreements(record, latest_card(self.store, model, version), attestation)
+        if problems:
+            self._report(record, problems)
+            raise ApprovalError(f"model {model!r} version {version!r} cannot be "
+                                f"{'approved' if kind == 'approval' else 'rejected'}: the registry disagrees "
+                                f"with the audit trail ({problems[0]})")
+        refusal = self.four_eyes_problem(attestation, person, kind)
+        if refusal is not None:
+            raise ApprovalError(refusal)
         return record, state
+
+    def four_eyes_problem(self, attestation: Attestation, person: str, kind: str = "approval") -> str | None:
+        """Why ``person`` may not approve (or reject) this version under the four-eyes rule, or None."""
+        subject = f"model {attestation.model!r} version {attestation.version!r}"
+        verb = "approve" if kind == "approval" else "reject"
+        if is_system_actor(person):
+            return f"four-eyes rule: {person!r} is lockgate itself; a person must {verb} {subject}"
+        humans = attestation.humans()
+        acts = humans.get(person)
+        if acts:
+            others = ", ".join(f"{name} {' and '.join(what)}" for name, what in humans.items()) or "nobody"
+            return (f"four-eyes rule: the {'approver' if kind == 'approval' else 'rejecter'} must differ from every "
+                    f"person who acted on {subject} (registered it, validated it or wrote its card); "
+                    f"{person!r} {' and '.join(acts)} (actors: {others})")
+        return None
 
     def approve(
         self,
@@ -374,101 +468,111 @@ class Registry:
     ) -> StoredRecord:
         """Approve a validated version for live traffic; returns the approval record.
 
-        Refused (``ApprovalError``) when the approver registered the version,
-        the reason is blank, no complete model card is given or stored, or the
-        provenance policy is not met (signature, trusted signer, licence, vendor
-        assessment); ``LifecycleError`` when the version is not validated.
+        Refused (``ApprovalError``) when the approver acted on the version (four eyes), the
+        reason is blank, the approver brings the card (writing the card is acting on it),
+        no complete card is stored, the model's config enables drift but the version has no
+        reference profile, the provenance policy is not met (signature, trusted signer,
+        licence, vendor assessment), or the registry disagrees with the audit trail;
+        ``LifecycleError`` when the version is not validated.
         """
-        record, state = self._decision(model, version, approver, reason, "approval")
-        stored_card: StoredRecord | None = None
         if card is not None:
-            try:
-                parsed = parse_card(card)
-            except InvalidArgument as exc:
-                raise ApprovalError(str(exc)) from exc
-        else:
-            cards = self.store.list_records(RecordKind.CARD, model, version)
-            if not cards:
-                raise ApprovalError(f"model {model!r} version {version!r} has no model card; provide one to approve")
-            stored_card = cards[-1]
-            # Its signer fields were lockgate's: they are refreshed from this verification.
-            parsed = ModelCard.model_validate(stored_card.body).model_copy(update={"signer": "", "manifest_digest": ""})
+            raise ApprovalError(
+                f"four-eyes rule: the approver may not supply the model card of model {model!r} version {version!r} "
+                "(writing the card is acting on the version); have someone else attach it with `lockgate models card`"
+            )
+        record, state = self._decision(model, version, approver, reason, "approval")
+        stored_card = latest_card(self.store, model, version)
+        if stored_card is None:
+            raise ApprovalError(f"model {model!r} version {version!r} has no model card; someone other than the "
+                                "approver must attach one (`lockgate models card`)")
+        model_dir = Path(record.artifact_path).parent.parent
+        if drift_required(model_dir):
+            missing = profile_problem(record.artifact_path)
+            if missing is not None:
+                raise ApprovalError(f"model {model!r} version {version!r} cannot be approved: {missing}, and the "
+                                    "model's governance config enables drift (build one with `lockgate profile build`)")
+        # Its signer fields were lockgate's: they are refreshed from this verification.
+        parsed = ModelCard.model_validate(stored_card.body).model_copy(update={"signer": "", "manifest_digest": ""})
         try:
-            provenance, filled, problems = self.provenance.check_approval(
+            provenance, filled, policy_problems = self.provenance.check_approval(
                 model, version, Path(record.artifact_path).parent, parsed, actor=approver)
         except (ArtifactSignatureError, InvalidArgument) as exc:
             raise ApprovalError(f"cannot approve: {exc.message}") from exc
-        if problems:
-            raise ApprovalError(f"cannot approve model {model!r} version {version!r}: " + "; ".join(problems))
+        if policy_problems:
+            raise ApprovalError(f"cannot approve model {model!r} version {version!r}: " + "; ".join(policy_problems))
         self.verify_artifact(model, version, actor=approver,
                              actual_sha256=provenance.artifact_digest(Path(record.artifact_path)))
-        # The card approved is the one stating what was verified now.
-        if stored_card is not None and stored_card.body == filled.model_dump(mode="json"):
-            card_record = stored_card
-        else:
-            card_record = self._store_card(model, version, filled, approver)
         target = State.APPROVED if state is State.VALIDATED else State.SHADOW
         now = utc_now_iso()
-        self.store.update_version(
-            model, version, state=target.value, expected_state=state.value,
-            metadata={"approved_by": approver, "approved_at": now, "provenance": provenance.to_dict()},
-        )
-        approval = self.store.add_record(
-            RecordKind.APPROVAL, model, version, approver,
-            {
-                "approver": approver,
-                "reason": reason.strip(),
-                "card_id": card_record.id,
-                "sha256": record.sha256,
-                "validation_id": record.metadata.get("validation_id"),
-                "registered_by": record.registered_by,
-                "provenance": provenance.to_dict(),
-            },
-        )
-        self.audit.append(
-            approver,
-            Action.MODEL_APPROVE,
-            model_subject(model, version),
-            {"reason": reason.strip(), "approval_id": approval.id, "card_id": card_record.id,
-             "sha256": record.sha256, "from": state.value, "to": target.value, "provenance": provenance.summary},
-        )
+        reports = [r for r in self.store.list_records(RecordKind.VALIDATION, model, version) if r.body.get("passed")]
+        writes: list[Any] = [UpdateVersion(model, version, target.value, expected_state=state.value,
+                                           metadata={"approved_by": approver, "approved_at": now,
+                                                     "provenance": provenance.to_dict()})]
+        entries: list[Entry] = []
+        # The card approved is the one stating what was verified now (lockgate fills its signer
+        # fields): when they changed, the refreshed card is stored with the approval.
+        refreshed = stored_card.body != filled.model_dump(mode="json")
+        if refreshed:
+            write, entry = self._card_step(model, version, filled, approver, index=1)
+            writes.append(write)
+            entries.append(entry)
+        card_digest = document_digest(filled.model_dump(mode="json") if refreshed else stored_card.body)
+
+        def card_id(results: Any) -> int:
+            return int(results[1].id) if refreshed else stored_card.id
+
+        body_of = {
+            "approver": approver,
+            "reason": reason.strip(),
+            "card_sha256": card_digest,
+            "sha256": record.sha256,
+            "validation_id": reports[-1].id if reports else None,
+            "registered_by": record.registered_by,
+            "provenance": provenance.to_dict(),
+        }
+        approval_index = len(writes)
+        writes.append(AddRecord(RecordKind.APPROVAL, model, version, approver, body_of))
+        entries.append(Entry(approver, Action.MODEL_APPROVE, model_subject(model, version), lambda r: {
+            "reason": reason.strip(), "approval_id": r[approval_index].id, "card_id": card_id(r),
+            "card_sha256": card_digest, "sha256": record.sha256, "from": state.value, "to": target.value,
+            "provenance": provenance.summary,
+        }))
+        applied = self.audit.record(writes, entries)
+        approval: StoredRecord = applied.results[approval_index]
         return approval
 
     def reject(self, model: str, version: str, rejecter: str, reason: str) -> VersionRecord:
         """Refuse a version awaiting approval: it is retired, so it can never be approved.
 
-        The same hands and rules as ``approve``: the rejecter did not register it, and the
-        reason is not blank; only a validated (pending) version can be rejected.
+        The same hands and rules as ``approve``: four eyes, a reason, only a validated
+        (pending) version.
         """
         record, state = self._decision(model, version, rejecter, reason, "rejection")
-        updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=state.value,
-                                            metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})
-        self.audit.append(
-            rejecter, Action.MODEL_REJECT, model_subject(model, version),
-            {"reason": reason.strip(), "sha256": record.sha256, "from": state.value, "to": State.RETIRED.value},
+        applied = self.audit.record(
+            [UpdateVersion(model, version, State.RETIRED.value, expected_state=state.value,
+                           metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})],
+            [Entry(rejecter, Action.MODEL_REJECT, model_subject(model, version),
+                   {"reason": reason.strip(), "sha256": record.sha256, "from": state.value, "to": State.RETIRED.value})],
         )
+        updated: VersionRecord = applied.results[0]
         return updated
 
     # -- traffic states and retirement ------------------------------------------
-    def transition(
-        self,
-        model: str,
-        version: str,
-        target: State | str,
-        actor: str,
-        *,
-        reason: str = "",
-        details: Mapping[str, Any] | None = None,
-    ) -> VersionRecord:
-        """Move between traffic states (serving, canary, shadow, back to approved/validated)."""
+    def plan_transition(self, record: VersionRecord, target: State | str) -> State | None:
+        """The state a traffic change moves ``record`` to (None: already there).
+
+        Raises ``LifecycleError`` for a move the lifecycle does not allow.
+        """
+        model, version = record.model, record.version
         to = State(target)
-        record = self.get(model, version)
         current = State(record.state)
         if to not in _TRAFFIC_TARGETS or (to is State.VALIDATED and current is not State.SHADOW):
             raise LifecycleError(
                 f"cannot move model {model!r} version {version!r} to {to.value} with a traffic change; "
                 + {State.VALIDATED: "use validate()", State.RETIRED: "use retire()"}.get(to, "not a traffic state")
             )
+        if to is current:
+            return None
         if to is State.APPROVED and current is State.VALIDATED:
             raise LifecycleError(f"model {model!r} version {version!r} is validated; approval requires approve()")
         if to not in LIFECYCLE[current]:
@@ -484,14 +588,36 @@ class Registry:
                 )
             if to is State.VALIDATED and _is_approved(record):
                 to = State.APPROVED  # an approved version leaves shadow as approved
-        updated = self.store.update_version(model, version, state=to.value, expected_state=current.value)
-        self.audit.append(
-            actor,
-            Action.MODEL_TRANSITION,
-            model_subject(model, version),
-            {"from": current.value, "to": to.value, "reason": reason, **dict(details or {})},
-        )
+        return to
+
+    def transition(
+        self,
+        model: str,
+        version: str,
+        target: State | str,
+        actor: str,
+        *,
+        reason: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> VersionRecord:
+        """Move between traffic states (serving, canary, shadow, back to approved/validated)."""
+        record = self.get(model, version)
+        to = self.plan_transition(record, target)
+        if to is None:
+            return record
+        write, entry = self.transition_step(record, to, actor, reason=reason, details=details)
+        updated: VersionRecord = self.audit.record([write], [entry]).results[0]
         return updated
+
+    @staticmethod
+    def transition_step(
+        record: VersionRecord, to: State, actor: str, *, reason: str = "", details: Mapping[str, Any] | None = None
+    ) -> tuple[UpdateVersion, Entry]:
+        """The write and audit entry of one planned move (to commit with other writes)."""
+        write = UpdateVersion(record.model, record.version, to.value, expected_state=record.state)
+        entry = Entry(actor, Action.MODEL_TRANSITION, model_subject(record.model, record.version),
+                      {"from": record.state, "to": to.value, "reason": reason, **dict(details or {})})
+        return write, entry
 
     def retire(self, model: str, version: str, actor: str, *, reason: str = "", force: bool = False) -> VersionRecord:
         """End a version; refused while it serves or canaries unless ``force``."""
@@ -503,11 +629,12 @@ class Registry:
             raise LifecycleError(
                 f"model {model!r} version {version!r} is {current.value}; move its traffic away first (or force)"
             )
-        updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=current.value)
-        self.audit.append(
-            actor, Action.MODEL_RETIRE, model_subject(model, version),
-            {"from": current.value, "to": State.RETIRED.value, "reason": reason, "forced": force},
+        applied = self.audit.record(
+            [UpdateVersion(model, version, State.RETIRED.value, expected_state=current.value)],
+            [Entry(actor, Action.MODEL_RETIRE, model_subject(model, version),
+                   {"from": current.value, "to": State.RETIRED.value, "reason": reason, "forced": force})],
         )
+        updated: VersionRecord = applied.results[0]
         return updated
 
     # -- integrity ----------------------------------------------------------------
@@ -520,27 +647,40 @@ class Registry:
         actor: str = "lockgate",
         actual_sha256: str | None = None,
     ) -> None:
-        """Re-hash the artifact (call at every load); a mismatch is audited and refused.
+        """Re-hash the artifact (call at every load) against the registry *and* the audited
+        registration; any mismatch is audited and refused.
 
         ``actual_sha256``: the digest the caller just took of ``path`` (the load's, or the
         verified manifest's), so the artifact is not hashed a second time.
         """
         record = self.get(model, version)
+        attestation, problems = self.attestation(model, version)
         target = Path(path) if path is not None else Path(record.artifact_path)
+        expected = attestation.sha256 if attestation.registered else record.sha256
+        issues = list(problems)
+        if not attestation.registered:
+            issues.append("its registration is not in the audit trail")
+        elif attestation.sha256 != record.sha256:
+            issues.append(f"the registry's digest {record.sha256[:16]}… was changed from the audited "
+                          f"{str(attestation.sha256)[:16]}…")
         try:
             actual: str | None = actual_sha256 if actual_sha256 is not None else sha256_file(target)
-            problem = None if actual == record.sha256 else "sha256 mismatch"
+            if actual != expected or actual != record.sha256:
+                issues.insert(0, "sha256 mismatch")
         except OSError as exc:
-            actual, problem = None, f"unreadable: {exc.strerror or exc}"
-        if problem is None:
+            actual = None
+            issues.insert(0, f"unreadable: {exc.strerror or exc}")
+        if not issues:
             return
+        problem = "; ".join(issues)
         self.audit.append(
             actor,
             Action.ARTIFACT_TAMPERED,
             model_subject(model, version),
-            {"path": str(target), "expected_sha256": record.sha256, "actual_sha256": actual, "problem": problem},
+            {"path": str(target), "expected_sha256": expected, "registry_sha256": record.sha256,
+             "actual_sha256": actual, "problem": problem},
         )
         raise ArtifactTamperedError(
             f"refusing to load model {model!r} version {version!r}: artifact {target} {problem} "
-            f"(registered sha256 {record.sha256[:16]}…, found {actual[:16] + '…' if actual else 'none'})"
+            f"(audited sha256 {str(expected)[:16]}…, found {actual[:16] + '…' if actual else 'none'})"
         )

@@ -10,11 +10,19 @@
   it is drained, so the replay order is the order in which they were made.
 * **Replay** runs on a background thread with exponential backoff. Audit entries are
   re-chained at replay time through ``inner.append_audit(build)`` (new seq, prev_hash,
-  time, hash), so the chain verifies; the time the entry was really made is kept in
-  ``details["spooled_at"]``. Progress is committed to an offset file after each entry,
-  so a crash mid-replay resumes where it stopped (at-least-once for that one entry).
-* Other writes (registry, policies, records) are compare-and-set operations that cannot
-  be deferred; they raise ``StoreError`` while the store is down.
+  time, MAC under the audit key), so the chain verifies; the time the entry was really
+  made is kept in ``details["spooled_at"]``. Progress is committed to an offset file
+  after each entry, so a crash mid-replay resumes where it stopped (at-least-once for
+  that one entry).
+* **Spooled lines are MAC'd** with the audit key when written: the spool lives in the
+  state directory, and a line someone added there must not become a signed entry at
+  replay. A line whose MAC fails is not replayed; it is counted (``rejected_lines``),
+  logged, and recorded as an ``audit.spool_rejected`` entry.
+* Governance changes (``apply``: registry, records, policies with their audit entries)
+  are compare-and-set units that must be durable before they take effect, so they are
+  never spooled: while the store is down they raise ``StoreError`` (UNAVAILABLE) and the
+  change does not happen. Only what already happened and must not be lost (model
+  load/unload events, drift alerts, window snapshots) is spooled.
 
 ``degraded`` is True while the inner store is unreachable or the spool is not empty.
 A spool left by a previous process is replayed when the wrapper starts.
@@ -27,15 +35,18 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lockgate.control.audit import GENESIS_HASH, canonical_json, entry_hash
+from lockgate.control.audit import Action, canonical_json, signed_builder
+from lockgate.control.audit_key import AuditKeyring
 from lockgate.errors import StoreError
 from lockgate.control.store import (
+    Applied,
     AuditBuilder,
+    AuditDraft,
     AuditRow,
     Change,
     PolicyRecord,
@@ -44,6 +55,7 @@ from lockgate.control.store import (
     StoredRecord,
     VersionRecord,
     WindowSnapshot,
+    Write,
     utc_now_iso,
 )
 
@@ -152,6 +164,24 @@ class Spool:
         return len(self.pending())
 
 
+_SPOOL_MAC_LABEL = "lockgate.spool/1"
+
+
+def _spool_mac(keyring: AuditKeyring, record: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "mac"}
+    return keyring.current.mac((_SPOOL_MAC_LABEL + canonical_json(body)).encode("utf-8"))
+
+
+def _spool_mac_ok(keyring: AuditKeyring, record: Mapping[str, Any]) -> bool:
+    mac = record.get("mac")
+    if not isinstance(mac, str):
+        return False
+    body = {k: v for k, v in record.items() if k != "mac"}
+    payload = (_SPOOL_MAC_LABEL + canonical_json(body)).encode("utf-8")
+    key = keyring.get(str(record.get("key_id", "")))
+    return key is not None and key.check(payload, mac)
+
+
 def _audit_record(row: AuditRow) -> dict[str, Any]:
     return {
         "op": "audit",
@@ -163,8 +193,8 @@ def _audit_record(row: AuditRow) -> dict[str, Any]:
     }
 
 
-def _rechain(record: Mapping[str, Any]) -> AuditBuilder:
-    """A builder that appends the spooled entry after whatever the head is at replay."""
+def _rechain(keyring: AuditKeyring, record: Mapping[str, Any]) -> AuditBuilder:
+    """A signed builder that appends the spooled entry after whatever the head is at replay."""
     try:
         details = json.loads(record["details"])
     except ValueError:
@@ -172,17 +202,8 @@ def _rechain(record: Mapping[str, Any]) -> AuditBuilder:
     if not isinstance(details, dict):
         details = {"_value": details}
     details["spooled_at"] = record["spooled_at"]
-    details_text = canonical_json(details)
-    actor, action, subject = str(record["actor"]), str(record["action"]), str(record["subject"])
-
-    def build(head: AuditRow | None) -> AuditRow:
-        seq = head.seq + 1 if head is not None else 1
-        prev_hash = head.hash if head is not None else GENESIS_HASH
-        now = utc_now_iso()
-        digest = entry_hash(seq, now, actor, action, subject, details_text, prev_hash)
-        return AuditRow(seq, now, actor, action, subject, details_text, prev_hash, digest)
-
-    return build
+    return signed_builder(keyring.current, str(record["actor"]), str(record["action"]), str(record["subject"]),
+                          canonical_json(details))
 
 
 class ResilientStore:
@@ -193,11 +214,14 @@ class ResilientStore:
         inner: Store,
         spool_dir: str | Path,
         *,
+        keyring: AuditKeyring,
         min_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
     ) -> None:
         self.inner = inner
+        self.keyring = keyring
         self.spool = Spool(spool_dir)
+        self.rejected_lines = 0  # spooled lines whose MAC failed: never replayed
         self._min_backoff = min_backoff_s
         self._max_backoff = max_backoff_s
         self._lock = threading.RLock()  # orders spooling against replay and direct writes
@@ -331,11 +355,28 @@ class ResilientStore:
         limit: int | None = None,
         model: str | None = None,
         since: str | None = None,
+        subject: str | None = None,
     ) -> list[AuditRow]:
         result: list[AuditRow] = self._call(
-            "audit_entries", after_seq=after_seq, limit=limit, model=model, since=since
+            "audit_entries", after_seq=after_seq, limit=limit, model=model, since=since, subject=subject
         )
         return result
+
+    def apply(self, writes: Sequence[Write], audit: Sequence[AuditDraft] = ()) -> Applied:
+        """Governance changes are never spooled: durable now, or refused (``StoreError``).
+
+        Entries still waiting in the spool are replayed first, so the chain keeps the order
+        in which things happened.
+        """
+        with self._lock:
+            if self._spooled:
+                try:
+                    self.replay()
+                except StoreError as exc:
+                    self._failed(exc)
+                    raise
+            result: Applied = self._call("apply", writes, audit)
+            return result
 
     def get_snapshots(self, model: str, version: str, window: int) -> list[WindowSnapshot]:
         result: list[WindowSnapshot] = self._call("get_snapshots", model, version, window)
@@ -351,6 +392,8 @@ class ResilientStore:
 
     # -- spooled writes ------------------------------------------------------------
     def _spool(self, record: Mapping[str, Any]) -> None:
+        record = {**record, "key_id": self.keyring.current.key_id}
+        record["mac"] = _spool_mac(self.keyring, record)
         try:
             self.spool.append(record)
         except OSError as exc:  # neither the store nor the disk: the caller must know
@@ -392,10 +435,19 @@ class ResilientStore:
             })
 
     # -- replay --------------------------------------------------------------------
-    def _apply(self, record: Mapping[str, Any]) -> None:
+    def _apply(self, record: Mapping[str, Any], end: int) -> None:
+        if not _spool_mac_ok(self.keyring, record):
+            self.rejected_lines += 1
+            log.error("spool %s: the entry ending at byte %d does not carry a valid MAC (added to the spool by "
+                      "someone without the audit key?); not replayed", self.spool.path, end)
+            self.inner.append_audit(signed_builder(
+                self.keyring.current, "system:lockgate", Action.SPOOL_REJECTED, "audit",
+                canonical_json({"spool": str(self.spool.path), "end_offset": end, "op": str(record.get("op")),
+                                "action": str(record.get("action", ""))})))
+            return
         op = record.get("op")
         if op == "audit":
-            self.inner.append_audit(_rechain(record))
+            self.inner.append_audit(_rechain(self.keyring, record))
         elif op == "snapshot":
             self.inner.put_snapshot(
                 str(record["model"]), str(record["version"]), int(record["window"]),
@@ -425,7 +477,7 @@ class ResilientStore:
             for entry in entries:
                 with self._lock:
                     try:
-                        self._apply(entry.record)
+                        self._apply(entry.record, entry.end)
                     except (KeyError, ValueError, TypeError) as exc:  # malformed entry: count, skip
                         self.spool.corrupt_lines += 1
                         log.error("spool %s: cannot replay entry ending at byte %d: %s",

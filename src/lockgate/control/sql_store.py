@@ -7,10 +7,12 @@ shared query, CAS check, error message and row conversion once (SQL written with
 concrete store supplies only what genuinely differs:
 
 * ``_q(sql)``: placeholder translation (psycopg wants ``%s``);
-* ``_transact(work, feed=...)``: run ``work(conn)`` in one serialised write
+* ``_transact(work, feed=..., audit=...)``: run ``work(conn)`` in one serialised write
   transaction; with ``feed=True`` the transaction appends to the change feed and
-  must commit revisions in revision order (SQLite: ``BEGIN IMMEDIATE``;
-  PostgreSQL: ``CHANGES_LOCK`` taken first, one retry before COMMIT is sent);
+  must commit revisions in revision order, with ``audit=True`` it appends to the
+  audit chain and must hold its head (SQLite: ``BEGIN IMMEDIATE``, several callers'
+  units grouped into one commit; PostgreSQL: ``CHANGES_LOCK`` then ``AUDIT_LOCK``
+  taken first, one retry before COMMIT is sent);
 * ``_read(sql, params)``: one read, driver errors as ``StoreError``;
 * ``_record_change(conn, ...)``: the change row (plus NOTIFY on PostgreSQL);
 * ``_wake()``: wake this process's ``wait_for_changes`` after a commit;
@@ -19,30 +21,38 @@ concrete store supplies only what genuinely differs:
 * ``_UNIQUE_VIOLATION``: the driver's unique-key error that ``create_version``
   reports as ``AlreadyExists`` (empty where serialisation rules it out).
 
-Connections, migrations (DDL, version bookkeeping and the migration lock; the
-shared loop is ``apply_migrations``), audit-append locking (``append_audit``; the
-shared part is ``_append_audit_in``), waiting for changes and closing stay in
-each store.
+Every write, the audit append included, is one ``apply``: writes and audit entries
+in one transaction. Connections, migrations (DDL, version bookkeeping and the
+migration lock; the shared loop is ``apply_migrations``), transactions and their
+locks, waiting for changes and closing stay in each store.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from lockgate.errors import AlreadyExists, ConflictError, NotFound, StoreError
 from lockgate.control.store import (
+    AddRecord,
+    Applied,
     AuditBuilder,
+    AuditDraft,
     AuditRow,
     Change,
     ChangeKind,
+    CreateVersion,
     PolicyRecord,
     RecordKind,
+    SetPolicy,
     StoredRecord,
+    UpdateVersion,
     VersionRecord,
     WindowSnapshot,
+    Write,
     sorted_versions,
     utc_now_iso,
 )
@@ -99,14 +109,14 @@ class SqlStore(ABC):
     """Shared implementation of ``lockgate.control.store.Store`` over a SQL database.
 
     Subclasses provide the dialect hooks listed in the module docstring plus
-    ``append_audit``, ``wait_for_changes``, ``schema_version`` and ``close``.
+    ``wait_for_changes``, ``schema_version`` and ``close``.
     """
 
     _VERSION_COLUMNS: ClassVar[str] = (
         "model, version, state, artifact_path, sha256, registered_by, "
         "registered_at, updated_at, metadata"
     )
-    _AUDIT_COLUMNS: ClassVar[str] = "seq, time, actor, action, subject, details, prev_hash, hash"
+    _AUDIT_COLUMNS: ClassVar[str] = "seq, time, actor, action, subject, details, prev_hash, hash, key_id"
 
     # -- dialect ----------------------------------------------------------------
     _FOR_UPDATE: ClassVar[str] = ""
@@ -123,13 +133,14 @@ class SqlStore(ABC):
         return sql
 
     @abstractmethod
-    def _transact(self, work: Callable[[Any], T], *, feed: bool = False) -> T:
+    def _transact(self, work: Callable[[Any], T], *, feed: bool = False, audit: bool = False) -> T:
         """Run ``work(conn)`` in one serialised write transaction and return its result.
 
         ``feed=True``: the transaction appends to the change feed, so revisions must
         commit in revision order (``changes_since`` may never skip a late commit).
-        Driver errors surface as ``StoreError``; ``work``'s own errors roll back and
-        propagate unchanged.
+        ``audit=True``: it appends to the audit chain, so it holds the chain head from
+        its start. Driver errors surface as ``StoreError``; ``work``'s own errors roll
+        back and propagate unchanged.
         """
 
     @abstractmethod
@@ -156,12 +167,6 @@ class SqlStore(ABC):
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._read(self._q(sql), params)
-
-    def _write_change(self, work: Callable[[Any], T]) -> T:
-        """Run a change-feed write, then wake local waiters (only once it committed)."""
-        result = self._transact(work, feed=True)
-        self._wake()
-        return result
 
     # -- row conversions ------------------------------------------------------------
     @staticmethod
@@ -196,47 +201,82 @@ class SqlStore(ABC):
 
     @staticmethod
     def _audit(row: Sequence[Any]) -> AuditRow:
-        return AuditRow(int(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+        return AuditRow(int(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8] or "")
 
     @staticmethod
     def _snapshot(row: Sequence[Any]) -> WindowSnapshot:
         return WindowSnapshot(row[0], row[1], int(row[2]), row[3], bytes(row[4]), row[5])
 
-    # -- model versions -------------------------------------------------------------
-    def create_version(self, record: VersionRecord) -> None:
-        def work(conn: SqlConnection) -> None:
-            exists = self._exec(
-                conn,
-                "SELECT 1 FROM versions WHERE model = ? AND version = ?",
-                (record.model, record.version),
-            ).fetchone()
-            if exists:
-                raise AlreadyExists(
-                    f"model {record.model!r} version {record.version!r} is already registered"
-                )
-            self._exec(
-                conn,
-                f"INSERT INTO versions ({self._VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.model,
-                    record.version,
-                    record.state,
-                    record.artifact_path,
-                    record.sha256,
-                    record.registered_by,
-                    record.registered_at,
-                    record.updated_at,
-                    _dumps(record.metadata),
-                ),
+    # -- one unit of work -------------------------------------------------------------
+    def apply(self, writes: Sequence[Write], audit: Sequence[AuditDraft] = ()) -> Applied:
+        """Every write, then every audit entry, in one transaction (see ``Store.apply``).
+
+        The transaction holds the change-feed serialisation (``feed``) and the audit-chain
+        serialisation (``audit``) from its start, so a policy revision and the audit entry
+        that records it are numbered in the same critical section: per model, audit order
+        is revision order, whatever the number of writers, processes or replicas.
+        """
+        writes = tuple(writes)
+        drafts = tuple(audit)
+
+        def work(conn: SqlConnection) -> Applied:
+            results = tuple(self._write_in(conn, write) for write in writes)
+            entries = tuple(
+                self._append_audit_in(conn, lambda head, draft=draft: draft(results, head)) for draft in drafts
             )
-            self._record_change(conn, ChangeKind.VERSION, record.model, record.version)
+            return Applied(results, entries)
 
         try:
-            self._write_change(work)
+            applied = self._transact(work, feed=bool(writes), audit=bool(drafts))
         except self._UNIQUE_VIOLATION as exc:  # only if a writer bypassed the serialisation
+            if any(isinstance(w, CreateVersion) for w in writes):
+                raise AlreadyExists(f"a concurrent writer registered the same version: {exc}") from exc
+            raise ConflictError(f"a concurrent writer bypassed the store's serialisation: {exc}") from exc
+        if writes:
+            self._wake()
+        return applied
+
+    def _write_in(self, conn: SqlConnection, write: Write) -> Any:
+        if isinstance(write, SetPolicy):
+            return self._set_policy_in(conn, write)
+        if isinstance(write, UpdateVersion):
+            return self._update_version_in(conn, write)
+        if isinstance(write, AddRecord):
+            return self._add_record_in(conn, write)
+        if isinstance(write, CreateVersion):
+            return self._create_version_in(conn, write.record)
+        raise TypeError(f"not a store write: {write!r}")
+
+    # -- model versions -------------------------------------------------------------
+    def create_version(self, record: VersionRecord) -> None:
+        self.apply([CreateVersion(record)])
+
+    def _create_version_in(self, conn: SqlConnection, record: VersionRecord) -> None:
+        exists = self._exec(
+            conn,
+            "SELECT 1 FROM versions WHERE model = ? AND version = ?",
+            (record.model, record.version),
+        ).fetchone()
+        if exists:
             raise AlreadyExists(
                 f"model {record.model!r} version {record.version!r} is already registered"
-            ) from exc
+            )
+        self._exec(
+            conn,
+            f"INSERT INTO versions ({self._VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.model,
+                record.version,
+                record.state,
+                record.artifact_path,
+                record.sha256,
+                record.registered_by,
+                record.registered_at,
+                record.updated_at,
+                _dumps(record.metadata),
+            ),
+        )
+        self._record_change(conn, ChangeKind.VERSION, record.model, record.version)
 
     def update_version(
         self,
@@ -247,45 +287,39 @@ class SqlStore(ABC):
         expected_state: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> VersionRecord:
-        def work(conn: SqlConnection) -> VersionRecord:
-            row = self._exec(
-                conn,
-                f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = ? AND version = ?"
-                f"{self._FOR_UPDATE}",
-                (model, version),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"model {model!r} version {version!r} is not registered")
-            current = self._version(row)
-            if expected_state is not None and current.state != expected_state:
-                raise ConflictError(
-                    f"model {model!r} version {version!r} is {current.state!r}, "
-                    f"expected {expected_state!r} (changed concurrently)"
-                )
-            merged = dict(current.metadata)
-            if metadata:
-                merged.update(metadata)
-            now = utc_now_iso()
-            self._exec(
-                conn,
-                "UPDATE versions SET state = ?, metadata = ?, updated_at = ? "
-                "WHERE model = ? AND version = ?",
-                (state, _dumps(merged), now, model, version),
-            )
-            self._record_change(conn, ChangeKind.VERSION, model, version)
-            return VersionRecord(
-                model=current.model,
-                version=current.version,
-                state=state,
-                artifact_path=current.artifact_path,
-                sha256=current.sha256,
-                registered_by=current.registered_by,
-                registered_at=current.registered_at,
-                updated_at=now,
-                metadata=merged,
-            )
+        result: VersionRecord = self.apply(
+            [UpdateVersion(model, version, state, expected_state, metadata)]
+        ).results[0]
+        return result
 
-        return self._write_change(work)
+    def _update_version_in(self, conn: SqlConnection, write: UpdateVersion) -> VersionRecord:
+        model, version = write.model, write.version
+        row = self._exec(
+            conn,
+            f"SELECT {self._VERSION_COLUMNS} FROM versions WHERE model = ? AND version = ?"
+            f"{self._FOR_UPDATE}",
+            (model, version),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"model {model!r} version {version!r} is not registered")
+        current = self._version(row)
+        if write.expected_state is not None and current.state != write.expected_state:
+            raise ConflictError(
+                f"model {model!r} version {version!r} is {current.state!r}, "
+                f"expected {write.expected_state!r} (changed concurrently)"
+            )
+        merged = dict(current.metadata)
+        if write.metadata:
+            merged.update(write.metadata)
+        now = utc_now_iso()
+        self._exec(
+            conn,
+            "UPDATE versions SET state = ?, metadata = ?, updated_at = ? "
+            "WHERE model = ? AND version = ?",
+            (write.state, _dumps(merged), now, model, version),
+        )
+        self._record_change(conn, ChangeKind.VERSION, model, version)
+        return replace(current, state=write.state, updated_at=now, metadata=merged)
 
     def get_version(self, model: str, version: str) -> VersionRecord | None:
         rows = self._select(
@@ -307,22 +341,21 @@ class SqlStore(ABC):
     def add_record(
         self, kind: RecordKind, model: str, version: str, actor: str, body: Mapping[str, Any]
     ) -> StoredRecord:
+        result: StoredRecord = self.apply([AddRecord(RecordKind(kind), model, version, actor, body)]).results[0]
+        return result
+
+    def _add_record_in(self, conn: SqlConnection, write: AddRecord) -> StoredRecord:
         now = utc_now_iso()
-        text = _dumps(body)
-        kind = RecordKind(kind)
-
-        def work(conn: SqlConnection) -> int:
-            record_id = self._insert_id(
-                conn,
-                "INSERT INTO records (kind, model, version, actor, time, body) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (kind.value, model, version, actor, now, text),
-            )
-            self._record_change(conn, ChangeKind.RECORD, model, version)
-            return record_id
-
-        record_id = self._write_change(work)
-        return StoredRecord(record_id, kind, model, version, actor, now, json.loads(text))
+        text = _dumps(write.body)
+        kind = RecordKind(write.kind)
+        record_id = self._insert_id(
+            conn,
+            "INSERT INTO records (kind, model, version, actor, time, body) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (kind.value, write.model, write.version, write.actor, now, text),
+        )
+        self._record_change(conn, ChangeKind.RECORD, write.model, write.version)
+        return StoredRecord(record_id, kind, write.model, write.version, write.actor, now, json.loads(text))
 
     def list_records(
         self,
@@ -351,31 +384,30 @@ class SqlStore(ABC):
         actor: str,
         expected_revision: int | None = None,
     ) -> PolicyRecord:
-        text = _dumps(document)
+        result: PolicyRecord = self.apply([SetPolicy(model, document, actor, expected_revision)]).results[0]
+        return result
+
+    def _set_policy_in(self, conn: SqlConnection, write: SetPolicy) -> PolicyRecord:
+        text = _dumps(write.document)
         now = utc_now_iso()
-
-        def work(conn: SqlConnection) -> int:
-            # The change-feed serialisation (``feed=True``) also serialises revision
-            # numbering per model, so read-max-then-insert cannot race.
-            row = self._exec(
-                conn, "SELECT COALESCE(MAX(revision), 0) FROM policies WHERE model = ?", (model,)
-            ).fetchone()
-            current = int(row[0]) if row else 0
-            if expected_revision is not None and expected_revision != current:
-                raise ConflictError(
-                    f"traffic policy of {model!r} is at revision {current}, "
-                    f"expected {expected_revision} (changed concurrently)"
-                )
-            self._exec(
-                conn,
-                "INSERT INTO policies (model, revision, document, actor, time) VALUES (?, ?, ?, ?, ?)",
-                (model, current + 1, text, actor, now),
+        # The change-feed serialisation (``feed=True``) also serialises revision
+        # numbering per model, so read-max-then-insert cannot race.
+        row = self._exec(
+            conn, "SELECT COALESCE(MAX(revision), 0) FROM policies WHERE model = ?", (write.model,)
+        ).fetchone()
+        current = int(row[0]) if row else 0
+        if write.expected_revision is not None and write.expected_revision != current:
+            raise ConflictError(
+                f"traffic policy of {write.model!r} is at revision {current}, "
+                f"expected {write.expected_revision} (changed concurrently)"
             )
-            self._record_change(conn, ChangeKind.POLICY, model, None)
-            return current + 1
-
-        revision = self._write_change(work)
-        return PolicyRecord(model, revision, json.loads(text), actor, now)
+        self._exec(
+            conn,
+            "INSERT INTO policies (model, revision, document, actor, time) VALUES (?, ?, ?, ?, ?)",
+            (write.model, current + 1, text, write.actor, now),
+        )
+        self._record_change(conn, ChangeKind.POLICY, write.model, None)
+        return PolicyRecord(write.model, current + 1, json.loads(text), write.actor, now)
 
     def get_policy(self, model: str) -> PolicyRecord | None:
         rows = self._select(
@@ -408,11 +440,16 @@ class SqlStore(ABC):
         return [self._change(r) for r in rows]
 
     # -- audit --------------------------------------------------------------------------------
+    def append_audit(self, build: AuditBuilder) -> AuditRow:
+        """One entry on its own (a ``Store.apply`` with no writes)."""
+        entry: AuditRow = self.apply((), [lambda _results, head: build(head)]).entries[0]
+        return entry
+
     def _append_audit_in(self, conn: SqlConnection, build: AuditBuilder) -> AuditRow:
         """Read the head, build the next entry, insert it.
 
-        Correct only inside the store's audit serialisation (see ``append_audit``
-        of each store), which keeps the chain linear across writers.
+        Correct only inside the store's audit serialisation (``_transact(audit=True)``),
+        which keeps the chain linear across writers.
         """
         row = self._exec(
             conn, f"SELECT {self._AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1"
@@ -420,7 +457,7 @@ class SqlStore(ABC):
         entry = build(self._audit(row) if row else None)
         self._exec(
             conn,
-            f"INSERT INTO audit ({self._AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO audit ({self._AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.seq,
                 entry.time,
@@ -430,6 +467,7 @@ class SqlStore(ABC):
                 entry.details,
                 entry.prev_hash,
                 entry.hash,
+                entry.key_id,
             ),
         )
         return entry
@@ -445,6 +483,7 @@ class SqlStore(ABC):
         limit: int | None = None,
         model: str | None = None,
         since: str | None = None,
+        subject: str | None = None,
     ) -> list[AuditRow]:
         clauses = ["seq > ?"]
         params: list[Any] = [int(after_seq)]
@@ -453,6 +492,9 @@ class SqlStore(ABC):
             # unlike LIKE (PostgreSQL columns are COLLATE "C" for this).
             clauses.append("(subject = ? OR (subject >= ? AND subject < ?))")
             params.extend([model, model + "/", model + "0"])
+        if subject is not None:
+            clauses.append("subject = ?")
+            params.append(subject)
         if since is not None:
             clauses.append("time >= ?")
             params.append(since)

@@ -9,6 +9,11 @@ behind ``append_audit``) without any caller changing.
 The interface is deliberately generic: versions, a typed document log
 (validation reports, approvals, model cards), versioned traffic policies, the
 audit chain, window snapshots, and one change feed.
+
+Governance changes go through ``apply``: a list of writes (``CreateVersion``,
+``UpdateVersion``, ``AddRecord``, ``SetPolicy``) and the audit entries that describe
+them, committed in **one** transaction. Either the change and its audit entries are
+both durable, or neither is; callers publish a change only after ``apply`` returned.
 """
 
 from __future__ import annotations
@@ -123,7 +128,11 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class AuditRow:
-    """A stored audit entry exactly as persisted (``details`` is canonical JSON text)."""
+    """A stored audit entry exactly as persisted (``details`` is canonical JSON text).
+
+    ``hash`` is the entry's HMAC under the key named by ``key_id``; an empty ``key_id``
+    marks an entry written before audit keys (plain SHA-256, see ``audit.legacy_hash``).
+    """
 
     seq: int
     time: str
@@ -133,6 +142,7 @@ class AuditRow:
     details: str
     prev_hash: str
     hash: str
+    key_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +161,73 @@ AuditBuilder = Callable[[AuditRow | None], AuditRow]
 """Given the current chain head (None when empty), return the row to append."""
 
 
+# -- one unit of work: writes plus the audit entries that describe them -------------
+@dataclass(frozen=True, slots=True)
+class CreateVersion:
+    """Register a version; ``AlreadyExists`` if (model, version) exists. Result: None."""
+
+    record: VersionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateVersion:
+    """Set a version's state (CAS on ``expected_state``), merging ``metadata``. Result: ``VersionRecord``."""
+
+    model: str
+    version: str
+    state: str
+    expected_state: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddRecord:
+    """Attach a document (report, approval, card) to a version. Result: ``StoredRecord``."""
+
+    kind: RecordKind
+    model: str
+    version: str
+    actor: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SetPolicy:
+    """Store the next policy revision (CAS on ``expected_revision``). Result: ``PolicyRecord``."""
+
+    model: str
+    document: Mapping[str, Any]
+    actor: str
+    expected_revision: int | None = None
+
+
+Write = CreateVersion | UpdateVersion | AddRecord | SetPolicy
+
+AuditDraft = Callable[[Sequence[Any], AuditRow | None], AuditRow]
+"""Given the results of a unit's writes and the chain head, return the entry to append."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one committed ``apply`` did: each write's result, and the appended entries."""
+
+    results: tuple[Any, ...]
+    entries: tuple[AuditRow, ...]
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the control plane. Implementations must be thread-safe."""
+
+    # -- one atomic unit of work ---------------------------------------------
+    def apply(self, writes: Sequence[Write], audit: Sequence[AuditDraft] = ()) -> Applied:
+        """Run ``writes`` in order, then append one audit entry per draft, in one transaction.
+
+        Nothing is visible to others, and nothing is durable, unless everything is: a
+        failing write (``ConflictError``, ``AlreadyExists``, ``NotFound``, ``StoreError``)
+        rolls the whole unit back and propagates.
+        """
+        ...
 
     # -- model versions -------------------------------------------------
     def create_version(self, record: VersionRecord) -> None:
@@ -252,9 +326,10 @@ class Store(Protocol):
         limit: int | None = None,
         model: str | None = None,
         since: str | None = None,
+        subject: str | None = None,
     ) -> list[AuditRow]:
-        """Entries in seq order; ``model`` matches subject ``M`` or ``M/...``;
-        ``since`` is a ``format_time`` string (inclusive)."""
+        """Entries in seq order; ``model`` matches subject ``M`` or ``M/...``, ``subject``
+        exactly one subject; ``since`` is a ``format_time`` string (inclusive)."""
         ...
 
     # -- governance window snapshots ------------------------------------

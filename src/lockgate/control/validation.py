@@ -26,11 +26,14 @@ from lockgate.protocol.codec import Signature, TensorSpec
 
 GOLDEN_INPUTS = "golden_inputs.npz"
 GOLDEN_OUTPUTS = "golden_outputs.npz"
+REFERENCE_PROFILE = "reference_profile.json"  # lockgate.governance.profile.PROFILE_FILE
+MODEL_CONFIG = "config.yaml"
 
 CheckStatus = Literal["passed", "failed", "not_applicable"]
 # Every report carries these rows, in this order (the registry puts the provenance row first).
 CHECK_NAMES: tuple[str, ...] = (
-    "provenance", "sha256", "onnx_checker", "signature", "smoke_inference", "golden_outputs", "latency",
+    "provenance", "sha256", "onnx_checker", "signature", "reference_profile", "smoke_inference", "golden_outputs",
+    "latency",
 )
 # Reports stored before "not_applicable" existed said "skipped".
 LEGACY_STATUS = {"skipped": "not_applicable"}
@@ -248,6 +251,50 @@ def _compare_golden(outputs: dict[str, np.ndarray], golden: Arrays, tolerance: T
     )
 
 
+def drift_required(model_dir: str | Path) -> bool:
+    """Whether the model's ``config.yaml`` turns drift monitoring on: a ``governance:``
+    section whose governance and drift are enabled. Such a version needs a reference
+    profile to be approved (drift could not be evaluated without one)."""
+    from lockgate.config import ModelConfigFile
+    from lockgate.governance.config import GovernanceConfig
+
+    config = ModelConfigFile.load(Path(model_dir) / MODEL_CONFIG)
+    if config.governance is None:
+        return False
+    governance = GovernanceConfig.model_validate(config.governance)
+    return governance.enabled and governance.drift.enabled
+
+
+def profile_problem(artifact: str | Path) -> str | None:
+    """None when a readable reference profile lies beside the artifact, else what is wrong."""
+    from lockgate.governance.profile import ReferenceProfile
+
+    path = Path(artifact).parent / REFERENCE_PROFILE
+    if not path.exists():
+        return f"no reference profile ({path.name}) beside the artifact: drift cannot be evaluated for this version"
+    try:
+        ReferenceProfile.load(path)
+    except Exception as exc:  # a broken profile is as good as none
+        return f"reference profile {path} is unreadable: {exc}"[:2000]
+    return None
+
+
+def check_reference_profile(artifact: str | Path) -> CheckResult:
+    """Reported in every validation; failed (not skipped) when the model's config enables drift."""
+    path = Path(artifact)
+    problem = profile_problem(path)
+    if problem is None:
+        return CheckResult(name="reference_profile", status="passed", detail=f"{REFERENCE_PROFILE} found")
+    try:
+        required = drift_required(path.parent.parent)
+    except Exception as exc:  # a config that does not parse: the load reports it; drift unknown here
+        required, problem = True, f"{problem}; model config unreadable: {exc}"
+    if required:
+        return CheckResult(name="reference_profile", status="failed",
+                           detail=f"{problem} (the model's governance config enables drift)")
+    return CheckResult(name="reference_profile", status="not_applicable", detail=problem)
+
+
 def _rows(feed: Arrays) -> int:
     shapes = [np.shape(a) for a in feed.values()]
     return int(shapes[0][0]) if shapes and shapes[0] else 1
@@ -316,6 +363,8 @@ def run_checks(
                     data={"compared_with": signature_source},
                 )
             )
+
+    checks.append(check_reference_profile(path))
 
     if golden is None:
         try:

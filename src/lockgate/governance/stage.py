@@ -80,6 +80,18 @@ class GovernanceStage:
     def engines(self) -> dict[tuple[str, str], GovernanceEngine]:
         return dict(self._engines)
 
+    def drift_unavailable(self, model: str, version: str) -> str | None:
+        """Why drift cannot be evaluated for a loaded version (the canary's drift guardrail
+        is then inconclusive), or None when it can."""
+        engine = self._engines.get((model, version))
+        if engine is None:
+            return f"version {version} of model '{model}' is not loaded"
+        if not engine.config.enabled or not engine.config.drift.enabled:
+            return "drift is disabled in the model's governance config"
+        if engine.profile is None:
+            return f"version {version} has no reference profile (reference_profile.json beside its model.onnx)"
+        return None
+
     def close(self) -> None:
         for engine in list(self._engines.values()):
             engine.close()

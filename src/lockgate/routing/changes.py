@@ -1,17 +1,25 @@
-"""Every policy change goes through here: validate, publish the new snapshot, emit one event.
+"""Every policy change goes through here: validate, persist and audit, then publish.
 
 One path for operator changes (`traffic set`, `traffic shadow`) and for the canary
 controller's automatic ones means every change bumps the revision exactly once, is gated on
 the registry's approval state, and produces exactly one audit event.
 
-Events are plain dicts ``{"action", "subject", "actor", "details"}`` handed to the `emit`
-callback together with the new `TrafficPolicy`; the lead wires it to the Store (persist the
-snapshot) and the audit trail. The subject is the model name; versions are in the details.
+The order is the guarantee: `persist` (the control plane: the policy revision and its audit
+entry in one store transaction) runs first, and the new snapshot is published to the router
+only after it returned. A change that cannot be recorded raises (UNAVAILABLE with the
+store's reason; ABORTED when another writer got that revision first) and never goes live,
+so a revision is never reused and nothing routes on a policy the store does not hold.
+`published` listeners run after the swap (metrics, rollback events); they may fail without
+undoing anything.
+
+Events are plain dicts ``{"action", "subject", "actor", "details"}``; the subject is the
+model name, versions are in the details.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +27,7 @@ from lockgate.routing.policy import (
     PolicyBook,
     PolicyError,
     ShadowSpec,
+    StaleRevision,
     TrafficPolicy,
     version_sort_key,
 )
@@ -26,9 +35,12 @@ from lockgate.routing.policy import (
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
-#: Called after each publish with (event, new snapshot). It must not raise; if it does, the
-#: failure is logged and counted (`PolicyChanges.emit_failures`), the change stays published.
-EmitFn = Callable[[Event, TrafficPolicy], None]
+#: Called before each publish with (event, new snapshot, previous snapshot or None). It makes
+#: the change durable and audited, and raises if it cannot: the change is then refused.
+PersistFn = Callable[[Event, TrafficPolicy, "TrafficPolicy | None"], None]
+#: Called after each publish with (event, new snapshot, previous snapshot or None). Failures
+#: are logged and counted (`PolicyChanges.listener_failures`); the change stays published.
+PublishedFn = Callable[[Event, TrafficPolicy, "TrafficPolicy | None"], None]
 #: (model, version) → may it take this kind of traffic?
 GateFn = Callable[[str, str], bool]
 
@@ -48,7 +60,7 @@ class PolicyChanges:
     def __init__(
         self,
         book: PolicyBook,
-        emit: EmitFn | None = None,
+        persist: PersistFn | None = None,
         *,
         servable: GateFn | None = None,
         shadowable: GateFn | None = None,
@@ -56,17 +68,27 @@ class PolicyChanges:
         """
         Args:
             book: the live snapshots.
-            emit: receives each change's audit event and new snapshot.
+            persist: makes each change durable and audited before it is published (raises
+                to refuse it). None publishes without recording (tests of routing alone).
             servable: gate for live traffic (approved or better); None allows any version.
             shadowable: gate for shadow traffic (validated or better); defaults to `servable`.
         """
         self.book = book
-        self._emit = emit
+        self._persist = persist
         self._servable = servable
         self._shadowable = shadowable or servable
-        self.emit_failures = 0
+        self.published: list[PublishedFn] = []
+        self.listener_failures = 0
+        self.refused = 0  # changes refused because they could not be recorded
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
+    def _lock(self, model: str) -> threading.Lock:
+        """One writer per model at a time in this process (other models commit in parallel)."""
+        with self._locks_guard:
+            return self._locks.setdefault(model, threading.Lock())
+
     def commit(
         self,
         old: TrafficPolicy | None,
@@ -75,8 +97,11 @@ class PolicyChanges:
         actor: str,
         details: Mapping[str, Any] | None = None,
     ) -> Event:
-        """Publish `new` (compare-and-swap against `old`) and emit its event."""
-        self.book.replace(new, expect_revision=None if old is None else old.revision)
+        """Persist and audit `new`, then publish it (compare-and-swap against `old`).
+
+        Raises `StaleRevision` when the live policy is no longer `old`, and whatever
+        `persist` raises when the change cannot be recorded; either way nothing is published.
+        """
         event: Event = {
             "action": action,
             "subject": new.model,
@@ -88,12 +113,27 @@ class PolicyChanges:
                 "policy": new.to_dict(),
             },
         }
-        if self._emit is not None:
+        with self._lock(new.model):
+            current = self.book.get(new.model)
+            expected = None if old is None else old.revision
+            if (None if current is None else current.revision) != expected:
+                raise StaleRevision(
+                    f"policy of model '{new.model}' is at revision "
+                    f"{'none' if current is None else current.revision}, expected {expected if expected is not None else 'none'}"
+                )
+            if self._persist is not None:
+                try:
+                    self._persist(event, new, old)
+                except Exception:
+                    self.refused += 1
+                    raise
+            self.book.publish(new)
+        for listener in self.published:
             try:
-                self._emit(event, new)
-            except Exception:  # the change is live; never let an audit hiccup kill the caller
-                self.emit_failures += 1
-                log.exception("traffic event %s for model %s could not be emitted", action, new.model)
+                listener(event, new, old)
+            except Exception:  # the change is durable and live; a listener cannot undo it
+                self.listener_failures += 1
+                log.exception("listener of traffic event %s for model %s failed", action, new.model)
         return event
 
     def check_servable(self, model: str, versions: list[str] | tuple[str, ...]) -> None:

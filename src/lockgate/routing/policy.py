@@ -38,10 +38,24 @@ class StaleRevision(PolicyError):
     reason = "stale_revision"
 
 
+class NoActiveCanary(PolicyError):
+    """A canary command (promote, abort, pause, resume) for a model with no canary running."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "no_canary"
+
+
 class CanaryState(str, Enum):
-    """Where a progressive canary stands. Terminal states keep the spec for the record."""
+    """Where a progressive canary stands. Terminal states keep the spec for the record.
+
+    ``inconclusive`` is the automatic pause for lack of evidence: the split holds, the
+    analysis re-runs on every tick over the growing window, and the canary resumes by
+    itself (advances, fails or rolls back) as soon as the evidence is conclusive.
+    ``paused`` is an operator's pause and waits for an operator.
+    """
 
     PROGRESSING = "progressing"
+    INCONCLUSIVE = "inconclusive"
     PAUSED = "paused"
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
@@ -50,7 +64,12 @@ class CanaryState(str, Enum):
     @property
     def active(self) -> bool:
         """True while the canary still takes a share of traffic under analysis."""
-        return self in (CanaryState.PROGRESSING, CanaryState.PAUSED)
+        return self in (CanaryState.PROGRESSING, CanaryState.INCONCLUSIVE, CanaryState.PAUSED)
+
+    @property
+    def analysed(self) -> bool:
+        """True while the controller analyses it (progressing, or waiting for evidence)."""
+        return self in (CanaryState.PROGRESSING, CanaryState.INCONCLUSIVE)
 
 
 def version_sort_key(version: str) -> tuple[int, int, str]:
@@ -133,6 +152,12 @@ class Guardrails:
     #: Labeled rows each version needs before its quality is judged.
     min_labels: int = 100
 
+    #: With the disagreement guardrail on, this share (%) of stable's requests is mirrored
+    #: to the canary (the policy's shadow) so that the two can be compared at all.
+    mirror_percent: float = 10.0
+    #: Fewer mirrored rows compared than this leave the disagreement guardrail inconclusive.
+    min_comparisons: int = 50
+
     @property
     def uses_outcomes(self) -> bool:
         return bool(self.max_quality_drop) or self.max_fairness_gap is not None or self.min_label_coverage is not None
@@ -158,6 +183,9 @@ class Guardrails:
             raise PolicyError("guardrail floors must be >= 0")
         if isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int) or self.min_requests < 1:
             raise PolicyError(f"guardrail min_requests must be an integer >= 1, got {self.min_requests!r}")
+        object.__setattr__(self, "mirror_percent", _check_percent(self.mirror_percent, "guardrail mirror_percent"))
+        if isinstance(self.min_comparisons, bool) or not isinstance(self.min_comparisons, int) or self.min_comparisons < 1:
+            raise PolicyError(f"guardrail min_comparisons must be an integer >= 1, got {self.min_comparisons!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -265,6 +293,10 @@ class CanarySpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CanarySpec:
+        state = CanaryState(data.get("state", CanaryState.PROGRESSING.value))
+        reason = data.get("reason")
+        if state is CanaryState.PAUSED and str(reason or "").startswith("inconclusive:"):
+            state = CanaryState.INCONCLUSIVE  # stored before the two pauses were told apart
         return cls(
             stable=str(data["stable"]),
             canary=str(data["canary"]),
@@ -274,8 +306,8 @@ class CanarySpec:
             failure_limit=int(data.get("failure_limit", 3)),
             step_index=int(data.get("step_index", 0)),
             failures=int(data.get("failures", 0)),
-            state=CanaryState(data.get("state", CanaryState.PROGRESSING.value)),
-            reason=data.get("reason"),
+            state=state,
+            reason=reason,
             started_at=float(data.get("started_at", 0.0)),
         )
 
@@ -471,6 +503,20 @@ class PolicyBook:
                 )
             self._policies[policy.model] = policy  # the one atomic publish
             return policy
+
+    def publish(self, policy: TrafficPolicy) -> TrafficPolicy:
+        """Install a policy that was just persisted, unless a newer or equal revision is live.
+
+        The change feed may install the stored revision first (the watcher reads it back
+        from the store); the store's compare-and-set guarantees that one revision number
+        means one document, so an equal revision is this very policy.
+        """
+        with self._write_lock:
+            current = self._policies.get(policy.model)
+            if current is None or current.revision < policy.revision:
+                self._policies[policy.model] = policy
+                return policy
+            return current
 
     def remove(self, model: str) -> TrafficPolicy | None:
         """Drop the policy of `model` (it falls back to the router's default version)."""

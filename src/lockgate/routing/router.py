@@ -238,12 +238,19 @@ class Router:
             if shadow is not None and shadow.threshold:
                 draw = _hash_with(_SHADOW, request_id) if request_id else self._rng.getrandbits(64)
                 if draw < shadow.threshold:
-                    if shadow.version == version:
+                    target = shadow.version
+                    if target == version:
+                        # A canary's mirror goes both ways: requests the canary serves are
+                        # compared on stable, so disagreement stays measurable at 100 %.
+                        canary = policy.canary
+                        target = (canary.stable if canary is not None and canary.state.active
+                                  and canary.canary == version else None)
+                    if target is None:
                         self.shadow_skipped_same_version += 1
-                    elif not (shadowable or servable)(shadow.version):
+                    elif not (shadowable or servable)(target):
                         self.shadow_skipped_not_shadowable += 1
                     else:
-                        shadow_version = shadow.version
+                        shadow_version = target
                         self.shadowed += 1
         self.routed += 1
         return RouteDecision(

@@ -215,8 +215,8 @@ class AgreementBook:
             pairs = sorted(self._pairs.items())
         return [acc.snapshot() for (m, _, _), acc in pairs if model is None or m == model]
 
-    def disagreement(self, model: str, a: str, b: str) -> float | None:
-        """Top-class disagreement between versions `a` and `b`, whichever was the primary."""
+    def comparison(self, model: str, a: str, b: str) -> tuple[int, int]:
+        """(rows compared, rows agreeing) between versions `a` and `b`, whichever was the primary."""
         compared = agreed = 0
         for key in ((model, a, b), (model, b, a)):
             acc = self._pairs.get(key)
@@ -224,7 +224,18 @@ class AgreementBook:
                 snap = acc.snapshot()
                 compared += snap.compared_rows
                 agreed += snap.agreed_rows
+        return compared, agreed
+
+    def disagreement(self, model: str, a: str, b: str) -> float | None:
+        """Top-class disagreement between versions `a` and `b`, whichever was the primary."""
+        compared, agreed = self.comparison(model, a, b)
         return None if compared == 0 else 1.0 - agreed / compared
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop every pair of `model` that involves `version` (its shadow was removed)."""
+        with self._lock:
+            for key in [k for k in self._pairs if k[0] == model and version in (k[1], k[2])]:
+                del self._pairs[key]
 
     def reset(self, model: str, a: str, b: str) -> None:
         """Start a fresh window for the pair (both directions), e.g. at each canary step."""

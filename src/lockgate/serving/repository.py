@@ -7,12 +7,18 @@ one and swaps it in a single assignment, so a request sees either the old or the
 versions, never a mix. Versions that leave the set drain: their queues finish everything
 already accepted before their sessions are released.
 
-Every load and reload hashes each selected version (``digester``) and runs the verifiers
-before the version may serve, whether or not it was loaded before. A version whose artifact
-is refused (``ArtifactTamperedError``: a changed artifact, a signature that does not hold) is
-refused alone: the model's other versions load and keep serving, a copy of the refused version
-that is already loaded keeps serving the verified bytes it was built from, and the load
-reports the refusal (FAILED_PRECONDITION) once the rest is swapped in.
+Which versions load: those the version policy selects, plus those loaded on request
+(``load_version``), minus those unloaded on request (``unload_version``), plus whatever a
+*retainer* says must stay (the control plane: versions that serve, canary or shadow now),
+so loading a new version never takes the one in service out.
+
+Every load and reload hashes each of those versions (``digester``) and runs the verifiers
+before the version may serve, whether or not it was loaded before. A version that is refused
+(``ArtifactTamperedError``: a changed artifact, a signature that does not hold; or ORT refusing
+the graph) is refused alone: the model's other versions load and keep serving, a copy of the
+refused version that is already loaded keeps serving the verified bytes it was built from, the
+refusal shows per version in the repository index, and the load reports it once the rest is
+swapped in.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from lockgate.config import ModelConfigFile
-from lockgate.errors import ArtifactTamperedError, InvalidArgument, LockgateError, NotFound, Unavailable
+from lockgate.errors import ArtifactTamperedError, InvalidArgument, LockgateError, NotFound, Unavailable, error_for_code
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
 from lockgate.serving.model_config import ModelConfigError, declared_signature, read_model_config
@@ -50,6 +56,17 @@ ModelListener = Callable[[str, list[str], list[str]], None]
 # Called with a version once it is built but before it can take requests (attach per-version
 # state such as the governance engine), and after it has drained (release that state).
 VersionHook = Callable[["ModelVersion"], None]
+# Called with a model name and the default version requests are routed from now (None before
+# the first load): versions that must stay loaded across a reload (they take traffic).
+Retainer = Callable[[str, "str | None"], "set[str]"]
+
+
+def _refusal(first: LockgateError, message: str) -> LockgateError:
+    """The error a load reports for its refused versions: the first refusal's status
+    (FAILED_PRECONDITION for a changed or unsigned artifact), with every version named."""
+    if isinstance(first, ArtifactTamperedError):
+        return ArtifactTamperedError(message)
+    return error_for_code(first.code, message)
 
 
 def sha256_file(path: Path) -> str:
@@ -115,7 +132,9 @@ class ModelRepository:
         self.drain_timeout_s = drain_timeout_s
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}  # model -> why its last load failed
-        self._refused: dict[str, dict[str, str]] = {}  # model -> version -> why its artifact was refused
+        self._refused: dict[str, dict[str, str]] = {}  # model -> version -> why it was refused
+        self._requested: dict[str, set[str]] = {}  # loaded on request beside the version policy's
+        self._excluded: dict[str, set[str]] = {}  # unloaded on request
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
         # Hooks other packages register through the methods below; called in registration order
@@ -125,6 +144,10 @@ class ModelRepository:
         self._listeners: list[ModelListener] = []
         self._preparers: list[VersionHook] = []
         self._releasers: list[VersionHook] = []
+        self._retainers: list[Retainer] = []
+        #: Requests refused before a version was known (unknown model or version, ...), by
+        #: (model or "" when unknown, reason): counted in the failure metric with version "".
+        self.unrouted_failures: dict[tuple[str, str], int] = {}
 
     # -- hooks ----------------------------------------------------------------------
     def set_digester(self, digester: VersionDigester) -> None:
@@ -145,6 +168,11 @@ class ModelRepository:
         self._preparers.append(prepare)
         if release is not None:
             self._releasers.append(release)
+
+    def add_retainer(self, retainer: Retainer) -> None:
+        """``retainer(model, default)`` -> versions that must stay loaded across a reload (they
+        take traffic now), whatever the version policy selects."""
+        self._retainers.append(retainer)
 
     def subscribe(self, listener: ModelListener) -> None:
         """``listener(model, loaded_versions, removed_versions)`` after every load and unload."""
@@ -170,6 +198,12 @@ class ModelRepository:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def count_unrouted(self, model: str, reason: str) -> None:
+        """Count a request refused before it reached a version (the label set stays bounded:
+        only loaded model names, else "")."""
+        key = (model if model in self._models else "", reason)
+        self.unrouted_failures[key] = self.unrouted_failures.get(key, 0) + 1
 
     def index(self) -> list[IndexEntry]:
         entries = []
@@ -212,7 +246,8 @@ class ModelRepository:
             try:
                 await self.load(name)
             except LockgateError as exc:
-                log.error("model '%s' failed to load: %s", name, exc.message)
+                log.error("model '%s' %s: %s", name, "is partly loaded" if name in self._models else "failed to load",
+                          exc.message)
 
     async def load(self, name: str) -> LoadedModel:
         """Load (or reload) a model: new versions are loaded first, then swapped in."""
@@ -220,65 +255,119 @@ class ModelRepository:
         async with self._lock(name):
             if not model_dir.is_dir():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
+            current = self._models.get(name)
+            refusals: dict[str, LockgateError] = {}
             try:
                 config = read_model_config(model_dir)
-                selected = config.version_policy.select(self._versions_on_disk(model_dir))
-                if not selected:
+                on_disk = {str(v) for v in self._versions_on_disk(model_dir)}
+                wanted = {str(v) for v in config.version_policy.select([int(v) for v in on_disk])}
+                wanted |= self._requested.get(name, set()) & on_disk
+                wanted -= self._excluded.get(name, set())
+                default_now = current.default_version if current is not None else None
+                retained = set().union(*(set(r(name, default_now)) for r in self._retainers))
+                wanted |= retained & (on_disk | set(current.versions if current else ()))
+                if not wanted:
                     raise Unavailable(f"model '{name}': no version directory with {MODEL_FILENAME} matches the version policy")
-                current = self._models.get(name)
                 versions: dict[str, ModelVersion] = {}
-                refusals: dict[str, ArtifactTamperedError] = {}
-                for v in selected:
-                    key = str(v)
-                    path = model_dir / key / MODEL_FILENAME
+                for key in sorted(wanted, key=int):
                     old = current.versions.get(key) if current else None
                     try:
-                        digest = await asyncio.to_thread(self._verified_digest, name, key, path)
-                    except ArtifactTamperedError as exc:  # this version only; audited by the verifier
-                        refusals[key] = exc
-                        if old is not None:
-                            versions[key] = old  # keeps serving the verified bytes it was built from
-                        continue
-                    if old is not None and old.sha256 == digest and old.config == config:
-                        versions[key] = old
-                        continue
-                    versions[key] = await self._load_version(name, key, path, digest, config)
+                        versions[key] = await self._version_for(name, key, model_dir / key / MODEL_FILENAME, config, old)
+                    except Exception as exc:  # this version alone is refused; audited by the verifier
+                        refusal = exc if isinstance(exc, LockgateError) else Unavailable(f"{type(exc).__name__}: {exc}")
+                        refusals[key] = refusal
+                        if old is not None:  # keeps serving the verified bytes it was built from
+                            versions[key] = old
+                            log.error("%s could not be reloaded (%s); it keeps serving the loaded copy", old.label,
+                                      refusal.message)
+                        else:
+                            log.error("model '%s' version %s refused: %s", name, key, refusal.message)
+                self._refused[name] = {version: exc.message for version, exc in refusals.items()}
                 if not versions:
-                    raise next(iter(refusals.values()))
-                default = str(config.default_version) if config.default_version is not None else max(versions, key=int)
-                if default not in versions and default in refusals:
-                    fallback = max(versions, key=int)
-                    log.error("model '%s': default_version %s is refused; version %s is the default until it is restored",
-                              name, default, fallback)
-                    default = fallback
-                if default not in versions:
-                    raise Unavailable(f"model '{name}': default_version {default} is not among the loaded versions {sorted(versions)}")
+                    first = next(iter(refusals.values()))
+                    if len(refusals) == 1:
+                        raise first
+                    raise _refusal(first, f"model '{name}': no version could be loaded: "
+                                   + "; ".join(f"version {v}: {e.message}" for v, e in refusals.items()))
+                if config.default_version is not None and str(config.default_version) in versions:
+                    default = str(config.default_version)
+                else:
+                    default = max(versions, key=int)
+                    if config.default_version is not None:
+                        (log.error if str(config.default_version) in refusals else log.warning)(
+                            "model '%s': default_version %s is not loaded (%s); version %s is the default meanwhile",
+                            name, config.default_version,
+                            refusals[str(config.default_version)].message if str(config.default_version) in refusals
+                            else "not selected", default)
             except LockgateError as exc:
                 self._failed[name] = exc.message
                 raise
             except ModelConfigError as exc:  # names the file and the setting: no traceback needed
                 self._failed[name] = str(exc)
                 raise Unavailable(f"model '{name}' failed to load: {exc}") from exc
-            except Exception as exc:  # bad YAML, ORT refused the graph, ...
+            except Exception as exc:  # bad YAML, ...
                 self._failed[name] = f"{type(exc).__name__}: {exc}"
                 log.exception("model '%s' failed to load", name)
                 raise Unavailable(f"model '{name}' failed to load: {exc}") from exc
             loaded = LoadedModel(name, config, versions, default)
             self._models[name] = loaded  # atomic swap
             self._failed.pop(name, None)
-            self._refused[name] = {version: exc.message for version, exc in refusals.items()}
             removed = [v for v in (current.versions.values() if current else []) if versions.get(v.version) is not v]
             for old in removed:
                 self._drain_later(old)
             log.info("model '%s' ready: versions %s (default %s)", name, ", ".join(sorted(versions, key=int)), default)
             for listener in self._listeners:
                 listener(name, sorted(versions, key=int), [v.version for v in removed])
-            if refusals:
-                raise ArtifactTamperedError(
+            if refusals:  # the others serve; the caller still learns what was refused, precisely
+                first = next(iter(refusals.values()))
+                raise _refusal(first,
                     f"model '{name}': version(s) {', '.join(refusals)} refused, versions "
                     f"{', '.join(sorted(versions, key=int))} serve: " + "; ".join(e.message for e in refusals.values())
-                )
+                ) from first
             return loaded
+
+    async def _version_for(self, name: str, key: str, path: Path, config: ModelConfigFile,
+                           old: ModelVersion | None) -> ModelVersion:
+        """The loaded version to keep (unchanged artifact and config) or a freshly loaded one."""
+        if old is not None and not path.exists():
+            log.warning("%s: %s was removed from disk; serving the loaded copy until it is retired or unloaded",
+                        old.label, path)
+            return old
+        digest = await asyncio.to_thread(self._verified_digest, name, key, path)
+        if old is not None and old.sha256 == digest and old.config == config:
+            return old
+        return await self._load_version(name, key, path, digest, config)
+
+    async def load_version(self, name: str, version: str) -> LoadedModel:
+        """Load one version beside the loaded ones (``lockgate models load M V``)."""
+        if not version.isdigit():
+            raise InvalidArgument(f"version {version[:64]!r} of model '{name}' is not a version directory name")
+        if not (self._model_dir(name) / version / MODEL_FILENAME).is_file():
+            raise NotFound(f"model '{name}' has no version {version} in the repository {self.root}")
+        self._requested.setdefault(name, set()).add(version)
+        self._excluded.get(name, set()).discard(version)
+        try:
+            loaded = await self.load(name)
+        except LockgateError:
+            if version in self._refused.get(name, {}) or name not in self._models:
+                raise
+            loaded = self._models[name]  # another version was refused; this one is what was asked
+        if version not in loaded.versions:
+            raise Unavailable(f"model '{name}' version {version} did not load: "
+                              f"{self._refused.get(name, {}).get(version, 'unknown reason')}")
+        return loaded
+
+    async def unload_version(self, name: str, version: str) -> None:
+        """Unload one version (drained first); the model stays with the others."""
+        model = self.get(name)
+        if version not in model.versions:
+            raise NotFound(f"model '{name}' has no loaded version {version}")
+        self._excluded.setdefault(name, set()).add(version)
+        self._requested.get(name, set()).discard(version)
+        if set(model.versions) == {version}:
+            await self.unload(name)
+            return
+        await self.load(name)
 
     def _verified_digest(self, name: str, version: str, path: Path) -> str:
         """Hash (and verify the signature of) one version, then run every verifier (thread)."""

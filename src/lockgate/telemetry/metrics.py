@@ -55,7 +55,7 @@ WORKER_INDEX_ENV = "LOCKGATE_WORKER_INDEX"
 
 # Numeric encodings of state gauges (one series per feature / version, easy to alert on).
 DRIFT_STATUS = {"ok": 0, "warning": 1, "drift": 2}
-CANARY_STATE = {"none": 0, "progressing": 1, "paused": 2, "promoted": 3, "rolled_back": 4}
+CANARY_STATE = {"none": 0, "progressing": 1, "paused": 2, "promoted": 3, "rolled_back": 4, "inconclusive": 5, "aborted": 6}
 
 
 class Sample(NamedTuple):
@@ -96,7 +96,7 @@ FAMILIES: dict[str, FamilySpec] = {
     # routing
     "lockgate_traffic_weight": FamilySpec("gauge", "Configured traffic weight of a version (0..1)", MV),
     "lockgate_shadow_agreement": FamilySpec("gauge", "Share of shadow responses agreeing with the primary (0..1)", (*MV, "shadow_version")),
-    "lockgate_canary_state": FamilySpec("gauge", "Canary state: 0 none, 1 progressing, 2 paused, 3 promoted, 4 rolled_back", MV),
+    "lockgate_canary_state": FamilySpec("gauge", "Canary state: 0 none, 1 progressing, 2 paused (operator), 3 promoted, 4 rolled_back, 5 inconclusive (waiting for evidence), 6 aborted", MV),
     "lockgate_rollbacks": FamilySpec("counter", "Automatic or manual rollbacks of a version", MV),
     # outcomes (prediction ledger, feedback, live quality and fairness; lockgate.outcomes)
     "lockgate_outcome_predictions": FamilySpec("counter", "Predictions written to the outcome ledger", MV),
@@ -108,7 +108,11 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_label_coverage": FamilySpec("gauge", "Share of predictions with a label over the newest windows (0..1)", MV),
     # control plane
     "lockgate_audit_entries": FamilySpec("counter", "Entries appended to the hash-chained audit trail", ("action",)),
-    "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit chain verification passed, 0 if it failed", ()),
+    "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit verification (chain, checkpoints, registry) passed, 0 if it failed", ()),
+    "lockgate_audit_head": FamilySpec("gauge", "Seq of the audit chain head in the last signed checkpoint", ()),
+    "lockgate_audit_checkpoints": FamilySpec("counter", "Signed audit checkpoints written by this process", ()),
+    "lockgate_audit_checkpoint_failures": FamilySpec("counter", "Audit checkpoints that could not be written", ()),
+    "lockgate_leader": FamilySpec("gauge", "1 while this replica is the leader (canary analysis, fleet drift merge)", ("replica",)),
     # transport (filled by lockgate.transport.grpc.inference and the HTTP app)
     "lockgate_grpc_events": FamilySpec("counter", "Inference calls answered outside the request path, by cause: undecodable, ended_before_reply, refused_draining, internal", ("cause",)),
     "lockgate_http_events": FamilySpec("counter", "HTTP requests answered outside the request path, by cause: undecodable, refused_draining, internal", ("cause",)),
@@ -284,6 +288,8 @@ class GatewayMetrics:
                 for attr, family in hists.items():
                     buckets, total = _buckets(getattr(inst, attr))
                     family.add_metric(lv, buckets, total)
+        for (model_name, reason), n in list(self.repository.unrouted_failures.items()):
+            failure.add_metric([model_name, "", reason], n)  # refused before a version was known
         yield from (success, failure, count, execs, pending, req_us, queue_us, cin_us, cinf_us, cout_us, decisions)
         yield from hists.values()
 

@@ -26,12 +26,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from lockgate._descriptor_pool import POOL
 from lockgate.config import ServerSettings
+from lockgate.control.audit import AuditTrail, VerifyResult
+from lockgate.control.audit_key import AuditKeyring
+from lockgate.control.audit_setup import load_keyring, open_audit
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import LocalLeader, elector_for
 from lockgate.control.plane import ControlPlane
 from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
+from lockgate.errors import LockgateError
 from lockgate.explain.service import ExplainService
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
@@ -55,6 +59,10 @@ log = logging.getLogger("lockgate.server")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 CONTROL_HEALTH_SERVICE = "lockgate.control"
+#: SERVING from start until drain, whatever is approved: for liveness and startup probes (the
+#: overall service "" follows approval and is for readiness; a pod with nothing approved is
+#: alive and must not be restarted, only kept out of its load balancer).
+LIVENESS_HEALTH_SERVICE = "lockgate.live"
 
 
 def tune_gc() -> None:
@@ -67,13 +75,30 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def open_control_store(settings: ServerSettings) -> Store:
+def open_control_store(settings: ServerSettings, keyring: AuditKeyring) -> Store:
     """SQLite for one machine; PostgreSQL for a fleet, wrapped so that an outage spools
-    audit entries and drift snapshots to local disk instead of failing them."""
+    audit entries of what already happened (loads, drift alerts) and drift snapshots to local
+    disk instead of failing them. Governance changes are never spooled: they are refused."""
     store = open_store(settings.store_location())
     if settings.is_shared_store():
-        store = ResilientStore(store, settings.spool_dir or settings.state_dir / "spool")
+        store = ResilientStore(store, settings.spool_dir or settings.state_dir / "spool", keyring=keyring)
     return store
+
+
+def open_governed_audit(settings: ServerSettings) -> tuple[Store, AuditTrail, VerifyResult]:
+    """The store and its keyed, checkpointed, verified audit trail (refuses to start otherwise)."""
+    checkpoint_file = settings.checkpoint_file()
+    keyring = load_keyring(settings.key_file(), settings.audit_previous_key_files,
+                           state_dir=settings.state_dir, checkpoint_file=checkpoint_file)
+    store = open_control_store(settings, keyring)
+    try:
+        trail, verdict = open_audit(store, keyring, checkpoint_file, every=settings.audit_checkpoint_every,  # type: ignore[arg-type]
+                                    interval_s=settings.audit_checkpoint_interval_s,
+                                    where=f" in {settings.store_location() if not settings.is_shared_store() else 'the shared store'}")
+    except BaseException:
+        store.close()
+        raise
+    return store, trail, verdict
 
 
 def prepare_state_dir(settings: ServerSettings) -> None:
@@ -165,20 +190,24 @@ class Gateway:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         prepare_state_dir(settings)
+        store, trail, verdict = open_governed_audit(settings)
         shared_store = settings.is_shared_store()
         location = settings.store_location()
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
         self.control = ControlPlane(
-            open_control_store(settings),
+            store,
+            audit=trail,
             repository_root=settings.model_repository,
             authenticator=load_tokens(settings),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
+            replica_id=settings.replica(),
             leader_factory=(lambda elected, lost: elector_for(location, "lockgate/leader", elected, lost,
                                                               lease_s=settings.leader_lease_s))
             if shared_store else LocalLeader,
             provenance=settings.provenance,
         )
+        self.control.last_verify_ok = verdict.ok  # lockgate_audit_verify_ok is there from the start
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
         self.telemetry = Telemetry.from_settings(settings, self.repository)  # opens no port yet
@@ -216,6 +245,9 @@ class Gateway:
         self.repository.add_version_hooks(self.explain.prepare, self.explain.release)
         self.repository.subscribe(self.control.on_models_changed)
         self.repository.subscribe(self._on_models_changed)
+        self.repository.add_retainer(self.control.retained_versions)
+        self.control.add_gate_listener(self._on_gates_changed)
+        self.control.set_drift_check(self.governance.drift_unavailable)
         self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
                                           outcomes=self.outcomes, explain=self.explain, telemetry=self.telemetry,
                                           limits=settings.limits.for_codec(settings.max_send_message_bytes))
@@ -236,6 +268,8 @@ class Gateway:
         self.http_port = 0
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving_started = False
 
     def _canary_of(self, model: str) -> tuple[str, str] | None:
         """(stable, canary) of the model's active canary, for the canary-vs-stable importance shift."""
@@ -266,7 +300,7 @@ class Gateway:
 
         settings = self.settings
         rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth,
-                             events=self.http_events)
+                             events=self.http_events, model_ready=self.ready_for)
         key = settings.console_session_key or secrets.token_urlsafe(32)
         console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
                           secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
@@ -284,15 +318,88 @@ class Gateway:
         and every guardrail decision."""
         return evidence_section(self.outcomes.store, self.outcomes.specs().get(model), self.control.audit.log(model=model))
 
+    # -- health: a model is SERVING only while a version of it may take live traffic -------
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(self.health.set(model, status))
+        self._health_soon([model])
+
+    def _on_gates_changed(self, models: list[str]) -> None:
+        self._health_soon(models)
+
+    def _health_soon(self, models: list[str]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            loop.create_task(self._update_health(models))
+        else:  # a gate refresh on an admin or watcher thread
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._update_health(models)))
+
+    def model_serving(self, model: str) -> bool:
+        """Loaded with at least one version that may take live traffic now."""
+        return bool(self.repository.is_ready(model) and self.control.servable_loaded(model))
+
+    def serving_any(self) -> bool:
+        return any(self.model_serving(name) for name in self.repository.models())
+
+    def ready_for(self, model: str, version: str) -> bool:
+        """ModelReady: loaded, and (the named version / some version) may take live traffic."""
+        if not self.repository.is_ready(model, version):
+            return False
+        if version:
+            return self.control.can_serve(model, version)
+        return self.model_serving(model)
+
+    async def _update_health(self, models: list[str]) -> None:
+        """Per model: SERVING iff a loaded version may take live traffic. Overall ("" and the
+        inference service): SERVING iff the server is started, not draining, and at least one
+        model is SERVING."""
+        if self._stopping.is_set():
+            return
+        for model in models:
+            serving = self.model_serving(model)
+            await self.health.set(model, health_pb2.HealthCheckResponse.SERVING if serving
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._serving_started:
+            overall = (health_pb2.HealthCheckResponse.SERVING if self.serving_any()
+                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", INFERENCE_SERVICE):
+                await self.health.set(name, overall)
+
+    def _warn_unservable(self) -> None:
+        for name in sorted(self.repository.models()):
+            if self.model_serving(name):
+                continue
+            states = self.control._states.get(name, {})
+            described = ", ".join(f"{v} {states.get(v, 'unregistered')}"
+                                  for v in sorted(self.repository.models()[name].versions, key=int))
+            log.warning("model '%s' has no version that may take live traffic (loaded: %s): it reports NOT_SERVING "
+                        "and every request is refused. Approve a version (`lockgate models approve %s V --reason ...` "
+                        "after validation and a card by someone else), or start with --allow-unapproved for development",
+                        name, described, name)
+
+    async def _verify_periodically(self) -> None:
+        """Re-verify the whole trail (chain, checkpoints, registry): lockgate_audit_verify_ok."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.settings.audit_verify_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await asyncio.to_thread(self.control.verify_audit)
+            except Exception:
+                log.exception("periodic audit verification could not run")
 
     async def start(self) -> int:
         settings = self.settings
         services = GenericHandlersOnly(self.server)
         self.inference = InferenceService(self.repository, self.pipeline, ready=self.ready,
-                                          authenticator=self.control.auth, gate=self.gate)
+                                          authenticator=self.control.auth, gate=self.gate,
+                                          model_ready=self.ready_for)
         add_inference_service(services, self.inference)
         self.telemetry.register_source("grpc", self.inference.metric_samples)
         if self.http is not None:
@@ -316,11 +423,17 @@ class Gateway:
             self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
             raise PortInUse(f"cannot bind gRPC port {settings.grpc_port} on {settings.host}: {exc}") from None
+        self._loop = asyncio.get_running_loop()
+        # The stored policies and gates first: a version in service is kept loaded even when
+        # the version policy would now pick another (ControlPlane.retained_versions).
+        self.control.refresh_gates()
+        self.control.refresh_policies()
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
         self.outcomes.start()
         loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._verify_periodically()))
         if self.fleet is not None:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
         self._background.append(loop.create_task(self._watch_store_health()))
@@ -336,8 +449,10 @@ class Gateway:
         except OSError as exc:  # taken since the startup check
             raise PortInUse(f"metrics port {self.telemetry.metrics_port} on {self.telemetry.metrics_host} "
                             f"is already in use ({exc.strerror})") from None
-        for name in ("", INFERENCE_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._serving_started = True
+        await self._update_health(sorted(self.repository.models()))
+        self._warn_unservable()
         self.ready.set()
         log.info("lockgate ready on %s: gRPC %d%s (pid %d)", settings.host, self.port,
                  f", HTTP {self.http_port}" if self.http is not None else "", os.getpid())
@@ -346,8 +461,9 @@ class Gateway:
     async def _watch_store_health(self) -> None:
         """Health service ``lockgate.control`` reports NOT_SERVING while the store is down.
 
-        The overall service ("") stays SERVING: serving continues on the last policy snapshot,
-        and a database outage must not pull every replica out of its load balancer.
+        The overall service ("") is not affected: serving continues on the last policy snapshot
+        and the cached gates (governance changes are refused meanwhile), and a database outage
+        must not pull every replica out of its load balancer.
         """
         last = None
         while not self._stopping.is_set():
@@ -410,7 +526,11 @@ class Gateway:
 
 
 async def serve(settings: ServerSettings) -> None:
-    gateway = Gateway(settings)
+    try:
+        gateway = Gateway(settings)
+    except LockgateError as exc:  # a refusal to start says what to do, without a traceback
+        log.error("lockgate cannot start: %s", exc.message)
+        raise SystemExit(2) from None
     loop = asyncio.get_running_loop()
     stop_task: list[asyncio.Task] = []
 

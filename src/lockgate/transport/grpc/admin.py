@@ -27,10 +27,11 @@ import numpy as np
 
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
+from lockgate.control.actor import acting_as
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
 from lockgate.control.evidence import evidence_bundle, render
 from lockgate.control.provenance import Provenance, TrustedSigner
-from lockgate.errors import InvalidArgument, NotFound
+from lockgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import config_signature, onnx_signature
 from lockgate.errors import LockgateError, error_for_code
@@ -50,7 +51,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 _GUARDRAIL_FIELDS = (
     "max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement",
     "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms", "max_fairness_gap", "min_label_coverage",
-    "min_labels",
+    "min_labels", "mirror_percent", "min_comparisons",
 )
 _DISABLEABLE = frozenset({"max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement"})
 
@@ -364,6 +365,81 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
         return await self._serve(context, "ShowVersion", Permission.READ, body)
 
+    async def LoadVersion(self, request: Any, context: Any) -> Any:
+        """Load one version beside the loaded ones; a new one is registered and validated as the caller."""
+        model = request.model
+        version = request.version
+
+        def prepare(principal: Principal) -> tuple[bool, str]:
+            _required(model, "model")
+            _required(version, "version")
+            registry = self.plane.registry
+            try:
+                registry.get(model, version)
+                return False, principal.name
+            except NotFound:
+                registry.register(model, version, None, principal.name, metadata={"loaded_by": principal.name})
+                return True, principal.name
+
+        prepared = await self._serve(context, "LoadVersion", Permission.LOAD, prepare)
+        if prepared is None:
+            return None  # refused: the call is aborted with its status
+        registered, actor = prepared
+        try:
+            with acting_as(actor):  # the caller is the actor of model.load, as for Triton's load
+                loaded = await self.repository.load_version(model, version)
+        except LockgateError as exc:
+            log.info("admin LoadVersion by %s: %s", actor, message_of(exc))
+            return await abort(context, exc)
+
+        def finish(principal: Principal) -> Any:
+            registry = self.plane.registry
+            report = None
+            record = registry.get(model, version)
+            if not request.skip_validation and record.state == "registered":
+                expected, source = self._expected_signature(model, version, "")
+                report = registry.validate(
+                    model, version, principal.name, expected_signature=expected, signature_source=source,
+                    sample=self._sample(record.artifact_path, ""),
+                )
+            self._refresh(model)
+            return pb.LoadVersionResponse(
+                version=self._version_info(registry.get(model, version)), registered=registered,
+                validated=report is not None and report.passed,
+                report_json=report.model_dump_json() if report is not None else "",
+                loaded_versions=sorted(loaded.versions, key=int),
+            )
+
+        return await self._serve(context, "LoadVersion", Permission.LOAD, finish)
+
+    async def UnloadVersion(self, request: Any, context: Any) -> Any:
+        """Unload one version, drained first; refused while it takes traffic."""
+        model, version = request.model, request.version
+
+        def check(principal: Principal) -> str:
+            _required(model, "model")
+            _required(version, "version")
+            loaded = self.repository.models().get(model)
+            why = self.plane.traffic_of(model, version, loaded.default_version if loaded is not None else None)
+            if why is not None:
+                raise FailedPrecondition(
+                    f"version {version} of model '{model}' cannot be unloaded: {why}; move its traffic away "
+                    "(traffic set / canary abort / traffic shadow --percent 0) or retire it first")
+            return principal.name
+
+        actor = await self._serve(context, "UnloadVersion", Permission.LOAD, check)
+        if actor is None:
+            return None  # refused: the call is aborted with its status
+        try:
+            with acting_as(actor):  # the caller is the actor of model.unload
+                await self.repository.unload_version(model, version)
+        except LockgateError as exc:
+            log.info("admin UnloadVersion by %s: %s", actor, message_of(exc))
+            return await abort(context, exc)
+        log.info("admin UnloadVersion by %s: %s/%s unloaded", actor, model, version)
+        remaining = self.repository.models().get(model)
+        return pb.UnloadVersionResponse(loaded_versions=sorted(remaining.versions, key=int) if remaining else [])
+
     async def VerifyVersion(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
             model = _required(request.model, "model")
@@ -433,7 +509,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 status.shadow.percent = policy.shadow.percent
                 named.add(policy.shadow.version)
             if policy.canary is not None:
-                self._fill_canary(status.canary, policy.canary)
+                self._fill_canary(status.canary, policy.canary, model)
                 named.update((policy.canary.stable, policy.canary.canary))
         for snap in plane.agreements.snapshots(model):
             agreement = status.agreements.add(
@@ -450,8 +526,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 status.drift[version] = drift
         return status
 
-    @staticmethod
-    def _fill_canary(target: Any, spec: CanarySpec) -> None:
+    def _fill_canary(self, target: Any, spec: CanarySpec, model: str) -> None:
         target.stable = spec.stable
         target.canary = spec.canary
         target.steps.extend(spec.steps)
@@ -464,6 +539,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
         target.reason = spec.reason or ""
         target.guardrails_json = _dumps(spec.guardrails.to_dict())
         target.started_at = spec.started_at
+        if spec.state.value == "inconclusive":
+            target.waiting_for = self.plane.canary.waiting_reason(model) or (spec.reason or "")
 
     def _require_loaded(self, model: str, versions: list[str]) -> None:
         """A live version that is not loaded here would fail every request routed to it."""
@@ -536,7 +613,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if name not in _DISABLEABLE:
                 raise PolicyError(f"cannot disable guardrail {name!r}; use one of {sorted(_DISABLEABLE)}")
             values[name] = None
-        for name in ("min_requests", "min_labels"):
+        for name in ("min_requests", "min_labels", "min_comparisons"):
             if name in values:
                 values[name] = int(values[name])
         if message.max_quality_drop:
@@ -593,10 +670,15 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
         def body(principal: Principal) -> Any:
             anchor = AuditAnchor(int(request.anchor_seq), request.anchor_hash) if request.anchor_seq else None
-            result = self.plane.audit.verify(anchor)
+            result = self.plane.audit.verify(anchor, checkpoints=not request.no_checkpoint)
+            if not request.no_checkpoint and anchor is None:
+                self.plane.last_verify_ok = result.ok
             return pb.AuditVerifyResponse(
                 ok=result.ok, checked=result.checked, first_bad_seq=result.first_bad_seq or 0,
                 reason=result.reason, head_seq=result.head_seq, head_hash=result.head_hash,
+                checkpoint_seq=result.checkpoint_seq if result.checkpoint_seq is not None else -1,
+                checkpoints_checked=result.checkpoints_checked, unkeyed_entries=result.unkeyed_entries,
+                warnings=list(result.warnings), registry_problems=list(result.registry_problems),
             )
 
         return await self._serve(context, "AuditVerify", Permission.READ, body)
@@ -620,6 +702,29 @@ class AdminService(pb_grpc.AdminServiceServicer):
             return pb.AuditExportResponse(bundle_json=render(bundle))
 
         return await self._serve(context, "AuditExport", Permission.READ, body)
+
+    async def ControlStatus(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            plane = self.plane
+            head = plane.store.audit_head()
+            checkpoints = plane.audit.checkpoints
+            last = checkpoints.last if checkpoints is not None else None
+            log_file = plane.audit.checkpoint_log
+            inner = getattr(plane.store, "inner", plane.store)
+            status = pb.ControlStatusResponse(
+                replica_id=plane.replica_id, leader=plane.is_leader,
+                store=str(getattr(inner, "display_url", None) or getattr(inner, "path", "")),
+                degraded=plane.degraded, require_approval=plane.require_approval,
+                audit_head_seq=head.seq if head is not None else 0, audit_head_hash=head.hash if head is not None else "",
+                checkpoint_seq=last.seq if last is not None else -1,
+                checkpoint_file=str(log_file.path) if log_file is not None else "",
+                audit_key_id=plane.audit.keyring.current.key_id if plane.audit.keyring is not None else "",
+            )
+            if plane.last_verify_ok is not None:
+                status.audit_verify_ok = plane.last_verify_ok
+            return status
+
+        return await self._serve(context, "ControlStatus", Permission.READ, body)
 
 
 def _provenance(provenance: Provenance | None) -> Any:

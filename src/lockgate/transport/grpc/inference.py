@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -92,10 +92,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     change what is served: with tokens configured they need the ``load`` permission."""
 
     def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event,
-                 authenticator: Authenticator | None = None, gate: DrainGate | None = None) -> None:
+                 authenticator: Authenticator | None = None, gate: DrainGate | None = None,
+                 model_ready: Callable[[str, str], bool] | None = None) -> None:
         self.repository = repository
         self.pipeline = pipeline
         self._ready = ready
+        # (model, version) -> ready: loaded *and* allowed to take live traffic (the gateway's
+        # approval gate); without one, loaded is ready.
+        self._model_ready = model_ready or repository.is_ready
         self.authenticator = authenticator
         self.gate = gate or DrainGate()
         self.events = CauseLog(log)  # undecodable, ended_before_reply, internal, refused_draining
@@ -137,7 +141,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._ready.is_set())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        return pb.ModelReadyResponse(ready=self.repository.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self._model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         # Which worker process answered: lets operators (and the --workers test) see the spread.

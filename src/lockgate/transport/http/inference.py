@@ -53,12 +53,16 @@ class RestInference:
     """The KServe v2 endpoints over one repository and pipeline."""
 
     def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event,
-                 auth: Authenticator, events: CauseLog | None = None) -> None:
+                 auth: Authenticator, events: CauseLog | None = None,
+                 model_ready: Callable[[str, str], bool] | None = None) -> None:
         self.repository = repository
         self.pipeline = pipeline
         self._ready = ready
         self._auth = auth
         self.events = events or CauseLog(log)  # shared with the HttpApp: internal, ...
+        # (model, version) -> ready: loaded *and* allowed to take live traffic (the gateway's
+        # approval gate, as gRPC ModelReady); without one, loaded is ready.
+        self._model_ready = model_ready or repository.is_ready
 
     async def handle(self, request: HttpRequest) -> HttpResponse | None:
         """The response for a ``/v2`` path, or None when the path is not one of ours."""
@@ -95,7 +99,7 @@ class RestInference:
             if action == "":
                 return json_response(model_info.to_json(model_info.metadata(self.repository, name, version)))
             if action == "ready":
-                ready = self.repository.is_ready(name, version)
+                ready = self._model_ready(name, version)
                 return HttpResponse(200 if ready else 503, b"" if ready else rest.dumps(
                     {"error": f"model '{name}'{f' version {version}' if version else ''} is not ready"}))
             if action == "config":
