@@ -70,6 +70,7 @@ class GovernanceStage(Protocol):
     def inspect(self, version: ModelVersion, inputs: dict[str, np.ndarray], request_id: str, ctx: RequestContext) -> Any: ...
     def after_inference(self, version: ModelVersion, inspection: Any, inputs: dict[str, np.ndarray],
                         outputs: dict[str, np.ndarray], route: Route, ctx: RequestContext) -> None: ...
+    def abandoned(self, version: ModelVersion, inspection: Any) -> None: ...
 
 
 class DefaultRouting:
@@ -135,6 +136,7 @@ class InferencePipeline:
 
         inputs = None
         outputs = None
+        inspection = None  # set once governance counted the inputs; None again once it saw the outputs
         ok = False
         reason = "cancelled"  # unless an error below names it: the caller went away mid-request
         error: BaseException | None = None
@@ -161,7 +163,8 @@ class InferencePipeline:
             codec.encode_outputs(response, outputs, output_names)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
-                self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
+                answered, inspection = inspection, None
+                self.governance.after_inference(version, answered, inputs, outputs, route, ctx)
             ok = True
             return outer
         except LockgateError as exc:
@@ -173,6 +176,8 @@ class InferencePipeline:
             reason = "internal"
             raise
         finally:
+            if inspection is not None:  # inspected, never answered: its drift window must not wait
+                self.governance.abandoned(version, inspection)  # type: ignore[union-attr]
             elapsed = time.perf_counter_ns() - start_ns
             # counters, route decisions and (when metrics attached them) histograms, in C
             version.stats.record_request(ok, elapsed, reason, route.decision,

@@ -30,7 +30,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.governance")
 
 ENGINE_KEY = "governance"
-_STATUS_CODE = {"OK": 0, "WARN": 1, "DRIFT": 2}
+# lockgate_drift_status: -1 inconclusive (too few rows, or not evaluable), 0 ok, 1 warn, 2 drift
+STATUS_CODE = {"INCONCLUSIVE": -1, "OK": 0, "WARN": 1, "DRIFT": 2}
+
+
+def class_names(parameters: dict[str, str] | None, profile: ReferenceProfile | None) -> dict[str, list[str]]:
+    """Class names of the classifier outputs, from the model config's ``parameters.classes``
+    (comma-separated, in output order), for labelling their class bins."""
+    names = [c.strip() for c in (parameters or {}).get("classes", "").split(",") if c.strip()]
+    if not names or profile is None:
+        return {}
+    return {name: names for name, tp in profile.tensors.items() if tp.kind == "output" and tp.classes is not None}
 
 
 class GovernanceStage:
@@ -53,6 +63,7 @@ class GovernanceStage:
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
             state_dir=self.state_dir,
         )
+        engine.monitor.class_names = class_names(version.config.parameters, profile)
         for subscriber in self.subscribers:
             engine.subscribe(subscriber)
         engine.monitor.report_listeners.extend(self.report_listeners)
@@ -99,9 +110,15 @@ class GovernanceStage:
         if inspection is None:
             return
         engine: GovernanceEngine = version.extensions[ENGINE_KEY]
-        engine.observe_outputs(outputs)
+        engine.observe_outputs(outputs, inspection)
         if inspection.sampled:
             engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
+
+    def abandoned(self, version: "ModelVersion", inspection: Inspection | None) -> None:
+        """An inspected request ended without outputs: its drift window stops waiting for it."""
+        engine: GovernanceEngine | None = version.extensions.get(ENGINE_KEY)
+        if inspection is not None and engine is not None:
+            engine.abandon(inspection)
 
     # -- metrics (read at scrape time, on the metrics thread) ---------------------------------
     def metric_samples(self) -> Iterator[Any]:
@@ -122,8 +139,24 @@ class GovernanceStage:
                 continue
             for feature in report.features:
                 name = f"{feature.tensor}/{feature.feature}"
-                yield Sample("lockgate_drift_status", {**mv, "feature": name}, _STATUS_CODE.get(feature.status.upper(), 0))
+                labels = {**mv, "feature": name}
+                yield Sample("lockgate_drift_status", labels, STATUS_CODE.get(feature.status.upper(), -1))
                 for statistic in ("psi", "js", "ks", "wasserstein", "chi2"):
                     value = getattr(feature, statistic)
                     if value is not None:
-                        yield Sample("lockgate_drift_statistic", {**mv, "feature": name, "statistic": statistic}, float(value))
+                        yield Sample("lockgate_drift_statistic", {**labels, "statistic": statistic}, float(value))
+                if feature.chi2_p is not None:
+                    yield Sample("lockgate_drift_chi2_p_value", labels, float(feature.chi2_p))
+                for rule in feature.rules:
+                    if rule["adjusted_p"] is not None:
+                        yield Sample("lockgate_drift_adjusted_p_value", {**labels, "rule": rule["rule"]}, float(rule["adjusted_p"]))
+                if feature.index >= 0:  # a class distribution has no missing values
+                    for value, live, ref in (("nan", feature.nan_share, feature.reference_nan_share),
+                                             ("inf", feature.inf_share, feature.reference_inf_share)):
+                        yield Sample("lockgate_drift_missing_rate", {**labels, "value": value, "source": "live"}, live)
+                        yield Sample("lockgate_drift_missing_rate", {**labels, "value": value, "source": "reference"}, ref)
+                if feature.value_kind in ("categorical", "discrete"):
+                    yield Sample("lockgate_drift_new_category_rate", labels, feature.new_share)
+            yield Sample("lockgate_drift_alpha", mv, report.alpha)
+            yield Sample("lockgate_drift_window_rows", mv, float(report.rows))
+            yield Sample("lockgate_drift_late_outputs", mv, float(engine.late_outputs))
