@@ -154,6 +154,9 @@ def write_reference_profile(root: Path, version: str, model_path: Path, sample: 
     return profile.save(ReferenceProfile.path_for(root, DEMO_MODEL, version))
 
 
+DEFAULT_DIR = Path("demo-repo")  # `lockgate demo --dir` default (lockgate.cli); its state is DEFAULT_DIR/.lockgate
+
+
 def build_demo_repository(root: Path) -> Path:
     root = Path(root)
     model_dir = root / DEMO_MODEL

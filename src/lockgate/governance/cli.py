@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .config import GovernanceConfig
-from .profile import ReferenceProfile, build_profile, load_data
+from .profile import DEFAULT_KLL_K, ReferenceProfile, build_profile, class_names, load_data
 from .report import compute_report, print_report, write_html
 
 profile_app = typer.Typer(help="Reference profiles for drift detection.", no_args_is_help=True)
 drift_app = typer.Typer(help="Drift reports.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)
 
 
 @profile_app.callback()
@@ -29,7 +30,6 @@ def _drift_group() -> None:
     """Drift reports."""
 
 _REPO_DEFAULT = Path(os.environ.get("LOCKGATE_MODEL_REPOSITORY", "models"))
-_STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", ".lockgate"))
 
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
@@ -89,7 +89,7 @@ def build(
     model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
     input_name: str | None = typer.Option(None, "--input", help="input the data belongs to (single-input data)"),
     bins: int = typer.Option(20, "--bins", help="equal-frequency bins per numeric feature"),
-    kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)"),
+    kll_k: int = typer.Option(DEFAULT_KLL_K, "--kll-k", help="KLL sketch k of the reference (its CDF for KS and W1; larger is more exact)"),
     outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="run the model to profile its outputs"),
 ) -> None:
     """Build REPO/<model>/<version>/reference_profile.json from reference data."""
@@ -148,24 +148,90 @@ def build(
     console.print(f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
 
 
+def locate(config: Path | None, model_repository: Path | None, state_dir: Path | None, model: str,
+           store: str | None = None) -> tuple[Path, Path, str | None]:
+    """Model repository, state directory and store, found the way ``serve`` finds them
+    (flags, then ``LOCKGATE_*`` variables, then ``--config``, then the defaults:
+    ``lockgate.config.ServerSettings.load``). Where nothing named them, the defaults are
+    checked for this model, and so is the demo's layout (``lockgate demo`` writes the
+    repository to ``demo-repo`` and keeps its state in ``demo-repo/.lockgate``), so the
+    report works right after ``make demo``."""
+    from lockgate.config import ServerSettings
+    from lockgate.demo import DEFAULT_DIR
+
+    settings = ServerSettings.load(config, model_repository=model_repository, state_dir=state_dir, store=store)
+    defaults = ServerSettings()
+    repository = settings.model_repository
+    if settings.model_repository == defaults.model_repository and not (repository / model).is_dir():
+        repository = next((c for c in (DEFAULT_DIR,) if (c / model).is_dir()), repository)
+    state = settings.state_dir
+    if settings.state_dir == defaults.state_dir:
+        candidates = [repository / ".lockgate", settings.state_dir]
+        state = next((c for c in candidates if (c / "drift" / model).is_dir() or (c / "lockgate.db").exists()), state)
+    return repository, state, settings.store
+
+
+_FAIL_ON = {"none": 99, "inconclusive": 1, "warn": 2, "drift": 3}
+
+
 @drift_app.command("report")
 def report(
     model: str = typer.Option(..., "--model", help="model name"),
-    version: str | None = typer.Option(None, "--version", help="model version (default: newest with windows)"),
-    html: Path | None = typer.Option(None, "--html", help="also write a self-contained HTML report here"),
+    version: str | None = typer.Option(
+        None, "--version", help="model version [the serving version (traffic policy, registry, default_version) with a profile and windows]"
+    ),
     windows: int = typer.Option(1, "--windows", help="merge the newest N closed windows (0 = all)"),
-    state_dir: Path = typer.Option(_STATE_DEFAULT, "--state-dir", help="server state directory"),
-    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
+    html: Path | None = typer.Option(None, "--html", help="also write a self-contained HTML report (charts need lockgate[report])"),
+    json_output: bool = typer.Option(False, "--json", help="print the report as JSON (provenance, summary, every feature) instead of a table"),
+    charts: int = typer.Option(40, "--charts", help="charts in the HTML for at most this many features (alerts first)"),
+    fail_on: str = typer.Option("none", "--fail-on", help="exit 2 when the status is at least: none | inconclusive | warn | drift"),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="server state directory [as serve: LOCKGATE_STATE_DIR, --config, .lockgate; else <repository>/.lockgate]"),
+    model_repository: Path | None = typer.Option(None, "--model-repository", help="model repository root [as serve: LOCKGATE_MODEL_REPOSITORY, --config, models; else demo-repo]"),
+    config: Path | None = typer.Option(None, "--config", help="the server's YAML config file, to find the repository, state and store as serve does"),
+    store: str | None = typer.Option(None, "--store", help="control-plane store for provenance [<state-dir>/lockgate.db]"),
 ) -> None:
-    """Per-feature drift of the latest closed window(s) against the reference profile."""
-    governance = _governance_of(model_repository / model)
+    """Drift of the latest closed window(s) against the reference profile, with its provenance."""
+    import json as _json
+
+    from .decision import RANK
+    from .provenance import collect
+    from .report import choose_version, report_document
+
+    if fail_on not in _FAIL_ON:
+        console.print(f"[red]--fail-on must be one of {', '.join(_FAIL_ON)}[/red]")
+        raise typer.Exit(1)
+    repository, state, store_location = locate(config, model_repository, state_dir, model, store)
     try:
-        result = compute_report(
-            model_repository, state_dir, model, version, windows or None, governance.drift if governance else None
-        )
+        why = "named with --version"
+        if version is None:
+            version, why = choose_version(repository, state, model, store_location)
+        governance = _governance_of(repository / model)
+        from lockgate.config import ModelConfigFile
+
+        parameters = ModelConfigFile.load(repository / model / "config.yaml").parameters
+        profile_path = ReferenceProfile.path_for(repository, model, version)
+        if not profile_path.exists():
+            raise FileNotFoundError(
+                f"no reference profile at {profile_path}; build one with `lockgate profile build --model {model} "
+                f"--version {version} --data FILE --model-repository {repository}`"
+            )
+        profile = ReferenceProfile.load(profile_path)
+        result = compute_report(repository, state, model, version, windows or None, governance.drift if governance else None,
+                                class_names=class_names(parameters, profile))  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(1) from exc
-    print_report(result, console)
+    provenance = collect(repository, state, model, version, profile=profile, profile_path=profile_path, window=result,
+                         store=store_location)  # fmt: skip
+    if json_output:
+        document = report_document(result, provenance)
+        document["version_choice"] = why
+        typer.echo(_json.dumps(document, indent=2, allow_nan=False))
+    else:
+        console.print(f"version {version}: {why}; repository {repository}, state {state}", highlight=False)
+        print_report(result, console, provenance)
     if html is not None:
-        console.print(f"HTML report: {write_html(result, html)}")
+        path = write_html(result, html, provenance, max_charts=charts)
+        (err_console if json_output else console).print(f"HTML report: {path}", highlight=False)
+    if RANK[result.status] >= _FAIL_ON[fail_on]:
+        raise typer.Exit(2)

@@ -389,9 +389,13 @@ def evaluate(
         if not matched:
             notes.append(f"{tensor.kind} '{name}': the window was binned with another profile; its bins were "
                          "re-estimated from the window's sketches (approximate counts)")  # fmt: skip
+        names = (class_names or {}).get(name)
         for j, ref in enumerate(tprofile.features):
             bins = _Bins(tensor.feature_bins(j), "kernel") if matched else _Bins(_rebin(tensor, j, ref), "sketch")
-            pairs.append(_feature(tensor, j, ref, bins, config))
+            found = _feature(tensor, j, ref, bins, config)
+            if names and len(names) == tensor.n_features and tensor.kind == "output":
+                found[0].feature = names[j]  # a classifier's score columns, by class name
+            pairs.append(found)
         classes = _classes(tensor, tprofile, config, (class_names or {}).get(name))
         if classes is not None:
             pairs.append(classes)

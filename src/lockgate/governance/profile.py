@@ -483,3 +483,12 @@ def load_data(path: str | Path) -> LoadedData:
         columns = [np.asarray(table.column(i).to_numpy(zero_copy_only=False), dtype=np.float64) for i in range(table.num_columns)]
         return LoadedData({"": np.column_stack(columns)}, list(table.column_names))
     raise ValueError(f"unsupported reference data format {suffix!r}: use .npy, .npz, .csv or .parquet")
+
+
+def class_names(parameters: Mapping[str, str] | None, profile: ReferenceProfile | None) -> dict[str, list[str]]:
+    """Class names of a profile's classifier outputs, from the model config's
+    ``parameters.classes`` (comma-separated, in output order), for labelling class bins."""
+    names = [c.strip() for c in (parameters or {}).get("classes", "").split(",") if c.strip()]
+    if not names or profile is None:
+        return {}
+    return {name: names for name, tp in profile.tensors.items() if tp.kind == "output" and tp.classes is not None}

@@ -20,7 +20,7 @@ from lockgate.errors import InvalidArgument
 from lockgate.governance.config import GovernanceConfig
 from lockgate.governance.drift import DriftEvent
 from lockgate.governance.engine import GovernanceEngine, Inspection
-from lockgate.governance.profile import ReferenceProfile
+from lockgate.governance.profile import ReferenceProfile, class_names
 
 if TYPE_CHECKING:
     from lockgate.pipeline import RequestContext
@@ -32,15 +32,6 @@ log = logging.getLogger("lockgate.governance")
 ENGINE_KEY = "governance"
 # lockgate_drift_status: -1 inconclusive (too few rows, or not evaluable), 0 ok, 1 warn, 2 drift
 STATUS_CODE = {"INCONCLUSIVE": -1, "OK": 0, "WARN": 1, "DRIFT": 2}
-
-
-def class_names(parameters: dict[str, str] | None, profile: ReferenceProfile | None) -> dict[str, list[str]]:
-    """Class names of the classifier outputs, from the model config's ``parameters.classes``
-    (comma-separated, in output order), for labelling their class bins."""
-    names = [c.strip() for c in (parameters or {}).get("classes", "").split(",") if c.strip()]
-    if not names or profile is None:
-        return {}
-    return {name: names for name, tp in profile.tensors.items() if tp.kind == "output" and tp.classes is not None}
 
 
 class GovernanceStage:
