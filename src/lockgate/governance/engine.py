@@ -440,7 +440,6 @@ class GovernanceEngine:
                 if found:
                     count += found[0]
                     self._describe(tensor, found, violations)
-            epoch.inspected += 1
             if count and self.reject_mode:
                 epoch.rejected += 1  # refused: no outputs will follow
             else:

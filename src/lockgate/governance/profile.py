@@ -96,6 +96,10 @@ class FeatureProfile:
     def bin_labels(self, names: Sequence[str] | None = None) -> list[str]:
         """A label per bin: ``[a, b)`` ranges for continuous features; the value (or its
         name from ``names``, e.g. class names) for a known value; ``new: ...`` for the rest."""
+        key = (self.kind, tuple(self.edges), tuple(self.values), tuple(f > 0 for f in self.fractions), tuple(names or ()))
+        return list(_cached_labels(key, self))
+
+    def _bin_labels(self, names: Sequence[str] | None) -> list[str]:
         edges = list(self.edges)
         n_bins = len(edges) + 1
         if not self.has_value_bins:
@@ -226,6 +230,19 @@ def as_rows(array: np.ndarray) -> np.ndarray:
     if array.ndim == 1:
         return array.reshape(-1, 1)
     return array.reshape(-1, array.shape[-1])
+
+
+_LABELS: dict[tuple, tuple[str, ...]] = {}
+
+
+def _cached_labels(key: tuple, feature: FeatureProfile) -> tuple[str, ...]:
+    """Labels depend only on the layout: computed once per profile feature, not per window."""
+    found = _LABELS.get(key)
+    if found is None:
+        if len(_LABELS) > 65536:
+            _LABELS.clear()
+        found = _LABELS[key] = tuple(feature._bin_labels(key[4] or None))
+    return found
 
 
 def _fmt_edge(value: float) -> str:

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - exercised by tests that hide scipy
 
 FLOOR = 1e-4
 MIN_EXPECTED = 5.0
+REFERENCE_POINTS = 512  # reference CDF points KS and W1 are evaluated at (plus 257 window quantiles)
 
 
 # ---------------------------------------------------------------- special functions
@@ -141,6 +142,7 @@ class StepCdf:
 
     points: np.ndarray
     cdf: np.ndarray
+    probes: np.ndarray  # where distances evaluate it: the points at each 1/REFERENCE_POINTS of rank
 
     def at(self, x: np.ndarray) -> np.ndarray:
         """F(x) = P(X <= x) for each x."""
@@ -165,22 +167,33 @@ def reference_cdf(kll_base64: str) -> StepCdf | None:
     values, weights = items[order, 0], items[order, 1]
     points, starts = np.unique(values, return_index=True)
     cumulative = np.cumsum(weights)[np.r_[starts[1:] - 1, values.size - 1]] / weights.sum()
-    return StepCdf(points, cumulative)
+    probes = points
+    if points.size > REFERENCE_POINTS:
+        # probe at the jumps where the CDF crosses each 1/REFERENCE_POINTS of rank (and the
+        # extremes): KS then misses at most that much rank (0.002), for half the work per window
+        keep = np.unique(np.r_[0, np.searchsorted(cumulative, np.linspace(0, 1, REFERENCE_POINTS + 1)[1:-1]), points.size - 1])
+        probes = points[keep]
+    return StepCdf(points, cumulative, probes)
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, size)
 
 
 def cdf_distances(reference: StepCdf, live_sketch, grid: int = 257) -> tuple[float, float]:
     """(KS, W1) between a reference step CDF and a window's KLL sketch.
 
-    Both CDFs are evaluated at every reference point and at ``grid`` quantiles of the window
-    (its minimum and maximum included), so KS sees every jump of the reference and the
-    window's jumps to within 1/``grid`` of rank; W1 integrates |F_ref - F_live| over the
+    Both CDFs are evaluated at the reference's jumps (every one, or one per 1/512 of rank when
+    there are more) and at ``grid`` quantiles of the window (its minimum and maximum
+    included), so KS sees the jumps of both to within 0.002 and 1/``grid`` of rank; W1 integrates |F_ref - F_live| over the
     union of those points. With KLL k=400 on both sides this is within 0.01 of SciPy's
     ``ks_2samp`` on the raw rows at 10,000 rows (tests/test_drift_statistics.py).
     """
-    live_points = np.asarray(live_sketch.get_quantiles(np.linspace(0.0, 1.0, grid).tolist()), dtype=np.float64)
-    points = np.unique(np.concatenate([reference.points, live_points]))
+    live_points = np.asarray(live_sketch.get_quantiles(_grid(grid)), dtype=np.float64)
+    points = np.unique(np.concatenate([reference.probes, live_points]))
     f_ref = reference.at(points)
-    f_live = np.asarray(live_sketch.get_cdf(points.tolist(), True)[:-1], dtype=np.float64)
+    f_live = np.asarray(live_sketch.get_cdf(points, True), dtype=np.float64)[:-1]
     gaps = np.abs(f_ref - f_live)
     ks = float(gaps.max(initial=0.0))
     w1 = float(np.sum(gaps[:-1] * np.diff(points))) if points.size > 1 else 0.0

@@ -29,7 +29,7 @@ from typing import Any
 class Epoch:
     """One window's requests: their output tensors and how each request ended."""
 
-    __slots__ = ("index", "start", "end", "outputs", "inspected", "pending", "answered", "rejected", "failed",
+    __slots__ = ("index", "start", "end", "outputs", "pending", "answered", "rejected", "failed",
                  "late", "closed", "final", "drained", "inputs_state", "clean")  # fmt: skip
 
     def __init__(self, index: int, start: float, outputs: dict[str, Any]) -> None:
@@ -37,7 +37,6 @@ class Epoch:
         self.start = start
         self.end: float | None = None
         self.outputs = outputs  # output name -> the engine's per-tensor state for this epoch
-        self.inspected = 0  # requests whose inputs were counted in this window
         self.pending = 0  # inspected, accepted, outputs not yet observed
         self.answered = 0  # outputs observed in this window
         self.rejected = 0  # refused by validation: inputs counted, never any outputs
@@ -58,7 +57,7 @@ class Epoch:
     def accounting(self) -> dict[str, int]:
         """Request counts of the window, as they stand at finalisation."""
         return {
-            "inspected": self.inspected,
+            "inspected": self.answered + self.failed + self.rejected + max(self.pending, 0),
             "answered": self.answered,
             "rejected": self.rejected,
             "failed": self.failed,
