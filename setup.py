@@ -24,12 +24,15 @@ ROOT = Path(__file__).resolve().parent
 PROTO_DIR = ROOT / "proto"
 PROTO_OUT = ROOT / "src" / "lockgate" / "_proto"
 
+# What ``make demo`` installs: the server and its CLI, nothing for tests. Lower bounds are the
+# versions the generated stubs need (see pyproject.toml's build-system note), so pip never
+# has to search below them.
 BASE_DEPENDENCIES = [
-    "grpcio>=1.62",
-    "grpcio-health-checking>=1.62",
-    "grpcio-reflection>=1.62",
-    "grpcio-status>=1.62",
-    "protobuf>=4.25",
+    "grpcio>=1.81.1",
+    "grpcio-health-checking>=1.81.1",
+    "grpcio-reflection>=1.81.1",
+    "grpcio-status>=1.81.1",
+    "protobuf>=6.33.5",
     "onnx>=1.15",
     "numpy>=1.26",
     "uvloop>=0.19; sys_platform != 'win32'",
@@ -48,6 +51,7 @@ BASE_DEPENDENCIES = [
     "pyyaml>=6.0",
     "typer>=0.12",
     "rich>=13.7",
+    "packaging>=24.2",  # packaging.licenses: SPDX licence ids on model cards
 ]
 
 

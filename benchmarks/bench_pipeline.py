@@ -44,8 +44,9 @@ def _lockgate_request() -> lpb.ModelInferRequest:
     return lpb.ModelInferRequest.FromString(infer_request(MLP.name, MLP.input_name, sample_input(MLP)).SerializeToString())
 
 
-async def _drive(call, n: int, concurrency: int) -> float:
-    """µs per request for ``n`` calls with ``concurrency`` callers in flight."""
+async def _drive(call, n: int, concurrency: int, cpu: bool = False) -> float:
+    """µs per request for ``n`` calls with ``concurrency`` callers in flight (wall, or with
+    ``cpu`` this process's CPU time: less moved by other work on a shared machine)."""
     per = n // concurrency
 
     async def worker() -> None:
@@ -53,9 +54,10 @@ async def _drive(call, n: int, concurrency: int) -> float:
             await call()
             await asyncio.sleep(0)  # as under gRPC: each request arrives in its own loop turn
 
-    start = time.perf_counter()
+    clock = time.process_time if cpu else time.perf_counter
+    start = clock()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (time.perf_counter() - start) / (per * concurrency) * 1e6
+    return (clock() - start) / (per * concurrency) * 1e6
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, dict[int, float]]:
@@ -86,8 +88,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, dict[int, float
     for c in args.concurrency:
         samples: dict[str, list[float]] = {"lockgate": [], "thin": []}
         for _ in range(args.repeats):
-            samples["lockgate"].append(await _drive(lockgate_call, args.requests, c))
-            samples["thin"].append(await _drive(thin_call, args.requests, c))
+            samples["lockgate"].append(await _drive(lockgate_call, args.requests, c, args.cpu))
+            samples["thin"].append(await _drive(thin_call, args.requests, c, args.cpu))
         for name in samples:
             results[name][c] = statistics.median(samples[name])
     if args.profile:
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--governance", action="store_true", help="add a governance section (per-feature rules, 1%% sampling)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the lockgate path")
+    parser.add_argument("--cpu", action="store_true", help="process CPU time per request instead of wall time")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         results = asyncio.run(run(args, Path(tmp)))
-    print(f"\nPython data-plane cost per batch-1 {MLP.name} request, no gRPC (µs, wall, median of {args.repeats})"
+    print(f"\nPython data-plane cost per batch-1 {MLP.name} request, no gRPC (µs, {'CPU' if args.cpu else 'wall'}, median of {args.repeats})"
           f"{' -- governance on' if args.governance else ''}\n")
     print("| callers in flight | lockgate pipeline µs | thin decode/run/encode µs | lockgate extra µs |")
     print("|---:|---:|---:|---:|")

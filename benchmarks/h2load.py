@@ -163,6 +163,9 @@ def steady_rate(starts_us: np.ndarray, durations_us: np.ndarray, duration_s: flo
     return float(np.count_nonzero((ends >= after_s) & (ends <= duration_s))) / (duration_s - after_s)
 
 
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+
+
 def run_h2load(
     port: int,
     path: str,
@@ -175,6 +178,8 @@ def run_h2load(
     host: str = "127.0.0.1",
     timeout_s: float | None = None,
     steady_after_s: float = 0.0,
+    headers: tuple[str, ...] = GRPC_HEADERS,
+    http1: bool = False,
 ) -> H2LoadResult:
     """Run h2load for ``duration_s`` at ``load`` against ``host:port`` + ``path``.
 
@@ -183,6 +188,9 @@ def run_h2load(
     count warm-up DATA bytes in the totals; callers warm up with a separate short run.
     ``steady_after_s`` > 0 also counts, from the per-call log, the rate after that many seconds
     (``steady_requests_per_s``), scaled by the share of calls that carried a good response.
+    ``http1`` drives HTTP/1.1 (``--h1``: REST servers; ``load.clients`` connections with
+    ``load.streams`` pipelined requests each) with ``headers`` instead of gRPC's; HTTP/1.1 errors
+    are non-2xx statuses, which h2load itself counts as failed.
     """
     binary = ensure_h2load()
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
@@ -193,8 +201,8 @@ def run_h2load(
             "-c", str(load.clients),
             "-m", str(load.streams),
             "-t", str(min(threads, load.clients)),
-            "--header", "content-type: application/grpc",
-            "--header", "te: trailers",
+            *[arg for header in headers for arg in ("--header", header)],
+            *(["--h1"] if http1 else []),
             "-d", str(body),
             "--log-file", str(log_file),
             f"http://{host}:{port}{path}",
@@ -233,12 +241,13 @@ def run_h2load(
     )
 
 
-def warm_up(port: int, path: str, body: Path, load: Load, requests: int = 200, host: str = "127.0.0.1") -> None:
+def warm_up(port: int, path: str, body: Path, load: Load, requests: int = 200, host: str = "127.0.0.1",
+            headers: tuple[str, ...] = GRPC_HEADERS, http1: bool = False) -> None:
     """A short untimed run: opens connections, fills caches, lets lazy initialisation happen."""
     binary = ensure_h2load()
     cmd = [
         binary, "-n", str(max(requests, load.in_flight)), "-c", str(load.clients), "-m", str(load.streams),
-        "--header", "content-type: application/grpc", "--header", "te: trailers",
+        *[arg for header in headers for arg in ("--header", header)], *(["--h1"] if http1 else []),
         "-d", str(body), f"http://{host}:{port}{path}",
     ]  # fmt: skip
     subprocess.run(cmd, capture_output=True, timeout=120, check=False)

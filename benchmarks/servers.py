@@ -57,6 +57,7 @@ class Target:
     processes: int = 1
     ready_timeout_s: float = 90.0
     port: int = 0
+    http_port: int = 0  # the REST port, where the server has one
 
     def describe(self) -> str:
         return " ".join(self.argv)
@@ -76,17 +77,24 @@ def lockgate_target(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     allow_unapproved: bool = True,
+    http: bool = True,
 ) -> Target:
-    """``lockgate serve`` on a free gRPC port and a free metrics port.
+    """``lockgate serve`` on a free gRPC port, a free metrics port and (``http``) a free HTTP port.
 
     ``extra_args`` / ``env`` are how other benchmarks run lockgate variants (a ``--config``
     with governance or telemetry switched on or off) through the same harness.
     ``allow_unapproved``: the benchmark's fresh state dir has no approved versions, so the
     approval gate would refuse every request; the data-plane benchmark serves them anyway.
+    ``http=False`` leaves the flag out, for a baseline tree (``env`` with PYTHONPATH) whose
+    ``serve`` has no HTTP port.
     """
     port = free_port()
     if allow_unapproved and "--allow-unapproved" in _lockgate_serve_help():
         extra_args = ("--allow-unapproved", *extra_args)
+    http_port = 0
+    if http and "--http-port" in _lockgate_serve_help() and not any(a.startswith("--http-port") or a == "--no-http" for a in extra_args):
+        http_port = free_port()
+        extra_args = ("--http-port", str(http_port), *extra_args)
     argv = [
         str(LOCKGATE_BIN), "serve",
         "--model-repository", str(repo),
@@ -96,7 +104,7 @@ def lockgate_target(
         "--state-dir", str(state_dir),
         *extra_args,
     ]  # fmt: skip
-    return Target(name=name, argv=argv, env=dict(env or {}), port=port, processes=workers)
+    return Target(name=name, argv=argv, env=dict(env or {}), port=port, processes=workers, http_port=http_port)
 
 
 def thin_target(
@@ -141,10 +149,11 @@ def mlserver_target(
     shutil.copy(MLSERVER_RUNTIME_DIR / "ort_runtime.py", folder / "ort_runtime.py")
     shutil.copy(model_path, folder / "model.onnx")
     port = free_port()
+    http_port = free_port()
     settings = json.loads((MLSERVER_RUNTIME_DIR / "settings.json").read_text())
     settings.update(
         grpc_port=port,
-        http_port=free_port(),
+        http_port=http_port,
         metrics_port=free_port(),
         parallel_workers=parallel_workers,
     )
@@ -160,6 +169,7 @@ def mlserver_target(
         cwd=folder,
         stream_wrapped=False,
         port=port,
+        http_port=http_port,
         processes=1 + parallel_workers,
     )
 

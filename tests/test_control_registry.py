@@ -79,11 +79,11 @@ def test_full_lifecycle_and_audit(env: tuple[Registry, Path]) -> None:
     report = registry.validate("iris", "1", "alice", expected_signature=SIGNATURE, latency_runs=3)
     statuses = {c.name: c.status for c in report.checks}
     assert statuses == {
-        "sha256": "passed", "onnx_checker": "passed", "signature": "passed",
-        "smoke_inference": "passed", "latency": "passed",
+        "provenance": "not_applicable", "sha256": "passed", "onnx_checker": "passed", "signature": "passed",
+        "smoke_inference": "passed", "golden_outputs": "not_applicable", "latency": "passed",
     }
     assert report.passed and report.latency_ms["median"] > 0 and report.latency_ms["runs"] == 3
-    assert report.signature is not None and report.signature.inputs[0].shape == [-1, 4]
+    assert report.signature is not None and report.signature.inputs[0].shape == (-1, 4)
     assert registry.get("iris", "1").state == "validated"
     assert registry.latest_report("iris", "1") == report
     assert registry.can_shadow("iris", "1") and not registry.can_serve("iris", "1")
@@ -204,7 +204,7 @@ def test_signature_mismatch_fails_validation(env: tuple[Registry, Path]) -> None
     report = registry.validate("iris", "1", "alice", expected_signature=wrong, latency_runs=1)
     assert not report.passed and report.failed_checks() == ["signature"]
     detail = next(c.detail for c in report.checks if c.name == "signature")
-    assert "datatype FP32, expected INT64" in detail and "shape" in detail and "'probabilities' not in model" in detail
+    assert "datatype FP32, expected INT64" in detail and "shape" in detail and "output 'probabilities' of the expected signature is not in the model" in detail
     assert registry.get("iris", "1").state == "registered"
 
 
@@ -282,3 +282,41 @@ def test_register_errors(env: tuple[Registry, Path]) -> None:
             registry.register(model, version, None, "alice")
     with pytest.raises(NotFound, match="does not exist"):
         registry.register("iris", "7", None, "alice")
+
+
+def test_one_signature_type_from_graph_to_stored_report(env: tuple[Registry, Path]) -> None:
+    """Validation, the codec and the runtime share one Signature: a report's signature is the
+    codec's type (datatype objects, tuple shapes) and survives the store's JSON round trip."""
+    from lockgate.control.validation import ValidationReport
+    from lockgate.protocol import datatypes
+    from lockgate.protocol.codec import Signature
+
+    registry, _ = env
+    registry.register("iris", "1", None, "alice")
+    report = registry.validate("iris", "1", "alice", expected_signature=SIGNATURE, latency_runs=1)
+    assert isinstance(report.signature, Signature)
+    assert report.signature.inputs[0].datatype is datatypes.BY_NAME["FP32"]
+    stored = ValidationReport.model_validate_json(report.model_dump_json())
+    assert stored.signature == report.signature
+    assert report.model_dump(mode="json")["signature"]["inputs"] == [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}]
+    # aliases in an expected signature read as the same datatype; unknown ones are refused by name
+    assert Signature.from_dict(SIGNATURE).outputs[0].datatype is datatypes.BY_NAME["FP32"]
+    from lockgate.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match="'BF17' is not supported"):
+        Signature.from_dict({"inputs": [{"name": "X", "datatype": "BF17", "shape": [1]}], "outputs": []})
+
+
+def test_reject_retires_a_pending_version_with_four_eyes_and_audit(env: tuple[Registry, Path]) -> None:
+    registry, _ = env
+    registry.register("iris", "1", None, "alice")
+    registry.validate("iris", "1", "carol", expected_signature=SIGNATURE, latency_runs=1)
+    with pytest.raises(ApprovalError, match="four-eyes rule: 'alice' registered"):
+        registry.reject("iris", "1", "alice", "not good")
+    with pytest.raises(ApprovalError, match="non-empty reason"):
+        registry.reject("iris", "1", "bob", "  ")
+    record = registry.reject("iris", "1", "bob", "bias found in review")
+    assert record.state == "retired" and record.metadata["rejected_by"] == "bob"
+    with pytest.raises(LifecycleError):
+        registry.approve("iris", "1", "bob", "changed my mind")
+    entry = registry.audit.log(model="iris")[-1]
+    assert (entry.actor, entry.action, entry.details["reason"]) == ("bob", "model.reject", "bias found in review")

@@ -5,6 +5,7 @@ the window it persisted. The drift alert rules fire on such gauges (promtool tes
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import threading
@@ -22,7 +23,8 @@ from conftest import write_model
 from lockgate.demo import mlp_model
 from lockgate.governance.config import GovernanceConfig
 from lockgate.governance.drift import evaluate, load_windows
-from lockgate.governance.profile import ReferenceProfile, build_profile, class_names
+from lockgate.governance.profile import ReferenceProfile, build_profile
+from lockgate.governance.report import evaluation_basis
 from lockgate.governance.stage import STATUS_CODE
 from lockgate_process import LockgateProcess
 from test_telemetry_metrics import ensure_prometheus
@@ -32,7 +34,10 @@ NAMES = ["amount", "segment", "score", "tenure"]
 CONFIG = """
 max_batch_size: 16
 dynamic_batching: {max_queue_delay_us: 200}
-parameters: {classes: "approve,review,decline"}
+inputs:
+  - {name: x, datatype: FP32, dims: [4]}
+outputs:
+  - {name: probs, datatype: FP32, dims: [3], labels: [approve, review, decline]}
 governance:
   mode: flag
   sampling: {rate: 0.0}
@@ -74,7 +79,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     profile = build_profile({"x": ref}, {"x": NAMES}, {"x": ["segment"]}, model="m", version="1",
                             outputs=outputs, classifier_outputs=["probs"])  # fmt: skip
     profile.save(ReferenceProfile.path_for(repo, "m", "1"))
-    with LockgateProcess(repo) as proc:
+    with LockgateProcess(repo, env={"LOCKGATE_TOKENS": "vic:viewer:tok-vic-1"}) as proc:
         yield proc, repo, ReferenceProfile.load(ReferenceProfile.path_for(repo, "m", "1"))
 
 
@@ -159,10 +164,11 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
         assert out_rows == x.rows == w.rows >= 300, (w.rows, out_rows, w.accounting)  # same requests, all of them
         assert w.accounting["answered"] == w.accounting["inspected"] and w.accounting["outputs_missing"] == 0
         assert w.profile == profile.digest()
-    config = GovernanceConfig.model_validate(yaml.safe_load(CONFIG)["governance"]).drift
-    names = class_names({"classes": "approve,review,decline"}, profile)
+    basis = evaluation_basis(repo, "m", "1")  # what `lockgate drift report` and the console judge with
+    assert basis.config == GovernanceConfig.model_validate(yaml.safe_load(CONFIG)["governance"]).drift
+    assert basis.class_names == {"probs": ["approve", "review", "decline"]}
     newest = windows[-1]
-    expected = evaluate(newest, profile, config, class_names=names)
+    expected = evaluate(newest, profile, basis.config, class_names=basis.class_names)
 
     def settled():
         metrics = scrape(proc.metrics_port)
@@ -195,6 +201,18 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
     # outputs are named by the config's classes
     assert {f.feature for f in expected.features if f.tensor == "probs"} == {"approve", "review", "decline", "class"}
     assert gauge(metrics, "lockgate_drift_alpha", model="m") == 0.01
+    # the console's drift page judges the newest window as the report does: same statuses and rules
+    cookie, _csrf = proc.console_session("tok-vic-1")
+    page, _ = proc.console_page("/console/drift/m", cookie)
+    latest = page[page.index("Latest window of version 1"):]
+    shown = re.findall(r'<th scope="row">([^<]+)</th><td><span class="check check-\w+">(\w+)</span></td>\s*<td>([^<]+)</td>',
+                       latest)  # fmt: skip
+    for f in expected.features:
+        name = f"{f.tensor}/{f.feature}" if f.index >= 0 else f"{f.tensor}/(classes)"
+        rule = f.decided_by[0]["rule"] if f.decided_by else "-"
+        assert re.search(rf'<th scope="row">{re.escape(name)}</th><td><span class="check check-{f.status.lower()}">'
+                         rf'{f.status}</span></td>\s*<td>{re.escape(rule)}</td>', latest), (name, f.status, rule)
+    assert len(shown) == len(expected.features)
 
 
 def test_drift_alert_rules_fire_on_the_exported_gauges():

@@ -54,7 +54,7 @@ def test_outputs_land_in_the_window_of_their_inputs(profile):
     answered in the window it was inspected in."""
     engine = engine_for(profile)
     reports = []
-    engine.monitor.report_listeners.append(reports.append)
+    engine.monitor.on_report(reports.append)
     rng = np.random.default_rng(1)
     in_flight: collections.deque = collections.deque()
     for i in range(3_000):
@@ -104,7 +104,7 @@ def test_late_outputs_are_counted_and_never_misplaced(profile):
     engine = engine_for(profile, output_grace_s=0.05)
     rng = np.random.default_rng(3)
     reports = []
-    engine.monitor.report_listeners.append(reports.append)
+    engine.monitor.on_report(reports.append)
     slow = served(engine, rng, 300)  # reaches window_rows: the thread cuts the window
     wait_for(lambda: reports, what="the window evaluated after its grace period")
     assert reports[0].accounting["outputs_missing"] == 1

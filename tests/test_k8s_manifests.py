@@ -22,6 +22,7 @@ OVERLAYS = ["cpu", "gpu"]
 TARGETS = ["base", "monitoring", *(f"overlays/{o}" for o in OVERLAYS)]
 KUBERNETES_VERSION = "1.30.0"
 SERVING_PORT = 8001
+HTTP_PORT = 8000  # KServe v2 REST, admin API over REST, console
 
 
 def _kubectl() -> str:
@@ -114,7 +115,7 @@ def test_overlay_has_every_object_and_references_resolve(rendered: dict[str, lis
     pod_labels = _one(objects, "Deployment", "lockgate")["spec"]["template"]["metadata"]["labels"]
     for selector in (pdb["spec"]["selector"]["matchLabels"], service["spec"]["selector"]):
         assert selector and all(pod_labels.get(k) == v for k, v in selector.items())
-    assert {p["port"] for p in service["spec"]["ports"]} == {SERVING_PORT, 8002}
+    assert {p["port"] for p in service["spec"]["ports"]} == {HTTP_PORT, SERVING_PORT, 8002}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -137,7 +138,7 @@ def test_deployment_probes_drain_and_wiring(rendered: dict[str, list[dict[str, A
     assert grace > int(match.group(1)) + settings.drain_timeout_s
     # Ports, metrics scraping, telemetry.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": SERVING_PORT, "metrics": 8002}
+    assert ports == {"http": HTTP_PORT, "grpc": SERVING_PORT, "metrics": 8002}
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8002"
     env = {e["name"]: e for e in container["env"]}

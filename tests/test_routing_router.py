@@ -32,7 +32,7 @@ from lockgate.routing import (
     UnknownVersion,
 )
 from lockgate.routing.policy import SPACE
-from lockgate.routing.router import pick, sticky_point
+from lockgate.routing.router import default_version, pick, sticky_point
 
 ALL = lambda version: True  # noqa: E731 - every version may serve
 
@@ -219,13 +219,27 @@ def test_policy_routing_to_unapproved_version_fails_closed() -> None:
 
 
 def test_default_route_without_policy() -> None:
-    _, router = make_router(default_version=lambda m: "4" if m == "known" else None)
-    decision = router.route("known", "", "key", "rid", ALL)
+    _, router = make_router()
+    decision = router.route("known", "", "key", "rid", ALL, configured_default="4", loaded=("3", "4"))
     assert (decision.version, decision.decision, decision.revision) == ("4", "default", -1)
     with pytest.raises(NoServableVersion):
         router.route("other", "", None, None, ALL)
-    with pytest.raises(RouteDenied):
-        router.route("known", "", None, None, lambda v: False)
+    with pytest.raises(RouteDenied, match="default route of model 'known' routes to version 4"):
+        router.route("known", "", None, None, lambda v: False, configured_default="4", loaded=("3", "4"))
+
+
+def test_default_version_is_decided_by_one_rule() -> None:
+    """The configured default if it may serve, else the highest servable loaded version; the
+    same rule behind the router, the pipeline without a control plane and the admin API."""
+    assert default_version("2", ("1", "2", "10"), ALL) == "2"
+    assert default_version("2", ("1", "2", "10"), lambda v: v != "2") == "10"
+    assert default_version("2", ("1", "2", "9", "10"), lambda v: v in ("1", "9")) == "9"
+    assert default_version("2", ("1", "2"), lambda v: False) == "2"  # refused by the gate, naming its state
+    _, router = make_router()
+    decision = router.route("m", "", None, "r", lambda v: v != "2", configured_default="2", loaded=("1", "2", "3"))
+    assert decision.version == "3" and decision.decision == "default"
+    # one immutable decision per version, shared by every request
+    assert router.route("m", "", None, "s", lambda v: v != "2", configured_default="2", loaded=("1", "2", "3")) is decision
 
 
 # ------------------------------------------------------------------------------------ shadow

@@ -341,6 +341,39 @@ def test_real_lockgate_exports_server_spans(repo: Path, receiver: OtlpReceiver, 
     assert a["lockgate.model.name"] == "mlp" and a["rpc.grpc.status_code"] == 0 and a["lockgate.route.decision"]
 
 
+def test_real_lockgate_honours_traceparent_over_rest(repo: Path, receiver: OtlpReceiver, tmp_path: Path) -> None:
+    """A REST infer with a sampled ``traceparent`` header is traced as a child of that parent;
+    without one (ratio 0) nothing is; a REST failure's span carries the same canonical status."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver.endpoint}", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+           "OTEL_TRACES_SAMPLER_ARG": "0", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    server = LockgateProcess(repo, env=env, state_dir=tmp_path / "state").wait_ready()
+    parent = {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN}-01"}
+    try:
+        client = httpclient.InferenceServerClient(server.http_url)
+        inp = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        for _ in range(3):
+            client.infer("mlp", [inp])  # not sampled
+        assert client.infer("mlp", [inp], headers=parent).as_numpy("OUTPUT0").shape == (1, 3)
+        with pytest.raises(InferenceServerException):
+            client.infer("no-such-model", [inp], headers=parent)
+        client.close()
+    finally:
+        assert server.terminate() == 0
+    spans = receiver.wait_spans(4)
+    assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
+    servers = [s for s in spans if s.kind == s.SPAN_KIND_SERVER]
+    assert len(servers) == 2 and all(s.parent_span_id.hex() == PARENT_SPAN for s in servers)
+    assert {s.name for s in servers} == {"POST /v2/models/{model_name}/infer"}
+    codes = sorted(attrs(s.attributes)["rpc.grpc.status_code"] for s in servers)
+    assert codes == [0, 5]
+    ok = next(s for s in servers if attrs(s.attributes)["rpc.grpc.status_code"] == 0)
+    assert attrs(ok.attributes)["lockgate.model.name"] == "mlp" and attrs(ok.attributes)["http.request.method"] == "POST"
+
+
 def test_real_lockgate_serves_with_collector_down(repo: Path, tmp_path: Path) -> None:
     import urllib.request
 

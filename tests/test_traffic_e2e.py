@@ -28,7 +28,6 @@ TOKENS = "alice:admin:tok-a,bob:approver:tok-b,olga:operator:tok-o,vic:viewer:to
 WIDTH = 8
 CONFIG = "max_batch_size: 32\nversion_policy: {all: {}}\ndynamic_batching: {max_queue_delay_us: 100, max_queue_size: 4096}\n"
 DRIFT_CONFIG = CONFIG + "governance: {mode: flag, drift: {window_rows: 100, min_rows: 50, persist: false}}\n"
-SRC = Path(__file__).resolve().parent.parent / "src" / "lockgate"
 
 
 def mlp(seed: int) -> onnx.ModelProto:
@@ -73,12 +72,6 @@ def slow_model(width: int = 640, depth: int = 64) -> onnx.ModelProto:
     return onnx_model(graph)
 
 
-def governance_wired() -> bool:
-    """Does anything in the serving process feed governance drift alerts to the control plane?"""
-    own = {SRC / "control" / "plane.py", SRC / "routing" / "rollout.py"}
-    return any("on_drift_alert(" in p.read_text() for p in SRC.rglob("*.py") if p not in own)
-
-
 # ---------------------------------------------------------------------------------- fixtures
 class Admin:
     def __init__(self, channel: grpc.Channel) -> None:
@@ -100,19 +93,18 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     for name, versions in models.items():
         for number, model in enumerate(versions, start=1):
             write_model(repo, name, number, model, CONFIG)
-    if governance_wired():
-        from lockgate.governance.profile import ReferenceProfile, build_profile
+    from lockgate.governance.profile import ReferenceProfile, build_profile
 
-        reference = np.random.default_rng(0).standard_normal((4000, WIDTH)).astype(np.float32)
-        for number, model in ((1, mlp(7)), (2, mlp(8))):
-            write_model(repo, "drift", number, model, DRIFT_CONFIG)
-            build_profile(reference, model="drift", version=str(number), input_name="INPUT0").save(
-                ReferenceProfile.path_for(repo, "drift", str(number)))
+    reference = np.random.default_rng(0).standard_normal((4000, WIDTH)).astype(np.float32)
+    for number, model in ((1, mlp(7)), (2, mlp(8))):
+        write_model(repo, "drift", number, model, DRIFT_CONFIG)
+        build_profile(reference, model="drift", version=str(number), input_name="INPUT0").save(
+            ReferenceProfile.path_for(repo, "drift", str(number)))
     env = {"LOCKGATE_TOKENS": TOKENS, "LOCKGATE_CANARY_TICK_S": "0.2"}
     with LockgateProcess(repo, gated=True, env=env) as proc:
         with grpc.insecure_channel(proc.url) as channel:
             admin = Admin(channel)
-            for name in models if not governance_wired() else [*models, "drift"]:
+            for name in [*models, "drift"]:
                 for version in ("1", "2"):
                     sample = json.dumps({"INPUT0": [[0.0] * WIDTH]})
                     report = admin.call("tok-a", "ValidateVersion", pb.ValidateVersionRequest(
@@ -416,9 +408,6 @@ def test_slow_canary_rolls_back(server: LockgateProcess, admin: Admin) -> None:
     assert all(o.code is None for o in outcomes), Counter(o.message for o in outcomes if o.code)
 
 
-@pytest.mark.skipif(not governance_wired(), reason=(
-    "governance is not wired into the serving process yet: nothing calls ControlPlane.on_drift_alert, "
-    "so a real server cannot report drift on the canary's inputs"))
 def test_drifting_canary_rolls_back(server: LockgateProcess, admin: Admin) -> None:
     guardrails = pb.Guardrails(fail_on_drift=True, min_requests=10, disable=["max_disagreement", "max_p99_ratio"])
     # Reference inputs are N(0, 1); these are shifted far away, so governance reports DRIFT.

@@ -1,75 +1,148 @@
-"""The ``lockgate`` command line: serve, demo, and the operator sub-commands."""
+"""The ``lockgate`` command line: serve, demo, and the operator sub-commands.
+
+``serve`` and ``demo`` take the same server options (declared once below) and build their
+settings the same way, so ``LOCKGATE_*`` variables, ``--config`` and flags mean the same in
+both. ``main()`` is the console script: it applies the help conventions of
+``lockgate.cli_common`` to the whole command tree before running it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from lockgate.config import ServerSettings
+from lockgate.cli_common import JsonOpt, Output, conventional, with_default
+from lockgate.config import DEMO_REPOSITORY, ServerSettings
 
 app = typer.Typer(help="lockgate: Open Inference Protocol gateway for ONNX models with inline governance.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
+# -------------------------------------------------- server options shared by serve and demo
+GrpcPortOpt = Annotated[Optional[int], typer.Option(
+    "--grpc-port", help=with_default("Inference, health, reflection and admin gRPC port.", "8001; env LOCKGATE_GRPC_PORT"))]
+MetricsPortOpt = Annotated[Optional[int], typer.Option(
+    "--metrics-port", help=with_default("Prometheus /metrics port (worker i serves on port + i).", "8002; env LOCKGATE_METRICS_PORT"))]
+HttpPortOpt = Annotated[Optional[int], typer.Option(
+    "--http-port", help=with_default("KServe v2 REST, admin API over REST and the console.", "8000; env LOCKGATE_HTTP_PORT"))]
+NoHttpOpt = Annotated[bool, typer.Option("--no-http", help="Serve gRPC only (no REST port, no console).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help=with_default("Processes sharing the gRPC port (SO_REUSEPORT).", "1"))]
+StateDirOpt = Annotated[Optional[Path], typer.Option(
+    "--state-dir", help=with_default("Control-plane state, drift windows, payload log.", "<model repository>/.lockgate"))]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help=with_default("Server YAML config file (flags and LOCKGATE_* variables win over it).", "none"))]
+HostOpt = Annotated[Optional[str], typer.Option("--host", help=with_default("Bind address.", "0.0.0.0"))]
+StoreOpt = Annotated[Optional[str], typer.Option(
+    "--store", help=with_default("Control-plane store: postgresql://... or a SQLite path.", "<state dir>/lockgate.db"))]
+TokensFileOpt = Annotated[Optional[Path], typer.Option(
+    "--tokens-file", help=with_default("Admin API tokens (YAML, SHA-256 hashes), plus LOCKGATE_TOKENS.",
+                                       "<state dir>/tokens.yaml if it exists"))]
+AllowUnapprovedOpt = Annotated[bool, typer.Option(
+    "--allow-unapproved", help="Development only: every loaded version may take live traffic without approval.")]
+LogJsonOpt = Annotated[bool, typer.Option("--json", help="Write log lines as JSON objects (one per line) instead of text.")]
+
+
+@contextmanager
+def configuration_errors() -> Iterator[None]:
+    """A configuration that cannot be honoured: one line on stderr and exit status 2."""
+    from pydantic import ValidationError
+
+    from lockgate.errors import ConfigError
+
+    try:
+        yield
+    except (ConfigError, ValidationError) as exc:
+        typer.echo(f"lockgate: configuration error: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def server_settings(config: Path | None, **flags: Any) -> ServerSettings:
+    """Defaults < ``--config`` < ``LOCKGATE_*`` < flags: the one way both commands build settings."""
+    if flags.pop("allow_unapproved", False):
+        flags["require_approval"] = False
+    if flags.pop("no_http", False):
+        flags["http_enabled"] = False
+    if flags.pop("log_json", False):
+        flags["log_format"] = "json"
+    return ServerSettings.load(config, **flags)
+
 
 @app.command()
 def serve(
-    model_repository: Path = typer.Option(..., "--model-repository", help="REPO/<model>/<version>/model.onnx"),
-    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="inference + admin gRPC port [8001]"),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Prometheus port [8002]"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="processes sharing the port (SO_REUSEPORT) [1]"),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="control-plane state [.lockgate]"),
-    config: Optional[Path] = typer.Option(None, "--config", help="server YAML config file"),
-    host: Optional[str] = typer.Option(None, "--host", help="bind address [0.0.0.0]"),
-    store: Optional[str] = typer.Option(None, "--store", help="postgresql://... or SQLite path [<state-dir>/lockgate.db]"),
-    tokens_file: Optional[Path] = typer.Option(None, "--tokens-file", help="admin API tokens file (hashed)"),
-    allow_unapproved: bool = typer.Option(False, "--allow-unapproved", help="development: serve versions without approval"),
+    model_repository: Annotated[Path, typer.Option("--model-repository", help="Repository root: REPO/<model>/<version>/model.onnx.")],
+    grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, http_port: HttpPortOpt = None,
+    no_http: NoHttpOpt = False, workers: WorkersOpt = None,
+    state_dir: StateDirOpt = None, config: ConfigOpt = None, host: HostOpt = None, store: StoreOpt = None,
+    tokens_file: TokensFileOpt = None, allow_unapproved: AllowUnapprovedOpt = False, log_json: LogJsonOpt = False,
 ) -> None:
     """Serve the models in a repository."""
     from lockgate.transport.server import run
 
-    settings = ServerSettings.load(
-        config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
-        workers=workers, state_dir=state_dir, host=host, store=store, tokens_file=tokens_file,
-        require_approval=False if allow_unapproved else None,
-    )
-    run(settings)
+    with configuration_errors():
+        run(server_settings(
+            config, model_repository=model_repository, grpc_port=grpc_port, metrics_port=metrics_port,
+            http_port=http_port, no_http=no_http, workers=workers,
+            state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
+            log_json=log_json,
+        ))
 
 
 @app.command()
 def demo(
-    dir: Path = typer.Option(Path("demo-repo"), "--dir", help="where to write the demo model repository"),
-    grpc_port: int = typer.Option(8001, "--grpc-port"),
-    metrics_port: int = typer.Option(8002, "--metrics-port"),
-    build_only: bool = typer.Option(False, "--build-only", help="write the models and exit"),
+    dir: Annotated[Path, typer.Option("--dir", help="Where to write the demo model repository.")] = DEMO_REPOSITORY,
+    build_only: Annotated[bool, typer.Option("--build-only", help="Write the models, tokens and approvals, then exit.")] = False,
+    tokens_out: Annotated[Optional[Path], typer.Option(
+        "--tokens-out", help=with_default("Where to write the demo people's tokens (shell exports).", "<dir>/demo-tokens.env"))] = None,
+    grpc_port: GrpcPortOpt = None, metrics_port: MetricsPortOpt = None, http_port: HttpPortOpt = None,
+    no_http: NoHttpOpt = False, workers: WorkersOpt = None,
+    state_dir: StateDirOpt = None, config: ConfigOpt = None, host: HostOpt = None, store: StoreOpt = None,
+    tokens_file: TokensFileOpt = None, allow_unapproved: AllowUnapprovedOpt = False, as_json: JsonOpt = False,
 ) -> None:
-    """Build the demo models in code (no downloads) and serve them."""
-    from lockgate.demo import approve_demo_versions, build_demo_repository
+    """Train the demo models in code (no downloads), give four people tokens, and serve."""
+    from lockgate.demo import prepare_demo
     from lockgate.transport.server import run
 
-    root = build_demo_repository(dir)
-    settings = ServerSettings.load(None, model_repository=root, grpc_port=grpc_port, metrics_port=metrics_port,
-                                   state_dir=root / ".lockgate")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    approved = approve_demo_versions(root, settings.store_location())
-    typer.echo(f"demo repository written to {root.resolve()}; approved versions {', '.join(approved)} of 'credit'")
-    if build_only:
-        return
-    run(settings)
+    with configuration_errors():
+        settings = server_settings(
+            config, model_repository=dir, grpc_port=grpc_port, metrics_port=metrics_port,
+            http_port=http_port, no_http=no_http, workers=workers,
+            state_dir=state_dir, host=host, store=store, tokens_file=tokens_file, allow_unapproved=allow_unapproved,
+            log_json=as_json,
+        )
+        prepared = prepare_demo(settings, tokens_out)
+        Output(as_json).emit(prepared.to_dict(), prepared.render)
+        if not build_only:
+            run(settings)
 
 
-from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app  # noqa: E402
+def _mount() -> None:
+    from lockgate.governance.cli import drift_app, profile_app
+    from lockgate.operator_cli import audit_app, models_app, tokens_app, traffic_app, trust_app
 
-app.add_typer(models_app, name="models")
-app.add_typer(traffic_app, name="traffic")
-app.add_typer(audit_app, name="audit")
-app.add_typer(tokens_app, name="tokens")
+    app.add_typer(models_app, name="models")
+    app.add_typer(traffic_app, name="traffic")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(trust_app, name="trust")
+    app.add_typer(tokens_app, name="tokens")
+    app.add_typer(profile_app, name="profile")
+    app.add_typer(drift_app, name="drift")
 
-from lockgate.governance.cli import drift_app, profile_app  # noqa: E402
 
-app.add_typer(profile_app, name="profile", help="reference profiles for drift detection")
-app.add_typer(drift_app, name="drift", help="drift reports")
+_mount()
+
+
+def command() -> Any:
+    """The whole command tree as click builds it, with lockgate's help conventions applied."""
+    return conventional(typer.main.get_command(app))
+
+
+def main() -> None:
+    command()(prog_name="lockgate")
+
 
 if __name__ == "__main__":
-    app()
+    main()

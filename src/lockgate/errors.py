@@ -20,6 +20,11 @@ CODE_NUMBERS: dict[str, int] = {
 }
 
 
+#: Cap on the text of an error message sent to a caller: the message names the input, row,
+#: feature and rule, never an unbounded echo of what the caller sent.
+MAX_MESSAGE_CHARS = 1024
+
+
 class LockgateError(Exception):
     """Base class: a client-visible failure with a status code and a precise message."""
 
@@ -122,3 +127,56 @@ class ArtifactTamperedError(FailedPrecondition):
     """The artifact's SHA-256 differs from the one recorded at registration."""
 
     reason = "artifact_tampered"
+
+
+class ArtifactSignatureError(ArtifactTamperedError):
+    """The version's ``model.sig`` does not hold: files added, removed or changed since signing,
+    a signer outside the trust policy, an invalid or malformed signature, or no signature where
+    the policy requires one. ``cause`` is the metric/audit reason (``manifest_mismatch``, ...)."""
+
+    reason = "artifact_signature_invalid"
+
+    def __init__(self, message: str, *, cause: str, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.cause = cause
+
+
+class ConfigError(InvalidArgument):
+    """Server configuration that cannot work (e.g. signatures required, verifier not installed)."""
+
+    reason = "config"
+
+
+def caller_message(exc: BaseException) -> str:
+    """What a caller is told about one failure, on every transport: the error's own message,
+    capped in size; for anything that is not a ``LockgateError`` only its type (its arguments
+    can carry request data or secrets)."""
+    if isinstance(exc, LockgateError):
+        text = exc.message
+    else:
+        text = f"internal error ({type(exc).__name__}); see the server log"
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 15] + "... (truncated)"
+    return text
+
+
+def status_code(exc: BaseException) -> str:
+    """The canonical status name of one failure: the error's own, INTERNAL for anything else."""
+    return exc.code if isinstance(exc, LockgateError) else "INTERNAL"
+
+
+_BY_CODE: dict[str, type[LockgateError]] = {}
+for _cls in (InvalidArgument, NotFound, AlreadyExists, ResourceExhausted, DeadlineExceeded, PermissionDenied,
+             Unauthenticated, Unavailable, FailedPrecondition, Aborted):
+    _BY_CODE[_cls.code] = _cls
+
+
+def error_for_code(code: str, message: str) -> LockgateError:
+    """A ``LockgateError`` of the class that names ``code`` (for a status that crossed a
+    transport as a name and a message, e.g. an admin call made in process)."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        error = LockgateError(message)
+        error.code = code if code in CODE_NUMBERS else "INTERNAL"
+        return error
+    return cls(message)

@@ -14,14 +14,19 @@ Routing and governance plug in through two small protocols so each stays in its 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import numpy as np
 
 from lockgate.errors import LockgateError
 from lockgate.protocol import codec
 from lockgate.routing.router import RouteDecision as Route
+from lockgate.routing.stage import OpenRouting
 from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
+
+if TYPE_CHECKING:
+    from lockgate.telemetry.integration import Telemetry
+    from lockgate.telemetry.tracing import RequestTrace
 
 ROUTING_KEY_PARAMETER = "routing_key"
 ROUTING_KEY_HEADER = "x-lockgate-routing-key"
@@ -40,7 +45,7 @@ class RequestContext:
         self,
         deadline: float | None = None,  # time.monotonic() deadline
         metadata: Mapping[str, str] | None = None,
-        trace: Any = None,  # telemetry span handle, when tracing is on
+        trace: "RequestTrace | None" = None,  # the span of a sampled request (None: not sampled)
         method: str = "ModelInfer",
         metadata_source: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
@@ -73,22 +78,6 @@ class GovernanceStage(Protocol):
     def abandoned(self, version: ModelVersion, inspection: Any) -> None: ...
 
 
-class DefaultRouting:
-    """Without a traffic policy: the requested version, or the model's default version."""
-
-    def uses_routing_key(self, model: str) -> bool:
-        return False
-
-    def route(self, model: LoadedModel, requested_version: str, routing_key: str | None, request_id: str) -> Route:
-        if requested_version:
-            model.get(requested_version)  # NOT_FOUND if it is not loaded
-            return Route(requested_version, "pinned")
-        return Route(model.default_version, "default")
-
-    def after_response(self, *args: Any) -> None:
-        return None
-
-
 class InferencePipeline:
     def __init__(
         self,
@@ -96,11 +85,12 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        telemetry: "Telemetry | None" = None,
     ) -> None:
         self.repository = repository
-        self.routing: RoutingStage = routing or DefaultRouting()
+        self.routing: RoutingStage = routing or OpenRouting()
         self.governance = governance
-        self.telemetry: Any = None  # lockgate.telemetry.integration.Telemetry, set by install()
+        self.telemetry = telemetry
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
                     wrap: Callable[[], tuple[Any, Any]] | None = None) -> Any:

@@ -46,11 +46,16 @@ class Action(StrEnum):
     MODEL_VALIDATE = "model.validate"
     MODEL_CARD = "model.card"
     MODEL_APPROVE = "model.approve"
+    MODEL_REJECT = "model.reject"
     MODEL_TRANSITION = "model.transition"
     MODEL_RETIRE = "model.retire"
     MODEL_LOAD = "model.load"
     MODEL_UNLOAD = "model.unload"
     ARTIFACT_TAMPERED = "artifact.tampered"
+    # Emitted by lockgate.control.provenance.
+    ARTIFACT_SIGNATURE_INVALID = "artifact.signature_invalid"
+    TRUST_ADD = "trust.signer_added"
+    TRUST_REMOVE = "trust.signer_removed"
     # Emitted by lockgate.routing (changes.py / rollout.py) and lockgate.governance.
     POLICY_SET = "traffic.set"
     SHADOW_SET = "traffic.shadow"

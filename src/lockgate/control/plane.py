@@ -17,7 +17,9 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
 from lockgate.errors import AlreadyExists, LifecycleError, LockgateError, NotFound, StoreError
+from lockgate.config import ProvenanceSettings
 from lockgate.control.leader import LocalLeader
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.registry import Registry, State
 from lockgate.control.store import Change, ChangeKind, Store, open_store
 from lockgate.control.watch import ChangeWatcher
@@ -41,10 +43,15 @@ class ControlPlane:
         authenticator: Authenticator,
         require_approval: bool = True,
         canary_tick_s: float = 1.0,
+        leader_factory: Callable[[Callable[[], Any], Callable[[], Any]], Any] = LocalLeader,
+        provenance: ProvenanceSettings | None = None,
     ) -> None:
+        """``leader_factory(on_elected, on_lost)`` builds the leader elector: a local one for
+        one process, a PostgreSQL advisory-lock one for a fleet."""
         self.store = store
         self.audit = AuditTrail(store)
-        self.registry = Registry(store, self.audit, repository=repository_root)
+        self.provenance = ProvenanceGate(store, self.audit, provenance)
+        self.registry = Registry(store, self.audit, repository=repository_root, provenance=self.provenance)
         self.auth = authenticator
         self.require_approval = require_approval
         self.canary_tick_s = canary_tick_s
@@ -66,15 +73,22 @@ class ControlPlane:
         # Leader-only work (canary analysis, fleet drift merge): started when this replica is
         # elected, cancelled when it loses the lease, so each decision is made and audited once.
         self.leader: Any = None  # LeaderElector | LocalLeader, built in start()
-        # (on_elected, on_lost) -> elector; the server installs a PostgreSQL advisory-lock one.
-        self.leader_factory: Callable[[Callable[[], Any], Callable[[], Any]], Any] = LocalLeader
-        self.leader_jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [self._canary_job]
+        self._leader_factory = leader_factory
+        self._leader_jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [self._canary_job]
         self._leader_stop: asyncio.Event | None = None
         self._leader_tasks: list[asyncio.Task] = []
         self.rollbacks_by_version: dict[tuple[str, str], int] = {}
         self.last_verify_ok: bool | None = None  # set by AuditVerify calls
-        # (model, from_version, to_version, reason): telemetry turns these into span events/logs.
-        self.rollback_listeners: list[Any] = []
+        self._rollback_listeners: list[Callable[[str, str, str, str], Any]] = []
+
+    def add_leader_job(self, job: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        """Run ``job(stop)`` while this replica leads (started on election, stopped on loss)."""
+        self._leader_jobs.append(job)
+
+    def add_rollback_listener(self, listener: Callable[[str, str, str, str], Any]) -> None:
+        """``listener(model, from_version, to_version, reason)`` on every canary rollback
+        (telemetry turns these into span events and log records)."""
+        self._rollback_listeners.append(listener)
 
     @classmethod
     def open(cls, location: str | Path, **kwargs: Any) -> "ControlPlane":
@@ -125,13 +139,25 @@ class ControlPlane:
             self.refresh_policies()
 
     # -- repository hooks ---------------------------------------------------------------
+    def digest_for_load(self, model: str, version: str, path: Path) -> str:
+        """Verify the version directory's signature (audited refusal) and return the artifact's
+        SHA-256, from the verified manifest when it has it: the bytes are hashed once."""
+        card, card_known = None, True
+        try:
+            card = self.registry.latest_card(model, version)
+        except StoreError as exc:  # a third_party rule cannot be decided without it: fails closed
+            log.warning("model %s version %s: card unavailable for the signature policy: %s", model, version, exc)
+            card_known = False
+        provenance = self.provenance.verify(model, version, path.parent, stage="load", card=card, card_known=card_known)
+        return provenance.artifact_digest(path)
+
     def verify_artifact(self, model: str, version: str, path: Path, digest: str) -> None:
         """Refuse a load whose artifact differs from what was registered (audited)."""
         try:
             self.registry.get(model, version)
         except NotFound:
             return  # first sight: registered (with this hash) right after the load
-        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR)
+        self.registry.verify_artifact(model, version, path, actor=SYSTEM_ACTOR, actual_sha256=digest)
 
     def on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         for version in loaded:
@@ -166,13 +192,6 @@ class ControlPlane:
             # our artifact must still match the hash it recorded.
             self.registry.verify_artifact(model, version, self.registry.artifact_path(model, version), actor=SYSTEM_ACTOR)
 
-    def default_version(self, model: str, loaded_default: str, loaded: Mapping[str, Any]) -> str:
-        """Without a policy: the model's default if it may serve, else the highest servable one."""
-        if self.can_serve(model, loaded_default):
-            return loaded_default
-        candidates = [v for v in loaded if self.can_serve(model, v)]
-        return max(candidates, key=int) if candidates else loaded_default
-
     # -- policy events -------------------------------------------------------------------
     def _emit(self, event: Mapping[str, Any], policy: TrafficPolicy) -> None:
         """Persist a published policy and audit the change; keep lifecycle states in step."""
@@ -183,7 +202,7 @@ class ControlPlane:
         if action.endswith("rolled_back") and canary is not None:
             key = (policy.model, canary.canary)
             self.rollbacks_by_version[key] = self.rollbacks_by_version.get(key, 0) + 1
-            for listener in self.rollback_listeners:
+            for listener in self._rollback_listeners:
                 listener(policy.model, canary.canary, canary.stable, str(event["details"].get("reason", "")))
             log.warning("canary of model '%s' rolled back: %s", policy.model, event["details"].get("reason"))
         if canary is not None:
@@ -219,7 +238,7 @@ class ControlPlane:
 
         self._watcher = ChangeWatcher(self.store, deliver)
         self._watcher.start()
-        self.leader = self.leader_factory(
+        self.leader = self._leader_factory(
             lambda: loop.call_soon_threadsafe(self._became_leader),
             lambda: loop.call_soon_threadsafe(self._lost_leadership),
         )
@@ -235,12 +254,15 @@ class ControlPlane:
         self.refresh_policies()
         self._leader_stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self.leader_jobs]
+        self._leader_tasks = [loop.create_task(job(self._leader_stop)) for job in self._leader_jobs]
 
-    def _lost_leadership(self) -> None:
+    def _lost_leadership(self, *, stepping_down: bool = False) -> None:
         if self._leader_stop is None:
             return
-        log.warning("leadership lost: stopping leader-only work")
+        if stepping_down:  # our own shutdown: expected, not news
+            log.info("stepping down as leader (shutting down): stopping leader-only work")
+        else:
+            log.warning("leadership lost: stopping leader-only work")
         self._leader_stop.set()
         for task in self._leader_tasks:
             task.cancel()
@@ -254,6 +276,16 @@ class ControlPlane:
     def degraded(self) -> bool:
         """True while the store is unreachable and writes are being spooled."""
         return bool(getattr(self.store, "degraded", False))
+
+    def on_drift_event(self, event: Any) -> None:
+        """Governance alert listener (a ``DriftEvent``): latched for the canary, DRIFT audited."""
+        self.on_drift_alert(event.model, event.version, event.status, event.to_audit())
+
+    def on_drift_report(self, report: Any) -> None:
+        """Governance report listener: an OK window clears a latched DRIFT in the canary
+        analysis (alerts alone never would)."""
+        if report.status == "OK":
+            self.canary.on_drift_alert(report.model, report.version, "OK")
 
     def on_drift_alert(self, model: str, version: str, status: object, details: Mapping[str, Any] | None = None) -> None:
         """Governance hook: latch the status for canary analysis and audit DRIFT alerts."""
@@ -292,7 +324,7 @@ class ControlPlane:
     async def close(self) -> None:
         self._stop.set()
         leader_tasks = list(self._leader_tasks)
-        self._lost_leadership()
+        self._lost_leadership(stepping_down=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *leader_tasks, return_exceptions=True)

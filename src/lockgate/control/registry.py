@@ -29,8 +29,10 @@ from typing import Any
 
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.card import ModelCard, parse_card
+from lockgate.control.provenance import Provenance, ProvenanceGate
 from lockgate.errors import (
     ApprovalError,
+    ArtifactSignatureError,
     ArtifactTamperedError,
     InvalidArgument,
     LifecycleError,
@@ -39,6 +41,7 @@ from lockgate.errors import (
 from lockgate.control.store import RecordKind, Store, StoredRecord, VersionRecord, utc_now_iso
 from lockgate.control.validation import (
     Arrays,
+    CheckResult,
     Signature,
     Tolerance,
     ValidationReport,
@@ -95,13 +98,23 @@ class Registry:
     """Lifecycle operations over a ``Store``, each audited through ``AuditTrail``.
 
     ``repository`` is the model repository root (``REPO/<model>/<version>/model.onnx``);
-    it is only needed when ``register`` is called without an explicit path.
+    it is only needed when ``register`` is called without an explicit path. ``provenance``
+    verifies the version directory's ``model.sig`` at register, validate and approve (the
+    default gate: no signature required, any present signature must verify).
     """
 
-    def __init__(self, store: Store, audit: AuditTrail | None = None, *, repository: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditTrail | None = None,
+        *,
+        repository: str | Path | None = None,
+        provenance: ProvenanceGate | None = None,
+    ) -> None:
         self.store = store
         self.audit = audit or AuditTrail(store)
         self.repository = Path(repository) if repository is not None else None
+        self.provenance = provenance or ProvenanceGate(store, self.audit)
 
     # -- queries ------------------------------------------------------------
     def get(self, model: str, version: str) -> VersionRecord:
@@ -206,7 +219,8 @@ class Registry:
         path = Path(artifact_path) if artifact_path is not None else self.artifact_path(model, version)
         if not path.is_file():
             raise NotFound(f"artifact {path} does not exist")
-        digest = sha256_file(path)
+        provenance = self.provenance.verify(model, version, path.parent, stage="register", actor=actor)
+        digest = provenance.artifact_digest(path)
         now = utc_now_iso()
         record = VersionRecord(
             model=model,
@@ -217,7 +231,7 @@ class Registry:
             registered_by=actor,
             registered_at=now,
             updated_at=now,
-            metadata=dict(metadata or {}),
+            metadata={**dict(metadata or {}), "provenance": provenance.to_dict()},
         )
         self.store.create_version(record)
         self.audit.append(
@@ -227,6 +241,21 @@ class Registry:
             {"artifact_path": record.artifact_path, "sha256": digest, "metadata": record.metadata},
         )
         return record
+
+    def _provenance_check(self, record: VersionRecord, actor: str) -> tuple[CheckResult, Provenance | None]:
+        """Verification of ``model.sig`` as one validation check (a refusal fails the report)."""
+        try:
+            provenance = self.provenance.verify(
+                record.model, record.version, Path(record.artifact_path).parent, stage="validate", actor=actor,
+                card=self.latest_card(record.model, record.version),
+            )
+        except ArtifactSignatureError as exc:
+            return CheckResult(name="provenance", status="failed", detail=exc.message, data={"reason": exc.cause}), None
+        if not provenance.signed:  # allowed unsigned by the policy (verify refuses it otherwise)
+            return CheckResult(name="provenance", status="not_applicable", detail=f"unsigned (no model.sig); "
+                               f"provenance.require_signature is {self.provenance.settings.require_signature!r}",
+                               data=provenance.to_dict()), provenance
+        return CheckResult(name="provenance", status="passed", detail=provenance.summary, data=provenance.to_dict()), provenance
 
     # -- validate -----------------------------------------------------------
     def validate(
@@ -240,6 +269,7 @@ class Registry:
         golden: tuple[Arrays, Arrays] | None = None,
         tolerance: Tolerance | None = None,
         latency_runs: int = 5,
+        signature_source: str = "the expected signature",
     ) -> ValidationReport:
         """Run the automatic checks, store the report, and move to *validated* if it passed.
 
@@ -251,6 +281,7 @@ class Registry:
                 f"model {model!r} version {version!r} is {record.state}; only registered versions are validated"
             )
         started = utc_now_iso()
+        provenance_check, provenance = self._provenance_check(record, actor)
         checks, signature, latency = run_checks(
             record.artifact_path,
             expected_sha256=record.sha256,
@@ -259,7 +290,9 @@ class Registry:
             golden=golden,
             tolerance=tolerance,
             latency_runs=latency_runs,
+            signature_source=signature_source,
         )
+        checks.insert(0, provenance_check)
         report = ValidationReport(
             model=model,
             version=version,
@@ -277,7 +310,8 @@ class Registry:
         if report.passed:
             self.store.update_version(
                 model, version, state=new_state.value, expected_state=State.REGISTERED.value,
-                metadata={"validation_id": stored.id},
+                metadata={"validation_id": stored.id,
+                          **({"provenance": provenance.to_dict()} if provenance is not None else {})},
             )
         self.audit.append(
             actor,
@@ -301,10 +335,34 @@ class Registry:
         record = self.get(model, version)
         if record.state == State.RETIRED:
             raise LifecycleError(f"model {model!r} version {version!r} is retired")
-        parsed = parse_card(card)
-        stored = self.store.add_record(RecordKind.CARD, model, version, actor, parsed.model_dump(mode="json"))
-        self.audit.append(actor, Action.MODEL_CARD, model_subject(model, version), {"card_id": stored.id, "owner": parsed.owner})
+        filled = self.provenance.fill_card(parse_card(card), Provenance.from_dict(record.metadata.get("provenance")))
+        return self._store_card(model, version, filled, actor)
+
+    def _store_card(self, model: str, version: str, card: ModelCard, actor: str) -> StoredRecord:
+        stored = self.store.add_record(RecordKind.CARD, model, version, actor, card.model_dump(mode="json"))
+        self.audit.append(actor, Action.MODEL_CARD, model_subject(model, version),
+                          {"card_id": stored.id, "owner": card.owner, "signer": card.signer,
+                           "manifest_digest": card.manifest_digest, "license": card.license})
         return stored
+
+    def _decision(self, model: str, version: str, person: str, reason: str, kind: str) -> tuple[VersionRecord, State]:
+        """The rules an approval and a rejection share: the version awaits approval (validated,
+        or shadowing unapproved), the person did not register it (four eyes), a reason is given."""
+        record = self.get(model, version)
+        state = State(record.state)
+        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
+            raise LifecycleError(
+                f"model {model!r} version {version!r} is {state.value}; only validated versions can be "
+                + ("approved" if kind == "approval" else "rejected")
+            )
+        if person.strip() == record.registered_by.strip():
+            raise ApprovalError(
+                f"four-eyes rule: {person!r} registered model {model!r} version {version!r} "
+                + ("and cannot also approve it" if kind == "approval" else "and cannot also decide on its approval")
+            )
+        if not reason or not reason.strip():
+            raise ApprovalError(f"an {kind} needs a non-empty reason" if kind == "approval" else f"a {kind} needs a non-empty reason")
+        return record, state
 
     def approve(
         self,
@@ -317,39 +375,43 @@ class Registry:
         """Approve a validated version for live traffic; returns the approval record.
 
         Refused (``ApprovalError``) when the approver registered the version,
-        the reason is blank, or no complete model card is given or stored;
-        ``LifecycleError`` when the version is not validated.
+        the reason is blank, no complete model card is given or stored, or the
+        provenance policy is not met (signature, trusted signer, licence, vendor
+        assessment); ``LifecycleError`` when the version is not validated.
         """
-        record = self.get(model, version)
-        state = State(record.state)
-        if not (state is State.VALIDATED or (state is State.SHADOW and not _is_approved(record))):
-            raise LifecycleError(
-                f"model {model!r} version {version!r} is {state.value}; only validated versions can be approved"
-            )
-        if approver.strip() == record.registered_by.strip():
-            raise ApprovalError(
-                f"four-eyes rule: {approver!r} registered model {model!r} version {version!r} "
-                "and cannot also approve it"
-            )
-        if not reason or not reason.strip():
-            raise ApprovalError("an approval needs a non-empty reason")
+        record, state = self._decision(model, version, approver, reason, "approval")
+        stored_card: StoredRecord | None = None
         if card is not None:
             try:
                 parsed = parse_card(card)
             except InvalidArgument as exc:
                 raise ApprovalError(str(exc)) from exc
-            card_record = self.set_card(model, version, parsed, approver)
         else:
             cards = self.store.list_records(RecordKind.CARD, model, version)
             if not cards:
                 raise ApprovalError(f"model {model!r} version {version!r} has no model card; provide one to approve")
-            card_record = cards[-1]
-        self.verify_artifact(model, version, actor=approver)
+            stored_card = cards[-1]
+            # Its signer fields were lockgate's: they are refreshed from this verification.
+            parsed = ModelCard.model_validate(stored_card.body).model_copy(update={"signer": "", "manifest_digest": ""})
+        try:
+            provenance, filled, problems = self.provenance.check_approval(
+                model, version, Path(record.artifact_path).parent, parsed, actor=approver)
+        except (ArtifactSignatureError, InvalidArgument) as exc:
+            raise ApprovalError(f"cannot approve: {exc.message}") from exc
+        if problems:
+            raise ApprovalError(f"cannot approve model {model!r} version {version!r}: " + "; ".join(problems))
+        self.verify_artifact(model, version, actor=approver,
+                             actual_sha256=provenance.artifact_digest(Path(record.artifact_path)))
+        # The card approved is the one stating what was verified now.
+        if stored_card is not None and stored_card.body == filled.model_dump(mode="json"):
+            card_record = stored_card
+        else:
+            card_record = self._store_card(model, version, filled, approver)
         target = State.APPROVED if state is State.VALIDATED else State.SHADOW
         now = utc_now_iso()
         self.store.update_version(
             model, version, state=target.value, expected_state=state.value,
-            metadata={"approved_by": approver, "approved_at": now},
+            metadata={"approved_by": approver, "approved_at": now, "provenance": provenance.to_dict()},
         )
         approval = self.store.add_record(
             RecordKind.APPROVAL, model, version, approver,
@@ -360,6 +422,7 @@ class Registry:
                 "sha256": record.sha256,
                 "validation_id": record.metadata.get("validation_id"),
                 "registered_by": record.registered_by,
+                "provenance": provenance.to_dict(),
             },
         )
         self.audit.append(
@@ -367,9 +430,24 @@ class Registry:
             Action.MODEL_APPROVE,
             model_subject(model, version),
             {"reason": reason.strip(), "approval_id": approval.id, "card_id": card_record.id,
-             "sha256": record.sha256, "from": state.value, "to": target.value},
+             "sha256": record.sha256, "from": state.value, "to": target.value, "provenance": provenance.summary},
         )
         return approval
+
+    def reject(self, model: str, version: str, rejecter: str, reason: str) -> VersionRecord:
+        """Refuse a version awaiting approval: it is retired, so it can never be approved.
+
+        The same hands and rules as ``approve``: the rejecter did not register it, and the
+        reason is not blank; only a validated (pending) version can be rejected.
+        """
+        record, state = self._decision(model, version, rejecter, reason, "rejection")
+        updated = self.store.update_version(model, version, state=State.RETIRED.value, expected_state=state.value,
+                                            metadata={"rejected_by": rejecter, "rejected_at": utc_now_iso()})
+        self.audit.append(
+            rejecter, Action.MODEL_REJECT, model_subject(model, version),
+            {"reason": reason.strip(), "sha256": record.sha256, "from": state.value, "to": State.RETIRED.value},
+        )
+        return updated
 
     # -- traffic states and retirement ------------------------------------------
     def transition(
@@ -433,12 +511,24 @@ class Registry:
         return updated
 
     # -- integrity ----------------------------------------------------------------
-    def verify_artifact(self, model: str, version: str, path: str | Path | None = None, *, actor: str = "lockgate") -> None:
-        """Re-hash the artifact (call at every load); a mismatch is audited and refused."""
+    def verify_artifact(
+        self,
+        model: str,
+        version: str,
+        path: str | Path | None = None,
+        *,
+        actor: str = "lockgate",
+        actual_sha256: str | None = None,
+    ) -> None:
+        """Re-hash the artifact (call at every load); a mismatch is audited and refused.
+
+        ``actual_sha256``: the digest the caller just took of ``path`` (the load's, or the
+        verified manifest's), so the artifact is not hashed a second time.
+        """
         record = self.get(model, version)
         target = Path(path) if path is not None else Path(record.artifact_path)
         try:
-            actual: str | None = sha256_file(target)
+            actual: str | None = actual_sha256 if actual_sha256 is not None else sha256_file(target)
             problem = None if actual == record.sha256 else "sha256 mismatch"
         except OSError as exc:
             actual, problem = None, f"unreadable: {exc.strerror or exc}"

@@ -61,6 +61,7 @@ class RecordKind(StrEnum):
     VALIDATION = "validation"
     APPROVAL = "approval"
     CARD = "card"
+    TRUST = "trust"  # trusted-signer additions/removals (model and version are "")
 
 
 class ChangeKind(StrEnum):

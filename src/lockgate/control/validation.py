@@ -1,8 +1,10 @@
 """Automatic validation of an ONNX artifact before it may be approved.
 
-Each check is independent and recorded (passed / failed / skipped with a
-detail), so a report explains *why* a version was refused instead of
-stopping at the first problem. Inference runs on CPU with one thread: this
+Each check is independent and recorded as passed, failed or not applicable,
+always with the reason in ``detail``, so a report explains *why* a version was
+refused instead of stopping at the first problem, and a check that could not
+run is never shown as passed (nor left out). Every report has the same rows:
+``CHECK_NAMES``. Inference runs on CPU with one thread: this
 is a gate, not a benchmark, and must not starve the serving threads.
 """
 
@@ -11,30 +13,33 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
 from lockgate.errors import InvalidArgument
+from lockgate.protocol import datatypes
+from lockgate.protocol.codec import Signature, TensorSpec
 
 GOLDEN_INPUTS = "golden_inputs.npz"
 GOLDEN_OUTPUTS = "golden_outputs.npz"
 
-CheckStatus = Literal["passed", "failed", "skipped"]
+CheckStatus = Literal["passed", "failed", "not_applicable"]
+# Every report carries these rows, in this order (the registry puts the provenance row first).
+CHECK_NAMES: tuple[str, ...] = (
+    "provenance", "sha256", "onnx_checker", "signature", "smoke_inference", "golden_outputs", "latency",
+)
+# Reports stored before "not_applicable" existed said "skipped".
+LEGACY_STATUS = {"skipped": "not_applicable"}
 Arrays = Mapping[str, np.ndarray]
 
-# ONNX TensorProto element type -> Open Inference Protocol datatype.
+# ONNX TensorProto element type -> Open Inference Protocol datatype (what lockgate can serve).
 _ONNX_TO_OIP: dict[int, str] = {
     1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
-    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16",
-}
-_ALIASES: dict[str, str] = {
-    "FLOAT": "FP32", "FLOAT32": "FP32", "FLOAT16": "FP16", "HALF": "FP16",
-    "FLOAT64": "FP64", "DOUBLE": "FP64", "STRING": "BYTES", "STR": "BYTES",
-    "BFLOAT16": "BF16",
+    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
 }
 # onnxruntime type string -> numpy dtype for generated samples.
 _ORT_TO_NUMPY: dict[str, Any] = {
@@ -45,24 +50,13 @@ _ORT_TO_NUMPY: dict[str, Any] = {
     "tensor(string)": np.object_,
 }
 
-
-def normalize_datatype(name: str) -> str:
-    """Accept OIP (FP32), Triton config (TYPE_FP32) and numpy (float32) spellings."""
-    upper = name.strip().upper().removeprefix("TYPE_")
-    return _ALIASES.get(upper, upper)
-
-
-class TensorSpec(BaseModel):
-    """One input or output; shapes include the batch dimension, -1 = any size."""
-
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class Signature(BaseModel):
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+# Stored in the report as its JSON form (``Signature.to_dict``) and read back from it.
+StoredSignature = Annotated[
+    Signature,
+    PlainValidator(Signature.from_dict),
+    PlainSerializer(Signature.to_dict, return_type=dict),
+    WithJsonSchema({"type": "object"}),
+]
 
 
 class Tolerance(BaseModel):
@@ -88,7 +82,7 @@ class ValidationReport(BaseModel):
     passed: bool
     sha256: str
     checks: list[CheckResult]
-    signature: Signature | None = None
+    signature: StoredSignature | None = None
     latency_ms: dict[str, float] = Field(default_factory=dict)
     started_at: str
     finished_at: str
@@ -107,7 +101,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def onnx_signature(path: str | Path) -> Signature:
-    """Graph inputs (initializers excluded) and outputs of an ONNX file."""
+    """Graph inputs (initializers excluded) and outputs of an ONNX file.
+
+    ValueError names a tensor whose element type lockgate cannot serve."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -115,49 +111,77 @@ def onnx_signature(path: str | Path) -> Signature:
 
     def spec(value: Any) -> TensorSpec:
         tensor = value.type.tensor_type
+        name = _ONNX_TO_OIP.get(tensor.elem_type)
+        if name is None:
+            type_name = onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "undefined"
+            raise ValueError(f"tensor {value.name!r} has element type {type_name}, which lockgate does not serve")
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
-        return TensorSpec(name=value.name, datatype=_ONNX_TO_OIP.get(tensor.elem_type, str(tensor.elem_type)), shape=dims)
+        return TensorSpec(value.name, datatypes.BY_NAME[name], tuple(dims))
 
     return Signature(
-        inputs=[spec(v) for v in model.graph.input if v.name not in initializers],
-        outputs=[spec(v) for v in model.graph.output],
+        tuple(spec(v) for v in model.graph.input if v.name not in initializers),
+        tuple(spec(v) for v in model.graph.output),
     )
 
 
-def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
-    if isinstance(data, Signature):
-        return data
+def config_signature(model_dir: str | Path) -> dict[str, Any] | None:
+    """The expected signature the model's config declares (``inputs``/``outputs`` with datatype
+    and dims, in config.yaml or config.pbtxt), or None if it declares none or cannot be read
+    (a config that cannot be read fails the load, where the error is reported)."""
+    from lockgate.serving.model_config import ModelConfigError, datatypes_name, read_model_config
+
     try:
-        return Signature.model_validate(dict(data))
-    except Exception as exc:  # pydantic.ValidationError: report it as a caller error
-        raise InvalidArgument(f"invalid expected signature: {exc}") from exc
+        config = read_model_config(Path(model_dir))
+    except (ModelConfigError, ValueError, OSError):
+        return None
+    batched = config.max_batch_size is None or config.max_batch_size > 0
+
+    def specs(declared: list[Any]) -> list[dict[str, Any]] | None:
+        out = []
+        for tensor in declared:
+            if tensor.datatype is None or tensor.dims is None:
+                return None  # only a full declaration is an expectation
+            out.append({"name": tensor.name, "datatype": datatypes_name(tensor.datatype),
+                        "shape": ([-1] if batched else []) + list(tensor.dims)})
+        return out
+
+    inputs, outputs = specs(config.inputs), specs(config.outputs)
+    if not config.inputs or inputs is None or outputs is None:
+        return None
+    return {"inputs": inputs, "outputs": outputs}
 
 
-def _compare_specs(kind: str, expected: list[TensorSpec], actual: list[TensorSpec], exact: bool) -> list[str]:
+def parse_signature(data: Signature | Mapping[str, Any]) -> Signature:
+    return Signature.from_dict(data)
+
+
+def _compare_specs(kind: str, expected: Sequence[TensorSpec], actual: Sequence[TensorSpec], exact: bool,
+                   source: str = "the config") -> list[str]:
     problems: list[str] = []
     by_name = {s.name: s for s in actual}
     for want in expected:
         have = by_name.get(want.name)
         if have is None:
-            problems.append(f"{kind} {want.name!r} not in model")
+            problems.append(f"{kind} {want.name!r} of {source} is not in the model (its {kind}s: {', '.join(by_name) or 'none'})")
             continue
-        if normalize_datatype(want.datatype) != normalize_datatype(have.datatype):
-            problems.append(f"{kind} {want.name!r}: datatype {have.datatype}, expected {normalize_datatype(want.datatype)}")
+        if want.datatype != have.datatype:
+            problems.append(f"{kind} {want.name!r}: datatype {have.datatype.name}, expected {want.datatype.name}")
         if len(want.shape) != len(have.shape) or any(
             w != h and w != -1 and h != -1 for w, h in zip(want.shape, have.shape)
         ):
-            problems.append(f"{kind} {want.name!r}: shape {have.shape}, expected {want.shape}")
+            problems.append(f"{kind} {want.name!r}: shape {list(have.shape)}, expected {list(want.shape)}")
     if exact:
         extra = sorted(set(by_name) - {s.name for s in expected})
         if extra:
-            problems.append(f"model has {kind}s not in the config: {', '.join(extra)}")
+            problems.append(f"model has {kind}s not in {source}: {', '.join(extra)}")
     return problems
 
 
-def check_signature(expected: Signature, actual: Signature) -> list[str]:
-    """Every model input must be configured; configured outputs must exist."""
-    return _compare_specs("input", expected.inputs, actual.inputs, exact=True) + _compare_specs(
-        "output", expected.outputs, actual.outputs, exact=False
+def check_signature(expected: Signature, actual: Signature, source: str = "the config") -> list[str]:
+    """Every model input must be expected; expected outputs must exist. ``source`` names what
+    the expectation came from (the serving version, the config, a file) in the messages."""
+    return _compare_specs("input", expected.inputs, actual.inputs, exact=True, source=source) + _compare_specs(
+        "output", expected.outputs, actual.outputs, exact=False, source=source
     )
 
 
@@ -216,9 +240,17 @@ def _compare_golden(outputs: dict[str, np.ndarray], golden: Arrays, tolerance: T
     return CheckResult(
         name="golden_outputs",
         status="failed" if problems else "passed",
-        detail="; ".join(problems) or f"{len(golden)} output(s) within tolerance",
+        detail="; ".join(problems) or (
+            f"{', '.join(golden)} within rtol={tolerance.rtol:g}, atol={tolerance.atol:g} of {GOLDEN_OUTPUTS}"
+            + (f" (max |diff| {max(diffs.values()):.2g})" if diffs else "")
+        ),
         data={"max_abs_diff": diffs, "rtol": tolerance.rtol, "atol": tolerance.atol},
     )
+
+
+def _rows(feed: Arrays) -> int:
+    shapes = [np.shape(a) for a in feed.values()]
+    return int(shapes[0][0]) if shapes and shapes[0] else 1
 
 
 def run_checks(
@@ -230,8 +262,13 @@ def run_checks(
     golden: tuple[Arrays, Arrays] | None = None,
     tolerance: Tolerance | None = None,
     latency_runs: int = 5,
+    signature_source: str = "the expected signature",
 ) -> tuple[list[CheckResult], Signature | None, dict[str, float]]:
-    """Run every check; returns (checks, observed signature, latency stats in ms)."""
+    """Run every check; returns (checks in ``CHECK_NAMES`` order, observed signature, latency in ms).
+
+    ``signature_source`` says where ``expected_signature`` came from (e.g. "version 1, which
+    serves now"), so a mismatch names what the model was compared with.
+    """
     path = Path(artifact)
     tolerance = tolerance or Tolerance()
     checks: list[CheckResult] = []
@@ -252,7 +289,7 @@ def run_checks(
         import onnx
 
         onnx.checker.check_model(str(path))
-        checks.append(CheckResult(name="onnx_checker", status="passed"))
+        checks.append(CheckResult(name="onnx_checker", status="passed", detail="onnx.checker found no problems"))
     except Exception as exc:  # onnx raises several types; all mean "invalid model"
         checks.append(CheckResult(name="onnx_checker", status="failed", detail=str(exc)[:2000]))
 
@@ -263,14 +300,20 @@ def run_checks(
         checks.append(CheckResult(name="signature", status="failed", detail=f"cannot read graph: {exc}"))
     if signature is not None:
         if expected_signature is None:
-            checks.append(CheckResult(name="signature", status="skipped", detail="no expected signature configured"))
+            checks.append(CheckResult(
+                name="signature", status="not_applicable",
+                detail="nothing to compare with: no version of this model serves yet, its config declares no "
+                       "inputs or outputs, and no expected signature was given",
+            ))
         else:
-            problems = check_signature(parse_signature(expected_signature), signature)
+            problems = check_signature(parse_signature(expected_signature), signature, signature_source)
             checks.append(
                 CheckResult(
                     name="signature",
                     status="failed" if problems else "passed",
-                    detail="; ".join(problems) or "inputs and outputs match the config",
+                    detail=(f"compared with {signature_source}: " + "; ".join(problems)) if problems
+                    else f"inputs and outputs match {signature_source}",
+                    data={"compared_with": signature_source},
                 )
             )
 
@@ -290,6 +333,7 @@ def run_checks(
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         feed = dict(sample) if sample is not None else dict(golden[0]) if golden is not None else generate_sample(session)
+        fed_from = "the sample given" if sample is not None else GOLDEN_INPUTS if golden is not None else "one generated row"
         missing = [i.name for i in session.get_inputs() if i.name not in feed]
         if missing:
             raise InvalidArgument(f"reference sample lacks input(s) {', '.join(missing)}")
@@ -301,7 +345,9 @@ def run_checks(
             CheckResult(
                 name="smoke_inference",
                 status="passed",
-                detail=f"{len(results)} output(s)" + (f", {non_finite} non-finite value(s)" if non_finite else ""),
+                detail=f"{_rows(feed)} row(s) from {fed_from} -> "
+                + ", ".join(f"{n} {list(np.shape(r))}" for n, r in zip(names, results))
+                + (f"; {non_finite} non-finite value(s)" if non_finite else ""),
                 data={"output_shapes": {n: list(np.shape(r)) for n, r in zip(names, results)}, "non_finite": non_finite},
             )
         )
@@ -321,6 +367,14 @@ def run_checks(
     except Exception as exc:  # any runtime failure is a failed smoke test, recorded
         checks.append(CheckResult(name="smoke_inference", status="failed", detail=f"{type(exc).__name__}: {exc}"[:2000]))
         if golden is not None and not any(c.name == "golden_outputs" for c in checks):
-            checks.append(CheckResult(name="golden_outputs", status="skipped", detail="smoke inference failed"))
-        checks.append(CheckResult(name="latency", status="skipped", detail="smoke inference failed"))
+            checks.append(CheckResult(name="golden_outputs", status="not_applicable",
+                                      detail="could not run: smoke inference failed"))
+        checks.append(CheckResult(name="latency", status="not_applicable", detail="could not run: smoke inference failed"))
+    if not any(c.name == "golden_outputs" for c in checks):
+        checks.append(CheckResult(
+            name="golden_outputs", status="not_applicable",
+            detail=f"no {GOLDEN_INPUTS} and {GOLDEN_OUTPUTS} beside {path.name}, and none given",
+        ))
+    order = {name: i for i, name in enumerate(CHECK_NAMES)}
+    checks.sort(key=lambda c: order.get(c.name, len(order)))
     return checks, signature, latency

@@ -84,7 +84,7 @@ def bin_chart_svg(f: "FeatureDrift") -> str:
                 "discrete": "value"}.get(f.value_kind, "bin")  # fmt: skip
         ax.set_xlabel(f"{f.feature if f.index >= 0 else f.tensor}: {axis}; hatched = values the reference never had", fontsize=8)
     ax.set_title(_title(f), fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata={"Date": None})

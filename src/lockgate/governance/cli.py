@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import os
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lockgate.cli_common import JsonOpt, Output, console, err_console, fail, with_default
+
 from .config import GovernanceConfig
-from .profile import DEFAULT_KLL_K, ReferenceProfile, build_profile, class_names, load_data
-from .report import compute_report, print_report, write_html
+from .profile import DEFAULT_KLL_K, ReferenceProfile, build_profile, load_data
 
 profile_app = typer.Typer(help="Reference profiles for drift detection.", no_args_is_help=True)
 drift_app = typer.Typer(help="Drift reports.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
 
 
 @profile_app.callback()
@@ -29,19 +27,29 @@ def _profile_group() -> None:
 def _drift_group() -> None:
     """Drift reports."""
 
-_REPO_DEFAULT = Path(os.environ.get("LOCKGATE_MODEL_REPOSITORY", "models"))
+
+_REPO_HELP = "env LOCKGATE_MODEL_REPOSITORY, --config, else models/ (or demo-repo/ if only it has the model)"
+_STATE_HELP = "env LOCKGATE_STATE_DIR, --config, else <model repository>/.lockgate"
 
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
-    """The ``governance:`` section of the model's config.yaml, if any."""
-    path = model_dir / "config.yaml"
-    if not path.exists():
-        return None
-    import yaml
+    """The model's ``governance:`` section, read as serve reads the model config, if any."""
+    from lockgate.serving.model_config import read_model_config
 
-    raw = yaml.safe_load(path.read_text()) or {}
-    section = raw.get("governance") if isinstance(raw, dict) else None
+    section = read_model_config(model_dir).governance
     return GovernanceConfig.model_validate(section) if section else None
+
+
+def _output_labels(model_dir: Path, outputs: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """Class names from the model config for outputs with one column per class."""
+    from lockgate.serving.model_config import ModelConfigError, read_model_config
+
+    try:
+        labels = read_model_config(model_dir).labels()
+    except (ModelConfigError, ValueError, OSError):
+        return {}
+    return {name: names for name, names in labels.items()
+            if name in outputs and outputs[name].ndim >= 2 and outputs[name].shape[-1] == len(names)}
 
 
 def _onnx_file(version_dir: Path) -> Path | None:
@@ -83,26 +91,33 @@ def _run_model(model_file: Path, inputs: dict[str, np.ndarray], progress: Progre
 
 @profile_app.command("build")
 def build(
-    model: str = typer.Option(..., "--model", help="model name"),
-    version: str = typer.Option(..., "--version", help="model version"),
-    data: Path = typer.Option(..., "--data", help="reference data: .npy, .npz, .csv or .parquet"),
-    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
-    input_name: str | None = typer.Option(None, "--input", help="input the data belongs to (single-input data)"),
-    bins: int = typer.Option(20, "--bins", help="equal-frequency bins per numeric feature"),
-    kll_k: int = typer.Option(DEFAULT_KLL_K, "--kll-k", help="KLL sketch k of the reference (its CDF for KS and W1; larger is more exact)"),
-    outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="run the model to profile its outputs"),
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str = typer.Option(..., "--version", help="Model version."),
+    data: Path = typer.Option(..., "--data", help="Reference data: .npy, .npz, .csv or .parquet."),
+    model_repository: Path | None = typer.Option(
+        None, "--model-repository", help=with_default("Model repository root, found as serve finds it.", _REPO_HELP)),
+    input_name: str | None = typer.Option(
+        None, "--input", help=with_default("Input the data belongs to (single-input data).", "the model's only input")),
+    bins: int = typer.Option(20, "--bins", help="Equal-frequency bins per numeric feature."),
+    kll_k: int = typer.Option(
+        DEFAULT_KLL_K, "--kll-k", help="KLL sketch k of the reference (its CDF gives KS and W1; larger is more exact)."),
+    outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="Run the model to profile its outputs."),
+    config: Path | None = typer.Option(None, "--config", help=with_default("The server's YAML config file, to find the repository.", "none")),
+    as_json: JsonOpt = False,
 ) -> None:
     """Build REPO/<model>/<version>/reference_profile.json from reference data."""
+    model_repository, _state, _store = locate(config, model_repository, None, model)
     version_dir = model_repository / model / version
     if not version_dir.is_dir():
-        console.print(f"[red]model version directory {version_dir} does not exist[/red]")
-        raise typer.Exit(1)
+        fail(f"model version directory {version_dir} does not exist (pass --model-repository)")
     try:
         loaded = load_data(data)
     except (RuntimeError, ValueError, FileNotFoundError, OSError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    governance = _governance_of(model_repository / model)
+        fail(str(exc))
+    try:
+        governance = _governance_of(model_repository / model)
+    except ValueError as exc:
+        fail(str(exc))
     model_file = _onnx_file(version_dir)
     arrays = dict(loaded.arrays)
     if "" in arrays:
@@ -122,13 +137,13 @@ def build(
         elif loaded.feature_names and len(loaded.feature_names) == n:
             feature_names[name] = loaded.feature_names
     total = sum(a.shape[-1] if a.ndim >= 2 else 1 for a in arrays.values())
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console) as progress:
         output_arrays: dict[str, np.ndarray] = {}
         if outputs and model_file is not None:
             try:
                 output_arrays = _run_model(model_file, arrays, progress)
             except Exception as exc:  # the input profile is still useful without outputs
-                console.print(f"[yellow]outputs not profiled: {exc}[/yellow]")
+                err_console.print(f"[yellow]outputs not profiled: {exc}[/yellow]")
         total += sum(a.shape[-1] if a.ndim >= 2 else 1 for a in output_arrays.values())
         task = progress.add_task("profiling features", total=total)
         profile = build_profile(
@@ -139,99 +154,93 @@ def build(
             version=version,
             outputs=output_arrays,
             classifier_outputs=[n for n, a in output_arrays.items() if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] > 1],
+            output_feature_names=_output_labels(model_repository / model, output_arrays),
             allowed=allowed,
             bins=bins,
             kll_k=kll_k,
             progress=lambda _name: progress.update(task, advance=1),
         )
     path = profile.save(ReferenceProfile.path_for(model_repository, model, version))
-    console.print(f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
+    Output(as_json).message(
+        {"model": model, "version": version, "rows": profile.rows, "features": total, "path": str(path),
+         "tensors": {name: t.feature_names for name, t in profile.tensors.items()}},
+        f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
 
 
 def locate(config: Path | None, model_repository: Path | None, state_dir: Path | None, model: str,
            store: str | None = None) -> tuple[Path, Path, str | None]:
-    """Model repository, state directory and store, found the way ``serve`` finds them
-    (flags, then ``LOCKGATE_*`` variables, then ``--config``, then the defaults:
-    ``lockgate.config.ServerSettings.load``). Where nothing named them, the defaults are
-    checked for this model, and so is the demo's layout (``lockgate demo`` writes the
-    repository to ``demo-repo`` and keeps its state in ``demo-repo/.lockgate``), so the
-    report works right after ``make demo``."""
-    from lockgate.config import ServerSettings
-    from lockgate.demo import DEFAULT_DIR
+    """Model repository, state directory and store, found the way ``serve`` finds them:
+    ``ServerSettings.load`` (flags, then ``LOCKGATE_*`` variables, then ``--config``, then the
+    defaults; the state directory defaults to ``<model repository>/.lockgate``,
+    ``lockgate.config.default_state_dir``). Where nothing named the repository and the default
+    one lacks the model, the demo's repository (``lockgate demo --dir``'s default) is taken if
+    it has it, so the commands work right after ``make demo`` without a flag."""
+    from lockgate.config import DEMO_REPOSITORY, ServerSettings
 
     settings = ServerSettings.load(config, model_repository=model_repository, state_dir=state_dir, store=store)
-    defaults = ServerSettings()
-    repository = settings.model_repository
-    if settings.model_repository == defaults.model_repository and not (repository / model).is_dir():
-        repository = next((c for c in (DEFAULT_DIR,) if (c / model).is_dir()), repository)
-    state = settings.state_dir
-    if settings.state_dir == defaults.state_dir:
-        candidates = [repository / ".lockgate", settings.state_dir]
-        state = next((c for c in candidates if (c / "drift" / model).is_dir() or (c / "lockgate.db").exists()), state)
-    return repository, state, settings.store
+    default_repository = ServerSettings.model_fields["model_repository"].default
+    if (settings.model_repository == default_repository and not (settings.model_repository / model).is_dir()
+            and (DEMO_REPOSITORY / model).is_dir()):
+        settings = ServerSettings.load(config, model_repository=DEMO_REPOSITORY, state_dir=state_dir, store=store)
+    return settings.model_repository, settings.state_dir, settings.store
 
 
-_FAIL_ON = {"none": 99, "inconclusive": 1, "warn": 2, "drift": 3}
+class FailOn(str, Enum):
+    """``--fail-on``: the least status that makes ``drift report`` exit 2 (for CI gates)."""
+
+    none = "none"
+    inconclusive = "inconclusive"
+    warn = "warn"
+    drift = "drift"
+
+
+_FAIL_RANK = {FailOn.none: 99, FailOn.inconclusive: 1, FailOn.warn: 2, FailOn.drift: 3}
 
 
 @drift_app.command("report")
 def report(
-    model: str = typer.Option(..., "--model", help="model name"),
-    version: str | None = typer.Option(
-        None, "--version", help="model version [the serving version (traffic policy, registry, default_version) with a profile and windows]"
-    ),
-    windows: int = typer.Option(1, "--windows", help="merge the newest N closed windows (0 = all)"),
-    html: Path | None = typer.Option(None, "--html", help="also write a self-contained HTML report (charts need lockgate[report])"),
-    json_output: bool = typer.Option(False, "--json", help="print the report as JSON (provenance, summary, every feature) instead of a table"),
-    charts: int = typer.Option(40, "--charts", help="charts in the HTML for at most this many features (alerts first)"),
-    fail_on: str = typer.Option("none", "--fail-on", help="exit 2 when the status is at least: none | inconclusive | warn | drift"),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="server state directory [as serve: LOCKGATE_STATE_DIR, --config, .lockgate; else <repository>/.lockgate]"),
-    model_repository: Path | None = typer.Option(None, "--model-repository", help="model repository root [as serve: LOCKGATE_MODEL_REPOSITORY, --config, models; else demo-repo]"),
-    config: Path | None = typer.Option(None, "--config", help="the server's YAML config file, to find the repository, state and store as serve does"),
-    store: str | None = typer.Option(None, "--store", help="control-plane store for provenance [<state-dir>/lockgate.db]"),
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str | None = typer.Option(None, "--version", help=with_default(
+        "Model version.", "the serving version (traffic policy, registry, default_version) that has a profile and windows")),
+    windows: int = typer.Option(1, "--windows", help="Merge the newest N closed windows (0 = all)."),
+    html: Path | None = typer.Option(None, "--html", help=with_default(
+        "Also write a self-contained HTML report here (charts need lockgate[report]).", "no HTML")),
+    charts: int = typer.Option(40, "--charts", help="Charts in the HTML for at most this many features (alerts first)."),
+    fail_on: FailOn = typer.Option(FailOn.none, "--fail-on", help="Exit 2 when the overall status is at least this."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=with_default("Server state directory.", _STATE_HELP)),
+    model_repository: Path | None = typer.Option(
+        None, "--model-repository", help=with_default("Model repository root.", _REPO_HELP)),
+    config: Path | None = typer.Option(None, "--config", help=with_default(
+        "The server's YAML config file, to find the repository, state and store as serve does.", "none")),
+    store: str | None = typer.Option(None, "--store", help=with_default(
+        "Control-plane store the provenance is read from (postgresql://... or a SQLite path).", "<state dir>/lockgate.db")),
+    as_json: JsonOpt = False,
 ) -> None:
     """Drift of the latest closed window(s) against the reference profile, with its provenance."""
-    import json as _json
-
     from .decision import RANK
     from .provenance import collect
-    from .report import choose_version, report_document
+    from .report import choose_version, compute_report, evaluation_basis, print_report, report_document, write_html
 
-    if fail_on not in _FAIL_ON:
-        console.print(f"[red]--fail-on must be one of {', '.join(_FAIL_ON)}[/red]")
-        raise typer.Exit(1)
     repository, state, store_location = locate(config, model_repository, state_dir, model, store)
     try:
         why = "named with --version"
         if version is None:
             version, why = choose_version(repository, state, model, store_location)
-        governance = _governance_of(repository / model)
-        from lockgate.config import ModelConfigFile
-
-        parameters = ModelConfigFile.load(repository / model / "config.yaml").parameters
-        profile_path = ReferenceProfile.path_for(repository, model, version)
-        if not profile_path.exists():
-            raise FileNotFoundError(
-                f"no reference profile at {profile_path}; build one with `lockgate profile build --model {model} "
-                f"--version {version} --data FILE --model-repository {repository}`"
-            )
-        profile = ReferenceProfile.load(profile_path)
-        result = compute_report(repository, state, model, version, windows or None, governance.drift if governance else None,
-                                class_names=class_names(parameters, profile))  # fmt: skip
+        basis = evaluation_basis(repository, model, version)
+        result = compute_report(repository, state, model, version, windows or None, basis=basis)
     except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(1) from exc
-    provenance = collect(repository, state, model, version, profile=profile, profile_path=profile_path, window=result,
-                         store=store_location)  # fmt: skip
-    if json_output:
-        document = report_document(result, provenance)
-        document["version_choice"] = why
-        typer.echo(_json.dumps(document, indent=2, allow_nan=False))
-    else:
-        console.print(f"version {version}: {why}; repository {repository}, state {state}", highlight=False)
-        print_report(result, console, provenance)
+        fail(str(exc))
+    provenance = collect(repository, state, model, version, profile=basis.profile, profile_path=basis.profile_path,
+                         window=result, store=store_location)  # fmt: skip
+    document = {**report_document(result, provenance), "version_choice": why}
+
+    def render(out) -> None:
+        out.print(f"version {version}: {why}; repository {repository}, state {state}", highlight=False)
+        print_report(result, out, provenance)
+
+    Output(as_json).emit(document, render)
     if html is not None:
         path = write_html(result, html, provenance, max_charts=charts)
-        (err_console if json_output else console).print(f"HTML report: {path}", highlight=False)
-    if RANK[result.status] >= _FAIL_ON[fail_on]:
+        err_console.print(f"HTML report: {path}", highlight=False)
+    if RANK[result.status] >= _FAIL_RANK[fail_on]:
         raise typer.Exit(2)

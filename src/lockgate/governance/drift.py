@@ -480,7 +480,7 @@ class DriftMonitor:
         self._subscribers: list[Subscriber] = []
         # Called with every evaluated report, OK included, so consumers that latch an alert
         # (the canary analysis) also learn when a version is back to normal.
-        self.report_listeners: list[Callable[[DriftReport], None]] = []
+        self._report_listeners: list[Callable[[DriftReport], None]] = []
         self._lock = threading.Lock()
         self._next_index = self._first_free_index()
 
@@ -490,6 +490,11 @@ class DriftMonitor:
         existing = sorted(window_dir(self.state_dir, self.model, self.version).glob("window-*.bin"))
         indices = [int(p.stem.split("-", 1)[1]) for p in existing if p.stem.split("-", 1)[1].isdigit()]
         return max(indices) + 1 if indices else 0
+
+    def on_report(self, listener: Callable[[DriftReport], None]) -> None:
+        """Receive every evaluated report of this version, OK included."""
+        with self._lock:
+            self._report_listeners.append(listener)
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Receive this version's WARN/DRIFT events; returns an unsubscribe function."""
@@ -526,7 +531,7 @@ class DriftMonitor:
         if report.evaluated and report.status in (WARN, DRIFT):
             self._alert(report)
         if report.evaluated:
-            for listener in list(self.report_listeners):
+            for listener in list(self._report_listeners):
                 try:
                     listener(report)
                 except Exception:

@@ -320,6 +320,7 @@ class GovernanceEngine:
         # immutable: each window (epoch) has one, which tells observe_outputs where the
         # request's outputs belong.
         self._epoch = self._new_epoch(0, time.time())
+        self._clean = self._clean_for(self._epoch)
         self._closing: list[Epoch] = []  # cut, waiting for their requests' outputs
         self.late_outputs = 0  # outputs that came after their window was evaluated
         self.sampler = Sampler(config.sampling)
@@ -402,9 +403,14 @@ class GovernanceEngine:
 
     def _new_epoch(self, index: int, start: float) -> Epoch:
         """A window's bookkeeping, with output tensors for every output known so far."""
-        epoch = Epoch(index, start, {name: self._make_output(name, spec) for name, spec in list(self._output_specs.items())})
-        epoch.clean = Inspection([], 0, False, False, epoch=epoch)
-        return epoch
+        return Epoch(index, start, {name: self._make_output(name, spec) for name, spec in list(self._output_specs.items())})
+
+    @staticmethod
+    def _clean_for(epoch: Epoch) -> Inspection:
+        """The open window's shared "nothing to report" inspection. The engine holds it, not the
+        epoch: epoch -> inspection -> epoch would be a reference cycle that keeps the window's
+        sketches alive until the garbage collector runs (or past interpreter exit)."""
+        return Inspection([], 0, False, False, epoch=epoch)
 
     @property
     def outputs(self) -> dict[str, _Tensor]:
@@ -422,7 +428,7 @@ class GovernanceEngine:
         count = 0
         violations: list[Violation] = []
         with self._cut_lock:  # the inputs and the window stamp of one request go together
-            epoch = self._epoch
+            epoch, clean = self._epoch, self._clean
             for name, array in inputs.items():
                 tensor = self.inputs.get(name)
                 if tensor is None:
@@ -456,7 +462,7 @@ class GovernanceEngine:
             if first.acc.rows >= self._window_rows:
                 self._wake.set()
         if not count and not sampled:
-            return epoch.clean  # nearly every request: nothing to report or record, nothing to build
+            return clean  # nearly every request: nothing to report or record, nothing to build
         return Inspection(violations, count, count > 0 and self.reject_mode, sampled, request_id, trace_id, epoch=epoch)
 
     def _describe(self, tensor: _Tensor, found: tuple, out: list[Violation]) -> None:
@@ -568,6 +574,7 @@ class GovernanceEngine:
         """Close the open window to new requests; it then waits for its requests' outputs."""
         with self._window_lock:
             fresh = self._new_epoch(0, 0.0)  # built outside the cut lock: it may allocate a lot
+            fresh_clean = self._clean_for(fresh)
             with self._cut_lock:
                 old = self._epoch
                 now = time.time()
@@ -576,7 +583,7 @@ class GovernanceEngine:
                 old.end, old.closed = now, True
                 if old.pending <= 0:
                     old.drained.set()
-                self._epoch = fresh
+                self._epoch, self._clean = fresh, fresh_clean
             old.inputs_state = {name: self.inputs[name].state_from_cut(cut) for name, cut in cuts.items()}
             self._closing.append(old)
             return old

@@ -424,11 +424,14 @@ def build_profile(
     bins: int = 20,
     kll_k: int = DEFAULT_KLL_K,
     progress: Callable[[str], None] | None = None,
+    output_feature_names: Mapping[str, Sequence[str]] | None = None,
 ) -> ReferenceProfile:
     """Profile reference inputs (one array, or one per input name) and optional outputs.
 
     ``feature_names``/``categorical_features`` apply to the single input, or are mappings by
-    input name. ``bins`` equal-frequency bins per numeric feature (default 20).
+    input name. ``output_feature_names`` names an output's columns (a classifier's class
+    labels from the model config), so reports and metrics say ``approve``, not ``f0``.
+    ``bins`` equal-frequency bins per numeric feature (default 20).
     """
     if not 2 <= bins <= MAX_EDGES + 1:
         raise ValueError(f"bins must be in 2..{MAX_EDGES + 1}")
@@ -457,7 +460,8 @@ def build_profile(
     classifiers = set(classifier_outputs)
     for name, array in (outputs or {}).items():
         tensors[name] = profile_tensor(
-            name, array, kind="output", classifier=name in classifiers, bins=bins, kll_k=kll_k, progress=progress
+            name, array, kind="output", classifier=name in classifiers, bins=bins, kll_k=kll_k, progress=progress,
+            feature_names=(output_feature_names or {}).get(name),
         )
     return ReferenceProfile(model=model, version=str(version), rows=rows, kll_k=kll_k, tensors=tensors)
 
@@ -502,10 +506,10 @@ def load_data(path: str | Path) -> LoadedData:
     raise ValueError(f"unsupported reference data format {suffix!r}: use .npy, .npz, .csv or .parquet")
 
 
-def class_names(parameters: Mapping[str, str] | None, profile: ReferenceProfile | None) -> dict[str, list[str]]:
-    """Class names of a profile's classifier outputs, from the model config's
-    ``parameters.classes`` (comma-separated, in output order), for labelling class bins."""
-    names = [c.strip() for c in (parameters or {}).get("classes", "").split(",") if c.strip()]
-    if not names or profile is None:
+def class_names(labels: Mapping[str, Sequence[str]] | None, profile: ReferenceProfile | None) -> dict[str, list[str]]:
+    """Class names of a profile's classifier outputs, from the model config's output
+    ``labels`` (``ModelConfigFile.labels()``), for labelling their class bins and columns."""
+    if not labels or profile is None:
         return {}
-    return {name: names for name, tp in profile.tensors.items() if tp.kind == "output" and tp.classes is not None}
+    return {name: list(labels[name]) for name, tp in profile.tensors.items()
+            if tp.kind == "output" and name in labels and len(labels[name]) == len(tp.features)}

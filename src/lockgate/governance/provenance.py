@@ -42,6 +42,8 @@ class Provenance:
     approved_at: str = ""
     card_id: int | None = None
     card_digest: str = ""
+    signer: str = ""  # who signed model.sig, as verified at registration (the card's signer field)
+    manifest_digest: str = ""  # the signed manifest's digest
     profile_path: str = ""
     profile_digest: str = ""
     profile_rows: int = 0
@@ -135,6 +137,8 @@ def collect(
         if cards:
             out.card_id = cards[-1].id
             out.card_digest = hashlib.sha256(canonical_json(cards[-1].body).encode()).hexdigest()
+            out.signer = str(cards[-1].body.get("signer") or "")
+            out.manifest_digest = str(cards[-1].body.get("manifest_digest") or "")
         else:
             out.missing.append(f"{model} v{version} has no model card")
     finally:

@@ -23,11 +23,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lockgate.config import ModelConfigFile
+
 from . import charts
-from .config import DriftConfig
+from .config import DriftConfig, GovernanceConfig
 from .decision import DRIFT, INCONCLUSIVE, OK, RANK, WARN
 from .drift import DriftReport, FeatureDrift, evaluate, load_windows, window_dir
-from .profile import ReferenceProfile
+from .profile import ReferenceProfile, class_names
 from .provenance import Provenance, serving_candidates
 from .state import merge_all
 
@@ -75,7 +77,7 @@ def choose_version(model_repository: Path, state_dir: Path, model: str, store: s
     """The version a report is about when none is named: the first serving candidate that has
     both a profile and windows; returns (version, why). Raises FileNotFoundError with advice."""
     candidates = serving_candidates(model_repository, state_dir, model, store)
-    with_windows = {p.name for p in (Path(state_dir) / "drift" / model).glob("*") if any(p.glob("window-*.bin"))}
+    with_windows = set(versions_with_windows(state_dir, model))
     for version, why in candidates:
         if version in with_windows and ReferenceProfile.path_for(model_repository, model, version).exists():
             return version, why
@@ -95,38 +97,87 @@ def choose_version(model_repository: Path, state_dir: Path, model: str, store: s
     )
 
 
+@dataclass(slots=True)
+class EvaluationBasis:
+    """What one version's windows are judged with: its reference profile, the drift settings
+    and the class names of its outputs -- the same the server's ``GovernanceStage`` uses, so
+    the CLI report, its JSON and the console's drift page agree with the served statuses."""
+
+    profile: ReferenceProfile
+    profile_path: Path
+    config: DriftConfig
+    class_names: dict[str, list[str]]
+
+
+def evaluation_basis(model_repository: str | Path, model: str, version: str,
+                     model_config: ModelConfigFile | None = None) -> EvaluationBasis:
+    """The basis of ``model`` ``version``. ``model_config``: the loaded model's config (the
+    console passes the one the server runs with); else it is read from the repository as serve
+    reads it (config.yaml and/or config.pbtxt). Raises FileNotFoundError with advice when the
+    version has no profile, ModelConfigError (a ValueError) for a config serve would refuse."""
+    profile_path = ReferenceProfile.path_for(model_repository, model, version)
+    if not profile_path.exists():
+        raise FileNotFoundError(
+            f"no reference profile at {profile_path}; build one with `lockgate profile build --model {model} "
+            f"--version {version} --data FILE --model-repository {model_repository}` (windows recorded before it are "
+            "re-binned from their sketches)"
+        )
+    if model_config is None:
+        from lockgate.serving.model_config import read_model_config
+
+        model_config = read_model_config(Path(model_repository) / model)
+    profile = ReferenceProfile.load(profile_path)
+    governance = GovernanceConfig.model_validate(model_config.governance or {})
+    return EvaluationBasis(profile, profile_path, governance.drift, class_names(model_config.labels(), profile))
+
+
 def compute_report(
     model_repository: str | Path,
     state_dir: str | Path,
     model: str,
     version: str | None = None,
     windows: int | None = 1,
-    config: DriftConfig | None = None,
-    class_names: dict[str, list[str]] | None = None,
+    basis: EvaluationBasis | None = None,
 ) -> DriftReport:
-    """Evaluate the newest ``windows`` persisted windows (merged; all if None) against the profile."""
+    """Evaluate the newest ``windows`` persisted windows (merged; all if None) against the
+    version's :func:`evaluation_basis` (read from the repository unless given)."""
     if version is None:
         version, _why = choose_version(Path(model_repository), Path(state_dir), model)
-    profile_path = ReferenceProfile.path_for(model_repository, model, version)
-    if not profile_path.exists():
-        raise FileNotFoundError(
-            f"no reference profile at {profile_path}; build one with "
-            f"`lockgate profile build --model {model} --version {version} --data FILE`"
-        )
+    basis = basis or evaluation_basis(model_repository, model, version)
     states = load_windows(state_dir, model, version, windows)
     if not states:
         raise FileNotFoundError(f"no drift windows under {window_dir(state_dir, model, version)}")
-    merged = merge_all(states)
-    return evaluate(merged, ReferenceProfile.load(profile_path), config or DriftConfig(), window=len(states),
-                    class_names=class_names)  # fmt: skip
+    return evaluate(merge_all(states), basis.profile, basis.config, window=len(states), class_names=basis.class_names)
+
+
+def window_history(
+    model_repository: str | Path,
+    state_dir: str | Path,
+    model: str,
+    version: str,
+    last: int = 20,
+    basis: EvaluationBasis | None = None,
+) -> list[DriftReport]:
+    """Each of the newest ``last`` persisted windows evaluated on its own, as
+    :func:`compute_report` evaluates them: how one version's drift moved window by window
+    (the console charts it)."""
+    basis = basis or evaluation_basis(model_repository, model, version)
+    states = load_windows(state_dir, model, version, last)
+    return [evaluate(state, basis.profile, basis.config, window=index, class_names=basis.class_names)
+            for index, state in enumerate(states)]
+
+
+def versions_with_windows(state_dir: str | Path, model: str) -> list[str]:
+    root = Path(state_dir) / "drift" / model
+    versions = [p.name for p in root.iterdir() if p.is_dir() and any(p.glob("window-*.bin"))] if root.is_dir() else []
+    return sorted(versions, key=lambda v: (0, int(v)) if v.isdigit() else (1, v))
 
 
 def latest_version(state_dir: str | Path, model: str) -> str:
-    root = Path(state_dir) / "drift" / model
-    versions = [p.name for p in root.iterdir() if p.is_dir() and any(p.glob("window-*.bin"))] if root.is_dir() else []
+    versions = versions_with_windows(state_dir, model)
     if not versions:
-        raise FileNotFoundError(f"no drift windows for model {model!r} under {root}")
-    return max(versions, key=lambda v: (0, int(v)) if v.isdigit() else (1, v))
+        raise FileNotFoundError(f"no drift windows for model {model!r} under {Path(state_dir) / 'drift' / model}")
+    return versions[-1]
 
 
 # ---------------------------------------------------------------- summary rows
@@ -269,6 +320,8 @@ def _provenance_section(report: DriftReport, provenance: Provenance | None) -> S
         ("registered SHA-256", p.registered_sha256 or "-"),
         ("approval", f"#{p.approval_id} by {p.approver} at {p.approved_at}" if p.approval_id is not None else "-"),
         ("model card digest (SHA-256)", f"{p.card_digest} (record #{p.card_id})" if p.card_digest else "-"),
+        ("signed by", f"{p.signer} (manifest {p.manifest_digest})" if p.signer
+                      else "unsigned: the card records no verified model.sig" if p.card_digest else "-"),
         ("reference profile", f"{p.profile_path or '-'}"),
         ("profile digest (SHA-256)", report.profile_digest),
         ("profile rows / built", f"{report.profile_rows} rows, built {_iso(report.profile_created)}"),

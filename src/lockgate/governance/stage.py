@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,12 +35,16 @@ STATUS_CODE = {"INCONCLUSIVE": -1, "OK": 0, "WARN": 1, "DRIFT": 2}
 
 
 class GovernanceStage:
-    def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False) -> None:
+    def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False,
+                 alert_listeners: Sequence[Callable[[DriftEvent], None]] = (),
+                 report_listeners: Sequence[Callable[[Any], None]] = ()) -> None:
+        """``alert_listeners`` get every WARN/DRIFT alert, ``report_listeners`` every evaluated
+        window, of every version this stage prepares."""
         self.repository_root = Path(repository_root)
         self.state_dir = Path(state_dir)
         self.tracing_enabled = tracing_enabled
-        self.subscribers: list[Callable[[DriftEvent], None]] = []  # WARN/DRIFT alerts
-        self.report_listeners: list[Callable[[Any], None]] = []  # every evaluated window
+        self._alert_listeners = tuple(alert_listeners)
+        self._report_listeners = tuple(report_listeners)
         self._engines: dict[tuple[str, str], GovernanceEngine] = {}
 
     # -- lifecycle (repository hooks) ------------------------------------------------------
@@ -54,10 +58,11 @@ class GovernanceStage:
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
             state_dir=self.state_dir,
         )
-        engine.monitor.class_names = class_names(version.config.parameters, profile)
-        for subscriber in self.subscribers:
-            engine.subscribe(subscriber)
-        engine.monitor.report_listeners.extend(self.report_listeners)
+        engine.monitor.class_names = class_names(version.config.labels(), profile)
+        for listener in self._alert_listeners:
+            engine.subscribe(listener)
+        for listener in self._report_listeners:
+            engine.monitor.on_report(listener)
         version.extensions[ENGINE_KEY] = engine
         self._engines[(version.model, version.version)] = engine
 

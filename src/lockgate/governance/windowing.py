@@ -30,7 +30,7 @@ class Epoch:
     """One window's requests: their output tensors and how each request ended."""
 
     __slots__ = ("index", "start", "end", "outputs", "pending", "answered", "rejected", "failed",
-                 "late", "closed", "final", "drained", "inputs_state", "clean")  # fmt: skip
+                 "late", "closed", "final", "drained", "inputs_state")  # fmt: skip
 
     def __init__(self, index: int, start: float, outputs: dict[str, Any]) -> None:
         self.index = index
@@ -46,7 +46,6 @@ class Epoch:
         self.final = False  # evaluated: its output state is gone
         self.drained = threading.Event()  # set once closed and nothing is pending
         self.inputs_state: dict[str, Any] | None = None
-        self.clean: Any = None  # the engine's shared "nothing to report" inspection for this epoch
 
     def settle(self) -> None:
         """A request of this epoch finished (answered or failed); called with the cut lock held."""

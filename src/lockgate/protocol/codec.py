@@ -21,7 +21,11 @@ from lockgate.protocol.datatypes import DataType
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """One input or output of a model: name, datatype and full shape (-1 = variable)."""
+    """One input or output of a model: name, datatype and full shape (-1 = variable).
+
+    The one tensor description in lockgate: the codec checks requests against it, the runtime
+    derives it from the graph, and validation compares an expected one with the artifact's.
+    """
 
     name: str
     datatype: DataType
@@ -38,6 +42,21 @@ class TensorSpec:
     def shape_text(self) -> str:
         return "[" + ", ".join(str(d) for d in self.shape) + "]"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        """From ``{"name", "datatype", "shape"}``; any datatype spelling ``datatypes.parse`` reads."""
+        missing = [key for key in ("name", "datatype") if key not in data]
+        if missing:
+            raise InvalidArgument(f"tensor spec {dict(data)!r} lacks {', '.join(repr(m) for m in missing)}")
+        try:
+            return cls(str(data["name"]), datatypes.parse(str(data["datatype"])),
+                       tuple(int(d) for d in data.get("shape", ())))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"tensor spec {data['name']!r}: {exc}") from None
+
 
 @dataclass(frozen=True, slots=True)
 class Signature:
@@ -45,7 +64,7 @@ class Signature:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    max_batch_size: int  # 0: the model takes no batch dimension; >0: dim 0 is the batch
+    max_batch_size: int = 0  # 0: the model takes no batch dimension; >0: dim 0 is the batch
     # Derived once here rather than per request: both are read on every request.
     output_names: tuple[str, ...] = field(init=False)
     _inputs_by_name: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
@@ -60,6 +79,28 @@ class Signature:
 
     def input(self, name: str) -> TensorSpec | None:
         return self._inputs_by_name.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in validation reports and sent as an expected signature."""
+        return {
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+            "max_batch_size": self.max_batch_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: "Signature | Mapping[str, Any]") -> "Signature":
+        """From the JSON form (``max_batch_size`` optional); INVALID_ARGUMENT naming what is wrong."""
+        if isinstance(data, Signature):
+            return data
+        if not isinstance(data, Mapping) or not isinstance(data.get("inputs", []), list) \
+                or not isinstance(data.get("outputs", []), list):
+            raise InvalidArgument("a signature is an object with 'inputs' and 'outputs' lists of {name, datatype, shape}")
+        return cls(
+            tuple(TensorSpec.from_dict(spec) for spec in data.get("inputs", [])),
+            tuple(TensorSpec.from_dict(spec) for spec in data.get("outputs", [])),
+            int(data.get("max_batch_size") or 0),
+        )
 
 
 def parameter_value(param: Any) -> Any:

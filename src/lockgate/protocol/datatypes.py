@@ -42,6 +42,24 @@ BY_ORT: dict[str, DataType] = {dt.ort: dt for dt in _TABLE}
 SUPPORTED_NAMES: tuple[str, ...] = tuple(BY_NAME)
 
 
+# Other spellings of the same datatypes: Triton config (TYPE_FP32 is handled by prefix), numpy
+# and ONNX names, so a signature written by hand in any of them reads the same.
+_ALIASES: dict[str, str] = {
+    "FLOAT": "FP32", "FLOAT32": "FP32", "FLOAT16": "FP16", "HALF": "FP16",
+    "FLOAT64": "FP64", "DOUBLE": "FP64", "STRING": "BYTES", "STR": "BYTES",
+}
+
+
+def parse(name: str) -> DataType:
+    """The datatype a name means, accepting OIP (FP32), Triton config (TYPE_FP32) and numpy
+    (float32) spellings; ValueError naming the supported ones otherwise."""
+    upper = name.strip().upper().removeprefix("TYPE_")
+    dt = BY_NAME.get(_ALIASES.get(upper, upper))
+    if dt is None:
+        raise ValueError(f"datatype {name!r} is not supported (supported: {', '.join(SUPPORTED_NAMES)})")
+    return dt
+
+
 def from_numpy(dtype: np.dtype) -> DataType:
     """Protocol datatype of a numpy array (strings and bytes map to BYTES)."""
     if dtype.kind in ("O", "U", "S"):

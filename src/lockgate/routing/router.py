@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any, Literal
@@ -96,6 +96,17 @@ def sticky_point(model: str, routing_key: str) -> int:
     return hash64(routing_key, _PERSON_STICKY, model_salt(model)) % SPACE
 
 
+def default_version(configured: str | None, loaded: Collection[str], servable: Callable[[str], bool]) -> str | None:
+    """The one rule for the version that serves a request naming none when no traffic policy
+    applies: the model's configured default (``default_version`` in its config, else its highest
+    loaded version) if it may serve, else the highest loaded version that may. When none may,
+    the configured default, so that the gate refuses it naming its state."""
+    if configured is not None and servable(configured):
+        return configured
+    candidates = [version for version in loaded if servable(version)]
+    return max(candidates, key=int) if candidates else configured
+
+
 def pick(policy: TrafficPolicy, point: int) -> str:
     """The version whose range in the policy's layout contains `point`."""
     return policy.order[bisect_right(policy.bounds, point)]
@@ -128,22 +139,19 @@ class Router:
         self,
         book: PolicyBook,
         *,
-        default_version: Callable[[str], str | None] | None = None,
         state_of: Callable[[str, str], str | None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """
         Args:
             book: where the current policies live.
-            default_version: model → version to use when the model has no policy (e.g. the
-                registry's serving version); None means such models are unroutable.
             state_of: (model, version) → lifecycle state, or None if the version does not
                 exist. Used only on the denial path, to name the state in the reason and to
                 tell NOT_FOUND from PERMISSION_DENIED.
             rng: the draw for requests without an id (tests pass a seeded one).
         """
         self._book = book
-        self._default_version = default_version
+        self._default_routes: dict[str, RouteDecision] = {}  # version -> its one immutable decision
         self._state_of = state_of
         self._rng = rng or random.Random()
         self._sticky: dict[str, Any] = {}  # model → salted BLAKE2b prototype
@@ -163,6 +171,9 @@ class Router:
         request_id: str | None,
         servable: Callable[[str], bool],
         shadowable: Callable[[str], bool] | None = None,
+        *,
+        configured_default: str | None = None,
+        loaded: Collection[str] = (),
     ) -> RouteDecision:
         """Decide the version for one request of `model`.
 
@@ -174,11 +185,14 @@ class Router:
             servable: version → may it take live traffic (approved or better)?
             shadowable: version → may it take shadow traffic (validated or better)? Defaults
                 to `servable`, i.e. the stricter gate.
+            configured_default, loaded: the model's configured default version and its loaded
+                versions, for a request that names no version of a model without a policy
+                (`default_version` decides).
 
         Raises:
             RouteDenied: the pinned (or policy-picked) version may not serve.
             UnknownVersion: the pinned version does not exist (needs `state_of`).
-            NoServableVersion: no policy and no default version.
+            NoServableVersion: no policy and no version loaded.
         """
         policy = self._book.get(model)
         if requested_version:
@@ -188,14 +202,17 @@ class Router:
             version = requested_version
             key_hash = None
         elif policy is None:
-            default = self._default_version(model) if self._default_version is not None else None
+            default = default_version(configured_default, loaded, servable)
             if not default:
                 self.denied += 1
                 raise NoServableVersion(f"model '{model}' has no traffic policy and no version serving")
             if not servable(default):
                 raise self.deny(model, default, pinned=False, policy=None)
             self.routed += 1
-            return RouteDecision(default, "default")
+            decision_of = self._default_routes.get(default)
+            if decision_of is None:  # immutable: one shared instance per version string
+                decision_of = self._default_routes[default] = RouteDecision(default, "default")
+            return decision_of
         elif routing_key and policy.sticky:
             proto = self._sticky.get(model)
             if proto is None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lockgate.errors import Unavailable
-from lockgate.routing.router import RouteDecision
+from lockgate.routing.policy import PolicyBook
+from lockgate.routing.router import RouteDecision, Router
 
 if TYPE_CHECKING:
     from lockgate.control.plane import ControlPlane
@@ -26,9 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.routing")
 
 MAX_SHADOW_IN_FLIGHT = 256
-
-
-_DEFAULT_ROUTES: dict[str, RouteDecision] = {}
 
 
 class PolicyRouting:
@@ -47,16 +45,6 @@ class PolicyRouting:
         versions = model.versions
         if requested_version and requested_version not in versions:
             model.get(requested_version)  # NOT_FOUND naming the loaded versions
-        if not requested_version and plane.book.get(name) is None:
-            default = model.default_version
-            if not plane.can_serve(name, default):  # else the highest version that may serve
-                default = plane.default_version(name, default, versions)
-                if default not in versions or not plane.can_serve(name, default):
-                    raise self.router.deny(name, default, pinned=False, policy=None)
-            decision = _DEFAULT_ROUTES.get(default)
-            if decision is None:  # immutable: one shared instance per version string
-                decision = _DEFAULT_ROUTES[default] = RouteDecision(default, "default")
-            return decision
 
         def servable(version: str) -> bool:
             return version in versions and plane.can_serve(name, version)
@@ -64,7 +52,8 @@ class PolicyRouting:
         def shadowable(version: str) -> bool:
             return version in versions and plane.can_shadow(name, version)
 
-        decision = self.router.route(name, requested_version, routing_key, request_id, servable, shadowable)
+        decision = self.router.route(name, requested_version, routing_key, request_id, servable, shadowable,
+                                     configured_default=model.default_version, loaded=versions)
         if decision.version not in versions:
             raise Unavailable(f"model '{name}': the traffic policy routes to version {decision.version}, which is not loaded")
         return decision
@@ -107,3 +96,24 @@ class PolicyRouting:
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class OpenRouting:
+    """Routing without a control plane (an embedded pipeline, tests): no policies, and every
+    loaded version may serve. The default version comes from the same `Router` rule."""
+
+    def __init__(self) -> None:
+        self.router = Router(PolicyBook())
+
+    def uses_routing_key(self, model: str) -> bool:
+        return False
+
+    def route(self, model: "LoadedModel", requested_version: str, routing_key: str | None, request_id: str) -> RouteDecision:
+        versions = model.versions
+        if requested_version and requested_version not in versions:
+            model.get(requested_version)  # NOT_FOUND naming the loaded versions
+        return self.router.route(model.name, requested_version, routing_key, request_id, versions.__contains__,
+                                 configured_default=model.default_version, loaded=versions)
+
+    def after_response(self, *args: object) -> None:
+        return None

@@ -15,13 +15,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 import numpy as np
 
 from lockgate.config import DynamicBatchingConfig
 from lockgate.errors import DeadlineExceeded, InferenceFailed, LockgateError, ResourceExhausted, Unavailable
 from lockgate.serving.runtime import OrtRuntime
 from lockgate.serving.stats import VersionStats
+
+if TYPE_CHECKING:
+    from lockgate.telemetry.tracing import RequestTrace
 
 log = logging.getLogger("lockgate.batcher")
 
@@ -38,7 +41,7 @@ class _Pending:
     future: asyncio.Future
     deadline: float | None  # time.monotonic() value, None for no deadline
     enqueued_ns: int
-    trace: Any = None  # lockgate.telemetry RequestTrace of a sampled request
+    trace: "RequestTrace | None" = None  # the trace of a sampled request
 
 
 class DynamicBatcher:
@@ -80,7 +83,7 @@ class DynamicBatcher:
         self._workers = [self._loop.create_task(self._work()) for _ in range(instances)]
 
     # -- request side ---------------------------------------------------------------
-    def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray] | None:
+    def run_now(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: "RequestTrace | None" = None) -> dict[str, np.ndarray] | None:
         """Run a lone request at once in the caller, or return None when it must queue (``submit``).
 
         Taken only when a worker would run it alone at once anyway: no future, no queue entry,
@@ -125,7 +128,7 @@ class DynamicBatcher:
         log.exception("%s: inference failed for a batch of %d request(s)", self.label, requests, exc_info=exc)
         return InferenceFailed(f"{self.label}: inference failed: {exc}")
 
-    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: Any = None) -> dict[str, np.ndarray]:
+    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: "RequestTrace | None" = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its own rows of the batch result."""
         if self._closing:
             raise Unavailable(f"{self.label} is unloading and takes no new requests")

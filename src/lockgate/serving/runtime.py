@@ -92,7 +92,14 @@ class OrtRuntime:
             fallback_reason=reason,
         )
         if reason:
-            log.warning("%s: provider fallback to CPU: %s", label, reason)
+            # Only news when someone asked for a GPU: the config named CUDA, or the installed
+            # onnxruntime is the GPU build. The default [cuda, cpu] on a CPU-only build is the
+            # ordinary way to run on a laptop or a CPU pod.
+            explicit = "providers" in config.model_fields_set or "CUDAExecutionProvider" in ort.get_available_providers()
+            if explicit:
+                log.warning("%s: provider fallback to CPU: %s", label, reason)
+            else:
+                log.info("%s: running on the CPU (this onnxruntime build has no GPU provider)", label)
         log.info("%s: execution providers %s on %s", label, ", ".join(active), self.provider.device)
         self._use_io_binding = on_cuda and config.io_binding
         self.staging: PinnedStaging | None = None

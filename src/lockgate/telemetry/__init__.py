@@ -1,6 +1,6 @@
 """Telemetry: Prometheus metrics read at scrape time and OpenTelemetry traces.
 
-``install(gateway)`` builds both from the server settings; see ``integration`` for the calls
+``integration.Telemetry.from_settings`` builds both from the server settings; see ``integration`` for the calls
 the request path makes, ``metrics`` for the families and the source API other subsystems use,
 and ``tracing`` for spans, sampling and export accounting.
 """

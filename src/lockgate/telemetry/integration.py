@@ -1,7 +1,7 @@
 """One object the gateway owns: metrics + tracing, built from settings, started and stopped.
 
-The gateway calls ``install(gateway)`` once, ``start()`` after the gRPC server is up and
-``close()`` after it drained. The request path calls one method,
+The gateway builds it with ``Telemetry.from_settings(settings, repository)``, hands it to the
+pipeline, calls ``start()`` after the servers are up and ``close()`` after they drained. The request path calls one method,
 ``start_request(method, metadata, start_perf_ns)`` -> ``RequestTrace | None`` (None with
 tracing off). Metrics need no per-request call: ``GatewayMetrics.attach`` hands each version's
 ``VersionStats`` its histograms, which the pipeline's own request/batch bookkeeping fills.
@@ -17,6 +17,7 @@ from lockgate.telemetry.metrics import GatewayMetrics, MetricsServer, Source, st
 from lockgate.telemetry.tracing import RequestTrace, Tracing, resolve
 
 if TYPE_CHECKING:
+    from lockgate.config import ServerSettings
     from lockgate.serving.repository import ModelRepository
 
 log = logging.getLogger("lockgate.telemetry")
@@ -34,6 +35,16 @@ class Telemetry:
         self.metrics_port = worker_metrics_port(metrics_port)
         self.metrics_host = settings.metrics.host or host
         self.server: MetricsServer | None = None
+
+    @classmethod
+    def from_settings(cls, settings: "ServerSettings", repository: "ModelRepository") -> "Telemetry":
+        """From the server settings' ``telemetry`` section (and the ``OTEL_*`` environment).
+
+        Opens no port: call ``start()`` once the gateway is serving."""
+        telemetry_settings = getattr(settings, "telemetry", None) or TelemetrySettings()
+        if isinstance(telemetry_settings, dict):
+            telemetry_settings = TelemetrySettings.model_validate(telemetry_settings)
+        return cls(telemetry_settings, repository, metrics_port=settings.metrics_port, host=settings.host)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> int | None:
@@ -75,19 +86,3 @@ class Telemetry:
     def rollback(self, model: str, from_version: str, to_version: str, reason: str, trace: RequestTrace | None = None) -> None:
         if self.tracing is not None:
             self.tracing.rollback(model, from_version, to_version, reason, trace)
-
-
-def install(gateway: Any) -> Telemetry:
-    """Build the gateway's telemetry from ``gateway.settings`` (its ``telemetry`` section, if any).
-
-    Does not open ports: call ``start()`` once the gateway is serving.
-    """
-    settings = gateway.settings
-    telemetry_settings = getattr(settings, "telemetry", None) or TelemetrySettings()
-    if isinstance(telemetry_settings, dict):
-        telemetry_settings = TelemetrySettings.model_validate(telemetry_settings)
-    telemetry = Telemetry(telemetry_settings, gateway.repository, metrics_port=settings.metrics_port, host=settings.host)
-    pipeline = getattr(gateway, "pipeline", None)
-    if pipeline is not None:
-        pipeline.telemetry = telemetry
-    return telemetry

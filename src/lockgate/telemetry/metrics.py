@@ -102,6 +102,7 @@ FAMILIES: dict[str, FamilySpec] = {
     # control plane
     "lockgate_audit_entries": FamilySpec("counter", "Entries appended to the hash-chained audit trail", ("action",)),
     "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit chain verification passed, 0 if it failed", ()),
+    "lockgate_artifact_verify_failures": FamilySpec("counter", "Version signature (model.sig) verifications refused, by reason", (*MV, "reason")),
     # telemetry itself (filled by lockgate.telemetry.tracing)
     "lockgate_otel_spans_exported": FamilySpec("counter", "Spans the OTLP exporter delivered", ()),
     "lockgate_otel_spans_dropped": FamilySpec("counter", "Spans dropped: queue_full or export_failed", ("reason",)),
@@ -168,7 +169,7 @@ class GatewayMetrics:
         for model in repository.models().values():
             for version in model.versions.values():
                 self.attach(version)
-        repository.listeners.append(self._on_models_changed)
+        repository.subscribe(self._on_models_changed)
 
     # -- wiring ----------------------------------------------------------------------
     def attach(self, version: "ModelVersion") -> VersionInstruments:

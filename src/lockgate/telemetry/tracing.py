@@ -337,6 +337,21 @@ class BoundedBatchSpanProcessor(BatchSpanProcessor):
         self._batch_processor.shutdown(timeout_millis=self.shutdown_timeout_ms)
 
 
+#: The request method of a call that came over the REST binding (``RequestContext.method``).
+HTTP_INFER = "HTTP ModelInfer"
+HTTP_ROUTE = "/v2/models/{model_name}/infer"
+
+
+def _server_span_names(method: str) -> tuple[str, dict[str, Any]]:
+    """The SERVER span's name and fixed attributes: gRPC's (``rpc.*``) or REST's (``http.*``).
+    Both carry the canonical status in ``rpc.grpc.status_code`` (the same number for the same
+    failure on either transport)."""
+    if method == HTTP_INFER:
+        return f"POST {HTTP_ROUTE}", {"http.request.method": "POST", "http.route": HTTP_ROUTE,
+                                     "rpc.method": "ModelInfer", "lockgate.transport": "http"}
+    return f"{RPC_SERVICE}/{method}", {"rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": method}
+
+
 # -- per-request handle --------------------------------------------------------------
 class RequestTrace:
     """A sampled request's SERVER span, kept as plain data until ``finish``, plus its children.
@@ -579,8 +594,7 @@ class Tracing:
         start = start_perf_ns + _EPOCH_OFFSET_NS if start_perf_ns is not None else time.time_ns()
         names = self._server_names.get(method)
         if names is None:
-            names = self._server_names[method] = (f"{RPC_SERVICE}/{method}",
-                                                  {"rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": method})
+            names = self._server_names[method] = _server_span_names(method)
         return RequestTrace(self, context, parent, names[0], start, names[1].copy())
 
     # -- events outside a request ----------------------------------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
 import time
@@ -27,8 +29,9 @@ from lockgate._descriptor_pool import POOL
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
-from lockgate.control.leader import elector_for
+from lockgate.control.leader import LocalLeader, elector_for
 from lockgate.control.plane import ControlPlane
+from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
 from lockgate.governance.fleet import FleetDrift
@@ -36,8 +39,8 @@ from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
 from lockgate.routing.stage import PolicyRouting
 from lockgate.serving.repository import ModelRepository
-from lockgate.telemetry.integration import install as install_telemetry
-from lockgate.transport.grpc.admin import add_admin_service
+from lockgate.telemetry.integration import Telemetry
+from lockgate.transport.grpc.admin import AdminService, add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
 from lockgate.transport.grpc.inference import InferenceService
 
@@ -64,6 +67,34 @@ def open_control_store(settings: ServerSettings) -> Store:
     if settings.is_shared_store():
         store = ResilientStore(store, settings.spool_dir or settings.state_dir / "spool")
     return store
+
+
+def prepare_state_dir(settings: ServerSettings) -> None:
+    """Create the state directory and say where it is: approvals, drift windows and payloads
+    live there, and an operator who cannot find them cannot audit them."""
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot create the state directory {settings.state_dir}: {exc.strerror or exc}; "
+            "pass --state-dir DIR (or set LOCKGATE_STATE_DIR) to a writable place"
+        ) from None
+    log.info("state directory %s (control-plane store %s)", settings.state_dir.resolve(), settings.store_for_logs())
+
+
+def load_tokens(settings: ServerSettings) -> Authenticator:
+    """The admin principals, and a line saying where they came from (never the tokens)."""
+    path = settings.tokens_path()
+    authenticator = Authenticator.load(tokens_file=path)
+    sources = [str(path)] if path is not None else []
+    if os.environ.get("LOCKGATE_TOKENS"):
+        sources.append("LOCKGATE_TOKENS")
+    if len(authenticator):
+        log.info("admin API: %d principal(s) from %s: %s", len(authenticator), " and ".join(sources),
+                 ", ".join(authenticator.names))
+    else:
+        log.info("admin API: no tokens configured (--tokens-file or LOCKGATE_TOKENS): every admin call is refused")
+    return authenticator
 
 
 def _install_uvloop() -> bool:
@@ -118,61 +149,94 @@ class GenericHandlersOnly:
 
 
 class Gateway:
-    """Everything one serving process owns, started and stopped in order."""
+    """Everything one serving process owns, started and stopped in order.
+
+    Each part receives what it uses when it is built, or subscribes through the other part's
+    hook methods below; nothing reaches into another object's lists.
+    """
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        prepare_state_dir(settings)
+        shared_store = settings.is_shared_store()
+        location = settings.store_location()
         self.repository = ModelRepository(settings.model_repository, drain_timeout_s=settings.drain_timeout_s)
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.control = ControlPlane(
             open_control_store(settings),
             repository_root=settings.model_repository,
-            authenticator=Authenticator.load(tokens_file=settings.tokens_file),
+            authenticator=load_tokens(settings),
             require_approval=settings.require_approval,
             canary_tick_s=settings.canary_tick_s,
+            leader_factory=(lambda elected, lost: elector_for(location, "lockgate/leader", elected, lost,
+                                                              lease_s=settings.leader_lease_s))
+            if shared_store else LocalLeader,
+            provenance=settings.provenance,
         )
-        self.fleet: FleetDrift | None = None
-        if settings.is_shared_store():
-            location = settings.store_location()
-            self.control.leader_factory = lambda elected, lost: elector_for(
-                location, "lockgate/leader", elected, lost, lease_s=settings.leader_lease_s
-            )
         if not settings.require_approval:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
-        self.repository.verifiers.append(self.control.verify_artifact)
-        self.repository.listeners.append(self.control.on_models_changed)
+        self.telemetry = Telemetry.from_settings(settings, self.repository)  # opens no port yet
         self.routing = PolicyRouting(self.control)
-        self.governance = GovernanceStage(repository_root=settings.model_repository, state_dir=settings.state_dir)
-        self.governance.subscribers.append(
-            lambda event: self.control.on_drift_alert(event.model, event.version, event.status, event.to_audit())
+        self.governance = GovernanceStage(
+            repository_root=settings.model_repository, state_dir=settings.state_dir,
+            tracing_enabled=self.telemetry.tracing is not None,
+            alert_listeners=[self.control.on_drift_event], report_listeners=[self.control.on_drift_report],
         )
-        # An OK window clears a latched DRIFT in the canary analysis (alerts alone never would).
-        self.governance.report_listeners.append(self._on_drift_report)
-        if settings.is_shared_store():
+        self.fleet: FleetDrift | None = None
+        if shared_store:
             self.fleet = FleetDrift(self.control.store, self.governance, replica_id=settings.replica(),
                                     window_s=settings.fleet_window_s)
-            self.control.leader_jobs.append(self.fleet.merge_loop)
-        self.repository.preparers.append(self.governance.prepare)
-        if self.fleet is not None:
-            self.repository.preparers.append(self.fleet.adopt)  # after governance.prepare
-        self.repository.releasers.append(self.governance.release)
-        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance)
-        self.ready = asyncio.Event()
+            self.control.add_leader_job(self.fleet.merge_loop)
         self.health = HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings))
-        self.port = 0
-        self._stopping = asyncio.Event()
-        self._background: list[asyncio.Task] = []
-        self.repository.listeners.append(self._on_models_changed)
-        self.telemetry = install_telemetry(self)  # sets pipeline.telemetry; opens no port yet
-        self.governance.tracing_enabled = self.telemetry.tracing is not None
+        self.repository.set_digester(self.control.digest_for_load)  # signature + digest, one pass
+        self.repository.add_verifier(self.control.verify_artifact)
+        self.repository.add_version_hooks(self.governance.prepare, self.governance.release)
+        if self.fleet is not None:
+            self.repository.add_version_hooks(self.fleet.adopt)  # after governance.prepare
+        self.repository.subscribe(self.control.on_models_changed)
+        self.repository.subscribe(self._on_models_changed)
+        self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
+                                          telemetry=self.telemetry)
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
-        self.control.rollback_listeners.append(self.telemetry.rollback)
+        self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
+        self.control.add_rollback_listener(self.telemetry.rollback)
+        self.ready = asyncio.Event()
+        self.admin = AdminService(self.control, self.repository)
+        self.server = grpc.aio.server(options=server_options(settings))
+        self.port = 0
+        self.http = self._http_server(settings)
+        self.http_port = 0
+        self._stopping = asyncio.Event()
+        self._background: list[asyncio.Task] = []
 
-    def _on_drift_report(self, report: Any) -> None:
-        if report.status == "OK":
-            self.control.canary.on_drift_alert(report.model, report.version, "OK")
+    def _http_server(self, settings: ServerSettings) -> Any:
+        """The REST binding, the admin API over REST and the console, on ``http_port``."""
+        if not settings.http_enabled:
+            return None
+        try:
+            from lockgate.transport.http.server import HttpServer
+        except ImportError as exc:  # the [http] extra is not installed
+            log.warning("HTTP port off: %s (install lockgate[http], or pass --no-http to silence this)", exc)
+            return None
+        return HttpServer(self.http_app(), host=settings.host, port=settings.http_port, tls=settings.tls,
+                          drain_timeout_s=settings.drain_timeout_s)
+
+    def http_app(self) -> Any:
+        """The ASGI application of the HTTP port (any ASGI server can carry it)."""
+        from lockgate.transport.http.admin import RestAdmin
+        from lockgate.transport.http.app import HttpApp
+        from lockgate.transport.http.inference import RestInference
+
+        from lockgate.transport.http.console import Console
+
+        settings = self.settings
+        rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth)
+        key = settings.console_session_key or secrets.token_urlsafe(32)
+        console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
+                          secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
+                          model_repository=settings.model_repository)
+        return HttpApp([rest.handle, RestAdmin(self.admin).handle, console.handle],
+                       max_body_bytes=settings.max_receive_message_bytes)
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -184,7 +248,7 @@ class Gateway:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.repository, self.pipeline, ready=self.ready), services
         )
-        admin_service = add_admin_service(services, self.control, self.repository)
+        admin_service = add_admin_service(services, self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(
@@ -207,11 +271,14 @@ class Gateway:
             self._background.append(loop.create_task(self.fleet.ship_loop(self._stopping)))
         self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         self.telemetry.start()
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
-        log.info("lockgate ready on %s:%d (pid %d)", settings.host, self.port, os.getpid())
+        log.info("lockgate ready on %s: gRPC %d%s (pid %d)", settings.host, self.port,
+                 f", HTTP {self.http_port}" if self.http is not None else "", os.getpid())
         return self.port
 
     async def _watch_store_health(self) -> None:
@@ -242,7 +309,8 @@ class Gateway:
         self.ready.clear()
         await self.health.enter_graceful_shutdown()
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
-        await self.server.stop(self.settings.drain_timeout_s)
+        await asyncio.gather(self.server.stop(self.settings.drain_timeout_s),
+                             self.http.stop() if self.http is not None else asyncio.sleep(0))
         await self.routing.drain()
         for task in self._background:
             task.cancel()
@@ -279,16 +347,33 @@ async def serve(settings: ServerSettings) -> None:
         await stop_task[0]
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        stream=sys.stderr,
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def run_single(settings: ServerSettings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uv = _install_uvloop()
     log.info("event loop: %s", "uvloop" if uv else "asyncio")
     asyncio.run(serve(settings))
@@ -299,16 +384,24 @@ def _worker_main(settings_json: str, index: int) -> None:
     run_single(ServerSettings.model_validate_json(settings_json))
 
 
+def check_settings(settings: ServerSettings) -> None:
+    """Refuse, before anything starts, a configuration that cannot work (``ConfigError``)."""
+    ProvenanceGate.check_settings(settings.provenance)
+
+
 def run(settings: ServerSettings) -> None:
     """Run one process, or ``workers`` processes sharing the port."""
+    check_settings(settings)
     if settings.workers <= 1:
         run_single(settings)
         return
-    if settings.grpc_port == 0:
-        raise SystemExit("--workers > 1 needs a fixed --grpc-port: every worker must bind the same port")
-    configure_logging(settings.log_level)
+    if settings.grpc_port == 0 or (settings.http_enabled and settings.http_port == 0):
+        raise SystemExit("--workers > 1 needs a fixed --grpc-port and --http-port: every worker must bind the same ports")
+    configure_logging(settings.log_level, settings.log_format)
     ctx = multiprocessing.get_context("spawn")
-    payload = settings.model_copy(update={"workers": 1}).model_dump_json()
+    # one console session key for every worker: a signed-in browser may reach any of them
+    key = settings.console_session_key or secrets.token_urlsafe(32)
+    payload = settings.model_copy(update={"workers": 1, "console_session_key": key}).model_dump_json()
     procs = [ctx.Process(target=_worker_main, args=(payload, i), name=f"lockgate-worker-{i}") for i in range(settings.workers)]
     for proc in procs:
         proc.start()

@@ -19,7 +19,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -27,14 +28,16 @@ import numpy as np
 from lockgate._proto.lockgate import admin_pb2 as pb
 from lockgate._proto.lockgate import admin_pb2_grpc as pb_grpc
 from lockgate.control.auth import PERMISSIONS, Permission, Principal
+from lockgate.control.evidence import evidence_bundle, render
+from lockgate.control.provenance import Provenance, TrustedSigner
 from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
-from lockgate.control.validation import onnx_signature
-from lockgate.errors import LockgateError
-from lockgate.protocol import datatypes
+from lockgate.control.validation import config_signature, onnx_signature
+from lockgate.errors import LockgateError, error_for_code
 from lockgate.transport.grpc.call_metadata import call_metadata
 from lockgate.transport.grpc.status import grpc_code, message_of
 from lockgate.routing.changes import NotServable
+from lockgate.routing.router import default_version
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
 
 if TYPE_CHECKING:
@@ -86,8 +89,39 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+class DirectCall:
+    """The context of an admin call that did not arrive over gRPC (the REST binding, the
+    console): it carries the caller's ``authorization`` value, and a refusal raises the
+    ``LockgateError`` of its status instead of aborting an RPC. The call runs the servicer's own
+    method, so its authentication, role check, four-eyes rules and audit are the same."""
+
+    def __init__(self, authorization: str | None = None, principal: Principal | None = None) -> None:
+        self.authorization = authorization
+        #: a caller already authenticated by its transport (a console session): only the
+        #: permission is checked
+        self.principal = principal
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> NoReturn:
+        raise error_for_code(code.name, message)
+
+
+#: The admin RPCs by name, with their request and response message classes.
+METHODS: dict[str, tuple[Any, Any]] = {
+    method.name: (getattr(pb, method.input_type.name), getattr(pb, method.output_type.name))
+    for method in pb.DESCRIPTOR.services_by_name["AdminService"].methods
+}
+
+
 class AdminService(pb_grpc.AdminServiceServicer):
     """The servicer: the control plane it governs and the repository it checks loads against."""
+
+    async def call(self, method: str, request: Any, authorization: str | None = None, *,
+                   principal: Principal | None = None) -> Any:
+        """Run admin RPC ``method`` in process, as the holder of ``authorization`` (or as an
+        already authenticated ``principal``)."""
+        if method not in METHODS:
+            raise NotFound(f"the admin API has no method {method!r}")
+        return await getattr(self, method)(request, DirectCall(authorization, principal))
 
     def __init__(self, plane: "ControlPlane", repository: "ModelRepository") -> None:
         self._plane = plane
@@ -107,13 +141,17 @@ class AdminService(pb_grpc.AdminServiceServicer):
     ) -> T:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
         header = None
-        for key, value in call_metadata(context):
-            if key.lower() == AUTHORIZATION:
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
+        if isinstance(context, DirectCall):
+            header = context.authorization
+        else:
+            for key, value in call_metadata(context):
+                if key.lower() == AUTHORIZATION:
+                    header = value if isinstance(value, str) else value.decode("latin-1")
+                    break
         try:
             auth = self.plane.auth
-            principal = auth.authenticate(header)
+            known = context.principal if isinstance(context, DirectCall) else None
+            principal = known if known is not None else auth.authenticate(header)
             if permission is not None:
                 auth.authorize(principal, permission)
         except LockgateError as exc:
@@ -156,6 +194,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             serve_denial=denial or "",
             can_shadow=self.plane.registry.can_shadow(record.model, record.version),
             loaded=record.version in self._loaded_versions(record.model),
+            provenance=_provenance(Provenance.from_dict(record.metadata.get("provenance"))),
         )
 
     def _refresh(self, model: str) -> None:
@@ -195,28 +234,31 @@ class AdminService(pb_grpc.AdminServiceServicer):
             if live:
                 return live[-1][1]
         serving = [r.version for r in self.plane.registry.list_versions(model) if r.state == "serving" and r.version != version]
-        return serving[-1] if serving else None
+        if serving:
+            return serving[-1]
+        loaded = self.repository.models().get(model)  # no policy: the default version serves
+        if loaded is not None:
+            default = default_version(loaded.default_version, loaded.versions,
+                                      lambda v: self.plane.can_serve(model, v))
+            if default is not None and default != version and self.plane.can_serve(model, default):
+                return default
+        return None
 
-    def _expected_signature(self, model: str, version: str, text: str) -> dict[str, Any] | None:
-        """The request's signature, else the signature of the version now serving (None: nothing to match)."""
+    def _expected_signature(self, model: str, version: str, text: str) -> tuple[dict[str, Any] | None, str]:
+        """What the new version must look like, and where that came from: the request's
+        signature, else the version clients are served now, else the inputs and outputs the
+        model's config declares (None: nothing to compare with)."""
         if text.strip():
-            return _json_object(text, "expected_signature_json")
+            return _json_object(text, "expected_signature_json"), "the expected signature given"
         reference = self._reference_version(model, version)
         if reference is None:
-            return None
+            declared = config_signature(self.repository.root / model)
+            return declared, "the inputs and outputs the model's config declares"
         loaded = self._loaded_versions(model).get(reference)
         if loaded is not None:
-            specs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.inputs]
-            outs = [(s.name, s.datatype.name, list(s.shape)) for s in loaded.signature.outputs]
-        else:
-            graph = onnx_signature(self.plane.registry.get(model, reference).artifact_path)
-            specs = [(s.name, s.datatype, s.shape) for s in graph.inputs]
-            outs = [(s.name, s.datatype, s.shape) for s in graph.outputs]
-
-        def spec(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
-            return [{"name": n, "datatype": d, "shape": shape} for n, d, shape in items]
-
-        return {"inputs": spec(specs), "outputs": spec(outs)}
+            return loaded.signature.to_dict(), f"version {reference}, which serves now"
+        graph = onnx_signature(self.plane.registry.get(model, reference).artifact_path)
+        return graph.to_dict(), f"version {reference}, which serves now"
 
     @staticmethod
     def _sample(artifact: str, text: str) -> dict[str, np.ndarray] | None:
@@ -224,10 +266,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
         data = _json_object(text, "sample_json")
         if not data:
             return None
-        types = {spec.name: spec.datatype for spec in onnx_signature(artifact).inputs}
+        try:
+            types = {spec.name: spec.datatype for spec in onnx_signature(artifact).inputs}
+        except ValueError as exc:  # an element type lockgate cannot serve: nothing to decode into
+            raise InvalidArgument(f"sample_json cannot be decoded: {exc}") from None
         sample: dict[str, np.ndarray] = {}
         for name, value in data.items():
-            dt = datatypes.BY_NAME.get(types.get(name, ""))
+            dt = types.get(name)
             if dt is None:
                 raise InvalidArgument(f"sample_json names {name!r}, which is not a supported input of the model")
             try:
@@ -241,11 +286,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
             model = _required(request.model, "model")
             version = _required(request.version, "version")
             record = self.plane.registry.get(model, version)
+            expected, source = self._expected_signature(model, version, request.expected_signature_json)
             report = self.plane.registry.validate(
                 model,
                 version,
                 principal.name,
-                expected_signature=self._expected_signature(model, version, request.expected_signature_json),
+                expected_signature=expected,
+                signature_source=source,
                 sample=self._sample(record.artifact_path, request.sample_json),
                 latency_runs=request.latency_runs or 5,
             )
@@ -281,6 +328,15 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
         return await self._serve(context, "ApproveVersion", Permission.APPROVE, body)
 
+    async def RejectVersion(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            model = _required(request.model, "model")
+            record = self.plane.registry.reject(model, _required(request.version, "version"), principal.name, request.reason)
+            self._refresh(model)
+            return self._version_info(record)
+
+        return await self._serve(context, "RejectVersion", Permission.APPROVE, body)
+
     async def RetireVersion(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
             model = _required(request.model, "model")
@@ -311,6 +367,50 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
         return await self._serve(context, "ShowVersion", Permission.READ, body)
 
+    async def VerifyVersion(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            model = _required(request.model, "model")
+            version = _required(request.version, "version")
+            record = self.plane.registry.get(model, version)
+            provenance = self.plane.provenance.verify(
+                model, version, Path(record.artifact_path).parent, stage="verify", actor=principal.name,
+                card=self.plane.registry.latest_card(model, version),
+            )
+            return pb.VerifyVersionResponse(provenance=_provenance(provenance))
+
+        return await self._serve(context, "VerifyVersion", Permission.READ, body)
+
+    # ------------------------------------------------------------------ trust policy
+    async def ListTrustedSigners(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            gate = self.plane.provenance
+            return pb.ListTrustedSignersResponse(
+                signers=[_signer(s) for s in gate.trusted_signers()],
+                require_signature=gate.settings.require_signature,
+                allowed_licenses=gate.allowed_licenses,
+            )
+
+        return await self._serve(context, "ListTrustedSigners", Permission.READ, body)
+
+    async def AddTrustedSigner(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            signer = self.plane.provenance.add_signer(
+                _required(request.name, "name"), _required(request.vendor, "vendor"), principal.name,
+                reason=request.reason, public_key_pem=request.public_key_pem,
+                certificate_chain_pem=list(request.certificate_chain_pem),
+                sigstore_identity=request.sigstore_identity, sigstore_issuer=request.sigstore_issuer,
+            )
+            return _signer(signer)
+
+        return await self._serve(context, "AddTrustedSigner", Permission.ADMIN, body)
+
+    async def RemoveTrustedSigner(self, request: Any, context: Any) -> Any:
+        def body(principal: Principal) -> Any:
+            return _signer(self.plane.provenance.remove_signer(_required(request.name, "name"), principal.name,
+                                                               reason=request.reason))
+
+        return await self._serve(context, "RemoveTrustedSigner", Permission.ADMIN, body)
+
     # ------------------------------------------------------------------ traffic
     def _traffic(self, model: str) -> Any:
         plane = self.plane
@@ -322,7 +422,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
         named: set[str] = set(loaded.versions) if loaded is not None else set()
         if policy is None:
             if loaded is not None:
-                status.default_version = plane.default_version(model, loaded.default_version, loaded.versions)
+                status.default_version = default_version(
+                    loaded.default_version, loaded.versions, lambda v: plane.can_serve(model, v)) or ""
         else:
             status.revision = policy.revision
             status.sticky = policy.sticky
@@ -374,8 +475,16 @@ class AdminService(pb_grpc.AdminServiceServicer):
         if missing:
             raise NotServable(
                 f"version(s) {', '.join(missing)} of model '{model}' are not loaded in this server "
-                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'})"
+                f"(loaded: {', '.join(sorted(loaded, key=int)) or 'none'}); {self._how_to_load(model, missing)}"
             )
+
+    def _how_to_load(self, model: str, versions: list[str]) -> str:
+        """What the operator runs next: the load command, or where the artifact must go first."""
+        absent = [v for v in versions if not (self.repository.root / model / v / "model.onnx").is_file()]
+        if absent:
+            where = ", ".join(str(self.repository.root / model / v / "model.onnx") for v in absent)
+            return f"put the artifact at {where}, then run `lockgate models load {model} {absent[0]}`"
+        return "run " + " and ".join(f"`lockgate models load {model} {v}`" for v in versions)
 
     async def GetTraffic(self, request: Any, context: Any) -> Any:
         return await self._serve(
@@ -507,10 +616,29 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     async def AuditExport(self, request: Any, context: Any) -> Any:
         def body(principal: Principal) -> Any:
-            bundle = self.plane.audit.export(_required(request.model, "model"))
-            return pb.AuditExportResponse(bundle_json=json.dumps(bundle, indent=2, sort_keys=True, default=str))
+            bundle = evidence_bundle(self.plane.audit, _required(request.model, "model"))
+            return pb.AuditExportResponse(bundle_json=render(bundle))
 
         return await self._serve(context, "AuditExport", Permission.READ, body)
+
+
+def _provenance(provenance: Provenance | None) -> Any:
+    if provenance is None:
+        return pb.Provenance(summary="not verified yet")
+    return pb.Provenance(
+        signed=provenance.signed, signer=provenance.signer, vendor=provenance.vendor, identity=provenance.identity,
+        manifest_digest=provenance.manifest_digest, files=list(provenance.files), verified_at=provenance.verified_at,
+        summary=provenance.summary,
+    )
+
+
+def _signer(signer: TrustedSigner) -> Any:
+    return pb.TrustedSigner(
+        name=signer.name, vendor=signer.vendor, kind=signer.kind, identity=signer.identity, origin=signer.origin,
+        public_key_pem=signer.public_key_pem, certificate_chain_pem=list(signer.certificate_chain_pem),
+        sigstore_identity=signer.sigstore_identity, sigstore_issuer=signer.sigstore_issuer,
+        added_by=signer.added_by, added_at=signer.added_at,
+    )
 
 
 def _entry(entry: Mapping[str, Any]) -> Any:
@@ -526,10 +654,10 @@ def policy_from_status(status: Any) -> TrafficPolicy | None:
     return TrafficPolicy.from_json(status.policy_json) if status.policy_json else None
 
 
-def add_admin_service(server: grpc.aio.Server, plane: "ControlPlane", repository: "ModelRepository") -> str:
+def add_admin_service(server: grpc.aio.Server, service: AdminService) -> str:
     """Register the admin servicer on ``server``; returns its full name for reflection."""
-    pb_grpc.add_AdminServiceServicer_to_server(AdminService(plane, repository), server)
+    pb_grpc.add_AdminServiceServicer_to_server(service, server)
     return SERVICE_NAME
 
 
-__all__ = ["AdminService", "SERVICE_NAME", "add_admin_service", "policy_from_status", "status_of"]
+__all__ = ["AdminService", "DirectCall", "METHODS", "SERVICE_NAME", "add_admin_service", "policy_from_status", "status_of"]

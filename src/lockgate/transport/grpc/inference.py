@@ -15,19 +15,17 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-import lockgate
 from lockgate._proto import inference_pb2 as pb
 from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.errors import InferenceFailed, LockgateError
 from lockgate.pipeline import InferencePipeline, RequestContext
+from lockgate.transport import model_info
 from lockgate.transport.grpc.call_metadata import text_metadata
 from lockgate.transport.grpc.status import abort
-from lockgate.serving.repository import LoadedModel, ModelRepository, ModelVersion
+from lockgate.serving.repository import ModelRepository
 
 log = logging.getLogger("lockgate.grpc")
 
-PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["model_repository", "statistics", "health", "reflection", "lockgate_governance"]
 # Bounded look-ahead per stream: how many messages of one stream may be in flight at once.
 STREAM_WINDOW = 256
 
@@ -42,11 +40,6 @@ def _stream_message() -> tuple[Any, Any]:
     """A stream reply and the ModelInferResponse inside it, filled in place (no copy)."""
     outer = pb.ModelStreamInferResponse()
     return outer, outer.infer_response
-
-
-def _duration(d: Any, target: Any) -> None:
-    target.count = d.count
-    target.ns = d.ns
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -68,105 +61,25 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         # Which worker process answered: lets operators (and the --workers test) see the spread.
         context.set_trailing_metadata((("lockgate-worker-pid", str(os.getpid())),))
-        return pb.ServerMetadataResponse(name="lockgate", version=lockgate.__version__, extensions=EXTENSIONS)
-
-    def _model_and_version(self, name: str, version: str) -> tuple[LoadedModel, ModelVersion]:
-        model = self.repository.get(name)
-        return model, model.get(version)
+        return model_info.server_metadata()
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         try:
-            model, mv = self._model_and_version(request.name, request.version)
+            return model_info.metadata(self.repository, request.name, request.version)
         except LockgateError as exc:
             return await abort(context, exc)
-        response = pb.ModelMetadataResponse(
-            name=model.name, platform=PLATFORM, versions=sorted(model.versions, key=int)
-        )
-        for spec in mv.signature.inputs:
-            response.inputs.add(name=spec.name, datatype=spec.datatype.name, shape=spec.shape)
-        for spec in mv.signature.outputs:
-            response.outputs.add(name=spec.name, datatype=spec.datatype.name, shape=spec.shape)
-        return response
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         try:
-            model, mv = self._model_and_version(request.name, request.version)
+            return model_info.config(self.repository, request.name, request.version)
         except LockgateError as exc:
             return await abort(context, exc)
-        sig = mv.signature
-        cfg = pb.ModelConfig(
-            name=model.name,
-            platform=PLATFORM,
-            backend="onnxruntime",
-            max_batch_size=sig.max_batch_size,
-            default_model_filename="model.onnx",
-        )
-        policy = model.config.version_policy
-        if policy.policy == "all":
-            cfg.version_policy.all.SetInParent()
-        elif policy.policy == "specific":
-            cfg.version_policy.specific.versions.extend(policy.versions)
-        else:
-            cfg.version_policy.latest.num_versions = policy.latest
-        skip = 1 if sig.max_batch_size > 0 else 0  # Triton's dims exclude the batch dimension
-        for spec in sig.inputs:
-            cfg.input.add(name=spec.name, data_type=spec.datatype.triton_enum, dims=spec.shape[skip:])
-        for spec in sig.outputs:
-            cfg.output.add(name=spec.name, data_type=spec.datatype.triton_enum, dims=spec.shape[skip:])
-        batching = model.config.dynamic_batching
-        if batching is not None and sig.max_batch_size > 0:
-            cfg.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
-            cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-            cfg.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_size
-        provider = mv.runtime.provider
-        group = cfg.instance_group.add(name=f"{model.name}_0", count=model.config.runtime.instances)
-        if mv.runtime.on_cuda:
-            group.kind = pb.ModelInstanceGroup.KIND_GPU
-            group.gpus.append(model.config.runtime.device_id)
-            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="cuda")
-            acc.parameters["io_binding"] = str(model.config.runtime.io_binding).lower()
-            cfg.optimization.input_pinned_memory.enable = mv.runtime.staging is not None
-        else:
-            group.kind = pb.ModelInstanceGroup.KIND_CPU
-            cfg.optimization.execution_accelerators.cpu_execution_accelerator.add(name="cpu")
-        cfg.parameters["execution_providers"].string_value = ",".join(provider.active)
-        cfg.parameters["device"].string_value = provider.device
-        cfg.parameters["execution"].string_value = "inline" if mv.runtime.inline else "thread"
-        if provider.fallback_reason:
-            cfg.parameters["provider_fallback"].string_value = provider.fallback_reason
-        cfg.parameters["sha256"].string_value = mv.sha256
-        for key, value in model.config.parameters.items():
-            cfg.parameters[key].string_value = value
-        return pb.ModelConfigResponse(config=cfg)
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        response = pb.ModelStatisticsResponse()
         try:
-            if request.name:
-                model = self.repository.get(request.name)
-                selected = [(model, model.get(request.version))] if request.version else [(model, v) for v in model.versions.values()]
-            else:
-                selected = [(m, v) for m in self.repository.models().values() for v in m.versions.values()]
+            return model_info.statistics(self.repository, request.name, request.version)
         except LockgateError as exc:
             return await abort(context, exc)
-        for model, mv in selected:
-            s = mv.stats
-            out = response.model_stats.add(
-                name=model.name, version=mv.version, last_inference=s.last_inference_ms,
-                inference_count=s.inference_count, execution_count=s.execution_count,
-            )
-            st = out.inference_stats
-            for src, dst in ((s.success, st.success), (s.fail, st.fail), (s.queue, st.queue),
-                             (s.compute_input, st.compute_input), (s.compute_infer, st.compute_infer),
-                             (s.compute_output, st.compute_output)):
-                _duration(src, dst)
-            for size in sorted(s.batch_stats):
-                b = s.batch_stats[size]
-                bs = out.batch_stats.add(batch_size=size)
-                _duration(b.compute_input, bs.compute_input)
-                _duration(b.compute_infer, bs.compute_infer)
-                _duration(b.compute_output, bs.compute_output)
-        return response
 
     # -- repository ------------------------------------------------------------------
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:

@@ -1,8 +1,8 @@
 """The one mapping from lockgate's error hierarchy to gRPC statuses.
 
 Every servicer answers a failure through ``status_for``/``abort``, so a ``LockgateError`` has
-exactly one gRPC status, and anything that is not one is INTERNAL with a message that names
-the exception type but never its arguments (they can carry request data or secrets).
+exactly one gRPC status, and anything that is not one is INTERNAL; the message is
+``errors.caller_message``, the same text every transport sends.
 """
 
 from __future__ import annotations
@@ -14,29 +14,13 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lockgate.errors import LockgateError
-
-#: Cap on the text of an error message sent to a caller: the message names the input, row,
-#: feature and rule, never an unbounded echo of what the caller sent.
-MAX_MESSAGE_CHARS = 1024
+from lockgate.errors import caller_message as message_of
+from lockgate.errors import status_code
 
 
 def grpc_code(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status code of one failure: the error's own, INTERNAL for anything else."""
-    if isinstance(exc, LockgateError):
-        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-    return grpc.StatusCode.INTERNAL
-
-
-def message_of(exc: BaseException) -> str:
-    """The caller-visible message, capped in size."""
-    if isinstance(exc, LockgateError):
-        text = exc.message
-    else:
-        text = f"internal error ({type(exc).__name__}); see the server log"
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[: MAX_MESSAGE_CHARS - 15] + "... (truncated)"
-    return text
+    return getattr(grpc.StatusCode, status_code(exc), grpc.StatusCode.INTERNAL)
 
 
 def status_for(exc: BaseException) -> Any:
