@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 
 from browser import artifact_dir, chromium_executable
 from drift_traffic import demo_traffic, serve_windows
-from lockgate.demo import approve_demo_versions, build_demo_repository
+from lockgate.demo import build_demo_repository
 from lockgate.governance.cli import drift_app
 from lockgate.governance.profile import ReferenceProfile
 
@@ -26,10 +28,14 @@ RUNNER = CliRunner()
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`make demo`'s layout in a fresh directory: demo-repo/ with its state in demo-repo/.lockgate."""
+    """What `make demo` leaves in its directory (`lockgate demo` with its defaults, here
+    without serving): demo-repo/ with its state in demo-repo/.lockgate; then the windows its
+    server writes there."""
     cwd = tmp_path_factory.mktemp("after-make-demo")
-    root = build_demo_repository(cwd / "demo-repo")
-    approve_demo_versions(root, str(root / ".lockgate" / "lockgate.db"))
+    subprocess.run([sys.executable, "-m", "lockgate.cli", "demo", "--build-only"], cwd=cwd, check=True,
+                   capture_output=True, timeout=300)
+    root = cwd / "demo-repo"
+    assert (root / ".lockgate" / "lockgate.db").is_file()
     profile = ReferenceProfile.load(ReferenceProfile.path_for(root, "credit", "1"))
     serve_windows(root, "1", demo_traffic(3_000, seed=1), profile)
     return cwd

@@ -27,6 +27,7 @@ from lockgate.governance.profile import ReferenceProfile, build_profile
 from lockgate.governance.report import evaluation_basis
 from lockgate.governance.stage import STATUS_CODE
 from lockgate_process import LockgateProcess
+from replica_helpers import wait_for
 from test_telemetry_metrics import ensure_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,16 +132,6 @@ def send_all(url: str, rows: np.ndarray, threads: int = 6) -> int:
     return len(batches)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_served_windows_statuses_and_gauges_match_in_process(served):
     proc, repo, profile = served
     rows = drifted(np.random.default_rng(2), 2_000)
@@ -154,7 +145,7 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
         seen.append(len(list(window_dir.glob("window-*.bin"))))
         return len(seen) > 20 and seen[-1] >= 3 and len(set(seen[-20:])) == 1
 
-    wait_for(stable, 90, "the windows to close")
+    wait_for(stable, 90, what="the windows to close")
     windows = load_windows(proc.state_dir, "m", "1", last=None)
     assert sum(w.rows for w in windows) >= 2_000 - 300
     assert sum(w.accounting["inspected"] for w in windows) <= requests
@@ -174,9 +165,9 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
         metrics = scrape(proc.metrics_port)
         return metrics if gauge(metrics, "lockgate_drift_window_rows", model="m") == newest.rows else None
 
-    wait_for(settled, 30, "gauges of the newest window")
+    wait_for(settled, 30, what="gauges of the newest window")
     time.sleep(0.5)  # the window persisted last is evaluated last: let it land, whatever its size
-    metrics = wait_for(settled, 30, "gauges of the newest window")
+    metrics = wait_for(settled, 30, what="gauges of the newest window")
     statuses = {f.feature: f.status for f in expected.features}
     assert statuses["amount"] == "DRIFT" and statuses["segment"] == "DRIFT" and statuses["score"] == "DRIFT"
     assert statuses["tenure"] == "OK"

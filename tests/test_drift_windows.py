@@ -14,16 +14,7 @@ from lockgate.governance.config import GovernanceConfig
 from lockgate.governance.engine import GovernanceEngine
 from lockgate.governance.profile import build_profile
 from lockgate.governance.state import WindowState, merge_all
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+from replica_helpers import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +97,13 @@ def test_late_outputs_are_counted_and_never_misplaced(profile):
     reports = []
     engine.monitor.on_report(reports.append)
     slow = served(engine, rng, 300)  # reaches window_rows: the thread cuts the window
-    wait_for(lambda: reports, what="the window evaluated after its grace period")
+    wait_for(lambda: reports, 30.0, what="the window evaluated after its grace period")
     assert reports[0].accounting["outputs_missing"] == 1
     engine.observe_outputs({"probs": slow[1]}, slow[0])
     assert engine.late_outputs == 1
     later = served(engine, rng, 300)
     engine.observe_outputs({"probs": later[1]}, later[0])
-    wait_for(lambda: len(reports) == 2, what="the next window")
+    wait_for(lambda: len(reports) == 2, 30.0, what="the next window")
     classes = next(f for f in reports[1].features if f.index == -1)
     assert classes.rows == 300 and reports[1].accounting["answered"] == 1
     engine.close(final_window=False)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lockgate.cli_common import JsonOpt, Output, console, err_console, fail, with_default
@@ -185,7 +186,7 @@ def locate(config: Path | None, model_repository: Path | None, state_dir: Path |
     return settings.model_repository, settings.state_dir, settings.store
 
 
-class FailOn(str, Enum):
+class FailOn(StrEnum):
     """``--fail-on``: the least status that makes ``drift report`` exit 2 (for CI gates)."""
 
     none = "none"
@@ -204,7 +205,7 @@ def report(
         "Model version.", "the serving version (traffic policy, registry, default_version) that has a profile and windows")),
     windows: int = typer.Option(1, "--windows", help="Merge the newest N closed windows (0 = all)."),
     html: Path | None = typer.Option(None, "--html", help=with_default(
-        "Also write a self-contained HTML report here (charts need lockgate[report]).", "no HTML")),
+        escape("Also write a self-contained HTML report here (charts need lockgate[report])."), "no HTML")),
     charts: int = typer.Option(40, "--charts", help="Charts in the HTML for at most this many features (alerts first)."),
     fail_on: FailOn = typer.Option(FailOn.none, "--fail-on", help="Exit 2 when the overall status is at least this."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help=with_default("Server state directory.", _STATE_HELP)),

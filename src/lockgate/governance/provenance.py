@@ -23,6 +23,7 @@ from typing import Any
 
 import lockgate
 from lockgate.config import ModelConfigFile
+from lockgate.serving.repository import sha256_file
 
 log = logging.getLogger("lockgate.governance.provenance")
 
@@ -64,14 +65,6 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_of(model_repository: Path, model: str, version: str) -> Path | None:
     folder = Path(model_repository) / model / str(version)
     preferred = folder / MODEL_FILE
@@ -104,7 +97,7 @@ def collect(
     if artifact is None:
         out.missing.append(f"no ONNX artifact under {Path(model_repository) / model / str(version)}")
     else:
-        out.artifact, out.artifact_sha256 = str(artifact), sha256_of(artifact)
+        out.artifact, out.artifact_sha256 = str(artifact), sha256_file(artifact)
     if profile is not None:
         out.profile_path = str(profile_path or "")
         out.profile_digest, out.profile_rows, out.profile_created = profile.digest(), profile.rows, _iso(profile.created)
