@@ -68,20 +68,25 @@ def drifted(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    repo = tmp_path_factory.mktemp("drift-server") / "models"
-    path = write_model(repo, "m", 1, mlp_model([4, 16, 3], seed=5, input_name="x", output_name="probs",
-                                               standardise=(np.array([100, 1.5, 0, 30]), np.array([15, 1, 1, 17]))), CONFIG)  # fmt: skip
-    rng = np.random.default_rng(0)
-    ref = reference(rng, 20_000)
+def governed_model(repo: Path, name: str) -> ReferenceProfile:
+    """The classifier served as ``name`` with CONFIG, and its reference profile (not saved)."""
+    path = write_model(repo, name, 1, mlp_model([4, 16, 3], seed=5, input_name="x", output_name="probs",
+                                                standardise=(np.array([100, 1.5, 0, 30]), np.array([15, 1, 1, 17]))), CONFIG)  # fmt: skip
+    ref = reference(np.random.default_rng(0), 20_000)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = {"probs": session.run(None, {"x": np.nan_to_num(ref)})[0]}
-    profile = build_profile({"x": ref}, {"x": NAMES}, {"x": ["segment"]}, model="m", version="1",
-                            outputs=outputs, classifier_outputs=["probs"])  # fmt: skip
-    profile.save(ReferenceProfile.path_for(repo, "m", "1"))
+    return build_profile({"x": ref}, {"x": NAMES}, {"x": ["segment"]}, model=name, version="1",
+                         outputs=outputs, classifier_outputs=["probs"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """One server: "m" with its profile, and "late", whose profile is built while it serves."""
+    repo = tmp_path_factory.mktemp("drift-server") / "models"
+    governed_model(repo, "m").save(ReferenceProfile.path_for(repo, "m", "1"))
+    late = governed_model(repo, "late")
     with LockgateProcess(repo, env={"LOCKGATE_TOKENS": "vic:viewer:tok-vic-1"}) as proc:
-        yield proc, repo, ReferenceProfile.load(ReferenceProfile.path_for(repo, "m", "1"))
+        yield proc, repo, ReferenceProfile.load(ReferenceProfile.path_for(repo, "m", "1")), late
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -104,7 +109,7 @@ def gauge(metrics, name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
-def send_all(url: str, rows: np.ndarray, threads: int = 6) -> int:
+def send_all(url: str, rows: np.ndarray, threads: int = 6, model: str = "m") -> int:
     """Batches of 1..8 rows from several threads at once, as independent clients would."""
     rng = np.random.default_rng(1)
     cuts = np.cumsum(rng.integers(1, 9, size=len(rows)))
@@ -117,7 +122,7 @@ def send_all(url: str, rows: np.ndarray, threads: int = 6) -> int:
             for batch in part:
                 inp = grpcclient.InferInput("x", list(batch.shape), "FP32")
                 inp.set_data_from_numpy(np.ascontiguousarray(batch))
-                client.infer("m", [inp])
+                client.infer(model, [inp])
         except Exception as exc:  # noqa: BLE001 -- reported below
             errors.append(exc)
         finally:
@@ -133,7 +138,7 @@ def send_all(url: str, rows: np.ndarray, threads: int = 6) -> int:
 
 
 def test_served_windows_statuses_and_gauges_match_in_process(served):
-    proc, repo, profile = served
+    proc, repo, profile, _late = served
     rows = drifted(np.random.default_rng(2), 2_000)
     requests = send_all(proc.url, rows)
     window_dir = proc.state_dir / "drift" / "m" / "1"
@@ -173,17 +178,17 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
     assert statuses["tenure"] == "OK"
     for f in expected.features:
         name = f"{f.tensor}/{f.feature}"
-        assert gauge(metrics, "lockgate_drift_status", feature=name) == STATUS_CODE[f.status], name
+        assert gauge(metrics, "lockgate_drift_status", model="m", feature=name) == STATUS_CODE[f.status], name
         if f.chi2_p is not None:
-            assert gauge(metrics, "lockgate_drift_chi2_p_value", feature=name) == pytest.approx(f.chi2_p, rel=1e-9, abs=1e-300)
+            assert gauge(metrics, "lockgate_drift_chi2_p_value", model="m", feature=name) == pytest.approx(f.chi2_p, rel=1e-9, abs=1e-300)
         if f.index >= 0:
-            assert gauge(metrics, "lockgate_drift_missing_rate", feature=name, value="nan", source="live") == pytest.approx(f.nan_share)
-            assert gauge(metrics, "lockgate_drift_missing_rate", feature=name, value="nan", source="reference") == pytest.approx(f.reference_nan_share)
+            assert gauge(metrics, "lockgate_drift_missing_rate", model="m", feature=name, value="nan", source="live") == pytest.approx(f.nan_share)
+            assert gauge(metrics, "lockgate_drift_missing_rate", model="m", feature=name, value="nan", source="reference") == pytest.approx(f.reference_nan_share)
         if f.value_kind == "categorical":
-            assert gauge(metrics, "lockgate_drift_new_category_rate", feature=name) == pytest.approx(f.new_share)
+            assert gauge(metrics, "lockgate_drift_new_category_rate", model="m", feature=name) == pytest.approx(f.new_share)
         for rule in f.rules:
             if rule["adjusted_p"] is not None:
-                got = gauge(metrics, "lockgate_drift_adjusted_p_value", feature=name, rule=rule["rule"])
+                got = gauge(metrics, "lockgate_drift_adjusted_p_value", model="m", feature=name, rule=rule["rule"])
                 assert got == pytest.approx(rule["adjusted_p"], rel=1e-9, abs=1e-300)
     segment = next(f for f in expected.features if f.feature == "segment")
     assert segment.new_values[0]["value"] == "7" and segment.decided_by[0]["rule"] == "new_values"
@@ -204,6 +209,35 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
         assert re.search(rf'<th scope="row">{re.escape(name)}</th><td><span class="check check-{f.status.lower()}">'
                          rf'{f.status}</span></td>\s*<td>{re.escape(rule)}</td>', latest), (name, f.status, rule)
     assert len(shown) == len(expected.features)
+
+
+def test_a_profile_built_after_serving_began_is_taken_up(served):
+    """"late" serves without a profile: its windows close unevaluated and are counted (the
+    alert rule's counter), never shown as OK; once a profile is built the next window is
+    evaluated by the server, re-binned from its sketches, as `drift report` evaluates it."""
+    proc, repo, _profile, late = served
+    send_all(proc.url, drifted(np.random.default_rng(3), 400), model="late")
+    wait_for(lambda: (gauge(scrape(proc.metrics_port), "lockgate_drift_windows_unevaluated_total", model="late") or 0) >= 1,
+             60, what="a window closed without a profile")  # fmt: skip
+    assert gauge(scrape(proc.metrics_port), "lockgate_drift_status", model="late", feature="x/amount") is None
+    late.save(ReferenceProfile.path_for(repo, "late", "1"))
+    send_all(proc.url, drifted(np.random.default_rng(4), 400), model="late")
+    metrics = wait_for(lambda: (m := scrape(proc.metrics_port)) and gauge(m, "lockgate_drift_status", model="late",
+                                                                         feature="x/amount") is not None and m,
+                       60, what="the first window judged against the new profile")  # fmt: skip
+    unevaluated = gauge(metrics, "lockgate_drift_windows_unevaluated_total", model="late")
+    windows = load_windows(proc.state_dir, "late", "1", last=None)
+    judged = windows[int(unevaluated)]  # the first window closed after the profile appeared
+    basis = evaluation_basis(repo, "late", "1")
+    expected = evaluate(judged, basis.profile, basis.config, class_names=basis.class_names)
+    assert any("re-estimated from the window's sketches" in note for note in expected.notes)
+    assert {f.binned_from for f in expected.features if f.index >= 0} == {"sketch"}
+    statuses = {f.feature: f.status for f in expected.features}
+    assert statuses["amount"] == statuses["segment"] == statuses["score"] == "DRIFT"
+    for f in expected.features:
+        name = f"{f.tensor}/{f.feature}"
+        assert gauge(metrics, "lockgate_drift_status", model="late", feature=name) == STATUS_CODE[f.status], name
+    assert "found after serving began" in proc.log()
 
 
 def test_drift_alert_rules_fire_on_the_exported_gauges():

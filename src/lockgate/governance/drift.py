@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from .decision import (
     Effect,
     worst,
 )
-from .profile import CATEGORICAL, FeatureProfile, ReferenceProfile, TensorProfile
+from .profile import CATEGORICAL, FeatureProfile, ReferenceProfile, TensorProfile, class_names
 from .sketches import top_items
 from .state import TensorState, WindowState
 from .statistics import (
@@ -464,14 +464,22 @@ class DriftMonitor:
     """Evaluates each closed window of one model version, persists it, and raises alerts."""
 
     def __init__(
-        self, model: str, version: str, config: DriftConfig, profile: ReferenceProfile | None, state_dir: str | Path | None = None
+        self, model: str, version: str, config: DriftConfig, profile: ReferenceProfile | None, state_dir: str | Path | None = None,
+        *, labels: Mapping[str, Sequence[str]] | None = None,
+        profile_source: Callable[[], ReferenceProfile | None] | None = None,
     ) -> None:
+        """``labels``: class names per output (the model config's), for labelling class bins.
+        ``profile_source``: where to look for a profile when the version started without one
+        (a profile built after serving began); asked once per closed window until it answers."""
         self.model = model
         self.version = version
         self.config = config
         self.profile = profile
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.class_names: dict[str, list[str]] = {}  # per output tensor, for labelling class bins
+        self._labels = dict(labels or {})
+        self._profile_source = profile_source
+        self.class_names: dict[str, list[str]] = class_names(self._labels, profile)  # per output tensor
+        self.unevaluated = 0  # windows closed without a profile to judge them against
         self.windows_closed = 0
         self.alerts = 0
         self.subscriber_errors = 0
@@ -518,7 +526,8 @@ class DriftMonitor:
             self.windows_closed += 1
         if self.state_dir is not None and self.config.persist:
             self._persist(state, index)
-        if self.profile is None:
+        if self.profile is None and not self._late_profile():
+            self.unevaluated += 1
             return None
         try:
             report = evaluate(state, self.profile, self.config, window=index, class_names=self.class_names)
@@ -538,6 +547,23 @@ class DriftMonitor:
                     self.subscriber_errors += 1
                     log.exception("drift report listener %r failed", listener)
         return report
+
+    def _late_profile(self) -> bool:
+        """Take up a profile built after this version began serving. Its windows were binned
+        without one, so :func:`evaluate` re-bins them from their sketches (and says so)."""
+        if self._profile_source is None:
+            return False
+        try:
+            profile = self._profile_source()
+        except Exception:  # an unreadable profile leaves the window unevaluated, and says why
+            log.exception("reference profile of %s/%s could not be read", self.model, self.version)
+            return False
+        if profile is None:
+            return False
+        self.profile, self.class_names = profile, class_names(self._labels, profile)
+        log.info("reference profile of %s/%s found after serving began: its windows are evaluated from now on, "
+                 "re-binned from their sketches until the version reloads", self.model, self.version)  # fmt: skip
+        return True
 
     def _persist(self, state: WindowState, index: int) -> None:
         folder = window_dir(self.state_dir, self.model, self.version)  # type: ignore[arg-type]

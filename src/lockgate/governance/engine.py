@@ -282,12 +282,15 @@ class GovernanceEngine:
         state_dir: str | Path | None = None,
         background: bool = True,
         feed_interval: float = 0.25,
+        labels: Mapping[str, Sequence[str]] | None = None,
+        profile_source: Callable[[], ReferenceProfile | None] | None = None,
     ) -> None:
         """``input_shapes``: declared shapes (``-1`` = variable) that fix the feature count of
         inputs without a profile or constraints. ``state_dir``: where closed drift windows
         (``drift/<model>/<version>/window-<n>.bin``) and, by default, payload logs
         (``payloads/<model>/<version>/``) go. ``background=False`` runs no threads: call
-        :meth:`feed_sketches` / :meth:`close_window` yourself (tests, CLI)."""
+        :meth:`feed_sketches` / :meth:`close_window` yourself (tests, CLI). ``labels`` and
+        ``profile_source``: see :class:`~lockgate.governance.drift.DriftMonitor`."""
         unknown = set(config.inputs) - set(input_names)
         if unknown:
             raise ValueError(f"governance constraints name unknown inputs {sorted(unknown)} (model inputs: {input_names})")
@@ -324,7 +327,8 @@ class GovernanceEngine:
         self._closing: list[Epoch] = []  # cut, waiting for their requests' outputs
         self.late_outputs = 0  # outputs that came after their window was evaluated
         self.sampler = Sampler(config.sampling)
-        self.monitor = DriftMonitor(model, self.version, config.drift, profile, state_dir if config.drift.persist else None)
+        self.monitor = DriftMonitor(model, self.version, config.drift, profile, state_dir if config.drift.persist else None,
+                                    labels=labels, profile_source=profile_source)  # fmt: skip
         self.payload_log = self._make_payload_log()
         # counters
         self.requests = 0

@@ -20,7 +20,7 @@ from lockgate.errors import InvalidArgument
 from lockgate.governance.config import GovernanceConfig
 from lockgate.governance.drift import DriftEvent
 from lockgate.governance.engine import GovernanceEngine, Inspection
-from lockgate.governance.profile import ReferenceProfile, class_names
+from lockgate.governance.profile import ReferenceProfile
 
 if TYPE_CHECKING:
     from lockgate.pipeline import RequestContext
@@ -52,13 +52,14 @@ class GovernanceStage:
         """Build the version's engine from ``governance:`` in its config.yaml and its profile."""
         config = GovernanceConfig.model_validate(version.config.governance or {})
         profile = ReferenceProfile.load_if_present(self.repository_root, version.model, version.version)
+        root, model, number = self.repository_root, version.model, version.version
         engine = GovernanceEngine(
             version.model, version.version, config,
             [spec.name for spec in version.signature.inputs], profile,
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
-            state_dir=self.state_dir,
+            state_dir=self.state_dir, labels=version.config.labels(),
+            profile_source=None if profile is not None else lambda: ReferenceProfile.load_if_present(root, model, number),
         )
-        engine.monitor.class_names = class_names(version.config.labels(), profile)
         for listener in self._alert_listeners:
             engine.subscribe(listener)
         for listener in self._report_listeners:
@@ -130,6 +131,7 @@ class GovernanceStage:
             yield Sample("lockgate_payload_samples", mv, stats["sampled"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "queue_full"}, stats["payload_dropped"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
+            yield Sample("lockgate_drift_windows_unevaluated", mv, float(engine.monitor.unevaluated))
             report = engine.monitor.last_report
             if report is None:
                 continue

@@ -94,6 +94,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_drift_new_category_rate": FamilySpec("gauge", "Share of a categorical or discrete feature's values the reference never had, in the last window", (*MV, "feature")),
     "lockgate_drift_window_rows": FamilySpec("gauge", "Rows in the last evaluated drift window", MV),
     "lockgate_drift_late_outputs": FamilySpec("counter", "Outputs that arrived after their drift window was evaluated (counted in no window)", MV),
+    "lockgate_drift_windows_unevaluated": FamilySpec("counter", "Drift windows closed but not evaluated: the version has no reference profile", MV),
     # routing
     "lockgate_traffic_weight": FamilySpec("gauge", "Configured traffic weight of a version (0..1)", MV),
     "lockgate_shadow_agreement": FamilySpec("gauge", "Share of shadow responses agreeing with the primary (0..1)", (*MV, "shadow_version")),
