@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lockgate.cli_common import JsonOpt, Output, console, err_console, fail, with_default
+from lockgate.cli_common import JsonOpt, Output, err_console, fail, with_default
 
 from .config import GovernanceConfig
 from .profile import DEFAULT_KLL_K, ReferenceProfile, build_profile, load_data

@@ -41,7 +41,6 @@ from .decision import (
     NAN_RATE,
     NEW_VALUES,
     OK,
-    RANK,
     WARN,
     RuleResult,
     decide,
