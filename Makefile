@@ -19,7 +19,7 @@ $(VENV)/.installed-demo: $(SOURCES) | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed-test: $(SOURCES) | $(VENV)/bin/python
-	$(PIP) install -e '.[test,http]'
+	$(PIP) install -e '.[test,http,explain]'
 	touch $@ $(VENV)/.installed-demo
 
 # Developer setup: the test extra too.

@@ -17,13 +17,10 @@ Target: gov-on req/s >= 95% of gov-off.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +30,9 @@ if __package__ in (None, ""):
 import numpy as np
 import yaml
 
-from benchmarks.harness import Cell, Harness, prepare_workload
+from benchmarks.harness import Cell, Harness, ab_arguments, prepare_workload, save_result
 from benchmarks.models import MLP, write_repository
-from benchmarks.servers import LOCKGATE_BIN, REPO_ROOT, install_cleanup, lockgate_target
+from benchmarks.servers import LOCKGATE_BIN, install_cleanup, lockgate_target
 from lockgate.governance.profile import ReferenceProfile, build_profile
 
 TARGETS = ("gov-off", "gov-on")
@@ -126,11 +123,7 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int], targets: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="1,32")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    parser = ab_arguments(__doc__.splitlines()[0], levels="1,32", repeats=3, duration=4.0)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a built source tree of another lockgate (e.g. main, see bench_drift_window.py): "
                              "adds gov-on-before, the same governed server running that code, in the same run")
@@ -165,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     result = {"cells": [c.as_dict() for c in cells.values()], "goals": goals, "healthy_after": healthy,
               "failures": failures, "payload_records": sampled, "governance": governance_section(), "markdown": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_file = args.out / f"governance-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out_file.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out_file}")
-    errors = sum(c.errors for c in cells.values())
-    return 1 if errors or failures or not all(healthy.values()) else 0
+    return save_result(args.out, "governance", result, cells, failures, healthy)
 
 
 if __name__ == "__main__":

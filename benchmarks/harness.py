@@ -10,6 +10,8 @@ drifts of a shared noisy machine hit every target alike; medians are reported.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import time
@@ -24,7 +26,7 @@ from benchmarks.checks import CheckResult, check_stream, check_unary
 from benchmarks.h2load import STREAM_PATH, UNARY_PATH, H2LoadResult, Load, infer_request, run_h2load, warm_up, write_body
 from benchmarks.inprocess import session
 from benchmarks.models import ModelSpec, sample_input
-from benchmarks.servers import RunningServer, Target
+from benchmarks.servers import REPO_ROOT, RunningServer, Target
 
 
 def load_for(in_flight: int, max_clients: int = 8) -> Load:
@@ -234,3 +236,25 @@ class Harness:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def save_result(out_dir: Path, prefix: str, result: dict, cells: dict[tuple[str, str, int], Cell],
+                failures: dict, healthy: dict[str, bool]) -> int:
+    """Write ``result`` to ``out_dir/<prefix>-<time>.json`` and say where; the exit code: 1 if
+    any request failed, a target failed its check, or a server was unhealthy after the load."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_file = out_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_file.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out_file}")
+    errors = sum(c.errors for c in cells.values())
+    return 1 if errors or failures or not all(healthy.values()) else 0
+
+
+def ab_arguments(description: str, *, levels: str, repeats: int, duration: float) -> argparse.ArgumentParser:
+    """The options every interleaved A/B benchmark takes (levels, repeats, duration, out)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--levels", default=levels, help="in-flight levels, comma-separated")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--duration", type=float, default=duration, help="seconds per measurement")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results")
+    return parser

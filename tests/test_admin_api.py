@@ -210,8 +210,9 @@ def test_tampered_artifact_refuses_to_load_and_is_audited(admin: Admin, server: 
     artifact = Path(server.repo) / "tamper" / "1" / "model.onnx"
     write_model(server.repo, "tamper", 1, mlp(8))  # same signature, different bytes
     inference = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    with pytest.raises(grpc.RpcError) as info:
-        inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="tamper"), timeout=60)
+    with pytest.raises(grpc.RpcError) as info:  # loading needs the 'load' permission (alice: admin)
+        inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="tamper"), timeout=60,
+                                      metadata=(("authorization", "Bearer tok-a"),))
     # FAILED_PRECONDITION, not UNAVAILABLE: retrying cannot help until the artifact is restored.
     assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "refusing to load" in info.value.details() and "sha256 mismatch" in info.value.details()

@@ -157,11 +157,11 @@ def test_bad_request_precise_status_then_server_still_answers(server, label, ove
 def test_malformed_bytes_tensor(server):
     request = service_pb2.ModelInferRequest(model_name="identity_bytes")
     request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 4])
-    request.raw_input_contents.append(b"\x05\x00\x00\x00abc")
+    request.raw_input_contents.append(b"\x64\x00\x00\x00" + b"abc" * 4)  # 4 elements need >= 16 bytes
     with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "input 'INPUT0': BYTES element 0: declares 5 bytes but only 3 remain" in err.value.details()
+    assert "input 'INPUT0': BYTES element 0: declares 100 bytes but only 12 remain" in err.value.details()
 
 
 def test_tritonclient_sees_invalid_argument(client):

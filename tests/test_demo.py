@@ -220,5 +220,19 @@ def test_make_demo_serves_from_a_fresh_venv_with_only_the_demo_dependencies(tmp_
     try:
         wait_server_ready(f"127.0.0.1:{port}", proc, log, timeout=300)
         assert _infer(f"127.0.0.1:{port}") == "approve,approve,decline,approve@1"
+        # the README's explanation works without the explain extra: the demo's softmax regression
+        # is explained exactly from its graph (shap is needed only for KernelSHAP and TreeSHAP)
+        assert "shap" not in packages
+        rita = re.search(r"export RITA_TOKEN=(\S+)", (tmp_path / "demo-repo" / "demo-tokens.env").read_text()).group(1)
+        request = pb.ModelInferRequest(model_name="credit")
+        request.inputs.add(name="features", datatype="FP32", shape=list(APPLICANTS.shape))
+        request.raw_input_contents.append(APPLICANTS.tobytes())
+        request.parameters["lockgate_explain"].bool_param = True
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, timeout=60, metadata=[("authorization", f"Bearer {rita}")])
+        assert response.parameters["lockgate_explain_method"].string_param == "linear"
+        assert [o.name for o in response.outputs][-2:] == ["lockgate_attributions", "lockgate_base_value"]
+        assert list(response.outputs[-2].shape) == [len(APPLICANTS), APPLICANTS.shape[1], 3]
     finally:
         _stop(proc)

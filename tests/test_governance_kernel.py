@@ -241,8 +241,13 @@ def test_layouts_last_axis_is_features():
     state = WindowState.from_bytes(engine.snapshot())
     assert state.tensors["y"].rows == 3 and state.tensors["y"].count.tolist() == [3]
     assert state.tensors["x"].rows == 1 + 4
-    # a wrong feature count is skipped and counted, never raised
-    engine.inspect({"x": np.zeros((1, 4))}, "d")
+    # a governed input at another width is a violation naming the width: never skipped
+    wide = engine.inspect({"x": np.zeros((1, 4))}, "d")
+    assert wide.reject and wide.violations[0].rule == "feature_count"
+    assert "does not give 3 features per row" in wide.message()
+    assert engine.stats()["skipped_tensors"] == 0
+    # an input that is only profiled is skipped and counted, never raised
+    engine.inspect({"y": np.zeros((2, 2))}, "e")
     assert engine.stats()["skipped_tensors"] == 1
     engine.close(final_window=False)
 

@@ -319,7 +319,9 @@ class Load:
 def unload(proc: LockgateProcess, model: str) -> None:
     with grpc.insecure_channel(proc.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=model), timeout=60)
+        # The fleet has tokens: unloading needs the 'load' permission (alice is admin).
+        stub.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name=model), timeout=60,
+                                   metadata=(("authorization", "Bearer tok-a"),))
 
 
 def test_postgres_outage_under_load(fleet, admins, dsn, pg) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lockgate.protocol import codec
 from lockgate.telemetry.config import TelemetrySettings
 
 # A batch of 64 RGB 224x224 FP32 images is 64*3*224*224*4 = 38.5 MB; 64 MiB leaves headroom.
@@ -56,6 +57,31 @@ class TLSSettings(_Strict):
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = Field(None, description="require and verify client certificates (mTLS)")
+
+
+class RequestLimits(_Strict):
+    """Bounds on one request, whatever it declares: checked before anything is allocated.
+
+    A shape declares how much a request would need; these bound it, and the codec also checks
+    the declared size against the bytes actually received, so no request can make the server
+    allocate more than a small multiple of what it sent.
+    """
+
+    max_dims: int = Field(codec.MAX_DIMS, ge=1, description="dimensions of one input's shape")
+    max_elements: int = Field(codec.MAX_ELEMENTS, ge=1, description="elements over all inputs of one request")
+    max_bytes_elements: int = Field(
+        codec.MAX_BYTES_ELEMENTS, ge=1,
+        description="BYTES elements over all inputs of one request (each becomes a Python string, ~60 bytes)",
+    )
+    max_output_bytes: int | None = Field(
+        None, ge=1, description="encoded outputs of one response; default: max_send_message_bytes"
+    )
+
+    def for_codec(self, max_send_message_bytes: int) -> codec.Limits:
+        return codec.Limits(
+            max_dims=self.max_dims, max_elements=self.max_elements, max_bytes_elements=self.max_bytes_elements,
+            max_output_bytes=self.max_output_bytes or max_send_message_bytes,
+        )
 
 
 class TrustedSignerSettings(_Strict):
@@ -121,6 +147,7 @@ class ServerSettings(_Strict):
     max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_send_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM waits this long for in-flight requests")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     tls: TLSSettings | None = None
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line (for log shippers)")
@@ -136,6 +163,9 @@ class ServerSettings(_Strict):
     spool_dir: Path | None = Field(None, description="where audit entries/snapshots wait while PostgreSQL is down [<state_dir>/spool]")
     fleet_window_s: float = Field(60.0, gt=0, description="drift window length when replicas share a PostgreSQL store")
     leader_lease_s: float = Field(2.0, gt=0, description="leader election poll period (failover within one lease)")
+    explain_workers: int = Field(1, ge=1, description="processes of the explain pool (per serving process)")
+    explain_nice: int = Field(19, ge=0, le=19, description="scheduling priority of the explain pool (19: only CPU serving leaves)")
+    explain_cpu_share: float = Field(0.25, gt=0, le=1, description="share of one core each explain worker may use")
 
     @model_validator(mode="after")
     def _state_beside_repository(self) -> "ServerSettings":
@@ -172,7 +202,7 @@ class ServerSettings(_Strict):
             data.update(loaded.get("server", loaded))
         for field in cls.model_fields:
             env = os.environ.get(f"LOCKGATE_{field.upper()}")
-            if env is not None and field not in ("tls", "telemetry", "provenance"):
+            if env is not None and field not in ("tls", "telemetry", "limits", "provenance"):
                 data[field] = env
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)
@@ -278,6 +308,8 @@ class ModelConfigFile(_Strict):
     outputs: list[TensorConfig] = Field(default_factory=list, description="declared outputs (and class labels)")
     # Owned by the governance package; validated there to keep this module free of its details.
     governance: dict[str, Any] | None = None
+    # Owned by lockgate.explain (the optional extra lockgate[explain]); validated there.
+    explain: dict[str, Any] | None = None
     # Free-form labels shown in ModelConfig.parameters.
     parameters: dict[str, str] = Field(default_factory=dict)
 

@@ -315,6 +315,13 @@ def write_reference_profile(root: Path, version: str, model_path: Path, sample: 
     return profile.save(ReferenceProfile.path_for(root, DEMO_MODEL, version))
 
 
+def write_explain_background(root: Path, version: str, sample: np.ndarray) -> Path:
+    """The background of the demo's explanations (``lockgate_explain: true``), as profile build writes it."""
+    from lockgate.explain.background import background_path, sample_rows, save_background
+
+    return save_background(background_path(root, DEMO_MODEL, version), {"features": sample_rows(sample, 100)})
+
+
 def write_demo_version(root: Path, version: int) -> dict[str, float]:
     """Train version ``version`` and write ``root/credit/<version>/``: model.onnx, its reference
     sample and profile, golden inputs/outputs (the trainer's own predictions) and card.yaml."""
@@ -328,6 +335,7 @@ def write_demo_version(root: Path, version: int) -> dict[str, float]:
     sample = reference_sample(5000, seed=TRAIN_SEED)
     np.save(version_dir / "reference_sample.npy", sample)
     write_reference_profile(Path(root), str(version), path, sample)
+    write_explain_background(Path(root), str(version), sample)
     golden = holdout[:32]
     np.savez(version_dir / "golden_inputs.npz", features=golden)
     np.savez(version_dir / "golden_outputs.npz", probabilities=model.predict(golden))

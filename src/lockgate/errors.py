@@ -147,6 +147,25 @@ class ConfigError(InvalidArgument):
     reason = "config"
 
 
+# -- explanations (their own reasons: an explain failure is not a failure of the model) ---
+class ExplainQueueFull(ResourceExhausted):
+    """The version's explanation queue is full; plain inference is not affected."""
+
+    reason = "explain_queue_full"
+
+
+class ExplainDeadlineExceeded(DeadlineExceeded):
+    """The explanation did not finish within its deadline."""
+
+    reason = "explain_deadline_exceeded"
+
+
+class ExplainUnavailable(FailedPrecondition):
+    """The model cannot be explained as configured (no background, unsupported graph, ...)."""
+
+    reason = "explain_unavailable"
+
+
 def caller_message(exc: BaseException) -> str:
     """What a caller is told about one failure, on every transport: the error's own message,
     capped in size; for anything that is not a ``LockgateError`` only its type (its arguments

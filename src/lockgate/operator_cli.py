@@ -795,7 +795,7 @@ def audit_verify_export(
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Argument(help="Who the token is for: the actor name in the audit trail.", show_default=False)],
-    role: Annotated[str, typer.Option("--role", help="Role: viewer, operator, approver or admin.")],
+    role: Annotated[str, typer.Option("--role", help="Role: viewer, operator, approver, analyst or admin.")],
     file: Annotated[Optional[Path], typer.Option(
         "--file", help=with_default("Also add the hashed entry to this tokens file (YAML).", "print it only"))] = None,
     as_json: JsonOpt = False,

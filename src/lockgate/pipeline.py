@@ -5,6 +5,8 @@
     inspect -> governance (plug.)    fused validation + sketches + sampling decision
     batch   -> serving.batcher       merged with concurrent requests into one ORT run
     encode  -> protocol.codec        raw_output_contents, served version, route decision
+    explain -> explain (pluggable)   only for requests with ``lockgate_explain``: attributions
+                                     from a pool of its own, added as extra outputs
 
 The pipeline knows nothing about gRPC: it takes a decoded protobuf request plus a small
 context and returns a protobuf response, raising ``LockgateError`` subclasses on failure.
@@ -13,6 +15,7 @@ Routing and governance plug in through two small protocols so each stays in its 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from lockgate.telemetry.tracing import RequestTrace
 
 ROUTING_KEY_PARAMETER = "routing_key"
+# Inputs this large yield the event loop between the request's steps.
+LARGE_PAYLOAD_BYTES = 1 << 20
 ROUTING_KEY_HEADER = "x-lockgate-routing-key"
 
 
@@ -78,6 +83,11 @@ class GovernanceStage(Protocol):
     def abandoned(self, version: ModelVersion, inspection: Any) -> None: ...
 
 
+class ExplainStage(Protocol):
+    def admit(self, version: ModelVersion, request: Any, inputs: dict[str, np.ndarray], ctx: RequestContext) -> Any: ...
+    async def attach(self, ticket: Any, inputs: dict[str, np.ndarray], response: Any, ctx: RequestContext) -> None: ...
+
+
 class InferencePipeline:
     def __init__(
         self,
@@ -85,11 +95,15 @@ class InferencePipeline:
         *,
         routing: RoutingStage | None = None,
         governance: GovernanceStage | None = None,
+        explain: ExplainStage | None = None,
         telemetry: "Telemetry | None" = None,
+        limits: codec.Limits = codec.DEFAULT_LIMITS,
     ) -> None:
         self.repository = repository
         self.routing: RoutingStage = routing or OpenRouting()
         self.governance = governance
+        self.explain = explain
+        self.limits = limits  # per-request bounds on what the codec decodes and encodes
         self.telemetry = telemetry
 
     async def infer(self, request: Any, response_type: type, ctx: RequestContext,
@@ -127,21 +141,39 @@ class InferencePipeline:
         inputs = None
         outputs = None
         inspection = None  # set once governance counted the inputs; None again once it saw the outputs
+        ticket = None  # a place in the explain queue, for requests that ask for attributions
+        served = False  # the model answered (an explanation may still fail after that)
+        explain_refused = False
+        explain_ns = 0
         ok = False
         reason = "cancelled"  # unless an error below names it: the caller went away mid-request
         error: BaseException | None = None
         try:
             # decode
-            inputs = codec.decode_inputs(request, version.signature)
+            inputs = codec.decode_inputs(request, version.signature, self.limits)
             output_names = codec.requested_outputs(request, version.signature)
+            # explain: admission only, before any work; one cheap test for every other request
+            if request.parameters and self.explain is not None:
+                try:
+                    ticket = self.explain.admit(version, request, inputs, ctx)
+                except LockgateError:
+                    explain_refused = True  # refused before any work: not the version's failure
+                    raise
             # inspect
             inspection = self.governance.inspect(version, inputs, request.id, ctx) if self.governance else None
             # batch + run
             batcher = version.batcher
+            # A large payload costs tens of ms per copy on the event loop (decode, run, encode):
+            # other calls (a liveness probe) are answered between its steps, not after all of them.
+            large = sum(a.nbytes for a in inputs.values()) >= LARGE_PAYLOAD_BYTES
+            if large:
+                await asyncio.sleep(0)
             # the lone-request path without a coroutine; submit() queues the rest
-            outputs = batcher.run_now(inputs, ctx.deadline, trace)
+            outputs = None if large else batcher.run_now(inputs, ctx.deadline, trace)
             if outputs is None:
                 outputs = await batcher.submit(inputs, ctx.deadline, trace)
+            if large:
+                await asyncio.sleep(0)
             # encode
             if wrap is None:
                 outer = response = response_type(model_name=model.name, model_version=version.version, id=request.id)
@@ -150,11 +182,18 @@ class InferencePipeline:
                 response.model_name = model.name
                 response.model_version = version.version
                 response.id = request.id
-            codec.encode_outputs(response, outputs, output_names)
+            codec.encode_outputs(response, outputs, output_names, self.limits.max_output_bytes)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
                 answered, inspection = inspection, None
                 self.governance.after_inference(version, answered, inputs, outputs, route, ctx)
+            if ticket is not None:
+                served = True
+                explain_start = time.perf_counter_ns()
+                try:
+                    await self.explain.attach(ticket, inputs, response, ctx)
+                finally:
+                    explain_ns = time.perf_counter_ns() - explain_start
             ok = True
             return outer
         except LockgateError as exc:
@@ -168,10 +207,17 @@ class InferencePipeline:
         finally:
             if inspection is not None:  # inspected, never answered: its drift window must not wait
                 self.governance.abandoned(version, inspection)  # type: ignore[union-attr]
-            elapsed = time.perf_counter_ns() - start_ns
+            # the model's latency: an explanation's time is its own (canary p99 must not see it)
+            elapsed = time.perf_counter_ns() - start_ns - explain_ns
             # counters, route decisions and (when metrics attached them) histograms, in C
             version.stats.record_request(ok, elapsed, reason, route.decision,
                                          trace.trace_id_hex if trace is not None else None)
-            self.routing.after_response(model, route, ok, elapsed, inputs, outputs)
+            if ticket is not None:
+                ticket.abandon()
+            if not explain_refused:  # an explain failure is not the version's: canaries judge the inference
+                self.routing.after_response(model, route, ok or served, elapsed, inputs, outputs)
             if trace is not None:
                 trace.finish(error, start_ns + elapsed)
+            # The raised error's traceback holds this frame (the request, its arrays): keeping
+            # the error here too would make a cycle that only a full GC frees.
+            error = None

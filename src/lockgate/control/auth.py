@@ -42,6 +42,7 @@ class Role(StrEnum):
     VIEWER = "viewer"
     OPERATOR = "operator"
     APPROVER = "approver"
+    ANALYST = "analyst"
     ADMIN = "admin"
 
 
@@ -54,6 +55,7 @@ class Permission(StrEnum):
     RETIRE = "retire"  # retire a version
     LOAD = "load"  # load/unload versions in the running server
     ADMIN = "admin"  # anything else administrative (tokens, config)
+    EXPLAIN = "explain"  # feature attributions beside predictions (they can leak model internals)
 
 
 # The explicit permission matrix. Roles are not a strict hierarchy: an
@@ -63,6 +65,7 @@ PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.READ}),
     Role.OPERATOR: frozenset({Permission.READ, Permission.TRAFFIC}),
     Role.APPROVER: frozenset({Permission.READ, Permission.APPROVE}),
+    Role.ANALYST: frozenset({Permission.READ, Permission.EXPLAIN}),
     Role.ADMIN: frozenset(Permission),
 }
 

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
+from lockgate.control.actor import SYSTEM_ACTOR, current_actor
 from lockgate.control.audit import Action, AuditTrail, model_subject
 from lockgate.control.auth import Authenticator
 from lockgate.errors import AlreadyExists, LifecycleError, LockgateError, NotFound, StoreError
@@ -30,8 +31,6 @@ from lockgate.routing.router import Router
 from lockgate.routing.shadow import AgreementBook
 
 log = logging.getLogger("lockgate.control")
-
-SYSTEM_ACTOR = "system:lockgate"
 
 
 class ControlPlane:
@@ -167,12 +166,13 @@ class ControlPlane:
                 log.warning("model %s version %s not registered (control-plane store unavailable): %s",
                             model, version, exc)
         previous = self._loaded.get(model, frozenset())
+        actor = current_actor()  # the caller of RepositoryModelLoad/Unload, else the system
         # Audit appends are spooled by a ResilientStore while the store is down.
         for version in sorted(set(loaded) - previous):
-            self.audit.append(SYSTEM_ACTOR, Action.MODEL_LOAD, model_subject(model, version), {})
+            self.audit.append(actor, Action.MODEL_LOAD, model_subject(model, version), {})
         for version in removed:
             if version not in loaded:
-                self.audit.append(SYSTEM_ACTOR, Action.MODEL_UNLOAD, model_subject(model, version), {})
+                self.audit.append(actor, Action.MODEL_UNLOAD, model_subject(model, version), {})
         self._loaded = {**self._loaded, model: frozenset(loaded)}
         try:
             self.refresh_gates([model])

@@ -35,10 +35,16 @@ _STATE_HELP = "env LOCKGATE_STATE_DIR, --config, else <model repository>/.lockga
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
     """The model's ``governance:`` section, read as serve reads the model config, if any."""
+    section = _section_of(model_dir, "governance")
+    return GovernanceConfig.model_validate(section) if section else None
+
+
+def _section_of(model_dir: Path, key: str) -> dict | None:
+    """One lockgate section (``governance``, ``explain``) of the model's config, read as serve reads it."""
     from lockgate.serving.model_config import read_model_config
 
-    section = read_model_config(model_dir).governance
-    return GovernanceConfig.model_validate(section) if section else None
+    section = getattr(read_model_config(model_dir), key)
+    return section if isinstance(section, dict) else None
 
 
 def _output_labels(model_dir: Path, outputs: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -103,10 +109,13 @@ def build(
     kll_k: int = typer.Option(
         DEFAULT_KLL_K, "--kll-k", help="KLL sketch k of the reference (its CDF gives KS and W1; larger is more exact)."),
     outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="Run the model to profile its outputs."),
+    background: int = typer.Option(100, "--background", help="Rows sampled as the explanation background (0: none)."),
+    importance_rows: int = typer.Option(
+        100, "--importance-rows", help="Reference rows explained for the reference importance (0: none)."),
     config: Path | None = typer.Option(None, "--config", help=with_default("The server's YAML config file, to find the repository.", "none")),
     as_json: JsonOpt = False,
 ) -> None:
-    """Build REPO/<model>/<version>/reference_profile.json from reference data."""
+    """Build REPO/<model>/<version>/reference_profile.json (and the explanation background) from reference data."""
     model_repository, _state, _store = locate(config, model_repository, None, model)
     version_dir = model_repository / model / version
     if not version_dir.is_dir():
@@ -162,10 +171,23 @@ def build(
             progress=lambda _name: progress.update(task, advance=1),
         )
     path = profile.save(ReferenceProfile.path_for(model_repository, model, version))
-    Output(as_json).message(
-        {"model": model, "version": version, "rows": profile.rows, "features": total, "path": str(path),
-         "tensors": {name: t.feature_names for name, t in profile.tensors.items()}},
-        f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}")
+    result = {"model": model, "version": version, "rows": profile.rows, "features": total, "path": str(path),
+              "tensors": {name: t.feature_names for name, t in profile.tensors.items()}}
+    text = f"reference profile of {model} v{version}: {profile.rows} rows, {total} features -> {path}"
+    if background > 0:
+        from lockgate.explain.reference import write_background
+
+        try:
+            bg_path, note = write_background(
+                model_repository, model, version, arrays, rows=background, importance_rows=importance_rows,
+                model_file=model_file, explain_section=_section_of(model_repository / model, "explain"),
+                feature_names=feature_names,
+            )
+        except ValueError as exc:
+            note, bg_path = f"no explanation background: {exc}", None
+        result["explanation_background"] = {"path": str(bg_path) if bg_path else None, "rows": background, "note": note}
+        text += (f"\nexplanation background: {background} rows, {note} -> {bg_path}" if bg_path else f"\n{note}")
+    Output(as_json).message(result, text)
 
 
 def locate(config: Path | None, model_repository: Path | None, state_dir: Path | None, model: str,
@@ -220,7 +242,7 @@ def report(
     """Drift of the latest closed window(s) against the reference profile, with its provenance."""
     from .decision import RANK
     from .provenance import collect
-    from .report import choose_version, compute_report, evaluation_basis, print_report, report_document, write_html
+    from .report import Section, choose_version, compute_report, evaluation_basis, print_report, report_document, write_html
 
     repository, state, store_location = locate(config, model_repository, state_dir, model, store)
     try:
@@ -231,17 +253,25 @@ def report(
         result = compute_report(repository, state, model, version, windows or None, basis=basis)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    from lockgate.explain.report import html_section, importance_section, table as importance_table, traffic_roles
+
     provenance = collect(repository, state, model, version, profile=basis.profile, profile_path=basis.profile_path,
                          window=result, store=store_location)  # fmt: skip
-    document = {**report_document(result, provenance), "version_choice": why}
+    importance = importance_section(repository, state, model, result.version, windows or None,
+                                    roles=traffic_roles(state, model))
+    document = {**report_document(result, provenance), "version_choice": why,
+                "importance": importance.to_dict() if importance is not None else None}
 
     def render(out) -> None:
         out.print(f"version {version}: {why}; repository {repository}, state {state}", highlight=False)
         print_report(result, out, provenance)
+        if importance is not None:
+            out.print(importance_table(importance))
 
     Output(as_json).emit(document, render)
     if html is not None:
-        path = write_html(result, html, provenance, max_charts=charts)
+        extra = [Section("importance", "Feature importance", html_section(importance))] if importance is not None else []
+        path = write_html(result, html, provenance, max_charts=charts, extra=extra)
         err_console.print(f"HTML report: {path}", highlight=False)
     if RANK[result.status] >= _FAIL_RANK[fail_on]:
         raise typer.Exit(2)

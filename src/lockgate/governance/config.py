@@ -69,14 +69,45 @@ class InputConstraints(_Strict):
 
     ``features`` is keyed by feature index or by feature name; a name resolves through
     ``feature_names`` or through another rule's ``name``.
+
+    A governed input has one width: ``feature_count``, else the model's declared last
+    dimension, else the features the names and rules imply. A request of another width is a
+    violation (rule ``feature_count``), so no rule can be skipped by reshaping. ``allow_nan``
+    and ``allow_inf`` here are the defaults of every feature without a rule of its own (and of
+    a rule that does not set them).
     """
 
     feature_names: list[str] | None = None
+    feature_count: int | None = Field(
+        default=None, ge=1, le=65536,
+        description="features per row, for a model whose last dimension is free (default: the model's, "
+        "else the features the names and rules imply)",
+    )
+    allow_nan: bool = False
+    allow_inf: bool = False
     features: dict[int | str, FeatureRule] = Field(default_factory=dict)
     categorical: list[int | str] = Field(
         default_factory=list,
         description="features profiled as categorical although they declare no allowed set",
     )
+
+    @model_validator(mode="after")
+    def _fits_feature_count(self) -> "InputConstraints":
+        if self.feature_count is not None:
+            implied = len(self.feature_names or [])
+            for key in [*self.features, *self.categorical]:
+                if isinstance(key, int):
+                    implied = max(implied, key + 1)
+            if implied > self.feature_count:
+                raise ValueError(f"feature_count {self.feature_count} is smaller than the {implied} features "
+                                 "the names and rules refer to")
+        return self
+
+    def allows(self, rule: FeatureRule | None, which: str) -> bool:
+        """``allow_nan``/``allow_inf`` of one feature: its rule's if set there, else this input's."""
+        if rule is not None and which in rule.model_fields_set:
+            return bool(getattr(rule, which))
+        return bool(getattr(self, which))
 
     def names(self, n_features: int) -> list[str]:
         """Feature names for ``n_features`` columns: declared names, rule names, else ``f<i>``."""
@@ -118,6 +149,8 @@ class InputConstraints(_Strict):
 
     def min_features(self) -> int:
         """Smallest feature count consistent with the declared indices and names."""
+        if self.feature_count is not None:
+            return self.feature_count
         n = len(self.feature_names or [])
         for key in [*self.features, *self.categorical]:
             if isinstance(key, int):

@@ -42,6 +42,9 @@ log = logging.getLogger("lockgate.governance")
 RULE_NAMES = {RULE_NAN: "allow_nan", RULE_INF: "allow_inf", RULE_MIN: "min", RULE_MAX: "max", RULE_ALLOWED: "allowed"}
 _KERNEL_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int32), np.dtype(np.int64)})
 MESSAGE_LIMIT = 10
+# A governed input whose rows are not the governed width (no per-value rule code: the kernel
+# never sees such a tensor).
+RULE_FEATURE_COUNT = "feature_count"
 
 
 @dataclass(slots=True, frozen=True)
@@ -55,10 +58,20 @@ class Violation:
     limit: str  # the rule as declared, e.g. "min=0.0", "allow_nan=false"
 
     def describe(self) -> str:
+        if self.rule == RULE_FEATURE_COUNT:
+            return (f"input '{self.input}': {self.feature_name} does not give {self.limit} per row (the last axis), "
+                    "so its rules cannot be checked; send rows of that width")
         return (
             f"input '{self.input}' row {self.row} feature '{self.feature_name}' (index {self.feature}): "
             f"value {_fmt(self.value)} breaks rule {self.limit}"
         )
+
+    @property
+    def field(self) -> str:
+        """The request field a ``google.rpc.BadRequest`` names."""
+        if self.rule == RULE_FEATURE_COUNT:
+            return f"inputs[{self.input}]"
+        return f"inputs[{self.input}][{self.row}][{self.feature}]"
 
     def as_dict(self) -> dict[str, Any]:
         value: Any = self.value if math.isfinite(self.value) else str(self.value)
@@ -98,10 +111,7 @@ class Inspection:
         """``google.rpc.BadRequest`` with one field violation per problem (capped)."""
         detail = error_details_pb2.BadRequest()
         for v in self.violations[:limit]:
-            detail.field_violations.add(
-                field=f"inputs[{v.input}][{v.row}][{v.feature}]",
-                description=v.describe(),
-            )
+            detail.field_violations.add(field=v.field, description=v.describe())
         return detail
 
 
@@ -157,16 +167,19 @@ class _Tensor:
         self.feature_names = names
         self.categorical = categorical
         self.classifier = classifier
+        # A governed input (one with constraints) checks every feature against the NaN/Inf
+        # defaults, named in a rule or not; an input that is only profiled allows them.
+        self.governed = constraints is not None
         lo = np.full(n_features, -np.inf)
         hi = np.full(n_features, np.inf)
-        allow_nan = np.ones(n_features, dtype=bool)
-        allow_inf = np.ones(n_features, dtype=bool)
+        allow_nan = np.full(n_features, not self.governed or constraints.allow_nan, dtype=bool)
+        allow_inf = np.full(n_features, not self.governed or constraints.allow_inf, dtype=bool)
         allowed: list[Any] = [None] * n_features
         for j, rule in rules.items():
             lo[j] = -np.inf if rule.min is None else rule.min
             hi[j] = np.inf if rule.max is None else rule.max
-            allow_nan[j] = rule.allow_nan
-            allow_inf[j] = rule.allow_inf
+            allow_nan[j] = constraints.allows(rule, "allow_nan")
+            allow_inf[j] = constraints.allows(rule, "allow_inf")
             allowed[j] = rule.allowed
         self.acc = Accumulator(
             n_features, lo=lo, hi=hi, allow_nan=allow_nan, allow_inf=allow_inf, allowed=allowed, edges=edges,
@@ -279,14 +292,18 @@ class GovernanceEngine:
         profile: ReferenceProfile | None,
         *,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
+        output_shapes: Mapping[str, Sequence[int]] | None = None,
         state_dir: str | Path | None = None,
         background: bool = True,
         feed_interval: float = 0.25,
         labels: Mapping[str, Sequence[str]] | None = None,
         profile_source: Callable[[], ReferenceProfile | None] | None = None,
     ) -> None:
-        """``input_shapes``: declared shapes (``-1`` = variable) that fix the feature count of
-        inputs without a profile or constraints. ``state_dir``: where closed drift windows
+        """``input_shapes`` / ``output_shapes``: the model's declared shapes (``-1`` = variable),
+        which fix the feature count of tensors without a profile or constraints. Given them (the
+        server always does), a tensor whose feature count neither they, the config nor the
+        profile fix is not profiled: its state is never sized by what a caller sends. Without
+        them (offline use) a tensor is sized by the first array it sees. ``state_dir``: where closed drift windows
         (``drift/<model>/<version>/window-<n>.bin``) and, by default, payload logs
         (``payloads/<model>/<version>/``) go. ``background=False`` runs no threads: call
         :meth:`feed_sketches` / :meth:`close_window` yourself (tests, CLI). ``labels`` and
@@ -303,6 +320,9 @@ class GovernanceEngine:
         self.enabled = config.enabled
         self.reject_mode = config.mode == "reject"
         self._shapes = dict(input_shapes or {})
+        self._output_shapes = None if output_shapes is None else dict(output_shapes)
+        self._signature_known = input_shapes is not None
+        self._unprofiled: set[str] = set()  # tensors of unknown width: skipped and counted
         self._bind_lock = threading.Lock()
         self._window_lock = threading.RLock()
         # Held for the pointer swaps of a window cut, and by the request path around a
@@ -315,6 +335,14 @@ class GovernanceEngine:
             n = self._input_features(name)
             if n is not None:
                 self.inputs[name] = self._make_input(name, n)
+            elif name in config.inputs:  # a rule with no width to check it at: a config error
+                raise ValueError(f"governance input {name!r} has constraints but no feature count: the model's "
+                                 "last dimension is free, so set feature_count (or feature_names)")
+            elif self._signature_known:
+                self._unprofiled.add(name)
+                log.info("%s/%s: input %r has no fixed feature count (shape %s); it is not profiled. Set "
+                         "governance.inputs.%s.feature_count to profile it", model, self.version, name,
+                         list(self._shapes.get(name) or []), name)
         if profile is not None:
             for name, tp in profile.tensors.items():
                 if tp.kind == "output":
@@ -336,6 +364,7 @@ class GovernanceEngine:
         self.flagged = 0
         self.violations_total = 0
         self.skipped_tensors = 0  # tensors the kernel could not read (strings, mismatched feature count)
+        self.width_violations: dict[str, int] = {}  # governed inputs sent at another width, by input
         self.payload_unlogged = 0  # sampled, but payload logging is off or has no directory
         self.window_errors = 0
         self._window_rows = config.drift.window_rows
@@ -387,7 +416,19 @@ class GovernanceEngine:
                 return tensor
             if array.dtype.kind not in "biuf":
                 return None
-            n = int(array.shape[-1]) if array.ndim >= 2 else 1
+            if kind == "input":
+                shapes = self._shapes if self._signature_known else None
+            else:
+                shapes = self._output_shapes
+            if shapes is None:
+                n = int(array.shape[-1]) if array.ndim >= 2 else 1  # offline: sized by the first array
+            else:
+                n = _declared_features(shapes.get(name))  # never by what a caller sent
+                if n is None:
+                    self._unprofiled.add(name)
+                    log.info("%s/%s: %s %r has no fixed feature count; it is not profiled", self.model,
+                             self.version, kind, name)
+                    return None
             if n < 1:
                 return None
             if kind == "input":
@@ -436,7 +477,7 @@ class GovernanceEngine:
             for name, array in inputs.items():
                 tensor = self.inputs.get(name)
                 if tensor is None:
-                    tensor = self._bind(self.inputs, name, array, "input")
+                    tensor = None if name in self._unprofiled else self._bind(self.inputs, name, array, "input")
                     if tensor is None:
                         self.skipped_tensors += 1
                         continue
@@ -445,7 +486,11 @@ class GovernanceEngine:
                 except (TypeError, ValueError):
                     found = tensor.update_reshaped(array)
                 if found is None:
-                    self.skipped_tensors += 1
+                    if tensor.governed:  # its rules cannot be checked at this width: a violation, never a skip
+                        count += 1
+                        self._width_violation(tensor, np.asarray(array), violations)
+                    else:
+                        self.skipped_tensors += 1
                     continue
                 if found:
                     count += found[0]
@@ -468,6 +513,21 @@ class GovernanceEngine:
         if not count and not sampled:
             return clean  # nearly every request: nothing to report or record, nothing to build
         return Inspection(violations, count, count > 0 and self.reject_mode, sampled, request_id, trace_id, epoch=epoch)
+
+    def _width_violation(self, tensor: _Tensor, array: np.ndarray, out: list[Violation]) -> None:
+        self.width_violations[tensor.name] = self.width_violations.get(tensor.name, 0) + 1
+        if len(out) >= self.config.max_violations:
+            return
+        F = tensor.n_features
+        if array.dtype.kind not in "biuf":
+            got = f"datatype {array.dtype} (not numeric)"
+        else:
+            shape = list(array.shape[:4]) + (["..."] if array.ndim > 4 else [])
+            got = f"shape {shape}".replace("'", "")
+        out.append(Violation(
+            input=tensor.name, row=-1, feature=-1, feature_name=got, rule=RULE_FEATURE_COUNT,
+            value=float(array.shape[-1]) if array.ndim else 1.0, limit=f"{F} feature{'s' if F != 1 else ''}",
+        ))
 
     def _describe(self, tensor: _Tensor, found: tuple, out: list[Violation]) -> None:
         _total, rows, feats, rules, values = found
@@ -501,7 +561,7 @@ class GovernanceEngine:
             for name, array in outputs.items():
                 tensor = table.get(name)
                 if tensor is None:
-                    tensor = self._bind(table, name, np.asarray(array), "output")
+                    tensor = None if name in self._unprofiled else self._bind(table, name, np.asarray(array), "output")
                     if tensor is None:
                         self.skipped_tensors += 1
                         continue
@@ -527,9 +587,10 @@ class GovernanceEngine:
 
     def log_payload(
         self, inspection: Inspection, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None,
-        route: str, served_version: str,
+        route: str, served_version: str, extra: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
-        """Queue the request's record if it was sampled. Never blocks; drops are counted."""
+        """Queue the request's record if it was sampled. Never blocks; drops are counted.
+        ``extra``: more fields of the record (an explanation and its attributions)."""
         if not inspection.sampled:
             return
         if self.payload_log is None:
@@ -547,6 +608,7 @@ class GovernanceEngine:
                 "violations": [v.as_dict() for v in inspection.violations],
                 "inputs": {k: np.array(v, copy=True) for k, v in inputs.items()},
                 "outputs": {k: np.array(v, copy=True) for k, v in (outputs or {}).items()},
+                **(extra or {}),
             }
         )
 
@@ -673,6 +735,8 @@ class GovernanceEngine:
             counts = tensor.acc.violation_counts()
             for j, k in zip(*np.nonzero(counts)):
                 out.setdefault(name, {}).setdefault(tensor.feature_names[j], {})[RULE_NAMES[int(k)]] = int(counts[j, k])
+        for name, n in list(self.width_violations.items()):  # the whole input, not one feature
+            out.setdefault(name, {}).setdefault("*", {})[RULE_FEATURE_COUNT] = n
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lockgate.telemetry.logs import CauseLog
+
 log = logging.getLogger("lockgate.governance.payload_log")
 
 REDACTED = "[REDACTED]"
@@ -65,6 +67,19 @@ class Redactor:
             return _jsonable(out.tolist())
         return _jsonable(np.asarray(array))
 
+    def attributions(self, name: str, array: np.ndarray, features: list[str] | None = None) -> Any:
+        """Attributions of input ``name`` (rows x features x outputs): redacted like that input,
+        a redacted feature's column blanked on the feature axis. ``features`` names the columns
+        when they are not the input's own (a configured subset)."""
+        if name in self.names:
+            return REDACTED
+        columns = [j for j, n in enumerate(features) if n in self.names] if features else self.features.get(name)
+        if columns and array.ndim == 3 and array.shape[1] > max(columns):
+            out = np.asarray(array, dtype=object).copy()
+            out[:, columns, :] = REDACTED
+            return _jsonable(out.tolist())
+        return _jsonable(np.asarray(array))
+
     def record(self, record: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in record.items():
@@ -72,6 +87,10 @@ class Redactor:
                 out[key] = REDACTED
             elif key in ("inputs", "outputs") and isinstance(value, Mapping):
                 out[key] = {name: self.tensor(name, np.asarray(array)) for name, array in value.items()}
+            elif key == "attributions" and isinstance(value, Mapping):
+                explanation = record.get("explanation")
+                features = explanation.get("features") if isinstance(explanation, Mapping) else None
+                out[key] = {name: self.attributions(name, np.asarray(array), features) for name, array in value.items()}
             else:
                 out[key] = _jsonable(value)
         return out
@@ -99,6 +118,8 @@ class PayloadLog:
         self.written = 0
         self.dropped = 0  # queue full
         self.failed = 0  # could not serialise or write
+        # A full or read-only disk fails every record: counted, one warning per cause a while.
+        self.events = CauseLog(log)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._counter_lock = threading.Lock()
         self._closed = False
@@ -167,9 +188,9 @@ class PayloadLog:
                     continue
                 try:
                     line = (json.dumps(self.redactor.record(item), separators=(",", ":")) + "\n").encode()
-                except (TypeError, ValueError):
+                except (TypeError, ValueError) as exc:
                     self.failed += 1
-                    log.exception("payload record could not be serialised")
+                    self.events.record("serialize_failed", "payload record could not be serialised: %s", exc)
                     continue
                 try:
                     if handle is None:
@@ -186,9 +207,16 @@ class PayloadLog:
                     self.written += 1
                     if self._queue.empty():
                         handle.flush()
-                except OSError:
+                except OSError as exc:
                     self.failed += 1
-                    log.exception("payload log write failed in %s", self.directory)
+                    self.events.record("write_failed", "payload log write failed in %s: %s; records are dropped "
+                                       "and counted (lockgate_payload_dropped_total{reason=\"write_failed\"})",
+                                       self.directory, exc.strerror or exc)
+                    if handle is not None:
+                        try:
+                            handle.close()
+                        except OSError:
+                            pass
                     handle = None
         finally:
             if handle is not None:

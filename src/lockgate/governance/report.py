@@ -15,7 +15,7 @@ import html
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,19 +440,13 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else "-"
 
 
-SectionBuilder = Callable[[DriftReport, Provenance | None], Section | None]
-
-
 def sections(report: DriftReport, provenance: Provenance | None = None, max_charts: int = 40,
-             extra: list[SectionBuilder] = ()) -> list[Section]:  # type: ignore[assignment]
-    """The report's sections in reading order; ``extra`` builders append their own."""
-    out = [_provenance_section(report, provenance), _summary_section(report), _explanations_section(),
-           _features_section(report, max_charts)]  # fmt: skip
-    for builder in [lambda r, p: _notes_section(r), *extra]:
-        section = builder(report, provenance)
-        if section is not None:
-            out.append(section)
-    return out
+             extra: Sequence[Section] = ()) -> list[Section]:
+    """The report's sections in reading order; ``extra`` (e.g. the feature-importance section of
+    ``lockgate.explain.report``) follows the features."""
+    notes = _notes_section(report)
+    return [_provenance_section(report, provenance), _summary_section(report), _explanations_section(),
+            _features_section(report, max_charts), *extra, *([notes] if notes is not None else [])]  # fmt: skip
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -464,7 +458,7 @@ svg.chart{max-width:100%;height:auto}nav a{margin-right:1em}dt{font-weight:600;m
 
 
 def render_html(report: DriftReport, provenance: Provenance | None = None, max_charts: int = 40,
-                extra: list[SectionBuilder] = ()) -> str:  # type: ignore[assignment]
+                extra: Sequence[Section] = ()) -> str:
     parts = sections(report, provenance, max_charts, extra)
     nav = "<nav>" + "".join(f"<a href='#{_e(s.id)}'>{_e(s.title)}</a>" for s in parts) + "</nav>"
     body = "".join(f"<section id='{_e(s.id)}'><h2>{_e(s.title)}</h2>{s.body}</section>" for s in parts)
@@ -474,8 +468,9 @@ def render_html(report: DriftReport, provenance: Provenance | None = None, max_c
             f"{_e(report.status)}</span></h1>{nav}{body}</body></html>\n")  # fmt: skip
 
 
-def write_html(report: DriftReport, path: str | Path, provenance: Provenance | None = None, max_charts: int = 40) -> Path:
+def write_html(report: DriftReport, path: str | Path, provenance: Provenance | None = None, max_charts: int = 40,
+               extra: Sequence[Section] = ()) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(report, provenance, max_charts), encoding="utf-8")
+    path.write_text(render_html(report, provenance, max_charts, extra), encoding="utf-8")
     return path

@@ -32,20 +32,25 @@ log = logging.getLogger("lockgate.governance")
 ENGINE_KEY = "governance"
 # lockgate_drift_status: -1 inconclusive (too few rows, or not evaluable), 0 ok, 1 warn, 2 drift
 STATUS_CODE = {"INCONCLUSIVE": -1, "OK": 0, "WARN": 1, "DRIFT": 2}
+PayloadExplainer = Callable[..., bool]
 
 
 class GovernanceStage:
     def __init__(self, *, repository_root: Path, state_dir: Path, tracing_enabled: bool = False,
                  alert_listeners: Sequence[Callable[[DriftEvent], None]] = (),
-                 report_listeners: Sequence[Callable[[Any], None]] = ()) -> None:
+                 report_listeners: Sequence[Callable[[Any], None]] = (),
+                 payload_explainer: PayloadExplainer | None = None) -> None:
         """``alert_listeners`` get every WARN/DRIFT alert, ``report_listeners`` every evaluated
-        window, of every version this stage prepares."""
+        window, of every version this stage prepares. ``payload_explainer(version, engine,
+        inspection, inputs, outputs, route decision)`` returns True when it takes over logging a
+        sampled payload (lockgate.explain adds the attributions to the entry first)."""
         self.repository_root = Path(repository_root)
         self.state_dir = Path(state_dir)
         self.tracing_enabled = tracing_enabled
         self._alert_listeners = tuple(alert_listeners)
         self._report_listeners = tuple(report_listeners)
         self._engines: dict[tuple[str, str], GovernanceEngine] = {}
+        self._payload_explainer = payload_explainer
 
     # -- lifecycle (repository hooks) ------------------------------------------------------
     def prepare(self, version: "ModelVersion") -> None:
@@ -57,6 +62,7 @@ class GovernanceStage:
             version.model, version.version, config,
             [spec.name for spec in version.signature.inputs], profile,
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
+            output_shapes={spec.name: spec.shape for spec in version.signature.outputs},
             state_dir=self.state_dir, labels=version.config.labels(),
             profile_source=None if profile is not None else lambda: ReferenceProfile.load_if_present(root, model, number),
         )
@@ -109,7 +115,9 @@ class GovernanceStage:
         engine: GovernanceEngine = version.extensions[ENGINE_KEY]
         engine.observe_outputs(outputs, inspection)
         if inspection.sampled:
-            engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
+            explainer = self._payload_explainer
+            if explainer is None or not explainer(version, engine, inspection, inputs, outputs, route.decision):
+                engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
 
     def abandoned(self, version: "ModelVersion", inspection: Inspection | None) -> None:
         """An inspected request ended without outputs: its drift window stops waiting for it."""
@@ -131,6 +139,8 @@ class GovernanceStage:
             yield Sample("lockgate_payload_samples", mv, stats["sampled"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "queue_full"}, stats["payload_dropped"])
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
+            payload = stats["payload"] or {}
+            yield Sample("lockgate_payload_dropped", {**mv, "reason": "write_failed"}, payload.get("failed", 0))
             yield Sample("lockgate_drift_windows_unevaluated", mv, float(engine.monitor.unevaluated))
             report = engine.monitor.last_report
             if report is None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from lockgate.errors import InvalidArgument
 from lockgate.protocol import datatypes
+from lockgate.protocol.codec import LimitExceeded
 from lockgate.protocol._bytes_codec import decode_bytes_tensor, encode_bytes_tensor
 
 #: Header naming the length of the JSON part of a body that carries binary tensors.
@@ -32,6 +33,11 @@ BINARY_DATA = "binary_data"
 BINARY_DATA_OUTPUT = "binary_data_output"
 #: Most dimensions a declared shape may have (Triton allows 64 too).
 MAX_DIMS = 64
+#: Largest dimension: the protocol's shapes are int64.
+MAX_DIM = 2**63 - 1
+#: Most JSON text one output element can take: a float64's repr ("-1.2345678901234567e-308"),
+#: an int64's digits, "false"; BYTES elements take their escaped text instead (``_json_bound``).
+_JSON_CHARS_PER_ELEMENT = 25
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
@@ -92,12 +98,16 @@ def parameters_dict(params: Any) -> dict[str, Any]:
 
 
 def _shape(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+    if not isinstance(value, list):
         raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers")
-    if len(value) > MAX_DIMS:
+    if len(value) > MAX_DIMS:  # before looking at each one
         raise InvalidArgument(f"input '{name}': shape has {len(value)} dimensions, at most {MAX_DIMS} are allowed")
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidArgument(f"input '{name}': 'shape' must be a list of integers")
     if any(d < 0 for d in value):
         raise InvalidArgument(f"input '{name}': shape {value} has a negative dimension")
+    if any(d > MAX_DIM for d in value):  # the wire's int64; JSON integers have no bound
+        raise InvalidArgument(f"input '{name}': a dimension of shape {value} does not fit 64 bits")
     return value
 
 
@@ -270,9 +280,37 @@ def _json_data(datatype: str, shape: Sequence[int], raw: bytes) -> list:
     return np.frombuffer(raw, dtype=datatypes.BY_NAME[datatype].numpy).tolist()
 
 
-def encode_response(request: Any, response: Any, all_binary: bool) -> tuple[bytes, int | None]:
-    """A ModelInferResponse as a REST body; the JSON header's length when binary tensors follow."""
+def _json_bound(datatype: str, shape: Sequence[int], raw: bytes) -> int:
+    """At most how many bytes one output takes as JSON ``data``, from its header alone.
+
+    A BYTES element can grow six-fold (``\\u00XX`` escapes) plus its quotes and comma.
+    """
+    count = math.prod(shape) if shape else 1
+    if datatype == "BYTES":
+        return 6 * len(raw) + 3 * count
+    return _JSON_CHARS_PER_ELEMENT * count
+
+
+def encode_response(request: Any, response: Any, all_binary: bool,
+                    max_json_bytes: int | None = None) -> tuple[bytes, int | None]:
+    """A ModelInferResponse as a REST body; the JSON header's length when binary tensors follow.
+
+    JSON ``data`` costs a Python object per element and its text (~25 bytes per number, where
+    the binary form takes 4): outputs to be rendered as JSON that could exceed
+    ``max_json_bytes`` (the server's ``limits.max_output_bytes``) are refused before any of
+    that is built, naming the binary form that carries them.
+    """
     binary_of = _wants_binary(request, all_binary)
+    if max_json_bytes is not None:
+        bound = 0
+        for out, raw in zip(response.outputs, response.raw_output_contents):
+            if not binary_of.get(out.name, all_binary):
+                bound += _json_bound(out.datatype, out.shape, raw)
+                if bound > max_json_bytes:
+                    raise LimitExceeded(
+                        f"output '{out.name}' ({math.prod(out.shape)} {out.datatype} elements) as JSON could take more "
+                        f"than the server's limits.max_output_bytes {max_json_bytes}; ask for binary output "
+                        f"(request parameter binary_data_output, or the output's parameters.binary_data)")
     outputs = []
     chunks: list[bytes] = []
     for out, raw in zip(response.outputs, response.raw_output_contents):

@@ -18,10 +18,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 import numpy as np
 
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
+
 from lockgate.config import DynamicBatchingConfig
-from lockgate.errors import DeadlineExceeded, InferenceFailed, LockgateError, ResourceExhausted, Unavailable
+from lockgate.errors import (
+    DeadlineExceeded, InferenceFailed, InvalidArgument, LockgateError, ResourceExhausted, Unavailable,
+)
 from lockgate.serving.runtime import OrtRuntime
 from lockgate.serving.stats import VersionStats
+from lockgate.telemetry.logs import CauseLog
 
 if TYPE_CHECKING:
     from lockgate.telemetry.tracing import RequestTrace
@@ -80,6 +85,7 @@ class DynamicBatcher:
         self._idle.set()
         self._loop = asyncio.get_running_loop()
         self._executor = None if runtime.inline else ThreadPoolExecutor(instances, thread_name_prefix=f"ort-{label}")
+        self._events = CauseLog(log)  # failed executions: one line (and traceback) per cause per interval
         self._workers = [self._loop.create_task(self._work()) for _ in range(instances)]
 
     # -- request side ---------------------------------------------------------------
@@ -121,12 +127,19 @@ class DynamicBatcher:
         return outputs
 
     def _failure(self, exc: Exception, requests: int) -> LockgateError:
-        """What the callers of a failed execution get: our own errors as they are; anything ORT
-        raised is logged and becomes INTERNAL for this batch only, and serving goes on."""
+        """What the callers of a failed execution get: our own errors as they are; inputs ONNX
+        Runtime refuses are INVALID_ARGUMENT; anything else it raised becomes INTERNAL for this
+        batch only, and serving goes on. Logged at most once per cause per interval."""
         if isinstance(exc, LockgateError):
             return exc
-        log.exception("%s: inference failed for a batch of %d request(s)", self.label, requests, exc_info=exc)
-        return InferenceFailed(f"{self.label}: inference failed: {exc}")
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, OrtInvalidArgument):
+            self._events.record("ort_invalid_argument", "%s: ONNX Runtime refused the inputs: %s", self.label,
+                                first_line[:300], level=logging.INFO)
+            return InvalidArgument(f"{self.label}: the model refused the inputs: {first_line[:300]}")
+        self._events.record("inference_failed", "%s: inference failed for a batch of %d request(s)", self.label,
+                            requests, exc_info=exc, level=logging.ERROR)
+        return InferenceFailed(f"{self.label}: inference failed: {first_line[:300]}")
 
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None, trace: "RequestTrace | None" = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its own rows of the batch result."""
@@ -257,6 +270,9 @@ class DynamicBatcher:
                 outputs = await loop.run_in_executor(self._executor, self.runtime.run, feeds)
             infer_done = time.perf_counter_ns()
         except Exception as exc:
+            if len(batch) > 1:  # one request's inputs must not fail the others merged with it
+                await self._execute_alone(batch)
+                return
             error = self._failure(exc, len(batch))
             self._trace_batch(batch, start_ns, len(batch), error)
             for p in batch:
@@ -280,6 +296,12 @@ class DynamicBatcher:
         output_done = time.perf_counter_ns()
         self._trace_batch(batch, start_ns, rows_total, None, output_done)
         self.stats.record_batch(rows_total, queue_ns, input_done - start_ns, infer_done - input_done, output_done - infer_done)
+
+    async def _execute_alone(self, batch: list[_Pending]) -> None:
+        """A merged execution failed: run each of its requests on its own, so the failure stays
+        with the request that caused it (rare: only after a failure)."""
+        for p in batch:
+            await self._execute([p])
 
     @staticmethod
     def _trace_batch(batch: list[_Pending], start_ns: int, rows: int, error: Exception | None, end_ns: int | None = None) -> None:

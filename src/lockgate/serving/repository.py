@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from lockgate.config import ModelConfigFile
-from lockgate.errors import ArtifactTamperedError, LockgateError, NotFound, Unavailable
+from lockgate.errors import ArtifactTamperedError, InvalidArgument, LockgateError, NotFound, Unavailable
 from lockgate.protocol.codec import Signature
 from lockgate.serving.batcher import DynamicBatcher
 from lockgate.serving.model_config import ModelConfigError, declared_signature, read_model_config
@@ -118,7 +118,8 @@ class ModelRepository:
         self._refused: dict[str, dict[str, str]] = {}  # model -> version -> why its artifact was refused
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
-        # Hooks other packages register through the methods below; called in registration order.
+        # Hooks other packages register through the methods below; called in registration order
+        # (releases in reverse: a hook prepared after another may use it until its own release).
         self._digester: VersionDigester = lambda model, version, path: sha256_file(path)
         self._verifiers: list[ArtifactVerifier] = []
         self._listeners: list[ModelListener] = []
@@ -138,7 +139,9 @@ class ModelRepository:
 
     def add_version_hooks(self, prepare: VersionHook, release: VersionHook | None = None) -> None:
         """``prepare(version)`` runs once a version is built, before it can take a request
-        (raising refuses the load); ``release(version)`` once it has drained after unload."""
+        (raising refuses the load); ``release(version)`` once it has drained after unload.
+        Prepares run in registration order, releases in reverse (like a stack), so a hook
+        that builds on an earlier one's state is released while that state still exists."""
         self._preparers.append(prepare)
         if release is not None:
             self._releasers.append(release)
@@ -197,6 +200,13 @@ class ModelRepository:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    def _model_dir(self, name: str) -> Path:
+        """``REPO/<name>`` for a name that is one directory entry of the repository: a caller's
+        name never reaches outside it ("..", "a/b", "") nor into a hidden directory."""
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+            raise InvalidArgument(f"model name {name[:256]!r} is not a model directory name of the repository")
+        return self.root / name
+
     async def load_all(self) -> None:
         for name in self.discover():
             try:
@@ -206,8 +216,8 @@ class ModelRepository:
 
     async def load(self, name: str) -> LoadedModel:
         """Load (or reload) a model: new versions are loaded first, then swapped in."""
+        model_dir = self._model_dir(name)
         async with self._lock(name):
-            model_dir = self.root / name
             if not model_dir.is_dir():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
             try:
@@ -323,7 +333,7 @@ class ModelRepository:
             log.warning("%s: drain timed out after %.0fs", version.label, self.drain_timeout_s)
         else:
             version.runtime.close()  # a batch still running after a timeout keeps its buffers
-        for release in self._releasers:
+        for release in reversed(self._releasers):
             try:
                 release(version)
             except Exception:

@@ -95,6 +95,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_drift_window_rows": FamilySpec("gauge", "Rows in the last evaluated drift window", MV),
     "lockgate_drift_late_outputs": FamilySpec("counter", "Outputs that arrived after their drift window was evaluated (counted in no window)", MV),
     "lockgate_drift_windows_unevaluated": FamilySpec("counter", "Drift windows closed but not evaluated: the version has no reference profile", MV),
+    # explanations (lockgate.explain)
+    "lockgate_explanations": FamilySpec("counter", "On-demand explanations by outcome (ok, queue_full, deadline_exceeded, refused, ...)", (*MV, "outcome")),
+    "lockgate_explanations_sampled": FamilySpec("counter", "Sampled payloads chosen for explanation, by outcome (ok, explain_queue_full, failed, ...)", (*MV, "outcome")),
+    "lockgate_explain_in_flight": FamilySpec("gauge", "Explanations queued or running for a version, by queue (on_demand, sampled)", (*MV, "queue")),
+    "lockgate_feature_importance": FamilySpec("gauge", "Mean |attribution| per feature in the last closed importance window", (*MV, "feature")),
+    "lockgate_feature_importance_shift": FamilySpec("gauge", "Total variation distance of normalised importance against a baseline (reference, or another version)", (*MV, "baseline")),
     # routing
     "lockgate_traffic_weight": FamilySpec("gauge", "Configured traffic weight of a version (0..1)", MV),
     "lockgate_shadow_agreement": FamilySpec("gauge", "Share of shadow responses agreeing with the primary (0..1)", (*MV, "shadow_version")),
@@ -103,6 +109,9 @@ FAMILIES: dict[str, FamilySpec] = {
     # control plane
     "lockgate_audit_entries": FamilySpec("counter", "Entries appended to the hash-chained audit trail", ("action",)),
     "lockgate_audit_verify_ok": FamilySpec("gauge", "1 if the last audit chain verification passed, 0 if it failed", ()),
+    # transport (filled by lockgate.transport.grpc.inference and the HTTP app)
+    "lockgate_grpc_events": FamilySpec("counter", "Inference calls answered outside the request path, by cause: undecodable, ended_before_reply, refused_draining, internal", ("cause",)),
+    "lockgate_http_events": FamilySpec("counter", "HTTP requests answered outside the request path, by cause: undecodable, refused_draining, internal", ("cause",)),
     "lockgate_artifact_verify_failures": FamilySpec("counter", "Version signature (model.sig) verifications refused, by reason", (*MV, "reason")),
     # telemetry itself (filled by lockgate.telemetry.tracing)
     "lockgate_otel_spans_exported": FamilySpec("counter", "Spans the OTLP exporter delivered", ()),

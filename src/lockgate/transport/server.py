@@ -26,7 +26,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from lockgate._descriptor_pool import POOL
-from lockgate._proto import inference_pb2_grpc as pb_grpc
 from lockgate.config import ServerSettings
 from lockgate.control.auth import Authenticator
 from lockgate.control.leader import LocalLeader, elector_for
@@ -34,6 +33,7 @@ from lockgate.control.plane import ControlPlane
 from lockgate.control.provenance import ProvenanceGate
 from lockgate.control.spool import ResilientStore
 from lockgate.control.store import Store, open_store
+from lockgate.explain.service import ExplainService
 from lockgate.governance.fleet import FleetDrift
 from lockgate.governance.stage import GovernanceStage
 from lockgate.pipeline import InferencePipeline
@@ -42,7 +42,11 @@ from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import Telemetry
 from lockgate.transport.grpc.admin import AdminService, add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
-from lockgate.transport.grpc.inference import InferenceService
+from lockgate.telemetry.logs import CauseLog
+from lockgate.telemetry.metrics import Sample
+from lockgate.transport.drain import DrainGate
+from lockgate.transport.ports import PortClaim, PortInUse, check_free, claim, stop_listening
+from lockgate.transport.grpc.inference import InferenceService, add_inference_service
 
 log = logging.getLogger("lockgate.server")
 
@@ -176,10 +180,15 @@ class Gateway:
             log.warning("require_approval is off: every loaded version may take live traffic (development mode)")
         self.telemetry = Telemetry.from_settings(settings, self.repository)  # opens no port yet
         self.routing = PolicyRouting(self.control)
+        self.explain = ExplainService(repository_root=settings.model_repository, state_dir=settings.state_dir,
+                                      authenticator=self.control.auth, workers=settings.explain_workers,
+                                      nice=settings.explain_nice, cpu_share=settings.explain_cpu_share,
+                                      canary_of=self._canary_of)
         self.governance = GovernanceStage(
             repository_root=settings.model_repository, state_dir=settings.state_dir,
             tracing_enabled=self.telemetry.tracing is not None,
             alert_listeners=[self.control.on_drift_event], report_listeners=[self.control.on_drift_report],
+            payload_explainer=self.explain.sample,
         )
         self.fleet: FleetDrift | None = None
         if shared_store:
@@ -192,22 +201,35 @@ class Gateway:
         self.repository.add_version_hooks(self.governance.prepare, self.governance.release)
         if self.fleet is not None:
             self.repository.add_version_hooks(self.fleet.adopt)  # after governance.prepare
+        # after governance: explain reads the engine's feature names when it prepares, and (releases
+        # running in reverse) logs its pending sampled explanations before the payload log closes
+        self.repository.add_version_hooks(self.explain.prepare, self.explain.release)
         self.repository.subscribe(self.control.on_models_changed)
         self.repository.subscribe(self._on_models_changed)
         self.pipeline = InferencePipeline(self.repository, routing=self.routing, governance=self.governance,
-                                          telemetry=self.telemetry)
+                                          explain=self.explain, telemetry=self.telemetry,
+                                          limits=settings.limits.for_codec(settings.max_send_message_bytes))
         self.telemetry.register_source("governance", self.governance.metric_samples)
         self.telemetry.register_source("control", self.control.metric_samples)
         self.telemetry.register_source("provenance", self.control.provenance.metric_samples)
+        self.telemetry.register_source("explain", self.explain.metric_samples)
         self.control.add_rollback_listener(self.telemetry.rollback)
         self.ready = asyncio.Event()
         self.admin = AdminService(self.control, self.repository)
         self.server = grpc.aio.server(options=server_options(settings))
         self.port = 0
+        self.gate = DrainGate()  # admission of data-plane calls (gRPC and HTTP); drained on SIGTERM
+        self.http_events = CauseLog(logging.getLogger("lockgate.http"))  # internal, refused_draining
         self.http = self._http_server(settings)
         self.http_port = 0
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task] = []
+
+    def _canary_of(self, model: str) -> tuple[str, str] | None:
+        """(stable, canary) of the model's active canary, for the canary-vs-stable importance shift."""
+        policy = self.control.book.get(model)
+        canary = policy.canary if policy is not None else None
+        return (canary.stable, canary.canary) if canary is not None and canary.state.active else None
 
     def _http_server(self, settings: ServerSettings) -> Any:
         """The REST binding, the admin API over REST and the console, on ``http_port``."""
@@ -230,13 +252,19 @@ class Gateway:
         from lockgate.transport.http.console import Console
 
         settings = self.settings
-        rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth)
+        rest = RestInference(self.repository, self.pipeline, ready=self.ready, auth=self.control.auth,
+                             events=self.http_events)
         key = settings.console_session_key or secrets.token_urlsafe(32)
         console = Console(self.admin, self.control.auth, self.repository, session_key=key.encode(),
                           secure_cookies=settings.tls is not None, state_dir=settings.state_dir,
                           model_repository=settings.model_repository)
         return HttpApp([rest.handle, RestAdmin(self.admin).handle, console.handle],
-                       max_body_bytes=settings.max_receive_message_bytes)
+                       max_body_bytes=settings.max_receive_message_bytes, gate=self.gate, events=self.http_events)
+
+    def _http_samples(self) -> Any:
+        """``lockgate_http_events_total{cause}`` at scrape time."""
+        for cause, count in self.http_events.counts().items():
+            yield Sample("lockgate_http_events", {"cause": cause}, count)
 
     def _on_models_changed(self, model: str, loaded: list[str], removed: list[str]) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if loaded else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -245,9 +273,12 @@ class Gateway:
     async def start(self) -> int:
         settings = self.settings
         services = GenericHandlersOnly(self.server)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.repository, self.pipeline, ready=self.ready), services
-        )
+        self.inference = InferenceService(self.repository, self.pipeline, ready=self.ready,
+                                          authenticator=self.control.auth, gate=self.gate)
+        add_inference_service(services, self.inference)
+        self.telemetry.register_source("grpc", self.inference.metric_samples)
+        if self.http is not None:
+            self.telemetry.register_source("http", self._http_samples)
         admin_service = add_admin_service(services, self.admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -262,7 +293,10 @@ class Gateway:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.host}:{settings.grpc_port}"
         creds = _credentials(settings)
-        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise PortInUse(f"cannot bind gRPC port {settings.grpc_port} on {settings.host}: {exc}") from None
         await self.repository.load_all()
         tune_gc()
         await self.control.start()
@@ -272,8 +306,16 @@ class Gateway:
         self._background.append(loop.create_task(self._watch_store_health()))
         await self.server.start()
         if self.http is not None:
-            self.http_port = await self.http.start()
-        self.telemetry.start()
+            try:
+                self.http_port = await self.http.start()
+            except OSError as exc:  # taken since the startup check
+                raise PortInUse(f"HTTP port {settings.http_port} on {settings.host} is already in use "
+                                f"({exc.strerror})") from None
+        try:
+            self.telemetry.start()
+        except OSError as exc:  # taken since the startup check
+            raise PortInUse(f"metrics port {self.telemetry.metrics_port} on {self.telemetry.metrics_host} "
+                            f"is already in use ({exc.strerror})") from None
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
@@ -309,8 +351,7 @@ class Gateway:
         self.ready.clear()
         await self.health.enter_graceful_shutdown()
         log.info("draining in-flight requests (up to %.0fs)", self.settings.drain_timeout_s)
-        await asyncio.gather(self.server.stop(self.settings.drain_timeout_s),
-                             self.http.stop() if self.http is not None else asyncio.sleep(0))
+        await self._drain_calls()
         await self.routing.drain()
         for task in self._background:
             task.cancel()
@@ -320,10 +361,28 @@ class Gateway:
             # close() would evaluate (and alert on) this replica's share alone.
             await asyncio.to_thread(self.fleet.ship, self.fleet.window_of(time.time()))
         await self.repository.close()
+        await self.explain.close()
         self.governance.close()
         await self.control.close()
         self.telemetry.close()  # flush spans (bounded), close /metrics
         log.info("stopped")
+
+    async def _drain_calls(self) -> None:
+        """Every call accepted before SIGTERM gets its real answer (see ``transport.drain``):
+        stop listening, serve what already arrived, refuse what comes after with UNAVAILABLE,
+        and stop grpc only once nothing is left for it to cancel."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        self.gate.begin()
+        ports = [self.port] + ([self.http_port] if self.http is not None and self.http_port else [])
+        shut = sum(stop_listening(port) for port in ports)
+        log.info("draining: %d listening socket(s) on port(s) %s shut, new connections are refused "
+                 "(grpc logs 'Closing acceptor' for each)", shut, ", ".join(map(str, ports)))
+        quiet = await self.gate.wait_quiet(deadline)
+        await asyncio.gather(self.server.stop(max(deadline - time.monotonic(), 0.0)),
+                             self.http.stop() if self.http is not None else asyncio.sleep(0))
+        gate = self.gate
+        log.info("drain %s: %d call(s) served after the signal, %d refused with UNAVAILABLE",
+                 "complete" if quiet else "timed out", gate.admitted_after_signal, gate.refused)
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
@@ -341,7 +400,11 @@ async def serve(settings: ServerSettings) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except PortInUse:
+        await gateway.stop()  # release what started (sessions, store) before the one-line exit
+        raise
     await gateway.server.wait_for_termination()
     if stop_task:
         await stop_task[0]
@@ -364,7 +427,14 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """With ``json``, native code's lines on fd 2 (grpc's core) become JSON records too
+    (``telemetry.native_logs``): every line of the log is one JSON object."""
+    if log_format == "json":
+        from lockgate.telemetry.native_logs import capture_native_stderr
+
+        handler = logging.StreamHandler(capture_native_stderr().stream)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonLogFormatter() if log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
@@ -372,16 +442,45 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
-def run_single(settings: ServerSettings) -> None:
+def claim_ports(settings: ServerSettings, workers: int = 1) -> PortClaim:
+    """The owner's startup check (single server or supervisor): the metrics ports of every
+    worker are free, and the gRPC and HTTP ports are claimed (``transport.ports``). Raises
+    ``PortInUse``."""
+    metrics = settings.telemetry.metrics
+    if metrics.enabled and settings.metrics_port:
+        for index in range(workers):
+            check_free("metrics", metrics.host or settings.host, settings.metrics_port + index)
+    ports = {"gRPC": settings.grpc_port}
+    if settings.http_enabled:
+        ports["HTTP"] = settings.http_port
+    return claim(settings.host, ports)
+
+
+def _exit_port_in_use(exc: PortInUse) -> None:
+    log.error("%s", exc)
+    raise SystemExit(2)
+
+
+def run_single(settings: ServerSettings, *, owns_port: bool = True) -> None:
+    """One serving process; ``owns_port=False`` for a worker, whose supervisor claimed its ports."""
     configure_logging(settings.log_level, settings.log_format)
-    uv = _install_uvloop()
-    log.info("event loop: %s", "uvloop" if uv else "asyncio")
-    asyncio.run(serve(settings))
+    held = None
+    try:
+        if owns_port:
+            held = claim_ports(settings)
+        uv = _install_uvloop()
+        log.info("event loop: %s", "uvloop" if uv else "asyncio")
+        asyncio.run(serve(settings))
+    except PortInUse as exc:
+        _exit_port_in_use(exc)
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _worker_main(settings_json: str, index: int) -> None:
     os.environ["LOCKGATE_WORKER_INDEX"] = str(index)
-    run_single(ServerSettings.model_validate_json(settings_json))
+    run_single(ServerSettings.model_validate_json(settings_json), owns_port=False)
 
 
 def check_settings(settings: ServerSettings) -> None:
@@ -398,6 +497,10 @@ def run(settings: ServerSettings) -> None:
     if settings.grpc_port == 0 or (settings.http_enabled and settings.http_port == 0):
         raise SystemExit("--workers > 1 needs a fixed --grpc-port and --http-port: every worker must bind the same ports")
     configure_logging(settings.log_level, settings.log_format)
+    try:
+        held = claim_ports(settings, settings.workers)  # held until the workers are gone
+    except PortInUse as exc:
+        _exit_port_in_use(exc)
     ctx = multiprocessing.get_context("spawn")
     # one console session key for every worker: a signed-in browser may reach any of them
     key = settings.console_session_key or secrets.token_urlsafe(32)
@@ -416,6 +519,8 @@ def run(settings: ServerSettings) -> None:
     signal.signal(signal.SIGINT, forward)
     for proc in procs:
         proc.join()
+    if held is not None:
+        held.release()
     codes = [p.exitcode for p in procs]
     if any(codes):
         raise SystemExit(f"workers exited with codes {codes}")

@@ -34,8 +34,8 @@ from lockgate.errors import InvalidArgument, NotFound
 from lockgate.control.store import VersionRecord, parse_time
 from lockgate.control.validation import config_signature, onnx_signature
 from lockgate.errors import LockgateError, error_for_code
-from lockgate.transport.grpc.call_metadata import call_metadata
-from lockgate.transport.grpc.status import grpc_code, message_of
+from lockgate.transport.grpc.call_metadata import authorization
+from lockgate.transport.grpc.status import abort, grpc_code, message_of
 from lockgate.routing.changes import NotServable
 from lockgate.routing.router import default_version
 from lockgate.routing.policy import CanarySpec, Guardrails, PolicyError, StaleRevision, TrafficPolicy
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.admin")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
-AUTHORIZATION = "authorization"
 _GUARDRAIL_FIELDS = (
     "max_error_rate", "max_error_ratio", "max_p99_ratio", "max_p99_ms", "max_disagreement",
     "min_requests", "fail_on_drift", "error_rate_floor", "p99_floor_ms",
@@ -104,6 +103,10 @@ class DirectCall:
     async def abort(self, code: grpc.StatusCode, message: str) -> NoReturn:
         raise error_for_code(code.name, message)
 
+    async def abort_with_status(self, status: Any) -> NoReturn:
+        """What ``transport.grpc.status.abort`` calls: the status as the error it names."""
+        raise error_for_code(status.code.name, status.details)
+
 
 #: The admin RPCs by name, with their request and response message classes.
 METHODS: dict[str, tuple[Any, Any]] = {
@@ -138,27 +141,20 @@ class AdminService(pb_grpc.AdminServiceServicer):
         method: str,
         permission: Permission | None,
         body: Callable[[Principal], T],
-    ) -> T:
+    ) -> T | None:
         """Authenticate, authorise, run ``body`` in a thread, map failures to statuses."""
-        header = None
-        if isinstance(context, DirectCall):
-            header = context.authorization
-        else:
-            for key, value in call_metadata(context):
-                if key.lower() == AUTHORIZATION:
-                    header = value if isinstance(value, str) else value.decode("latin-1")
-                    break
+        direct = isinstance(context, DirectCall)
+        header = context.authorization if direct else authorization(context)
         try:
             auth = self.plane.auth
-            known = context.principal if isinstance(context, DirectCall) else None
+            known = context.principal if direct else None
             principal = known if known is not None else auth.authenticate(header)
             if permission is not None:
                 auth.authorize(principal, permission)
         except LockgateError as exc:
-            code, message = status_of(exc)
-            log.info("admin %s refused: %s", method, message)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
+            log.info("admin %s refused: %s", method, message_of(exc))
+            await abort(context, exc)
+            return None  # grpc finishes the aborted call
         try:
             result = await asyncio.to_thread(body, principal)
         except Exception as exc:
@@ -167,8 +163,8 @@ class AdminService(pb_grpc.AdminServiceServicer):
                 log.exception("admin %s by %s failed", method, principal.name)
             else:
                 log.info("admin %s by %s: %s: %s", method, principal.name, code.name, message)
-            await context.abort(code, message)
-            raise  # unreachable
+            await abort(context, exc)
+            return None
         # Changes are worth a line each; reads (polled by dashboards and scripts) are not.
         log.log(logging.DEBUG if permission in (None, Permission.READ) else logging.INFO,
                 "admin %s by %s: ok", method, principal.name)

@@ -44,3 +44,14 @@ def call_metadata(context: grpc.aio.ServicerContext) -> tuple:
 def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """The call's text (non ``-bin``) metadata as a dict; lower-case keys, as gRPC delivers them."""
     return {k: v for k, v in call_metadata(context) if isinstance(v, str)}
+
+
+AUTHORIZATION = "authorization"
+
+
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's ``authorization`` value (``Bearer <token>``), or None; never logged."""
+    for key, value in call_metadata(context):
+        if key.lower() == AUTHORIZATION:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None

@@ -7,7 +7,8 @@ exactly one gRPC status, and anything that is not one is INTERNAL; the message i
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -16,6 +17,9 @@ from grpc_status import rpc_status
 
 from lockgate.errors import caller_message as message_of
 from lockgate.errors import status_code
+
+if TYPE_CHECKING:
+    from lockgate.telemetry.logs import CauseLog
 
 
 def grpc_code(exc: BaseException) -> grpc.StatusCode:
@@ -35,5 +39,27 @@ def status_for(exc: BaseException) -> Any:
     return rpc_status.to_status(status)
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    await context.abort_with_status(status_for(exc))
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, events: "CauseLog | None" = None) -> None:
+    """End the call with ``exc``'s status, and return (the handler returns None after it).
+
+    grpc.aio's ``abort`` raises ``AbortError``; unwinding it through the handler would put the
+    handler's frames (holding the request and the context) in the exception's traceback, which
+    grpc keeps on the call state: a reference cycle only a full garbage collection frees, and
+    with the server's relaxed GC thresholds (``server.tune_gc``) failed requests piled up
+    hundreds of MB. So the raise stops here: grpc still finds the abort it recorded and finishes
+    the call when the handler returns.
+
+    A call that already ended -- its deadline passed or its caller went away while it waited
+    or ran -- can take no status any more: grpc raises from the send (``ExecuteBatchError``)
+    and, unless it has already seen the cancellation, logs a traceback per call. That is
+    counted here (cause ``ended_before_reply``) instead.
+    """
+    try:
+        await context.abort_with_status(status_for(exc))
+    except grpc.aio.AbortError as aborted:
+        aborted.__traceback__ = None
+        aborted.__context__ = None
+    except grpc.aio.InternalError:
+        if events is not None:
+            events.record("ended_before_reply", "a call ended before its %s status could be sent: %s",
+                          grpc_code(exc).name, message_of(exc)[:200], level=logging.INFO)

@@ -4,6 +4,12 @@ It reads the body (refusing more than ``max_body_bytes`` before reading it, and 
 gzip/deflate ``Content-Encoding`` only up to the same bound), hands an ``HttpRequest`` to each
 part in turn, and writes the ``HttpResponse`` back. No framework sits in between: on the infer
 path this is all the HTTP work there is besides the server's own parsing.
+
+On SIGTERM the process's ``DrainGate`` decides, as it does for gRPC calls: a request that
+arrives on an open connection within the admission window is served; one after it is answered
+503 ("shutting down; not run"). While draining every response says ``Connection: close``, so
+clients take their next request elsewhere, and the process stops only when no request is in
+flight (``transport.drain``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import zlib
 from typing import Awaitable, Callable, Sequence
 
 from lockgate.errors import InvalidArgument, NotFound, ResourceExhausted
+from lockgate.telemetry.logs import CauseLog
+from lockgate.transport.drain import DrainGate, shutting_down
 from lockgate.transport.http.messages import HttpRequest, HttpResponse, error_response
 
 log = logging.getLogger("lockgate.http")
@@ -25,9 +33,12 @@ class BodyTooLarge(ResourceExhausted):
 
 
 class HttpApp:
-    def __init__(self, parts: Sequence[Part], *, max_body_bytes: int) -> None:
+    def __init__(self, parts: Sequence[Part], *, max_body_bytes: int, gate: DrainGate | None = None,
+                 events: CauseLog | None = None) -> None:
         self.parts = tuple(parts)
         self.max_body_bytes = max_body_bytes
+        self.gate = gate or DrainGate()
+        self.events = events or CauseLog(log)  # internal, refused_draining
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
         kind = scope["type"]
@@ -36,6 +47,20 @@ class HttpApp:
             return
         if kind != "http":
             return
+        gate = self.gate
+        if gate.draining and not gate.admit():
+            self.events.record("refused_draining", "HTTP %s %s refused: shutting down", scope.get("method"),
+                               scope.get("path", "")[:200], level=logging.INFO)
+            await self._send(send, error_response(shutting_down()), closing=True)
+            return
+        gate.in_flight += 1
+        try:
+            response = await self._respond(scope, receive)
+            await self._send(send, response, closing=gate.draining)
+        finally:
+            gate.in_flight -= 1
+
+    async def _respond(self, scope: dict, receive: Callable[[], Awaitable[dict]]) -> HttpResponse:
         headers: dict[str, str] = {}
         for key, value in scope["headers"]:
             name = key.decode("latin-1")
@@ -56,12 +81,19 @@ class HttpApp:
             response.status = 413
         except InvalidArgument as exc:
             response = error_response(exc)
-        except Exception as exc:  # a bug of ours: answered, logged, and the server goes on
-            log.exception("HTTP %s %s failed", scope.get("method"), scope.get("path"))
+        except Exception as exc:  # a bug of ours: answered, logged (once a while), and the server goes on
+            self.events.record("internal", "HTTP %s %s failed with an internal error", scope.get("method"),
+                               scope.get("path", "")[:200], exc_info=exc, level=logging.ERROR)
             response = error_response(exc)
+        return response
+
+    @staticmethod
+    async def _send(send: Callable[[dict], Awaitable[None]], response: HttpResponse, *, closing: bool) -> None:
         out_headers = [(b"content-type", response.content_type.encode("latin-1")),
                        (b"content-length", str(len(response.body)).encode("latin-1"))]
         out_headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers)
+        if closing:  # draining: the client's next request goes to another replica
+            out_headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
         await send({"type": "http.response.body", "body": response.body})
 

@@ -20,11 +20,13 @@ import time
 from typing import Any, Awaitable, Callable
 
 from lockgate._proto import inference_pb2 as pb
-from lockgate.control.auth import Authenticator, Permission
+from lockgate.control.actor import acting_as, repository_actor
+from lockgate.control.auth import Authenticator
 from lockgate.errors import InferenceFailed, InvalidArgument, LockgateError, NotFound
 from lockgate.pipeline import InferencePipeline, RequestContext
 from lockgate.protocol import rest
 from lockgate.serving.repository import ModelRepository
+from lockgate.telemetry.logs import CauseLog
 from lockgate.telemetry.tracing import HTTP_INFER
 from lockgate.transport import model_info
 from lockgate.transport.http.messages import HttpRequest, HttpResponse, error_response, json_response
@@ -51,11 +53,12 @@ class RestInference:
     """The KServe v2 endpoints over one repository and pipeline."""
 
     def __init__(self, repository: ModelRepository, pipeline: InferencePipeline, *, ready: asyncio.Event,
-                 auth: Authenticator) -> None:
+                 auth: Authenticator, events: CauseLog | None = None) -> None:
         self.repository = repository
         self.pipeline = pipeline
         self._ready = ready
         self._auth = auth
+        self.events = events or CauseLog(log)  # shared with the HttpApp: internal, ...
 
     async def handle(self, request: HttpRequest) -> HttpResponse | None:
         """The response for a ``/v2`` path, or None when the path is not one of ours."""
@@ -117,18 +120,25 @@ class RestInference:
     # -- infer -----------------------------------------------------------------------
     async def infer(self, http: HttpRequest, name: str, version: str) -> HttpResponse:
         request = pb.ModelInferRequest()
-        header, binary = rest.split_body(http.body, http.headers.get(rest.HEADER_LENGTH))
-        all_binary = rest.build_request(header, binary, request, name, version)
+        try:
+            header, binary = rest.split_body(http.body, http.headers.get(rest.HEADER_LENGTH))
+            all_binary = rest.build_request(header, binary, request, name, version)
+        except InvalidArgument as exc:  # the body is no infer request: counted, logged once a while
+            self.events.record("undecodable", "undecodable infer body (%d bytes) for model %r: %s; answered 400",
+                               len(http.body), name[:200], exc.message[:200], level=logging.INFO)
+            raise
         headers = http.headers
         ctx = RequestContext(deadline=_deadline(request), metadata_source=lambda: headers, method=HTTP_INFER)
         try:
             response = await self.pipeline.infer(request, pb.ModelInferResponse, ctx)
         except LockgateError:
             raise
-        except Exception as exc:  # a bug of ours: INTERNAL with the cause, as over gRPC
-            log.exception("infer failed for model %r", name)
-            raise InferenceFailed(f"internal error in lockgate: {type(exc).__name__}: {exc}") from None
-        body, header_length = rest.encode_response(request, response, all_binary)
+        except Exception as exc:  # a bug of ours: INTERNAL naming the type (never its arguments), as over gRPC
+            self.events.record("internal", "infer of model %r failed with an internal error", name[:200],
+                               exc_info=exc, level=logging.ERROR)
+            raise InferenceFailed(f"internal error in lockgate ({type(exc).__name__}); see the server log") from None
+        body, header_length = rest.encode_response(request, response, all_binary,
+                                                   self.pipeline.limits.max_output_bytes)
         if header_length is None:
             return HttpResponse(200, body)
         return HttpResponse(200, body, OCTET_STREAM, [("inference-header-content-length", str(header_length))])
@@ -145,18 +155,14 @@ class RestInference:
                 for e in self.repository.index() if not ready_only or e.state == "READY"
             ])
         if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
-            self._authorize_load(http)
-            if parts[2] == "load":
-                await self.repository.load(parts[1])
-            else:
-                await self.repository.unload(parts[1])
+            action, model = parts[2], parts[1]
+            with acting_as(repository_actor(self._auth, http.headers.get("authorization"), action, model)):
+                if action == "load":
+                    await self.repository.load(model)
+                else:
+                    await self.repository.unload(model)
             return HttpResponse(200)
         raise NotFound(f"no such endpoint: /v2/repository/{'/'.join(parts)}")
-
-    def _authorize_load(self, http: HttpRequest) -> None:
-        """With tokens configured, loading and unloading needs the ``load`` permission."""
-        if len(self._auth):
-            self._auth.check(http.headers.get("authorization"), Permission.LOAD)
 
 
 def _require(method: str, wanted: str, path: str) -> None:
