@@ -45,20 +45,25 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-CHILD = r"""
-import json, sys, time
+# Both children's rows: F features, one in eight categorical (codes 0..5), the same seed.
+DATA = r"""
+import sys
 import numpy as np
-from lockgate.governance.config import GovernanceConfig
-from lockgate.governance.drift import evaluate
-from lockgate.governance.engine import GovernanceEngine
-from lockgate.governance.profile import build_profile
-
 F, ROWS = int(sys.argv[1]), 10_000
 rng = np.random.default_rng(F)
 def data(n):
     x = rng.normal(size=(n, F)).astype(np.float32)
     x[:, ::8] = rng.integers(0, 6, size=(n, x[:, ::8].shape[1]))
     return x
+"""
+
+CHILD = DATA + r"""
+import json, time
+from lockgate.governance.config import GovernanceConfig
+from lockgate.governance.drift import evaluate
+from lockgate.governance.engine import GovernanceEngine
+from lockgate.governance.profile import build_profile
+
 cat = list(range(0, F, 8))
 profile = build_profile({"x": data(20_000)}, categorical_features={"x": cat}, model="m", version="1")
 config = GovernanceConfig.model_validate({"drift": {"window_rows": 10**9, "persist": False}, "payload_log": {"enabled": False},
@@ -88,18 +93,12 @@ print(json.dumps({"close_ms": close * 1e3, "evaluate_ms": ev * 1e3, "ingest_ms":
 """
 
 # The same data (same generator and seed) through whylogs: profile the window, then drift scores.
-PEER_CHILD = r"""
-import json, logging, sys, time
-import numpy as np, pandas as pd
+PEER_CHILD = DATA + r"""
+import json, logging, time
+import pandas as pd
 import whylogs as why
 from whylogs.viz.drift.column_drift_algorithms import calculate_drift_scores
 logging.disable(logging.WARNING)
-F, ROWS = int(sys.argv[1]), 10_000
-rng = np.random.default_rng(F)
-def data(n):
-    x = rng.normal(size=(n, F)).astype(np.float32)
-    x[:, ::8] = rng.integers(0, 6, size=(n, x[:, ::8].shape[1]))
-    return x
 def frame(x):
     df = pd.DataFrame(x, columns=[f"f{j}" for j in range(F)])
     for j in range(0, F, 8):
