@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -167,12 +166,18 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
     expected = evaluate(newest, profile, basis.config, class_names=basis.class_names)
 
     def settled():
+        """The gauges are the newest window's: its row count and every feature's p-value (a
+        window of the same size evaluated before it would differ in them)."""
         metrics = scrape(proc.metrics_port)
-        return metrics if gauge(metrics, "lockgate_drift_window_rows", model="m") == newest.rows else None
+        if gauge(metrics, "lockgate_drift_window_rows", model="m") != newest.rows:
+            return None
+        for f in expected.features:
+            if f.chi2_p is not None and gauge(metrics, "lockgate_drift_chi2_p_value", model="m",
+                                              feature=f"{f.tensor}/{f.feature}") != pytest.approx(f.chi2_p, rel=1e-9, abs=1e-300):
+                return None
+        return metrics
 
-    wait_for(settled, 30, what="gauges of the newest window")
-    time.sleep(0.5)  # the window persisted last is evaluated last: let it land, whatever its size
-    metrics = wait_for(settled, 30, what="gauges of the newest window")
+    metrics = wait_for(settled, 60, what="gauges of the newest window")
     statuses = {f.feature: f.status for f in expected.features}
     assert statuses["amount"] == "DRIFT" and statuses["segment"] == "DRIFT" and statuses["score"] == "DRIFT"
     assert statuses["tenure"] == "OK"
