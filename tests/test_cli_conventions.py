@@ -327,6 +327,28 @@ def test_serve_json_writes_json_log_lines(tmp_path: Path) -> None:
     assert any("state directory" in p["message"] for p in parsed)
 
 
+def test_json_logs_carry_native_stderr_lines_as_json() -> None:
+    """In --json mode what native code writes to fd 2 (grpc's C core, ONNX Runtime) comes out
+    as JSON too, with grpc's level and source kept; Python's records are not wrapped twice."""
+    script = (
+        "import logging, os\n"
+        "from lockgate.transport.server import configure_logging\n"
+        "configure_logging('info', 'json')\n"
+        "logging.getLogger('lockgate.x').warning('from python')\n"
+        "os.write(2, b'E1203 13:11:22.911868    7044 posix_engine_listener.cc:186] Closing acceptor. Failed\\n')\n"
+        "os.write(2, b'plain native text\\n')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    parsed = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    by_message = {p["message"]: p for p in parsed}
+    assert by_message["from python"]["logger"] == "lockgate.x" and by_message["from python"]["level"] == "WARNING"
+    grpc_line = by_message["Closing acceptor. Failed"]
+    assert grpc_line["logger"] == "native" and grpc_line["level"] == "ERROR"
+    assert grpc_line["source"] == "posix_engine_listener.cc:186"
+    assert by_message["plain native text"]["logger"] == "native" and len(parsed) == 3
+
+
 def test_traffic_on_an_unloaded_version_says_what_to_run(demo_server, capsys) -> None:
     """A version approved but not loaded (copied into the repository after the server started):
     the refusal names the command that loads it (found by an operator who had to use

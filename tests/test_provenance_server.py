@@ -118,7 +118,8 @@ def test_a_changed_version_is_refused_alone(gated) -> None:
     flip_byte(artifact, offset=-2)  # one byte of model.onnx
     try:
         with pytest.raises(grpc.RpcError) as info:
-            inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="scorer"), timeout=60)
+            inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="scorer"), timeout=60,
+                                          metadata=as_("tok-a"))
         assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert "version(s) 2 refused" in info.value.details() and "changed: model.onnx" in info.value.details()
         # Version 1 keeps serving (and so does the copy of version 2 built from the verified bytes).
@@ -136,13 +137,15 @@ def test_a_changed_version_is_refused_alone(gated) -> None:
     (proc.repo / "scorer" / "1" / "notes.txt").write_text("added after signing\n")
     try:
         with pytest.raises(grpc.RpcError) as info:
-            inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="scorer"), timeout=60)
+            inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="scorer"), timeout=60,
+                                          metadata=as_("tok-a"))
         assert "version(s) 1 refused" in info.value.details() and "added: notes.txt" in info.value.details()
         assert infer(proc.url, "scorer", "2").get_response().model_version == "2"
         assert audited(admin, "scorer", "artifact.signature_invalid")[-1]["_subject"] == "scorer/1"
     finally:
         (proc.repo / "scorer" / "1" / "notes.txt").unlink()
-    inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="scorer"), timeout=60)  # restored
+    inference.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="scorer"), timeout=60,
+                                  metadata=as_("tok-a"))  # restored
 
 
 def test_trust_policy_through_the_cli(gated, keys, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import multiprocessing
 import os
@@ -42,6 +41,7 @@ from lockgate.serving.repository import ModelRepository
 from lockgate.telemetry.integration import Telemetry
 from lockgate.transport.grpc.admin import AdminService, add_admin_service
 from lockgate.transport.grpc.call_metadata import MetadataCapture
+from lockgate.telemetry.json_logs import JsonLogFormatter, wrap_native_stderr
 from lockgate.telemetry.logs import CauseLog
 from lockgate.telemetry.metrics import Sample
 from lockgate.transport.drain import DrainGate
@@ -410,35 +410,13 @@ async def serve(settings: ServerSettings) -> None:
         await stop_task[0]
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, pid, message (and the exception, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """With ``json``, native code's lines on fd 2 (grpc's core) become JSON records too
-    (``telemetry.native_logs``): every line of the log is one JSON object."""
-    if log_format == "json":
-        from lockgate.telemetry.native_logs import capture_native_stderr
-
-        handler = logging.StreamHandler(capture_native_stderr().stream)
+    if log_format == "json":  # native code's stderr lines become JSON too (telemetry.json_logs)
+        handler = logging.StreamHandler(wrap_native_stderr())
+        handler.setFormatter(JsonLogFormatter())
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonLogFormatter() if log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
-    )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
