@@ -45,6 +45,8 @@ BASE_DEPENDENCIES = [
     "opentelemetry-exporter-otlp-proto-common>=1.45,<1.46",
     "prometheus-client>=0.20",
     "datasketches>=5.0",
+    # p-values of the drift tests when SciPy (extra "stats") is absent; pure Python, 1 MB
+    "mpmath>=1.3",
     "pydantic>=2.6",
     "pyyaml>=6.0",
     "typer>=0.12",

@@ -49,20 +49,37 @@ def governance_section() -> dict[str, Any]:
     }
 
 
-def write_repo(root: Path, governance: dict[str, Any]) -> Path:
+PROFILE_SCRIPT = """
+import sys, numpy as np
+from lockgate.governance.profile import ReferenceProfile, build_profile
+name, width, model, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+reference = np.random.default_rng(1).standard_normal((20_000, width)).astype(np.float32)
+build_profile({name: reference}, model=model, version="1").save(path)
+"""
+
+
+def write_repo(root: Path, governance: dict[str, Any], env: dict[str, str] | None = None) -> Path:
+    """``env``: build the profile with another lockgate (PYTHONPATH), in the format it reads."""
     repo = write_repository(root, specs=(MLP,))
     config_path = repo / MLP.name / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config["governance"] = governance
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     if governance.get("enabled", True):
-        reference = np.random.default_rng(1).standard_normal((20_000, MLP.input_dim)).astype(np.float32)
-        profile = build_profile({MLP.input_name: reference}, model=MLP.name, version="1")
-        profile.save(ReferenceProfile.path_for(repo, MLP.name, "1"))
+        path = ReferenceProfile.path_for(repo, MLP.name, "1")
+        if env:
+            import os
+            import subprocess
+
+            subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, MLP.input_name, str(MLP.input_dim), MLP.name, str(path)],
+                           env={**os.environ, **env}, check=True)  # fmt: skip
+        else:
+            reference = np.random.default_rng(1).standard_normal((20_000, MLP.input_dim)).astype(np.float32)
+            build_profile({MLP.input_name: reference}, model=MLP.name, version="1").save(path)
     return repo
 
 
-def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[str, dict[str, Any]]:
+def report(cells: dict[tuple[str, str, int], Cell], levels: list[int], targets: tuple[str, ...] = TARGETS) -> tuple[str, dict[str, Any]]:
     lines = [
         "| config | in flight | req/s (median) | on/off (median of paired repeats) | server CPU µs/request (median) "
         "| CPU off/on (median of paired repeats) | p50 ms | p99 ms | errors |",
@@ -72,7 +89,7 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[
     for level in levels:
         off = next((c for (t, _, lv), c in cells.items() if t == "gov-off" and lv == level), None)
         base = off.median("requests_per_s") if off else math.nan
-        for name in TARGETS:
+        for name in targets:
             cell = next((c for (t, _, lv), c in cells.items() if t == name and lv == level), None)
             if cell is None:
                 continue
@@ -106,7 +123,11 @@ def report(cells: dict[tuple[str, str, int], Cell], levels: list[int]) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = ab_arguments(__doc__.splitlines()[0], levels="1,32", repeats=3, duration=4.0).parse_args(argv)
+    parser = ab_arguments(__doc__.splitlines()[0], levels="1,32", repeats=3, duration=4.0)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a built source tree of another lockgate (e.g. main, see bench_drift_window.py): "
+                             "adds gov-on-before, the same governed server running that code, in the same run")
+    args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x]
     if not LOCKGATE_BIN.exists():
         print(f"{LOCKGATE_BIN} not found", file=sys.stderr)
@@ -115,17 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-governance-") as tmp:
         work = Path(tmp)
         repos = {"gov-off": write_repo(work / "repo-off", {"enabled": False}), "gov-on": write_repo(work / "repo-on", governance_section())}
+        targets = TARGETS
+        envs: dict[str, dict[str, str]] = {}
+        if args.baseline is not None:
+            targets = (*TARGETS, "gov-on-before")
+            envs["gov-on-before"] = {"PYTHONPATH": str(args.baseline.resolve() / "src")}
+            repos["gov-on-before"] = write_repo(work / "repo-before", governance_section(), env=envs["gov-on-before"])
         workload = prepare_workload(MLP, repos["gov-on"] / MLP.name / "1" / "model.onnx", work)
         with Harness(work / "logs", args.duration) as harness:
-            for name in TARGETS:
-                harness.start(lockgate_target(repos[name], work / f"state-{name}", name=name), [MLP.name])
-            cells = harness.run([n for n in TARGETS if n in harness.servers], [workload], levels, args.repeats, alternate=True)
+            for name in targets:
+                harness.start(lockgate_target(repos[name], work / f"state-{name}", name=name, env=envs.get(name)), [MLP.name])
+            cells = harness.run([n for n in targets if n in harness.servers], [workload], levels, args.repeats, alternate=True)
             healthy = harness.recheck([workload])
             failures = {f"{k[0]}/{k[1]}": v for k, v in harness.failures.items()}
             sampled = {
-                name: sum(1 for p in (work / f"state-{name}").rglob("*.jsonl") for _ in p.open()) for name in TARGETS
+                name: sum(1 for p in (work / f"state-{name}").rglob("*.jsonl") for _ in p.open()) for name in targets
             }
-    table, goals = report(cells, levels)
+    table, goals = report(cells, levels, targets)
     print(f"\nGovernance on vs off, {MLP.name} batch-1 unary, {args.repeats} repeats x {args.duration:g} s, "
           f"payload records written: {sampled}\n")
     print(table)

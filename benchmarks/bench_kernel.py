@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from lockgate.governance._kernels import Accumulator
-from lockgate.governance.config import GovernanceConfig
+from lockgate.governance.config import DriftConfig, GovernanceConfig
 from lockgate.governance.engine import GovernanceEngine
 from lockgate.governance.profile import build_profile
 from lockgate.governance.sketches import SketchSet
+
+KLL_K = DriftConfig().kll_k  # what a served window uses
 
 F = 32
 
@@ -128,7 +130,7 @@ def main() -> None:
     buffered = _time_per_call(with_buffer, 200, args.repeats)
 
     block = rng.normal(size=(16_384, F)).astype(np.float32)
-    feed_ns = _time_per_call(lambda: SketchSet(F, k=200).feed(block), 1, args.repeats)
+    feed_ns = _time_per_call(lambda: SketchSet(F, k=KLL_K).feed(block), 1, args.repeats)
 
     config = GovernanceConfig.model_validate(
         {
@@ -145,7 +147,7 @@ def main() -> None:
     it = iter(range(10**9))
     inspect_ns = _time_per_call(lambda: engine.inspect(one, ids[next(it) % 20_000]), 20_000, args.repeats)
     both_ns = _time_per_call(
-        lambda: (engine.inspect(one, ids[next(it) % 20_000]), engine.observe_outputs(out)), 20_000, args.repeats
+        lambda: engine.observe_outputs(out, engine.inspect(one, ids[next(it) % 20_000])), 20_000, args.repeats
     )
     engine.close(final_window=False)
 
@@ -155,7 +157,7 @@ def main() -> None:
     for name, k_v, k_c, n_v, n_c in rows_out:
         print(f"{name:<44}{k_v:>18.2f}{k_c:>12.0f}{n_v:>16.2f}{n_c:>12.0f}{n_v / k_v:>9.1f}x")
     print(f"{'fused kernel + sketch row buffer, batch 1024':<44}{buffered / x.size:>18.2f}{buffered:>12.0f}")
-    print(f"{'KLL (k=200) feed from 16384-row buffer':<44}{feed_ns / block.size:>18.2f}{feed_ns:>12.0f}   (off the request path)")
+    print(f"{f'KLL (k={KLL_K}) feed from 16384-row buffer':<44}{feed_ns / block.size:>18.2f}{feed_ns:>12.0f}   (off the request path)")
     print(f"{'GovernanceEngine.inspect, batch 1':<44}{'':>18}{inspect_ns:>12.0f}   = {inspect_ns / 1000:.2f} us added per request")
     print(f"{'inspect + observe_outputs, batch 1':<44}{'':>18}{both_ns:>12.0f}   = {both_ns / 1000:.2f} us")
     if args.json is not None:

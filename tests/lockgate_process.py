@@ -124,6 +124,43 @@ class LockgateProcess:
             status, text = err.code, err.read()
         return status, json.loads(text) if text else None
 
+    def console_session(self, token: str) -> tuple[str, str]:
+        """Sign in to the console without a browser: (session cookie header, a page's CSRF token)."""
+        import re
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.http_url}/console/login", timeout=30) as r:
+            login_cookie = r.headers["set-cookie"].split(";", 1)[0]
+            csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
+        request = urllib.request.Request(f"http://{self.http_url}/console/login", method="POST",
+                                         data=urllib.parse.urlencode({"token": token, "csrf": csrf}).encode(),
+                                         headers={"Cookie": login_cookie})
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: object) -> None:
+                return None
+
+        try:
+            urllib.request.build_opener(NoRedirect).open(request, timeout=30)
+            raise AssertionError("console sign-in did not redirect")
+        except urllib.error.HTTPError as redirect:
+            assert redirect.code == 303, redirect.code
+            cookie = redirect.headers["set-cookie"].split(";", 1)[0]
+        return cookie, self.console_page("/console/models", cookie)[1]
+
+    def console_page(self, path: str, cookie: str) -> tuple[str, str]:
+        """GET a console page with a session: (its HTML, its CSRF token or "")."""
+        import re
+        import urllib.request
+
+        request = urllib.request.Request(f"http://{self.http_url}{path}", headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            text = r.read().decode()
+        found = re.search(r'name="csrf" value="([^"]+)"', text)
+        return text, found.group(1) if found else ""
+
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")

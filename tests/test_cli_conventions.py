@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 from typer.core import TyperArgument, TyperOption
 
+from drift_traffic import demo_traffic, serve_windows
 from lockgate.cli import command
 from lockgate.cli_common import UNBOUNDED_WIDTH, make_console, walk
 from lockgate.control.validation import CHECK_NAMES
+from lockgate.governance.profile import ReferenceProfile
 from lockgate_process import LockgateProcess
 
-# Commands another issue rewrites with its own --json and help (issue 16: drift report).
-PENDING_JSON = {("drift", "report"): "issue 16 rewrites `drift report` with its own --json"}
-PENDING_HELP = PENDING_JSON
 LOCAL_OPTIONS = {"--help", "--install-completion", "--show-completion"}
 
 
@@ -45,15 +44,13 @@ def _help_text(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> str
 
 def test_every_command_has_json() -> None:
     missing = [" ".join(path) for path, cmd in _commands()
-               if path not in PENDING_JSON and not any("--json" in getattr(p, "opts", ()) for p in cmd.params)]
+               if not any("--json" in getattr(p, "opts", ()) for p in cmd.params)]
     assert not missing, f"commands without --json: {missing}"
 
 
 def test_every_option_has_help_with_its_default() -> None:
     problems = []
     for path, cmd in _commands():
-        if path in PENDING_HELP:
-            continue
         for param in cmd.params:
             if not isinstance(param, TyperOption) or set(param.opts) & LOCAL_OPTIONS:
                 continue
@@ -273,6 +270,15 @@ def test_every_command_prints_parseable_json_with_the_table_fields(demo_server, 
     assert built["rows"] == 5000 and built["tensors"]["probabilities"] == ["approve", "review", "decline"]
     assert Path(built["path"]).is_file()
 
+    serve_windows(profile_repo, "2", demo_traffic(1_000, seed=3), ReferenceProfile.load(Path(built["path"])))
+    drift = run("drift", "report", "--model", "credit", "--model-repository", str(profile_repo),
+                "--store", str(repo / ".lockgate" / "lockgate.db"), local=True)
+    assert drift["version_choice"] == "takes 100 of the traffic policy's weight"  # promoted above
+    assert drift["provenance"]["version"] == "2" and drift["provenance"]["approver"] == "alex"
+    assert drift["status"] == "DRIFT" and drift["window"]["rows"] == 1_000
+    assert {"feature", "status", "rule", "statistic", "value", "threshold", "adjusted_p", "rows", "missing_share",
+            "new_share"} <= set(drift["summary"][0])
+
 
 
 def test_provenance_commands_print_json(demo_server, capsys, tmp_path: Path) -> None:
@@ -403,7 +409,7 @@ def test_every_command_was_run_with_json() -> None:
     """Every command of the tree (but demo and serve, run as processes elsewhere) ran above."""
     if not SEEN:
         pytest.skip("needs the --json tests of this module to run first")
-    everything = {path for path, _ in _commands()} - {("demo",), ("serve",)} - set(PENDING_JSON)
+    everything = {path for path, _ in _commands()} - {("demo",), ("serve",)}
     assert everything <= SEEN, sorted(everything - SEEN)
 
 

@@ -11,7 +11,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -208,32 +207,8 @@ def test_pages_are_accessible(page, server) -> None:
         assert page.evaluate("document.activeElement.textContent") == "Skip to content", path
 
 
-def _session_cookie(server: LockgateProcess, token: str) -> tuple[str, str]:
-    """Sign in without a browser: (cookie header, a page's CSRF token)."""
-    with urllib.request.urlopen(f"http://{server.http_url}/console/login", timeout=30) as r:
-        login_cookie = r.headers["set-cookie"].split(";", 1)[0]
-        csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
-    request = urllib.request.Request(f"http://{server.http_url}/console/login", method="POST",
-                                     data=urllib.parse.urlencode({"token": token, "csrf": csrf}).encode(),
-                                     headers={"Cookie": login_cookie})
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any) -> None:
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    with pytest.raises(urllib.error.HTTPError) as redirect:
-        opener.open(request, timeout=30)
-    assert redirect.value.code == 303
-    cookie = redirect.value.headers["set-cookie"].split(";", 1)[0]
-    with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/console/models",
-                                                       headers={"Cookie": cookie}), timeout=30) as r:
-        page_csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
-    return cookie, page_csrf
-
-
 def test_forms_need_the_csrf_token_and_a_same_origin(server) -> None:
-    cookie, csrf = _session_cookie(server, "tok-bob-2")
+    cookie, csrf = server.console_session("tok-bob-2")
     url = f"http://{server.http_url}/console/models/gate/versions/2/decision"
     for form, headers in ((({"action": "reject", "reason": "x", "csrf": "forged"}), {}),
                           (({"action": "reject", "reason": "x"}), {}),

@@ -3,6 +3,7 @@ stored by ``lockgate profile build`` and against the model's other version (cana
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,7 +61,14 @@ def test_drift_report_shows_importance_shift_vs_reference_and_other_version(tmp_
     assert "Feature importance" in result.output and "shift vs reference" in result.output
     assert "shift vs version 2" in result.output and "income" in result.output
     page = html.read_text()
-    assert "<h2>Feature importance</h2>" in page and "shift vs version 2" in page
+    assert "<section id='importance'><h2>Feature importance</h2>" in page and "shift vs version 2" in page
+    assert page.index("id='features'") < page.index("id='importance'")  # after the drift features
+    document = runner.invoke(app, ["drift", "report", "--model", "m", "--version", "1", "--state-dir", str(state),
+                                   "--model-repository", str(repo), "--json"])
+    assert document.exit_code == 0, document.output
+    importance = json.loads(document.output)["importance"]
+    assert importance["version"] == "1" and importance["shift"]["version 2"] > 0.5
+    assert max(importance["importance"], key=importance["importance"].get) == "income"
     # with a canary of v2 against v1 in the control-plane store, the report names the roles
     store = open_store(state)
     try:

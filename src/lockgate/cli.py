@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from lockgate.cli_common import JsonOpt, Output, conventional, with_default
-from lockgate.config import ServerSettings
+from lockgate.config import DEMO_REPOSITORY, ServerSettings
 
 app = typer.Typer(help="lockgate: Open Inference Protocol gateway for ONNX models with inline governance.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -100,7 +100,7 @@ def serve(
 
 @app.command()
 def demo(
-    dir: Annotated[Path, typer.Option("--dir", help="Where to write the demo model repository.")] = Path("demo-repo"),
+    dir: Annotated[Path, typer.Option("--dir", help="Where to write the demo model repository.")] = DEMO_REPOSITORY,
     build_only: Annotated[bool, typer.Option("--build-only", help="Write the models, tokens and approvals, then exit.")] = False,
     tokens_out: Annotated[Optional[Path], typer.Option(
         "--tokens-out", help=with_default("Where to write the demo people's tokens (shell exports).", "<dir>/demo-tokens.env"))] = None,

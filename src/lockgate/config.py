@@ -27,6 +27,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 STATE_DIR_NAME = ".lockgate"
+#: ``lockgate demo --dir`` default (what ``make demo`` writes); the offline commands (``drift report``,
+#: ``profile build``) look there when no repository is named and the default one lacks the model.
+DEMO_REPOSITORY = Path("demo-repo")
 TOKENS_FILE_NAME = "tokens.yaml"
 AUDIT_KEY_DIR = ".audit"  # <model_repository>/.audit/audit.key: the demo's audit key
 

@@ -100,6 +100,7 @@ class GovernanceStage(Protocol):
     def inspect(self, version: ModelVersion, inputs: dict[str, np.ndarray], request_id: str, ctx: RequestContext) -> Any: ...
     def after_inference(self, version: ModelVersion, inspection: Any, inputs: dict[str, np.ndarray],
                         outputs: dict[str, np.ndarray], route: Route, ctx: RequestContext) -> None: ...
+    def abandoned(self, version: ModelVersion, inspection: Any) -> None: ...
 
 
 class ExplainStage(Protocol):
@@ -167,6 +168,7 @@ class InferencePipeline:
 
         inputs = None
         outputs = None
+        inspection = None  # set once governance counted the inputs; None again once it saw the outputs
         ticket = None  # a place in the explain queue, for requests that ask for attributions
         served = False  # the model answered (an explanation may still fail after that)
         explain_refused = False
@@ -211,7 +213,8 @@ class InferencePipeline:
             codec.encode_outputs(response, outputs, output_names, self.limits.max_output_bytes)
             response.parameters["lockgate_route"].string_param = route.decision
             if self.governance is not None:
-                self.governance.after_inference(version, inspection, inputs, outputs, route, ctx)
+                answered, inspection = inspection, None
+                self.governance.after_inference(version, answered, inputs, outputs, route, ctx)
             if self.outcomes is not None:
                 self.outcomes.record(version, request_id, request, inputs, outputs)  # queued, not written here
             if ticket is not None:
@@ -232,6 +235,8 @@ class InferencePipeline:
             reason = "internal"
             raise
         finally:
+            if inspection is not None:  # inspected, never answered: its drift window must not wait
+                self.governance.abandoned(version, inspection)  # type: ignore[union-attr]
             # the model's latency: an explanation's time is its own (canary p99 must not see it)
             elapsed = time.perf_counter_ns() - start_ns - explain_ns
             # counters, route decisions and (when metrics attached them) histograms, in C

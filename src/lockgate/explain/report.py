@@ -121,7 +121,7 @@ def table(section: ImportanceSection) -> Table:
 
 
 def html_section(section: ImportanceSection) -> str:
-    """A self-contained fragment (bars of each feature's share) for the HTML drift report."""
+    """The body of the HTML drift report's "Feature importance" section (bars of each feature's share)."""
     importance = section.window.per_feature()
     total = sum(importance.values()) or 1.0
     rows = []
@@ -134,6 +134,6 @@ def html_section(section: ImportanceSection) -> str:
                     f'<td><svg width="200" height="10"><rect width="{200 * share:.1f}" height="10" fill="#4c78a8"/></svg>'
                     f" {share:.3f}</td><td>{deltas}</td></tr>")
     shifts = " · ".join(f"shift vs {html.escape(name)}: {_shift_text(s)}" for name, s in section.shifts.items())
-    return (f'<h2>Feature importance</h2><p>{section.window.rows} explained rows ({html.escape(section.window.method)}), '
-            f"mean |attribution| per feature; {shifts}</p><table><tr><th>feature</th><th>importance</th>"
+    return (f'<p>{section.window.rows} explained rows ({html.escape(section.window.method)}), '
+            f"mean |attribution| per feature; {shifts}</p><table class='grid'><tr><th>feature</th><th>importance</th>"
             f"<th>share</th><th>shift</th></tr>{''.join(rows)}</table>")

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import os
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lockgate.cli_common import JsonOpt, Output, err_console, with_default
+from lockgate.cli_common import JsonOpt, Output, err_console, fail, with_default
 
 from .config import GovernanceConfig
-from .profile import ReferenceProfile, build_profile, load_data
-from .report import compute_report, print_report, write_html
+from .profile import DEFAULT_KLL_K, ReferenceProfile, build_profile, load_data
 
 profile_app = typer.Typer(help="Reference profiles for drift detection.", no_args_is_help=True)
 drift_app = typer.Typer(help="Drift reports.", no_args_is_help=True)
-console = Console()
 
 
 @profile_app.callback()
@@ -30,25 +28,22 @@ def _profile_group() -> None:
 def _drift_group() -> None:
     """Drift reports."""
 
-_REPO_DEFAULT = Path(os.environ.get("LOCKGATE_MODEL_REPOSITORY", "models"))
-_STATE_DEFAULT = Path(os.environ.get("LOCKGATE_STATE_DIR", ".lockgate"))
+
+_REPO_HELP = "env LOCKGATE_MODEL_REPOSITORY, --config, else models/ (or demo-repo/ if only it has the model)"
+_STATE_HELP = "env LOCKGATE_STATE_DIR, --config, else <model repository>/.lockgate"
 
 
 def _governance_of(model_dir: Path) -> GovernanceConfig | None:
-    """The ``governance:`` section of the model's config.yaml, if any."""
+    """The model's ``governance:`` section, read as serve reads the model config, if any."""
     section = _section_of(model_dir, "governance")
     return GovernanceConfig.model_validate(section) if section else None
 
 
 def _section_of(model_dir: Path, key: str) -> dict | None:
-    """One section of the model's config.yaml (raw), if any."""
-    path = model_dir / "config.yaml"
-    if not path.exists():
-        return None
-    import yaml
+    """One lockgate section (``governance``, ``explain``) of the model's config, read as serve reads it."""
+    from lockgate.serving.model_config import read_model_config
 
-    raw = yaml.safe_load(path.read_text()) or {}
-    section = raw.get(key) if isinstance(raw, dict) else None
+    section = getattr(read_model_config(model_dir), key)
     return section if isinstance(section, dict) else None
 
 
@@ -106,28 +101,33 @@ def build(
     model: str = typer.Option(..., "--model", help="Model name."),
     version: str = typer.Option(..., "--version", help="Model version."),
     data: Path = typer.Option(..., "--data", help="Reference data: .npy, .npz, .csv or .parquet."),
-    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="Model repository root (env LOCKGATE_MODEL_REPOSITORY)."),
+    model_repository: Path | None = typer.Option(
+        None, "--model-repository", help=with_default("Model repository root, found as serve finds it.", _REPO_HELP)),
     input_name: str | None = typer.Option(
         None, "--input", help=with_default("Input the data belongs to (single-input data).", "the model's only input")),
     bins: int = typer.Option(20, "--bins", help="Equal-frequency bins per numeric feature."),
-    kll_k: int = typer.Option(200, "--kll-k", help="KLL sketch k (must match the serving config)."),
+    kll_k: int = typer.Option(
+        DEFAULT_KLL_K, "--kll-k", help="KLL sketch k of the reference (its CDF gives KS and W1; larger is more exact)."),
     outputs: bool = typer.Option(True, "--outputs/--no-outputs", help="Run the model to profile its outputs."),
     background: int = typer.Option(100, "--background", help="Rows sampled as the explanation background (0: none)."),
     importance_rows: int = typer.Option(
         100, "--importance-rows", help="Reference rows explained for the reference importance (0: none)."),
+    config: Path | None = typer.Option(None, "--config", help=with_default("The server's YAML config file, to find the repository.", "none")),
     as_json: JsonOpt = False,
 ) -> None:
     """Build REPO/<model>/<version>/reference_profile.json (and the explanation background) from reference data."""
+    model_repository, _state, _store = locate(config, model_repository, None, model)
     version_dir = model_repository / model / version
     if not version_dir.is_dir():
-        console.print(f"[red]model version directory {version_dir} does not exist[/red]")
-        raise typer.Exit(1)
+        fail(f"model version directory {version_dir} does not exist (pass --model-repository)")
     try:
         loaded = load_data(data)
     except (RuntimeError, ValueError, FileNotFoundError, OSError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    governance = _governance_of(model_repository / model)
+        fail(str(exc))
+    try:
+        governance = _governance_of(model_repository / model)
+    except ValueError as exc:
+        fail(str(exc))
     model_file = _onnx_file(version_dir)
     arrays = dict(loaded.arrays)
     if "" in arrays:
@@ -153,7 +153,7 @@ def build(
             try:
                 output_arrays = _run_model(model_file, arrays, progress)
             except Exception as exc:  # the input profile is still useful without outputs
-                console.print(f"[yellow]outputs not profiled: {exc}[/yellow]")
+                err_console.print(f"[yellow]outputs not profiled: {exc}[/yellow]")
         total += sum(a.shape[-1] if a.ndim >= 2 else 1 for a in output_arrays.values())
         task = progress.add_task("profiling features", total=total)
         profile = build_profile(
@@ -190,31 +190,88 @@ def build(
     Output(as_json).message(result, text)
 
 
+def locate(config: Path | None, model_repository: Path | None, state_dir: Path | None, model: str,
+           store: str | None = None) -> tuple[Path, Path, str | None]:
+    """Model repository, state directory and store, found the way ``serve`` finds them:
+    ``ServerSettings.load`` (flags, then ``LOCKGATE_*`` variables, then ``--config``, then the
+    defaults; the state directory defaults to ``<model repository>/.lockgate``,
+    ``lockgate.config.default_state_dir``). Where nothing named the repository and the default
+    one lacks the model, the demo's repository (``lockgate demo --dir``'s default) is taken if
+    it has it, so the commands work right after ``make demo`` without a flag."""
+    from lockgate.config import DEMO_REPOSITORY, ServerSettings
+
+    settings = ServerSettings.load(config, model_repository=model_repository, state_dir=state_dir, store=store)
+    default_repository = ServerSettings.model_fields["model_repository"].default
+    if (settings.model_repository == default_repository and not (settings.model_repository / model).is_dir()
+            and (DEMO_REPOSITORY / model).is_dir()):
+        settings = ServerSettings.load(config, model_repository=DEMO_REPOSITORY, state_dir=state_dir, store=store)
+    return settings.model_repository, settings.state_dir, settings.store
+
+
+class FailOn(StrEnum):
+    """``--fail-on``: the least status that makes ``drift report`` exit 2 (for CI gates)."""
+
+    none = "none"
+    inconclusive = "inconclusive"
+    warn = "warn"
+    drift = "drift"
+
+
+_FAIL_RANK = {FailOn.none: 99, FailOn.inconclusive: 1, FailOn.warn: 2, FailOn.drift: 3}
+
+
 @drift_app.command("report")
 def report(
-    model: str = typer.Option(..., "--model", help="model name"),
-    version: str | None = typer.Option(None, "--version", help="model version (default: newest with windows)"),
-    html: Path | None = typer.Option(None, "--html", help="also write a self-contained HTML report here"),
-    windows: int = typer.Option(1, "--windows", help="merge the newest N closed windows (0 = all)"),
-    state_dir: Path = typer.Option(_STATE_DEFAULT, "--state-dir", help="server state directory"),
-    model_repository: Path = typer.Option(_REPO_DEFAULT, "--model-repository", help="model repository root"),
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str | None = typer.Option(None, "--version", help=with_default(
+        "Model version.", "the serving version (traffic policy, registry, default_version) that has a profile and windows")),
+    windows: int = typer.Option(1, "--windows", help="Merge the newest N closed windows (0 = all)."),
+    html: Path | None = typer.Option(None, "--html", help=with_default(
+        escape("Also write a self-contained HTML report here (charts need lockgate[report])."), "no HTML")),
+    charts: int = typer.Option(40, "--charts", help="Charts in the HTML for at most this many features (alerts first)."),
+    fail_on: FailOn = typer.Option(FailOn.none, "--fail-on", help="Exit 2 when the overall status is at least this."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=with_default("Server state directory.", _STATE_HELP)),
+    model_repository: Path | None = typer.Option(
+        None, "--model-repository", help=with_default("Model repository root.", _REPO_HELP)),
+    config: Path | None = typer.Option(None, "--config", help=with_default(
+        "The server's YAML config file, to find the repository, state and store as serve does.", "none")),
+    store: str | None = typer.Option(None, "--store", help=with_default(
+        "Control-plane store the provenance is read from (postgresql://... or a SQLite path).", "<state dir>/lockgate.db")),
+    as_json: JsonOpt = False,
 ) -> None:
-    """Per-feature drift of the latest closed window(s) against the reference profile."""
-    governance = _governance_of(model_repository / model)
+    """Drift of the latest closed window(s) against the reference profile, with its provenance."""
+    from .decision import RANK
+    from .provenance import collect
+    from .report import Section, choose_version, compute_report, evaluation_basis, print_report, report_document, write_html
+
+    repository, state, store_location = locate(config, model_repository, state_dir, model, store)
     try:
-        result = compute_report(
-            model_repository, state_dir, model, version, windows or None, governance.drift if governance else None
-        )
+        why = "named with --version"
+        if version is None:
+            version, why = choose_version(repository, state, model, store_location)
+        basis = evaluation_basis(repository, model, version)
+        result = compute_report(repository, state, model, version, windows or None, basis=basis)
     except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    print_report(result, console)
+        fail(str(exc))
     from lockgate.explain.report import html_section, importance_section, table as importance_table, traffic_roles
 
-    importance = importance_section(model_repository, state_dir, model, result.version, windows or None,
-                                    roles=traffic_roles(state_dir, model))
-    if importance is not None:
-        console.print(importance_table(importance))
+    provenance = collect(repository, state, model, version, profile=basis.profile, profile_path=basis.profile_path,
+                         window=result, store=store_location)  # fmt: skip
+    importance = importance_section(repository, state, model, result.version, windows or None,
+                                    roles=traffic_roles(state, model))
+    document = {**report_document(result, provenance), "version_choice": why,
+                "importance": importance.to_dict() if importance is not None else None}
+
+    def render(out) -> None:
+        out.print(f"version {version}: {why}; repository {repository}, state {state}", highlight=False)
+        print_report(result, out, provenance)
+        if importance is not None:
+            out.print(importance_table(importance))
+
+    Output(as_json).emit(document, render)
     if html is not None:
-        extra = html_section(importance) if importance is not None else ""
-        console.print(f"HTML report: {write_html(result, html, extra)}")
+        extra = [Section("importance", "Feature importance", html_section(importance))] if importance is not None else []
+        path = write_html(result, html, provenance, max_charts=charts, extra=extra)
+        err_console.print(f"HTML report: {path}", highlight=False)
+    if RANK[result.status] >= _FAIL_RANK[fail_on]:
+        raise typer.Exit(2)

@@ -18,16 +18,18 @@ Example::
             2: {allowed: [0, 1, 2, 3]}
       sampling: {rate: 0.01, max_per_second: 50}
       payload_log: {redact: [income]}
-      drift: {window_rows: 10000, thresholds: {psi: 0.2, js: 0.1, features: {age: {psi: 0.3}}}}
+      drift: {window_rows: 10000, alpha: 0.01, thresholds: {psi: 0.2, features: {age: {psi: 0.3}}}}
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .profile import DEFAULT_KLL_K
 
 
 class _Strict(BaseModel):
@@ -183,39 +185,91 @@ class PayloadLogConfig(_Strict):
 
 
 class DriftLimit(_Strict):
+    """Per-feature overrides of the materiality thresholds (``None`` keeps the default)."""
+
     psi: float | None = Field(default=None, gt=0)
     js: float | None = Field(default=None, gt=0)
+    wasserstein: float | None = Field(default=None, gt=0)
+    missing_rate: float | None = Field(default=None, gt=0, le=1)
+    new_values: float | None = Field(default=None, gt=0, le=1)
+
+
+class Limits(NamedTuple):
+    """The DRIFT thresholds that apply to one feature (WARN is ``warn_fraction`` of each)."""
+
+    psi: float
+    js: float | None
+    wasserstein: float
+    missing_rate: float
+    new_values: float
 
 
 class DriftThresholds(_Strict):
-    """DRIFT at or above a threshold, WARN at or above ``warn_fraction`` of it."""
+    """When a difference is *material*: DRIFT at or above a threshold, WARN at or above
+    ``warn_fraction`` of it. A rule only decides when its test is also *significant* (see
+    ``DriftConfig.alpha``); lockgate.governance.decision documents every rule.
+
+    * ``psi``: PSI minus its no-change expectation, over the bins of the values the
+      reference knows (every feature, and a classifier's classes);
+    * ``wasserstein``: W1 between the CDFs in reference standard deviations (numeric
+      features; a 0.5 sigma mean shift is 0.5). Any-of with ``psi``: for a pure mean shift
+      W1 decides from 0.25 sigma, PSI 0.2 only from ~0.45 sigma; PSI decides shape changes
+      that move little mass far;
+    * ``js``: optional Jensen-Shannon distance threshold, any-of with the others (off by
+      default: JS 0.1 is reached near PSI 0.055, so it would override PSI's threshold);
+    * ``missing_rate``: absolute change of the NaN share, or of the Inf share;
+    * ``new_values``: share of values the reference never had (unseen categorical codes;
+      for discrete features, any value off the known ones).
+    """
 
     psi: float = Field(default=0.2, gt=0)
-    js: float = Field(default=0.1, gt=0)
+    js: float | None = Field(default=None, gt=0)
+    wasserstein: float = Field(default=0.25, gt=0)
+    missing_rate: float = Field(default=0.05, gt=0, le=1)
+    new_values: float = Field(default=0.01, gt=0, le=1)
     warn_fraction: float = Field(default=0.5, gt=0, le=1)
-    chi2_alpha: float = Field(default=1e-3, gt=0, lt=1, description="chi-squared p-value below which a categorical is WARN")
     features: dict[str, DriftLimit] = Field(
         default_factory=dict, description="overrides keyed by '<tensor>/<feature>' or '<feature>'"
     )
 
-    def limits(self, tensor: str, feature: str) -> tuple[float, float]:
-        override = self.features.get(f"{tensor}/{feature}") or self.features.get(feature)
-        psi = override.psi if override and override.psi is not None else self.psi
-        js = override.js if override and override.js is not None else self.js
-        return psi, js
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_chi2_alpha(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "chi2_alpha" in value:
+            raise ValueError(
+                "thresholds.chi2_alpha is gone: every test (chi-squared included) now shares the family-wise "
+                "false-alarm rate drift.alpha (default 0.01, Holm-corrected across features)"
+            )
+        return value
+
+    def limits(self, tensor: str, feature: str) -> Limits:
+        override = self.features.get(f"{tensor}/{feature}") or self.features.get(feature) or DriftLimit()
+        pick = lambda name: getattr(override, name) if getattr(override, name) is not None else getattr(self, name)  # noqa: E731
+        return Limits(pick("psi"), pick("js"), pick("wasserstein"), pick("missing_rate"), pick("new_values"))
 
 
 class DriftConfig(_Strict):
-    """Tumbling windows: a window closes at ``window_rows`` rows or ``window_seconds``, whichever first."""
+    """Tumbling windows: a window closes at ``window_rows`` rows or ``window_seconds``, whichever first.
+
+    A window's decision controls false alarms: every feature's tests (bin counts, NaN and Inf
+    shares, new values) are corrected together (``correction``), so a window of unchanged
+    data raises any WARN or DRIFT with probability at most ``alpha``.
+    """
 
     enabled: bool = True
     window_rows: int | None = Field(default=10_000, gt=0)
     window_seconds: float | None = Field(default=None, gt=0)
-    min_rows: int = Field(default=500, ge=1, description="windows with fewer rows are reported but never alert")
+    min_rows: int = Field(default=100, ge=1, description="windows with fewer rows are INCONCLUSIVE: reported, never alerted")
+    alpha: float = Field(default=0.01, gt=0, lt=1, description="family-wise false-alarm rate per window")
+    correction: Literal["holm", "bonferroni", "none"] = Field(default="holm", description="multiple-testing correction across a window's tests")
     thresholds: DriftThresholds = Field(default_factory=DriftThresholds)
-    kll_k: int = Field(default=200, ge=8, le=65535)
+    output_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="a closed window waits this long for the outputs of requests it inspected before it is evaluated",
+    )
+    kll_k: int = Field(default=DEFAULT_KLL_K, ge=8, le=65535)
     sketch_buffer_rows: int = Field(default=16_384, ge=16, description="rows buffered for the off-path sketch feeder")
-    frequent_lg_max_k: int = Field(default=6, ge=3, le=20)
+    frequent_lg_max_k: int = Field(default=8, ge=3, le=20, description="frequent-items map size 2^k (names up to 0.75 * 2^k distinct codes exactly)")
     persist: bool = Field(default=True, description="write each closed window to <state_dir>/drift/...")
     keep_windows: int = Field(default=100, ge=1)
 

@@ -1,165 +1,137 @@
-"""Drift statistics, window evaluation, and alerts.
+"""Drift of a closed window against the reference profile: the report, and the monitor.
 
-Per feature (and per output column, and per classifier's class distribution) a closed
-window is compared with the reference profile:
+For every feature of every profiled tensor (inputs, model outputs, and a classifier's class
+distribution) :func:`evaluate` gathers the evidence -- bin counts against the reference's,
+NaN/Inf and new-value shares, PSI, Jensen-Shannon, KS and W1 from the KLL CDFs, the
+chi-squared test -- and :mod:`lockgate.governance.decision` turns it into a status with the
+rule that decided it. The numbers themselves are in :mod:`lockgate.governance.statistics`.
 
-* **PSI** over the profile's bins, with both fractions floored at 1e-4 so empty bins stay
-  finite;
-* **Jensen–Shannon distance** (square root of the base-2 JS divergence, in [0, 1]);
-* **KS statistic**: the largest gap between the two CDFs at the bin edges (exact counts);
-* **normalised Wasserstein**: W1 between the reference and live quantile functions, sampled
-  at 100 probabilities (reference: exact quantiles; live: the window's KLL sketch), divided
-  by the reference standard deviation (IQR/1.349 if the std is 0), so 0.5 means "half a
-  standard deviation of mass moved";
-* **chi-squared** two-sample test (reference vs window bin counts) for categoricals; the
-  p-value uses SciPy when installed, else the regularised upper incomplete gamma below.
-
-Status: DRIFT when PSI or JS reaches its threshold, WARN when either reaches
-``warn_fraction`` of it (or a categorical's chi-squared p-value is below ``chi2_alpha``),
-else OK. Windows with fewer than ``min_rows`` rows are reported but never alert.
+* PSI, JS and chi-squared compare the bins of the values the reference knows; for
+  categorical and discrete features the bins the reference never filled are the *new values*
+  (their share is its own rule, and the report names them from the sketches).
+* KS and W1 come from the reference's KLL sketch and the window's, at every reference point
+  and 257 window quantiles (within 0.01 of the exact KS at 10,000 rows with k=400).
+* W1 is normalised by the reference standard deviation (``W1/sigma``). A constant reference
+  has none: W1 is then divided by the constant's magnitude (``W1/|x_ref|``: 3 -> 5 reads
+  0.67), or reported raw when the constant is 0 (``W1``); the report names the unit.
+* A window binned with another profile than the one it is evaluated against (a profile
+  built after serving began, or rebuilt) is re-binned from its sketches: KLL CDFs for
+  numeric features, frequent-items counts for categorical ones. The report says so.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datasketches import frequent_items_error_type
 
 from .config import DriftConfig
-from .profile import QUANTILE_GRID, FeatureProfile, ReferenceProfile, TensorProfile
+from .decision import (
+    DISTRIBUTION,
+    DRIFT,
+    INCONCLUSIVE,
+    INF_RATE,
+    NAN_RATE,
+    NEW_VALUES,
+    OK,
+    WARN,
+    RuleResult,
+    decide,
+    deciding,
+    distribution_effects,
+    Effect,
+    worst,
+)
+from .profile import CATEGORICAL, FeatureProfile, ReferenceProfile, TensorProfile, class_names
+from .sketches import top_items
 from .state import TensorState, WindowState
+from .statistics import (
+    backend,
+    cdf_distances,
+    chi2_homogeneity,
+    fractions,
+    js_distance,
+    ks_from_bins,
+    psi,
+    psi_noise_floor,
+    rate_test,
+    reference_cdf,
+)
 
 log = logging.getLogger("lockgate.governance.drift")
 
-OK, WARN, DRIFT = "OK", "WARN", "DRIFT"
-_RANK = {OK: 0, WARN: 1, DRIFT: 2}
-_FLOOR = 1e-4
+__all__ = [
+    "DRIFT", "INCONCLUSIVE", "OK", "WARN", "DriftEvent", "DriftMonitor", "DriftReport", "FeatureDrift",
+    "evaluate", "latest_report", "load_windows", "subscribe_all", "window_dir",
+]  # fmt: skip
 
-
-# ---------------------------------------------------------------- statistics
-def _fractions(counts: np.ndarray) -> np.ndarray:
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum()
-    return counts / total if total > 0 else np.zeros_like(counts)
-
-
-def psi(reference: np.ndarray, live: np.ndarray) -> float:
-    """Population stability index of two distributions over the same bins (fractions)."""
-    p = np.maximum(np.asarray(reference, dtype=np.float64), _FLOOR)
-    q = np.maximum(np.asarray(live, dtype=np.float64), _FLOOR)
-    return float(np.sum((q - p) * np.log(q / p)))
-
-
-def js_distance(reference: np.ndarray, live: np.ndarray) -> float:
-    """Jensen–Shannon distance, base 2 (0 = same, 1 = disjoint)."""
-    p = _fractions(reference)
-    q = _fractions(live)
-    m = (p + q) / 2.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum()
-        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum()
-    return float(math.sqrt(max(0.0, (kl_p + kl_q) / 2.0)))
-
-
-def ks_statistic(reference: np.ndarray, live: np.ndarray) -> float:
-    """Largest CDF gap at the bin edges."""
-    return float(np.max(np.abs(np.cumsum(_fractions(reference)) - np.cumsum(_fractions(live))), initial=0.0))
-
-
-def wasserstein_normalised(reference_quantiles: np.ndarray, live_quantiles: np.ndarray, scale: float) -> float:
-    """Mean absolute gap of two quantile functions on a common probability grid, / scale."""
-    gap = float(np.mean(np.abs(np.asarray(reference_quantiles) - np.asarray(live_quantiles))))
-    return gap / scale if scale > 0 else gap
-
-
-def _gammaincc(a: float, x: float) -> float:
-    """Regularised upper incomplete gamma Q(a, x) (series / Lentz continued fraction)."""
-    if x <= 0:
-        return 1.0
-    if x < a + 1.0:
-        term = total = 1.0 / a
-        ap = a
-        for _ in range(10_000):
-            ap += 1.0
-            term *= x / ap
-            total += term
-            if abs(term) < abs(total) * 1e-15:
-                break
-        return max(0.0, 1.0 - total * math.exp(-x + a * math.log(x) - math.lgamma(a)))
-    tiny = 1e-300
-    b = x + 1.0 - a
-    c = 1.0 / tiny
-    d = 1.0 / b
-    h = d
-    for i in range(1, 10_000):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return min(1.0, math.exp(-x + a * math.log(x) - math.lgamma(a)) * h)
-
-
-def chi2_sf(statistic: float, dof: int) -> float:
-    """P(X >= statistic) for X ~ chi-squared(dof)."""
-    if dof <= 0:
-        return 1.0
-    try:
-        from scipy.stats import chi2  # optional: exact same answer, faster
-    except ImportError:
-        return _gammaincc(dof / 2.0, statistic / 2.0)
-    return float(chi2.sf(statistic, dof))
-
-
-def chi2_two_sample(reference_counts: np.ndarray, live_counts: np.ndarray) -> tuple[float, float]:
-    """Chi-squared test of homogeneity on a 2 x B table; returns (statistic, p-value)."""
-    table = np.vstack([np.asarray(reference_counts, dtype=np.float64), np.asarray(live_counts, dtype=np.float64)])
-    table = table[:, table.sum(axis=0) > 0]
-    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
-        return 0.0, 1.0
-    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
-    statistic = float(((table - expected) ** 2 / expected).sum())
-    return statistic, chi2_sf(statistic, table.shape[1] - 1)
+CLASSES = "classes"  # value_kind of a classifier's class distribution
+NEW_VALUES_LISTED = 20
 
 
 # ---------------------------------------------------------------- reports
 @dataclass(slots=True)
 class FeatureDrift:
+    """Everything a window says about one feature, and what was decided from it."""
+
     tensor: str
     kind: str  # "input" | "output"
     feature: str
     index: int  # -1 for a classifier's class distribution
     categorical: bool
-    rows: int
+    value_kind: str  # continuous | discrete | categorical | classes
+    rows: int  # values in the window: finite + NaN + Inf
+    status: str  # OK | WARN | DRIFT | INCONCLUSIVE
+    reason: str  # the deciding rule in one line ("" when OK)
     psi: float
+    psi_noise: float  # E0[PSI] at this window's size
     js: float
-    ks: float
+    ks: float | None
     wasserstein: float | None
+    wasserstein_unit: str  # "sigma" | "|x_ref|" | "raw"
     chi2: float | None
+    chi2_dof: int | None
     chi2_p: float | None
     psi_threshold: float
-    js_threshold: float
-    status: str
+    js_threshold: float | None
     nan: int = 0
     inf: int = 0
+    nan_share: float = 0.0
+    inf_share: float = 0.0
+    reference_nan_share: float = 0.0
+    reference_inf_share: float = 0.0
+    new_share: float = 0.0  # share of finite values the reference never had
+    new_values: list[dict] = field(default_factory=list)  # [{"value": "7", "count": n, "exact": bool}]
     mean: float | None = None
     reference_mean: float | None = None
+    reference_std: float | None = None
     edges: list[float] = field(default_factory=list)
+    bin_labels: list[str] = field(default_factory=list)
     reference_fractions: list[float] = field(default_factory=list)
     live_fractions: list[float] = field(default_factory=list)
+    live_counts: list[float] = field(default_factory=list)
+    binned_from: str = "kernel"  # "kernel" (exact counts) | "sketch" (re-binned: approximate)
+    rules: list[dict] = field(default_factory=list)  # RuleResult.as_dict() of every rule
+    decided_by: list[dict] = field(default_factory=list)  # the rules that set the status
+
+    @property
+    def missing_share(self) -> float:
+        return self.nan_share + self.inf_share
+
+    @property
+    def reference_missing_share(self) -> float:
+        return self.reference_nan_share + self.reference_inf_share
+
+    def p_value(self, rule: str, adjusted: bool = False) -> float | None:
+        found = next((r for r in self.rules if r["rule"] == rule), None)
+        return None if found is None else found["adjusted_p" if adjusted else "p_value"]
 
 
 @dataclass(slots=True)
@@ -173,12 +145,27 @@ class DriftReport:
     evaluated: bool  # False when the window had fewer than min_rows rows
     status: str
     features: list[FeatureDrift]
+    alpha: float = 0.01
+    correction: str = "holm"
+    tests: int = 0  # p-values corrected together
+    min_rows: int = 0
+    accounting: dict[str, int] = field(default_factory=dict)
+    profile_digest: str = ""
+    profile_rows: int = 0
+    profile_created: float = 0.0
+    window_profile: str = ""  # digest the window's bins were cut with ("" = not recorded)
+    windows: int = 1  # windows (or replica snapshots) merged into this one
+    notes: list[str] = field(default_factory=list)  # what could not be evaluated, and why
+    p_value_backend: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def drifted(self) -> list[FeatureDrift]:
         return [f for f in self.features if f.status == DRIFT]
+
+    def alerts(self) -> list[FeatureDrift]:
+        return [f for f in self.features if f.status in (WARN, DRIFT)]
 
 
 @dataclass(slots=True)
@@ -203,106 +190,242 @@ class DriftEvent:
             "status": self.status,
             "rows": self.rows,
             "time": self.time,
+            "alpha": self.report.alpha,
+            "correction": self.report.correction,
+            "profile": self.report.profile_digest,
             "features": self.features,
         }
 
 
-def _status(psi_value: float, js_value: float, psi_thr: float, js_thr: float, warn_fraction: float) -> str:
-    if psi_value >= psi_thr or js_value >= js_thr:
-        return DRIFT
-    if psi_value >= warn_fraction * psi_thr or js_value >= warn_fraction * js_thr:
-        return WARN
-    return OK
+def alert_entry(f: FeatureDrift) -> dict:
+    """One flagged feature in an alert: which rule and statistic decided, with the numbers."""
+    decided = f.decided_by[0] if f.decided_by else {}
+    effect = next((e for e in decided.get("effects", []) if e["statistic"] == decided.get("decided_by")), {})
+    return {
+        "tensor": f.tensor, "feature": f.feature, "index": f.index, "status": f.status,
+        "rule": decided.get("rule"), "statistic": effect.get("statistic"), "value": effect.get("value"),
+        "threshold": effect.get("threshold"), "p_value": decided.get("p_value"), "adjusted_p": decided.get("adjusted_p"),
+        "reason": f.reason, "psi": round(f.psi, 6), "js": round(f.js, 6),
+        "ks": None if f.ks is None else round(f.ks, 6),
+    }  # fmt: skip
 
 
-def _feature_drift(
-    tensor: TensorState, profile: TensorProfile, j: int, config: DriftConfig, evaluated: bool
-) -> FeatureDrift:
-    ref: FeatureProfile = profile.features[j]
-    live_counts = tensor.feature_bins(j)
-    ref_fracs = np.asarray(ref.fractions, dtype=np.float64)
-    if ref_fracs.size != live_counts.size:
-        raise ValueError(f"{tensor.name}/{ref.name}: live bins do not match the profile's edges")
-    live_fracs = _fractions(live_counts)
-    psi_thr, js_thr = config.thresholds.limits(tensor.name, ref.name)
-    n = int(tensor.count[j])
-    p = psi(ref_fracs, live_fracs) if n else 0.0
-    js = js_distance(ref_fracs, live_fracs) if n else 0.0
-    ks = ks_statistic(ref_fracs, live_fracs) if n else 0.0
-    wass = None
+# ---------------------------------------------------------------- evidence
+@dataclass(slots=True)
+class _Bins:
+    counts: np.ndarray  # live counts per profile bin
+    source: str  # "kernel" | "sketch"
+
+
+def _bins_match(tensor: TensorState, profile: TensorProfile, state_profile: str, digest: str) -> bool:
+    """Were the window's bins cut with this profile's edges?"""
+    if state_profile:
+        return state_profile == digest
+    counts = np.diff(tensor.edge_offsets)
+    return counts.tolist() == [len(f.edges) for f in profile.features]
+
+
+def _rebin(tensor: TensorState, j: int, ref: FeatureProfile) -> np.ndarray:
+    """Counts in the profile's bins estimated from the window's sketches (another profile cut
+    its bins): frequent-items counts for a categorical feature, the KLL CDF otherwise."""
+    edges = np.asarray(ref.edges, dtype=np.float64)
+    finite = float(tensor.count[j])
+    frequent = tensor.sketches.frequent.get(j)
+    if ref.kind == CATEGORICAL and frequent is not None and not frequent.is_empty():
+        counts = np.zeros(edges.size + 1)
+        for item, estimate in top_items(frequent, limit=1 << 20):
+            counts[np.searchsorted(edges, float(item), side="right")] += estimate
+        total = counts.sum()
+        return counts * (finite / total) if total > 0 else counts
     sketch = tensor.sketches.kll[j]
-    if not ref.categorical and ref.quantiles and not sketch.is_empty():
-        scale = ref.std if ref.std > 0 else ref.iqr / 1.349
-        wass = wasserstein_normalised(np.asarray(ref.quantiles), np.asarray(sketch.get_quantiles(QUANTILE_GRID.tolist())), scale)
-    chi2 = chi2_p = None
-    status = _status(p, js, psi_thr, js_thr, config.thresholds.warn_fraction) if n else OK
-    if ref.categorical and n:
-        chi2, chi2_p = chi2_two_sample(ref_fracs * ref.count, live_counts)
-        if status == OK and chi2_p < config.thresholds.chi2_alpha:
-            status = WARN
-    return FeatureDrift(
-        tensor=tensor.name,
-        kind=tensor.kind,
-        feature=ref.name,
-        index=j,
-        categorical=ref.categorical,
-        rows=n,
-        psi=p,
-        js=js,
-        ks=ks,
-        wasserstein=wass,
-        chi2=chi2,
-        chi2_p=chi2_p,
-        psi_threshold=psi_thr,
-        js_threshold=js_thr,
-        status=status if evaluated else OK,
-        nan=int(tensor.nan[j]),
-        inf=int(tensor.inf[j]),
-        mean=float(tensor.mean()[j]) if n else None,
-        reference_mean=ref.mean,
-        edges=list(ref.edges),
-        reference_fractions=ref_fracs.tolist(),
-        live_fractions=live_fracs.tolist(),
-    )
+    if sketch.is_empty():
+        return np.zeros(edges.size + 1)
+    below = np.asarray(sketch.get_cdf(edges.tolist(), False)[:-1], dtype=np.float64) if edges.size else np.empty(0)
+    return np.diff(np.concatenate([[0.0], below, [1.0]])) * finite
 
 
-def _class_drift(tensor: TensorState, profile: TensorProfile, config: DriftConfig, evaluated: bool) -> FeatureDrift | None:
-    counts = tensor.sketches.class_counts
-    if counts is None or profile.classes is None or len(profile.classes) != counts.size or counts.sum() == 0:
-        return None
-    ref = np.asarray(profile.classes)
-    live = _fractions(counts)
-    psi_thr, js_thr = config.thresholds.limits(tensor.name, "class")
-    p, js = psi(ref, live), js_distance(ref, live)
-    ref_rows = profile.features[0].count if profile.features else 0
-    chi2, chi2_p = chi2_two_sample(ref * ref_rows, counts)
-    status = _status(p, js, psi_thr, js_thr, config.thresholds.warn_fraction)
-    if status == OK and chi2_p < config.thresholds.chi2_alpha:
-        status = WARN
-    return FeatureDrift(
-        tensor=tensor.name, kind=tensor.kind, feature="class", index=-1, categorical=True, rows=int(counts.sum()),
-        psi=p, js=js, ks=ks_statistic(ref, live), wasserstein=None, chi2=chi2, chi2_p=chi2_p,
-        psi_threshold=psi_thr, js_threshold=js_thr, status=status if evaluated else OK,
-        edges=[i + 0.5 for i in range(counts.size - 1)], reference_fractions=ref.tolist(), live_fractions=live.tolist(),
+def _new_values(tensor: TensorState, j: int, ref: FeatureProfile) -> list[dict]:
+    """The values the reference never had, most frequent first, named from the sketches."""
+    known = {float(v) for v, seen in zip(ref.values, ref.known_bins()[ref.value_bins()]) if seen}
+    frequent = tensor.sketches.frequent.get(j)
+    if frequent is not None and not frequent.is_empty():
+        items = frequent.get_frequent_items(frequent_items_error_type.NO_FALSE_NEGATIVES)
+        return [{"value": item, "count": int(estimate), "exact": lower == upper}
+                for item, estimate, lower, upper in items if float(item) not in known][:NEW_VALUES_LISTED]  # fmt: skip
+    sketch = tensor.sketches.kll[j]
+    if sketch.is_empty():
+        return []
+    items = np.array(list(sketch), dtype=np.float64).reshape(-1, 2)
+    edges = np.asarray(ref.edges, dtype=np.float64)
+    known_mask = ref.known_bins()
+    fresh = items[~known_mask[np.searchsorted(edges, items[:, 0], side="right")]]
+    if not fresh.size:
+        return []
+    values, inverse = np.unique(fresh[:, 0], return_inverse=True)
+    weights = np.bincount(inverse, weights=fresh[:, 1])
+    order = np.argsort(-weights, kind="stable")[:NEW_VALUES_LISTED]
+    exact = not sketch.is_estimation_mode()
+    return [{"value": f"{values[i]:.6g}", "count": int(round(weights[i])), "exact": exact} for i in order]
+
+
+def _wasserstein(ref: FeatureProfile, w1: float) -> tuple[float, str]:
+    """W1 in reference standard deviations; for a constant reference, relative to the constant."""
+    if ref.std > 0:
+        return w1 / ref.std, "sigma"
+    scale = abs(ref.mean) if np.isfinite(ref.mean) else 0.0
+    return (w1 / scale, "|x_ref|") if scale > 0 else (w1, "raw")
+
+
+def _rate_rules(ref: FeatureProfile, nan: int, inf: int, rows: int, limit: float) -> list[RuleResult]:
+    out = []
+    for rule, statistic, ref_hits, hits in ((NAN_RATE, "nan_share_change", ref.nan, nan), (INF_RATE, "inf_share_change", ref.inf, inf)):
+        share = hits / rows if rows else 0.0
+        ref_share = ref_hits / ref.rows if ref.rows else 0.0
+        out.append(RuleResult(rule, "binomial, two-sided", rate_test(ref_hits, ref.rows, hits, rows),
+                              [Effect(statistic, abs(share - ref_share), limit, ref_share, share)]))  # fmt: skip
+    return out
+
+
+def _feature(tensor: TensorState, j: int, ref: FeatureProfile, bins: _Bins, config: DriftConfig) -> tuple[FeatureDrift, list[RuleResult]]:
+    limits = config.thresholds.limits(tensor.name, ref.name)
+    finite, nan, inf = int(tensor.count[j]), int(tensor.nan[j]), int(tensor.inf[j])
+    rows = finite + nan + inf
+    ref_fracs = np.asarray(ref.fractions, dtype=np.float64)
+    live = np.asarray(bins.counts, dtype=np.float64)
+    if live.size != ref_fracs.size:
+        raise ValueError(f"{tensor.name}/{ref.name}: live bins do not match the profile's edges")
+    known = ref.known_bins()
+    ref_known, live_known = ref_fracs[known], live[known]
+    n_known = float(live_known.sum())
+    new_count = float(live[~known].sum())
+    p = psi(fractions(ref_known), fractions(live_known)) if n_known else 0.0
+    js = js_distance(ref_known, live_known) if n_known else 0.0
+    noise = psi_noise_floor(int((ref_known > 0).sum()), int(round(n_known)), ref.count)
+    chi2 = chi2_homogeneity(ref_known * ref.count, live_known) if n_known else None
+    ks = w1 = None
+    unit = "sigma"
+    reference = reference_cdf(ref.kll) if ref.kind != CATEGORICAL else None
+    sketch = tensor.sketches.kll[j]
+    if reference is not None and not sketch.is_empty():
+        ks, raw_w1 = cdf_distances(reference, sketch)
+        w1, unit = _wasserstein(ref, raw_w1)
+    elif ref.kind != CATEGORICAL and n_known:
+        ks = ks_from_bins(ref_fracs, live)
+    rules = [RuleResult(DISTRIBUTION, f"chi-squared homogeneity, {chi2.dof} dof" if chi2 else "chi-squared homogeneity",
+                        chi2.p_value if chi2 else None, distribution_effects(limits, max(0.0, p - noise), w1, js))]  # fmt: skip
+    rules += _rate_rules(ref, nan, inf, rows, limits.missing_rate)
+    if ref.has_value_bins:
+        share = new_count / finite if finite else 0.0
+        rules.append(RuleResult(NEW_VALUES, "binomial, one-sided", rate_test(0, ref.count, int(round(new_count)), finite, alternative="greater"),
+                                [Effect("new_share", share, limits.new_values)]))  # fmt: skip
+    feature = FeatureDrift(
+        tensor=tensor.name, kind=tensor.kind, feature=ref.name, index=j, categorical=ref.categorical,
+        value_kind=ref.kind, rows=rows, status=OK, reason="", psi=p, psi_noise=noise, js=js, ks=ks,
+        wasserstein=w1, wasserstein_unit=unit, chi2=chi2.statistic if chi2 else None,
+        chi2_dof=chi2.dof if chi2 else None, chi2_p=chi2.p_value if chi2 else None,
+        psi_threshold=limits.psi, js_threshold=limits.js, nan=nan, inf=inf,
+        nan_share=nan / rows if rows else 0.0, inf_share=inf / rows if rows else 0.0,
+        reference_nan_share=ref.nan / ref.rows if ref.rows else 0.0,
+        reference_inf_share=ref.inf / ref.rows if ref.rows else 0.0,
+        new_share=new_count / finite if finite else 0.0,
+        new_values=_new_values(tensor, j, ref) if new_count > 0 else [],
+        mean=float(tensor.mean()[j]) if finite else None, reference_mean=ref.mean, reference_std=ref.std,
+        edges=list(ref.edges), bin_labels=ref.bin_labels(), reference_fractions=ref_fracs.tolist(),
+        live_fractions=fractions(live).tolist(), live_counts=live.tolist(), binned_from=bins.source,
     )  # fmt: skip
+    return feature, rules
 
 
-def evaluate(state: WindowState, profile: ReferenceProfile, config: DriftConfig, window: int = 0) -> DriftReport:
-    """Compare a (merged) window with the reference profile."""
+def _classes(tensor: TensorState, profile: TensorProfile, config: DriftConfig, class_names: list[str] | None) -> tuple[FeatureDrift, list[RuleResult]] | None:
+    counts = tensor.sketches.class_counts
+    if counts is None or profile.classes is None or len(profile.classes) != counts.size:
+        return None
+    limits = config.thresholds.limits(tensor.name, "class")
+    ref = np.asarray(profile.classes, dtype=np.float64)
+    live = np.asarray(counts, dtype=np.float64)
+    n = float(live.sum())
+    ref_rows = profile.features[0].count if profile.features else 0
+    p = psi(ref, fractions(live)) if n else 0.0
+    js = js_distance(ref, live) if n else 0.0
+    noise = psi_noise_floor(int((ref > 0).sum()), int(n), ref_rows)
+    chi2 = chi2_homogeneity(ref * ref_rows, live) if n else None
+    names = class_names if class_names and len(class_names) == counts.size else [str(i) for i in range(counts.size)]
+    rules = [RuleResult(DISTRIBUTION, f"chi-squared homogeneity, {chi2.dof} dof" if chi2 else "chi-squared homogeneity",
+                        chi2.p_value if chi2 else None, distribution_effects(limits, max(0.0, p - noise), None, js))]  # fmt: skip
+    feature = FeatureDrift(
+        tensor=tensor.name, kind=tensor.kind, feature="class", index=-1, categorical=True, value_kind=CLASSES,
+        rows=int(n), status=OK, reason="", psi=p, psi_noise=noise, js=js, ks=None, wasserstein=None,
+        wasserstein_unit="", chi2=chi2.statistic if chi2 else None, chi2_dof=chi2.dof if chi2 else None,
+        chi2_p=chi2.p_value if chi2 else None, psi_threshold=limits.psi, js_threshold=limits.js,
+        edges=[i + 0.5 for i in range(counts.size - 1)], bin_labels=names, reference_fractions=ref.tolist(),
+        live_fractions=fractions(live).tolist(), live_counts=live.tolist(),
+    )  # fmt: skip
+    return feature, rules
+
+
+def evaluate(
+    state: WindowState, profile: ReferenceProfile, config: DriftConfig, window: int = 0,
+    class_names: dict[str, list[str]] | None = None,
+) -> DriftReport:
+    """Compare a (merged) window with the reference profile and decide every feature.
+
+    ``class_names``: per output tensor, the names of its classes (from the model config),
+    used to label a classifier's class bins."""
     evaluated = state.rows >= config.min_rows
-    features: list[FeatureDrift] = []
+    digest = profile.digest()
+    notes: list[str] = []
+    pairs: list[tuple[FeatureDrift, list[RuleResult]]] = []
     for name, tensor in state.tensors.items():
         tprofile = profile.tensors.get(name)
-        if tprofile is None or len(tprofile.features) != tensor.n_features:
+        if tprofile is None:
+            notes.append(f"{tensor.kind} '{name}' is not in the reference profile: not evaluated")
             continue
-        features.extend(_feature_drift(tensor, tprofile, j, config, evaluated) for j in range(tensor.n_features))
-        classes = _class_drift(tensor, tprofile, config, evaluated)
+        if len(tprofile.features) != tensor.n_features:
+            notes.append(f"{tensor.kind} '{name}': the window has {tensor.n_features} features, the profile "
+                         f"{len(tprofile.features)}: not evaluated (rebuild the profile for this model version)")  # fmt: skip
+            continue
+        matched = _bins_match(tensor, tprofile, state.profile, digest)
+        if not matched:
+            notes.append(f"{tensor.kind} '{name}': the window was binned with another profile; its bins were "
+                         "re-estimated from the window's sketches (approximate counts)")  # fmt: skip
+        names = (class_names or {}).get(name)
+        for j, ref in enumerate(tprofile.features):
+            bins = _Bins(tensor.feature_bins(j), "kernel") if matched else _Bins(_rebin(tensor, j, ref), "sketch")
+            found = _feature(tensor, j, ref, bins, config)
+            if names and len(names) == tensor.n_features and tensor.kind == "output":
+                found[0].feature = names[j]  # a classifier's score columns, by class name
+            pairs.append(found)
+        classes = _classes(tensor, tprofile, config, (class_names or {}).get(name))
         if classes is not None:
-            features.append(classes)
-    worst = max((f.status for f in features), key=_RANK.__getitem__, default=OK)
+            pairs.append(classes)
+    for name in profile.tensors:
+        if name not in state.tensors:
+            notes.append(f"'{name}' is in the profile but the window holds no rows of it: not evaluated")
+    statuses = decide([rules for _, rules in pairs], config)
+    features = []
+    for (feature, rules), status in zip(pairs, statuses):
+        if not evaluated or feature.rows == 0:
+            status = INCONCLUSIVE
+        feature.status = status
+        feature.rules = [r.as_dict() for r in rules]
+        chosen = deciding(rules, status)
+        feature.decided_by = [r.as_dict() for r in chosen]
+        if chosen:
+            feature.reason = chosen[0].describe(config.alpha)
+        elif status == INCONCLUSIVE:
+            feature.reason = (f"window of {state.rows} rows is below min_rows {config.min_rows}" if not evaluated
+                              else "no rows of this feature in the window")  # fmt: skip
+        features.append(feature)
+    status = worst(f.status for f in features) if features else INCONCLUSIVE
+    if notes and status == OK:
+        status = INCONCLUSIVE  # part of the model could not be checked: never a plain OK
     return DriftReport(
         model=state.model, version=state.version, window=window, start=state.start, end=state.end,
-        rows=state.rows, evaluated=evaluated, status=worst, features=features,
+        rows=state.rows, evaluated=evaluated, status=status, features=features, alpha=config.alpha,
+        correction=config.correction, tests=sum(1 for _, rules in pairs for r in rules if r.p_value is not None),
+        min_rows=config.min_rows, accounting=dict(state.accounting), profile_digest=digest,
+        profile_rows=profile.rows, profile_created=profile.created, window_profile=state.profile,
+        windows=state.windows, notes=notes, p_value_backend=backend(),
     )  # fmt: skip
 
 
@@ -340,13 +463,22 @@ class DriftMonitor:
     """Evaluates each closed window of one model version, persists it, and raises alerts."""
 
     def __init__(
-        self, model: str, version: str, config: DriftConfig, profile: ReferenceProfile | None, state_dir: str | Path | None = None
+        self, model: str, version: str, config: DriftConfig, profile: ReferenceProfile | None, state_dir: str | Path | None = None,
+        *, labels: Mapping[str, Sequence[str]] | None = None,
+        profile_source: Callable[[], ReferenceProfile | None] | None = None,
     ) -> None:
+        """``labels``: class names per output (the model config's), for labelling class bins.
+        ``profile_source``: where to look for a profile when the version started without one
+        (a profile built after serving began); asked once per closed window until it answers."""
         self.model = model
         self.version = version
         self.config = config
         self.profile = profile
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._labels = dict(labels or {})
+        self._profile_source = profile_source
+        self.class_names: dict[str, list[str]] = class_names(self._labels, profile)  # per output tensor
+        self.unevaluated = 0  # windows closed without a profile to judge them against
         self.windows_closed = 0
         self.alerts = 0
         self.subscriber_errors = 0
@@ -384,24 +516,27 @@ class DriftMonitor:
         return unsubscribe
 
     def close_window(self, state: WindowState) -> DriftReport | None:
-        """Persist and evaluate a closed window; alert on WARN/DRIFT. Never raises."""
+        """Persist and evaluate a closed window; alert on WARN/DRIFT. Never raises.
+
+        Report listeners hear every evaluated window (not one below ``min_rows``)."""
         with self._lock:
             index = self._next_index
             self._next_index += 1
             self.windows_closed += 1
         if self.state_dir is not None and self.config.persist:
             self._persist(state, index)
-        if self.profile is None:
+        if self.profile is None and not self._late_profile():
+            self.unevaluated += 1
             return None
         try:
-            report = evaluate(state, self.profile, self.config, window=index)
+            report = evaluate(state, self.profile, self.config, window=index, class_names=self.class_names)
         except Exception:  # a broken profile must never take the server down
             log.exception("drift evaluation failed for %s/%s window %d", self.model, self.version, index)
             return None
         self.last_report = report
         with _registry_lock:
             _latest[(self.model, self.version)] = report
-        if report.evaluated and report.status != OK:
+        if report.evaluated and report.status in (WARN, DRIFT):
             self._alert(report)
         if report.evaluated:
             for listener in list(self._report_listeners):
@@ -411,6 +546,23 @@ class DriftMonitor:
                     self.subscriber_errors += 1
                     log.exception("drift report listener %r failed", listener)
         return report
+
+    def _late_profile(self) -> bool:
+        """Take up a profile built after this version began serving. Its windows were binned
+        without one, so :func:`evaluate` re-bins them from their sketches (and says so)."""
+        if self._profile_source is None:
+            return False
+        try:
+            profile = self._profile_source()
+        except Exception:  # an unreadable profile leaves the window unevaluated, and says why
+            log.exception("reference profile of %s/%s could not be read", self.model, self.version)
+            return False
+        if profile is None:
+            return False
+        self.profile, self.class_names = profile, class_names(self._labels, profile)
+        log.info("reference profile of %s/%s found after serving began: its windows are evaluated from now on, "
+                 "re-binned from their sketches until the version reloads", self.model, self.version)  # fmt: skip
+        return True
 
     def _persist(self, state: WindowState, index: int) -> None:
         folder = window_dir(self.state_dir, self.model, self.version)  # type: ignore[arg-type]
@@ -427,7 +579,7 @@ class DriftMonitor:
             log.exception("cannot persist drift window %d of %s/%s", index, self.model, self.version)
 
     def _alert(self, report: DriftReport) -> None:
-        flagged = [f for f in report.features if f.status != OK]
+        flagged = report.alerts()
         event = DriftEvent(
             model=self.model,
             version=self.version,
@@ -435,11 +587,7 @@ class DriftMonitor:
             status=report.status,
             rows=report.rows,
             time=time.time(),
-            features=[
-                {"tensor": f.tensor, "feature": f.feature, "index": f.index, "status": f.status,
-                 "psi": round(f.psi, 6), "js": round(f.js, 6), "ks": round(f.ks, 6)}
-                for f in flagged
-            ],  # fmt: skip
+            features=[alert_entry(f) for f in flagged],
             report=report,
         )
         self.alerts += 1

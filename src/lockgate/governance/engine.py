@@ -2,7 +2,8 @@
 
 Request path (cheap, allocation-light): :meth:`GovernanceEngine.inspect` runs the fused
 kernel once per input tensor and decides sampling; :meth:`observe_outputs` runs the same
-kernel (without rules) over the outputs; :meth:`log_payload` queues a record without
+kernel (without rules) over the outputs, into the window the request was inspected in
+(:mod:`lockgate.governance.windowing`); :meth:`log_payload` queues a record without
 blocking. Everything else — sketch feeding, window closing, drift evaluation, alerting,
 persisting, writing payloads — happens on background threads.
 
@@ -33,7 +34,8 @@ from .payload_log import PayloadLog, Redactor
 from .profile import ReferenceProfile, TensorProfile
 from .sampling import Sampler
 from .sketches import SketchSet
-from .state import TensorState, WindowState
+from .state import TensorState, WindowState, merge_all
+from .windowing import Epoch
 
 log = logging.getLogger("lockgate.governance")
 
@@ -94,6 +96,7 @@ class Inspection:
     request_id: str = ""
     trace_id: str | None = None
     timestamp: float = field(default_factory=time.time)
+    epoch: Epoch | None = field(default=None, repr=False, compare=False)  # the drift window it was counted in
 
     def message(self, limit: int = MESSAGE_LIMIT) -> str:
         """One line naming input, row, feature (name and index), value and rule per problem."""
@@ -110,10 +113,6 @@ class Inspection:
         for v in self.violations[:limit]:
             detail.field_violations.add(field=v.field, description=v.describe())
         return detail
-
-
-# The outcome of a request that broke no rule and was not sampled: shared, immutable.
-CLEAN = Inspection([], 0, False, False)
 
 
 def _rule_limit(rule: FeatureRule | None, code: int) -> str:
@@ -245,6 +244,21 @@ class _Tensor:
             sketches = _copy_sketches(sketches)
         return TensorState.from_kernel(self.name, self.kind, self.feature_names, self.acc.edge_offsets, taken, sketches)
 
+    def cut(self) -> tuple[dict[str, Any], np.ndarray, SketchSet]:
+        """Take and reset the state, with the rows still buffered, and start fresh sketches.
+        Cheap (copies, no sketch work): the engine calls it under the cut lock."""
+        taken = self.acc.take(True)
+        block = self.acc.drain()
+        sketches, self.sketches = self.sketches, self._new_sketches(self._config)
+        return taken, block, sketches
+
+    def state_from_cut(self, cut: tuple[dict[str, Any], np.ndarray, SketchSet]) -> TensorState:
+        """The window state of a :meth:`cut`, its buffered rows fed into its sketches."""
+        taken, block, sketches = cut
+        if block.size:
+            sketches.feed(block)
+        return TensorState.from_kernel(self.name, self.kind, self.feature_names, self.acc.edge_offsets, taken, sketches)
+
 
 def _copy_sketches(sketches: SketchSet) -> SketchSet:
     out = sketches.fresh()
@@ -282,6 +296,8 @@ class GovernanceEngine:
         state_dir: str | Path | None = None,
         background: bool = True,
         feed_interval: float = 0.25,
+        labels: Mapping[str, Sequence[str]] | None = None,
+        profile_source: Callable[[], ReferenceProfile | None] | None = None,
     ) -> None:
         """``input_shapes`` / ``output_shapes``: the model's declared shapes (``-1`` = variable),
         which fix the feature count of tensors without a profile or constraints. Given them (the
@@ -290,7 +306,8 @@ class GovernanceEngine:
         them (offline use) a tensor is sized by the first array it sees. ``state_dir``: where closed drift windows
         (``drift/<model>/<version>/window-<n>.bin``) and, by default, payload logs
         (``payloads/<model>/<version>/``) go. ``background=False`` runs no threads: call
-        :meth:`feed_sketches` / :meth:`close_window` yourself (tests, CLI)."""
+        :meth:`feed_sketches` / :meth:`close_window` yourself (tests, CLI). ``labels`` and
+        ``profile_source``: see :class:`~lockgate.governance.drift.DriftMonitor`."""
         unknown = set(config.inputs) - set(input_names)
         if unknown:
             raise ValueError(f"governance constraints name unknown inputs {sorted(unknown)} (model inputs: {input_names})")
@@ -308,8 +325,12 @@ class GovernanceEngine:
         self._unprofiled: set[str] = set()  # tensors of unknown width: skipped and counted
         self._bind_lock = threading.Lock()
         self._window_lock = threading.RLock()
+        # Held for the pointer swaps of a window cut, and by the request path around a
+        # request's input update and its output update, so both land in the same window.
+        self._cut_lock = threading.Lock()
         self.inputs: dict[str, _Tensor] = {}
-        self.outputs: dict[str, _Tensor] = {}
+        # Output tensors are made per window (epoch), from these specs: name -> _Tensor kwargs.
+        self._output_specs: dict[str, dict[str, Any]] = {}
         for name in self.input_names:
             n = self._input_features(name)
             if n is not None:
@@ -325,9 +346,17 @@ class GovernanceEngine:
         if profile is not None:
             for name, tp in profile.tensors.items():
                 if tp.kind == "output":
-                    self.outputs[name] = _Tensor(name, "output", len(tp.features), constraints=None, profile=tp, config=config)
+                    self._output_specs[name] = {"n_features": len(tp.features), "profile": tp}
+        # The outcome of a request that broke no rule and was not sampled is shared and
+        # immutable: each window (epoch) has one, which tells observe_outputs where the
+        # request's outputs belong.
+        self._epoch = self._new_epoch(0, time.time())
+        self._clean = self._clean_for(self._epoch)
+        self._closing: list[Epoch] = []  # cut, waiting for their requests' outputs
+        self.late_outputs = 0  # outputs that came after their window was evaluated
         self.sampler = Sampler(config.sampling)
-        self.monitor = DriftMonitor(model, self.version, config.drift, profile, state_dir if config.drift.persist else None)
+        self.monitor = DriftMonitor(model, self.version, config.drift, profile, state_dir if config.drift.persist else None,
+                                    labels=labels, profile_source=profile_source)  # fmt: skip
         self.payload_log = self._make_payload_log()
         # counters
         self.requests = 0
@@ -338,7 +367,6 @@ class GovernanceEngine:
         self.width_violations: dict[str, int] = {}  # governed inputs sent at another width, by input
         self.payload_unlogged = 0  # sampled, but payload logging is off or has no directory
         self.window_errors = 0
-        self._window_start = time.time()
         self._window_rows = config.drift.window_rows
         # False when several replicas share one drift status (lockgate.governance.fleet).
         self.local_windows = True
@@ -406,12 +434,33 @@ class GovernanceEngine:
             if kind == "input":
                 tensor = self._make_input(name, n)
             else:
-                tensor = _Tensor(
-                    name, "output", n, constraints=None, profile=None, config=self.config,
-                    classifier=array.dtype.kind == "f" and n > 1, categorical_default=array.dtype.kind in "biu",
-                )  # fmt: skip
+                spec = self._output_specs.setdefault(name, {
+                    "n_features": n, "profile": None, "classifier": array.dtype.kind == "f" and n > 1,
+                    "categorical_default": array.dtype.kind in "biu",
+                })  # fmt: skip
+                tensor = self._make_output(name, spec)
             table[name] = tensor
             return tensor
+
+    def _make_output(self, name: str, spec: dict[str, Any]) -> _Tensor:
+        return _Tensor(name, "output", spec["n_features"], constraints=None, profile=spec["profile"], config=self.config,
+                       classifier=spec.get("classifier", False), categorical_default=spec.get("categorical_default", False))  # fmt: skip
+
+    def _new_epoch(self, index: int, start: float) -> Epoch:
+        """A window's bookkeeping, with output tensors for every output known so far."""
+        return Epoch(index, start, {name: self._make_output(name, spec) for name, spec in list(self._output_specs.items())})
+
+    @staticmethod
+    def _clean_for(epoch: Epoch) -> Inspection:
+        """The open window's shared "nothing to report" inspection. The engine holds it, not the
+        epoch: epoch -> inspection -> epoch would be a reference cycle that keeps the window's
+        sketches alive until the garbage collector runs (or past interpreter exit)."""
+        return Inspection([], 0, False, False, epoch=epoch)
+
+    @property
+    def outputs(self) -> dict[str, _Tensor]:
+        """The output tensors of the open window."""
+        return self._epoch.outputs
 
     # ------------------------------------------------------------ request path
     def inspect(
@@ -423,27 +472,33 @@ class GovernanceEngine:
         self.requests += 1
         count = 0
         violations: list[Violation] = []
-        for name, array in inputs.items():
-            tensor = self.inputs.get(name)
-            if tensor is None:
-                tensor = None if name in self._unprofiled else self._bind(self.inputs, name, array, "input")
+        with self._cut_lock:  # the inputs and the window stamp of one request go together
+            epoch, clean = self._epoch, self._clean
+            for name, array in inputs.items():
+                tensor = self.inputs.get(name)
                 if tensor is None:
-                    self.skipped_tensors += 1
+                    tensor = None if name in self._unprofiled else self._bind(self.inputs, name, array, "input")
+                    if tensor is None:
+                        self.skipped_tensors += 1
+                        continue
+                try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
+                    found = tensor.acc.update(array)
+                except (TypeError, ValueError):
+                    found = tensor.update_reshaped(array)
+                if found is None:
+                    if tensor.governed:  # its rules cannot be checked at this width: a violation, never a skip
+                        count += 1
+                        self._width_violation(tensor, np.asarray(array), violations)
+                    else:
+                        self.skipped_tensors += 1
                     continue
-            try:  # fast path: already (rows x features), C-contiguous, a kernel dtype
-                found = tensor.acc.update(array)
-            except (TypeError, ValueError):
-                found = tensor.update_reshaped(array)
-            if found is None:
-                if tensor.governed:  # its rules cannot be checked at this width: a violation, never a skip
-                    count += 1
-                    self._width_violation(tensor, np.asarray(array), violations)
-                else:
-                    self.skipped_tensors += 1
-                continue
-            if found:
-                count += found[0]
-                self._describe(tensor, found, violations)
+                if found:
+                    count += found[0]
+                    self._describe(tensor, found, violations)
+            if count and self.reject_mode:
+                epoch.rejected += 1  # refused: no outputs will follow
+            else:
+                epoch.pending += 1
         if count:
             self.violations_total += count
             if self.reject_mode:
@@ -456,8 +511,8 @@ class GovernanceEngine:
             if first.acc.rows >= self._window_rows:
                 self._wake.set()
         if not count and not sampled:
-            return CLEAN  # nearly every request: nothing to report or record, nothing to build
-        return Inspection(violations, count, count > 0 and self.reject_mode, sampled, request_id, trace_id)
+            return clean  # nearly every request: nothing to report or record, nothing to build
+        return Inspection(violations, count, count > 0 and self.reject_mode, sampled, request_id, trace_id, epoch=epoch)
 
     def _width_violation(self, tensor: _Tensor, array: np.ndarray, out: list[Violation]) -> None:
         self.width_violations[tensor.name] = self.width_violations.get(tensor.name, 0) + 1
@@ -488,22 +543,47 @@ class GovernanceEngine:
                 )  # fmt: skip
             )
 
-    def observe_outputs(self, outputs: Mapping[str, np.ndarray]) -> None:
-        """Profile the outputs (same kernel, no rules); sketches are fed off the request path."""
+    def observe_outputs(self, outputs: Mapping[str, np.ndarray], inspection: Inspection | None = None) -> None:
+        """Profile the outputs (same kernel, no rules) in the window the request's inputs were
+        counted in (``inspection.epoch``; the open window without one). Sketches are fed off
+        the request path."""
         if not self.enabled:
             return
-        for name, array in outputs.items():
-            tensor = self.outputs.get(name)
-            if tensor is None:
-                tensor = None if name in self._unprofiled else self._bind(self.outputs, name, np.asarray(array), "output")
+        with self._cut_lock:
+            epoch = inspection.epoch if inspection is not None and inspection.epoch is not None else None
+            if epoch is None:
+                epoch = self._epoch
+            elif epoch.final:  # evaluated already (the grace period ran out): count, never misplace
+                epoch.late += 1
+                self.late_outputs += 1
+                return
+            table = epoch.outputs
+            for name, array in outputs.items():
+                tensor = table.get(name)
                 if tensor is None:
-                    self.skipped_tensors += 1
-                    continue
-            try:  # fast path, as for inputs
-                tensor.acc.update(array)
-            except (TypeError, ValueError):
-                if tensor.update_reshaped(array) is None:
-                    self.skipped_tensors += 1
+                    tensor = None if name in self._unprofiled else self._bind(table, name, np.asarray(array), "output")
+                    if tensor is None:
+                        self.skipped_tensors += 1
+                        continue
+                try:  # fast path, as for inputs
+                    tensor.acc.update(array)
+                except (TypeError, ValueError):
+                    if tensor.update_reshaped(array) is None:
+                        self.skipped_tensors += 1
+            if inspection is not None and inspection.epoch is not None:
+                epoch.answered += 1
+                epoch.settle()
+
+    def abandon(self, inspection: Inspection) -> None:
+        """The request was inspected and accepted but will have no outputs (inference failed,
+        the deadline passed, the caller went away): its window stops waiting for it."""
+        epoch = inspection.epoch
+        if epoch is None or inspection.reject:
+            return
+        with self._cut_lock:
+            if not epoch.final:
+                epoch.failed += 1
+                epoch.settle()
 
     def log_payload(
         self, inspection: Inspection, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None,
@@ -538,33 +618,91 @@ class GovernanceEngine:
 
     def feed_sketches(self) -> None:
         with self._window_lock:
-            for tensor in [*self.inputs.values(), *self.outputs.values()]:
+            for tensor in self.inputs.values():
                 tensor.feed()
-
-    def _state(self, reset: bool) -> WindowState:
-        now = time.time()
-        tensors = {t.name: t.take(reset) for t in [*list(self.inputs.values()), *list(self.outputs.values())]}
-        state = WindowState(self.model, self.version, self._window_start, now, tensors)
-        if reset:
-            self._window_start = now
-        return state
+            for epoch in [*self._closing, self._epoch]:
+                for tensor in list(epoch.outputs.values()):
+                    tensor.feed()
 
     def snapshot(self) -> bytes:
         """Serialised state of the open window (not reset), for merging across replicas."""
-        with self._window_lock:
-            return self._state(reset=False).to_bytes()
+        with self._window_lock, self._cut_lock:
+            epoch = self._epoch
+            tensors = {t.name: t.take(False) for t in [*self.inputs.values(), *epoch.outputs.values()]}
+            state = WindowState(self.model, self.version, epoch.start, time.time(), tensors,
+                                accounting=epoch.accounting(), profile=self._profile_digest())  # fmt: skip
+        return state.to_bytes()
 
-    def close_window(self) -> DriftReport | None:
-        """Close the current window now: persist, evaluate, alert. Returns the report."""
-        with self._window_lock:
-            state = self._state(reset=True)
-        return self.monitor.close_window(state)
+    def _profile_digest(self) -> str:
+        return self.profile.digest() if self.profile is not None else ""
 
-    def take_window(self) -> WindowState:
-        """Take the open window's state and start a new one (fleet mode ships this to the store)."""
+    def _cut(self) -> Epoch:
+        """Close the open window to new requests; it then waits for its requests' outputs."""
+        with self._window_lock:
+            fresh = self._new_epoch(0, 0.0)  # built outside the cut lock: it may allocate a lot
+            fresh_clean = self._clean_for(fresh)
+            with self._cut_lock:
+                old = self._epoch
+                now = time.time()
+                cuts = {name: tensor.cut() for name, tensor in self.inputs.items()}
+                fresh.index, fresh.start = old.index + 1, now
+                old.end, old.closed = now, True
+                if old.pending <= 0:
+                    old.drained.set()
+                self._epoch, self._clean = fresh, fresh_clean
+            old.inputs_state = {name: self.inputs[name].state_from_cut(cut) for name, cut in cuts.items()}
+            self._closing.append(old)
+            return old
+
+    def _finalise(self, epoch: Epoch) -> WindowState:
+        """The closed window's state: its inputs, and the outputs of its requests so far."""
+        with self._window_lock:
+            with self._cut_lock:
+                epoch.final = True
+                cuts = {name: tensor.cut() for name, tensor in epoch.outputs.items()}
+                accounting = epoch.accounting()
+            if epoch in self._closing:
+                self._closing.remove(epoch)
+            tensors = dict(epoch.inputs_state or {})
+            tensors.update({name: epoch.outputs[name].state_from_cut(cut) for name, cut in cuts.items()})
+            epoch.outputs = {}
+            epoch.inputs_state = None
+        return WindowState(self.model, self.version, epoch.start, epoch.end or time.time(), tensors,
+                           accounting=accounting, profile=self._profile_digest())  # fmt: skip
+
+    def _settled(self, wait_s: float) -> list[WindowState]:
+        """Finalise the closed windows, oldest first: those whose requests are all settled, or
+        (``wait_s`` < 0) those past the grace period; ``wait_s`` >= 0 waits that long for each."""
+        out = []
+        with self._window_lock:
+            for epoch in list(self._closing):
+                if wait_s >= 0:
+                    epoch.drained.wait(wait_s)
+                elif not epoch.drained.is_set() and time.time() - (epoch.end or 0.0) < self.config.drift.output_grace_s:
+                    break  # keep windows in order: a later one waits for this one
+                out.append(self._finalise(epoch))
+        return out
+
+    def close_window(self, wait_s: float = 0.0) -> DriftReport | None:
+        """Close the current window now: persist, evaluate, alert. Returns its report.
+
+        ``wait_s``: how long to wait for the outputs of requests still in flight (0: take the
+        window as it is; requests still pending are counted as ``outputs_missing``)."""
+        with self._window_lock:
+            self._cut()
+            report = None
+            for state in self._settled(wait_s):
+                report = self.monitor.close_window(state)
+            return report
+
+    def take_window(self, wait_s: float = 0.0) -> WindowState:
+        """Take the open window's state and start a new one (fleet mode ships this to the store).
+        Waits up to ``wait_s`` for the outputs of its requests still in flight."""
         with self._window_lock:
             self.feed_sketches()
-            return self._state(reset=True)
+            self._cut()
+            states = self._settled(wait_s)
+            return merge_all(states) if len(states) > 1 else states[0]
 
     def _due(self) -> bool:
         if not self.local_windows:
@@ -573,7 +711,7 @@ class GovernanceEngine:
         rows = max((t.acc.rows for t in self.inputs.values()), default=0)
         if cfg.window_rows is not None and rows >= cfg.window_rows:
             return True
-        return cfg.window_seconds is not None and rows > 0 and time.time() - self._window_start >= cfg.window_seconds
+        return cfg.window_seconds is not None and rows > 0 and time.time() - self._epoch.start >= cfg.window_seconds
 
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
@@ -582,7 +720,9 @@ class GovernanceEngine:
             try:
                 self.feed_sketches()
                 if self._due():
-                    self.close_window()
+                    self._cut()
+                for state in self._settled(-1.0):  # evaluated once their requests are answered
+                    self.monitor.close_window(state)
             except Exception:  # the request path must never notice
                 self.window_errors += 1
                 log.exception("governance worker failed for %s/%s", self.model, self.version)
@@ -621,6 +761,7 @@ class GovernanceEngine:
             "drift_alerts": self.monitor.alerts,
             "drift_status": self.monitor.last_report.status if self.monitor.last_report else None,
             "window_errors": self.window_errors,
+            "late_outputs": self.late_outputs,
         }
 
     def close(self, final_window: bool = True) -> None:
@@ -629,11 +770,14 @@ class GovernanceEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(5.0)
-        if final_window and any(t.acc.rows for t in self.inputs.values()):
-            try:
+        try:
+            if final_window and any(t.acc.rows for t in self.inputs.values()):
                 self.close_window()
-            except Exception:
-                self.window_errors += 1
-                log.exception("final drift window failed for %s/%s", self.model, self.version)
+            elif final_window:  # windows already cut, waiting for outputs: evaluate what they have
+                for state in self._settled(0.0):
+                    self.monitor.close_window(state)
+        except Exception:
+            self.window_errors += 1
+            log.exception("final drift window failed for %s/%s", self.model, self.version)
         if self.payload_log is not None:
             self.payload_log.close()

@@ -68,7 +68,9 @@ class FleetDrift:
         """Take every engine's window and put it in the store; returns how many were shipped."""
         count = 0
         for (model, version), engine in self.stage.engines().items():
-            state = engine.take_window()
+            # the window's inputs and the outputs of the same requests: wait (briefly) for
+            # the requests still in flight, within the leader's grace period
+            state = engine.take_window(wait_s=min(engine.config.drift.output_grace_s, self.grace_s / 2))
             if state.rows == 0:
                 continue
             try:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.governance")
 
 ENGINE_KEY = "governance"
-_STATUS_CODE = {"OK": 0, "WARN": 1, "DRIFT": 2}
+# lockgate_drift_status: -1 inconclusive (too few rows, or not evaluable), 0 ok, 1 warn, 2 drift
+STATUS_CODE = {"INCONCLUSIVE": -1, "OK": 0, "WARN": 1, "DRIFT": 2}
 PayloadExplainer = Callable[..., bool]
 
 
@@ -56,12 +57,14 @@ class GovernanceStage:
         """Build the version's engine from ``governance:`` in its config.yaml and its profile."""
         config = GovernanceConfig.model_validate(version.config.governance or {})
         profile = ReferenceProfile.load_if_present(self.repository_root, version.model, version.version)
+        root, model, number = self.repository_root, version.model, version.version
         engine = GovernanceEngine(
             version.model, version.version, config,
             [spec.name for spec in version.signature.inputs], profile,
             input_shapes={spec.name: spec.shape for spec in version.signature.inputs},
             output_shapes={spec.name: spec.shape for spec in version.signature.outputs},
-            state_dir=self.state_dir,
+            state_dir=self.state_dir, labels=version.config.labels(),
+            profile_source=None if profile is not None else lambda: ReferenceProfile.load_if_present(root, model, number),
         )
         for listener in self._alert_listeners:
             engine.subscribe(listener)
@@ -122,11 +125,17 @@ class GovernanceStage:
         if inspection is None:
             return
         engine: GovernanceEngine = version.extensions[ENGINE_KEY]
-        engine.observe_outputs(outputs)
+        engine.observe_outputs(outputs, inspection)
         if inspection.sampled:
             explainer = self._payload_explainer
             if explainer is None or not explainer(version, engine, inspection, inputs, outputs, route.decision):
                 engine.log_payload(inspection, inputs, outputs, route.decision, version.version)
+
+    def abandoned(self, version: "ModelVersion", inspection: Inspection | None) -> None:
+        """An inspected request ended without outputs: its drift window stops waiting for it."""
+        engine: GovernanceEngine | None = version.extensions.get(ENGINE_KEY)
+        if inspection is not None and engine is not None:
+            engine.abandon(inspection)
 
     # -- metrics (read at scrape time, on the metrics thread) ---------------------------------
     def metric_samples(self) -> Iterator[Any]:
@@ -144,13 +153,30 @@ class GovernanceStage:
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "no_sink"}, stats["payload_unlogged"])
             payload = stats["payload"] or {}
             yield Sample("lockgate_payload_dropped", {**mv, "reason": "write_failed"}, payload.get("failed", 0))
+            yield Sample("lockgate_drift_windows_unevaluated", mv, float(engine.monitor.unevaluated))
             report = engine.monitor.last_report
             if report is None:
                 continue
             for feature in report.features:
                 name = f"{feature.tensor}/{feature.feature}"
-                yield Sample("lockgate_drift_status", {**mv, "feature": name}, _STATUS_CODE.get(feature.status.upper(), 0))
+                labels = {**mv, "feature": name}
+                yield Sample("lockgate_drift_status", labels, STATUS_CODE.get(feature.status.upper(), -1))
                 for statistic in ("psi", "js", "ks", "wasserstein", "chi2"):
                     value = getattr(feature, statistic)
                     if value is not None:
-                        yield Sample("lockgate_drift_statistic", {**mv, "feature": name, "statistic": statistic}, float(value))
+                        yield Sample("lockgate_drift_statistic", {**labels, "statistic": statistic}, float(value))
+                if feature.chi2_p is not None:
+                    yield Sample("lockgate_drift_chi2_p_value", labels, float(feature.chi2_p))
+                for rule in feature.rules:
+                    if rule["adjusted_p"] is not None:
+                        yield Sample("lockgate_drift_adjusted_p_value", {**labels, "rule": rule["rule"]}, float(rule["adjusted_p"]))
+                if feature.index >= 0:  # a class distribution has no missing values
+                    for value, live, ref in (("nan", feature.nan_share, feature.reference_nan_share),
+                                             ("inf", feature.inf_share, feature.reference_inf_share)):
+                        yield Sample("lockgate_drift_missing_rate", {**labels, "value": value, "source": "live"}, live)
+                        yield Sample("lockgate_drift_missing_rate", {**labels, "value": value, "source": "reference"}, ref)
+                if feature.value_kind in ("categorical", "discrete"):
+                    yield Sample("lockgate_drift_new_category_rate", labels, feature.new_share)
+            yield Sample("lockgate_drift_alpha", mv, report.alpha)
+            yield Sample("lockgate_drift_window_rows", mv, float(report.rows))
+            yield Sample("lockgate_drift_late_outputs", mv, float(engine.late_outputs))

@@ -5,9 +5,15 @@ exact counts (rows, values, NaN, Inf, out-of-range, bins, classes), sums and M2 
 with Chan et al.'s pairwise formula (so merging equals one stream up to float rounding),
 min/max, and DataSketches KLL/frequent-items sketches that merge by design.
 
+A window also carries its request accounting (``accounting``: requests inspected, answered,
+rejected, failed, and those whose outputs had not arrived when it was evaluated -- counts that
+add up across replicas) and the digest of the reference profile its bins were cut with
+(``profile``), so a report can tell bins that match the profile from bins that do not.
+
 Bytes: an uncompressed ``.npz`` (numpy's own container, no pickle) whose ``__meta__`` entry
 is UTF-8 JSON ``{"format": "lockgate.window", "version": 1, ...}``; sketches are stored as
-their DataSketches ``serialize()`` bytes.
+their DataSketches ``serialize()`` bytes. ``accounting`` and ``profile`` are optional keys
+(absent in windows written before they existed: read as empty).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .sketches import SketchSet
 
 FORMAT = "lockgate.window"
 VERSION = 1
+MIXED_PROFILES = "mixed"  # the merged windows were binned with different profiles
 
 _COUNTS = ("count", "nan", "inf", "below", "above", "bins")
 _ARRAYS = (*_COUNTS, "sum", "m2", "min", "max")
@@ -133,6 +140,8 @@ class WindowState:
     end: float
     tensors: dict[str, TensorState] = field(default_factory=dict)
     windows: int = 1  # how many windows (or replicas' windows) were merged into this one
+    accounting: dict[str, int] = field(default_factory=dict)  # request counts; merged by addition
+    profile: str = ""  # digest of the reference profile the bins were cut with ("" = not recorded)
 
     @property
     def rows(self) -> int:
@@ -145,6 +154,9 @@ class WindowState:
         tensors = dict(self.tensors)
         for name, state in other.tensors.items():
             tensors[name] = tensors[name].merge(state) if name in tensors else state
+        accounting = dict(self.accounting)
+        for key, count in other.accounting.items():
+            accounting[key] = accounting.get(key, 0) + count
         return WindowState(
             model=self.model,
             version=self.version,
@@ -152,6 +164,8 @@ class WindowState:
             end=max(self.end, other.end),
             tensors=tensors,
             windows=self.windows + other.windows,
+            accounting=accounting,
+            profile=self.profile if self.profile == other.profile else MIXED_PROFILES,
         )
 
     def to_bytes(self) -> bytes:
@@ -190,6 +204,8 @@ class WindowState:
             "end": self.end,
             "windows": self.windows,
             "tensors": tensors_meta,
+            "accounting": self.accounting,
+            "profile": self.profile,
         }
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buffer = io.BytesIO()
@@ -236,6 +252,8 @@ class WindowState:
             end=float(meta["end"]),
             tensors=tensors,
             windows=int(meta.get("windows", 1)),
+            accounting={str(k): int(v) for k, v in (meta.get("accounting") or {}).items()},
+            profile=str(meta.get("profile") or ""),
         )
 
 

@@ -54,7 +54,7 @@ EXTENSION_KEY = "lockgate.telemetry"
 WORKER_INDEX_ENV = "LOCKGATE_WORKER_INDEX"
 
 # Numeric encodings of state gauges (one series per feature / version, easy to alert on).
-DRIFT_STATUS = {"ok": 0, "warning": 1, "drift": 2}
+DRIFT_STATUS = {"inconclusive": -1, "ok": 0, "warning": 1, "drift": 2}
 CANARY_STATE = {"none": 0, "progressing": 1, "paused": 2, "promoted": 3, "rolled_back": 4, "inconclusive": 5, "aborted": 6}
 
 
@@ -86,7 +86,15 @@ FAMILIES: dict[str, FamilySpec] = {
     "lockgate_payload_samples": FamilySpec("counter", "Request/response payloads sampled into the payload log", MV),
     "lockgate_payload_dropped": FamilySpec("counter", "Payload records dropped (sink full or failed), by reason", (*MV, "reason")),
     "lockgate_drift_statistic": FamilySpec("gauge", "Drift statistic per feature (e.g. psi, ks) against the reference profile", (*MV, "feature", "statistic")),
-    "lockgate_drift_status": FamilySpec("gauge", "Drift status per feature: 0 ok, 1 warning, 2 drift", (*MV, "feature")),
+    "lockgate_drift_status": FamilySpec("gauge", "Drift status per feature of the last window: -1 inconclusive, 0 ok, 1 warning, 2 drift", (*MV, "feature")),
+    "lockgate_drift_chi2_p_value": FamilySpec("gauge", "Chi-squared homogeneity p-value of a feature's bin counts in the last window (uncorrected)", (*MV, "feature")),
+    "lockgate_drift_adjusted_p_value": FamilySpec("gauge", "p-value of a drift rule's test, corrected across the window's tests (compare with lockgate_drift_alpha)", (*MV, "feature", "rule")),
+    "lockgate_drift_alpha": FamilySpec("gauge", "Family-wise false-alarm rate of a version's drift windows", MV),
+    "lockgate_drift_missing_rate": FamilySpec("gauge", "Share of a feature's values that are NaN or Inf (value), in the last window or the reference (source)", (*MV, "feature", "value", "source")),
+    "lockgate_drift_new_category_rate": FamilySpec("gauge", "Share of a categorical or discrete feature's values the reference never had, in the last window", (*MV, "feature")),
+    "lockgate_drift_window_rows": FamilySpec("gauge", "Rows in the last evaluated drift window", MV),
+    "lockgate_drift_late_outputs": FamilySpec("counter", "Outputs that arrived after their drift window was evaluated (counted in no window)", MV),
+    "lockgate_drift_windows_unevaluated": FamilySpec("counter", "Drift windows closed but not evaluated: the version has no reference profile", MV),
     # explanations (lockgate.explain)
     "lockgate_explanations": FamilySpec("counter", "On-demand explanations by outcome (ok, queue_full, deadline_exceeded, refused, ...)", (*MV, "outcome")),
     "lockgate_explanations_sampled": FamilySpec("counter", "Sampled payloads chosen for explanation, by outcome (ok, explain_queue_full, failed, ...)", (*MV, "outcome")),

@@ -239,8 +239,7 @@ class Console:
 
     async def drift_page(self, request: HttpRequest, session: Session, model: str) -> HttpResponse:
         await self._call(session, "WhoAmI", pb.WhoAmIRequest())  # the read permission, as every page
-        from lockgate.governance.config import GovernanceConfig
-        from lockgate.governance.report import bins_svg, versions_with_windows, window_history
+        from lockgate.governance.report import evaluation_basis, summary_row, versions_with_windows, window_history
 
         loaded = self.repository.models().get(model)
         versions = versions_with_windows(self.state_dir, model)
@@ -248,19 +247,18 @@ class Console:
             raise NotFound(f"model {model!r} is not loaded and has no drift windows")
         sections = []
         for version in versions:
-            config = None
-            if loaded is not None and loaded.config.governance:
-                config = GovernanceConfig.model_validate(loaded.config.governance).drift
-            try:
-                history = window_history(self.model_repository, self.state_dir, model, version, last=30, config=config)
-            except FileNotFoundError as exc:
+            try:  # the report's evaluation (profile, drift config, class names), with the config serving runs
+                basis = evaluation_basis(self.model_repository, model, version, loaded.config if loaded else None)
+                history = window_history(self.model_repository, self.state_dir, model, version, last=30, basis=basis)
+            except (FileNotFoundError, ValueError) as exc:
                 sections.append({"version": version, "error": str(exc), "windows": []})
                 continue
             latest = history[-1] if history else None
             sections.append({
                 "version": version, "error": "", "windows": history, "latest": latest,
+                "summary": [summary_row(f) for f in (latest.features if latest else [])],
                 "chart": charts.psi_over_windows(history, title=f"PSI per window, {model} version {version}"),
-                "bins": [(f, bins_svg(f)) for f in (latest.features if latest else []) if f.index >= 0][:12],
+                "bins": [(f, charts.bins_svg(f)) for f in (latest.features if latest else []) if f.index >= 0][:12],
             })
         return self._page(request, session, "drift.html", title=f"Drift: {model}", model=model, sections=sections)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import html
 from typing import Sequence
 
-from lockgate.governance.drift import DriftReport
+from lockgate.governance.charts import REFERENCE_COLOUR, WINDOW_COLOUR
+from lockgate.governance.drift import DriftReport, FeatureDrift
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
 
@@ -61,5 +62,36 @@ def psi_over_windows(history: Sequence[DriftReport], *, title: str, width: int =
                          f'stroke="{colour}" stroke-dasharray="4 3" stroke-opacity="0.6"/>')
         parts.append(f'<rect x="{width - pad_r + 10}" y="{pad_t + 16 * k}" width="10" height="10" fill="{colour}"/>'
                      f'<text x="{width - pad_r + 24}" y="{pad_t + 16 * k + 9}" font-size="11">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bins_svg(feature: FeatureDrift, width: int = 520, height: int = 150) -> str:
+    """Reference and window share of every bin of one feature, named by the report's bin labels
+    (the console must not need matplotlib; ``lockgate drift report --html`` draws the full chart)."""
+    ref, live = feature.reference_fractions, feature.live_fractions
+    names = feature.bin_labels
+    n = max(len(ref), 1)
+    top = max([*ref, *live, 1e-9])
+    pad = 20
+    slot = (width - 2 * pad) / n
+    bar = max(slot / 2 - 1, 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
+    parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>')
+    for i in range(n):
+        x = pad + i * slot
+        for k, (values, colour) in enumerate(((ref, REFERENCE_COLOUR), (live, WINDOW_COLOUR))):
+            v = values[i] if i < len(values) else 0.0
+            h = (height - 2 * pad) * v / top
+            label = "reference" if k == 0 else "live"
+            parts.append(
+                f'<rect x="{x + k * bar:.1f}" y="{height - pad - h:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{colour}">'
+                f"<title>{html.escape(names[i] if i < len(names) else f'bin {i}')} {label}: {v:.4f}</title></rect>"
+            )
+    parts.append(f'<text x="{pad}" y="12" font-size="11" fill="{REFERENCE_COLOUR}">■ reference</text>')
+    parts.append(f'<text x="{pad + 90}" y="12" font-size="11" fill="{WINDOW_COLOUR}">■ live</text>')
+    if feature.edges:
+        parts.append(f'<text x="{pad}" y="{height - 4}" font-size="10">{feature.edges[0]:.3g}</text>')
+        parts.append(f'<text x="{width - pad - 40}" y="{height - 4}" font-size="10">{feature.edges[-1]:.3g}</text>')
     parts.append("</svg>")
     return "".join(parts)
