@@ -168,6 +168,10 @@ def test_health_tells_the_truth_before_anything_is_approved(server: LockgateProc
 # ------------------------------------------------------------------------------ §5 load beside
 def test_loading_a_new_version_keeps_the_approved_one_serving(server: LockgateProcess, channel, admin: Admin) -> None:
     """latest: 1 with approved version 2 serving; version 3 copied in and loaded."""
+    states = {v.version: v.state for v in admin("tok-v", "ListVersions", pb.ListVersionsRequest(model="live")).versions}
+    if states.get("2") not in ("approved", "serving"):  # run on its own: approve what the health test approves
+        approve(admin, "live", "2")
+        wait_for(lambda: health(channel, "live") == SERVING, 30, what="live SERVING after approval")
     write_model(server.repo, "live", 3, mlp(3))
     service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
         service_pb2.RepositoryModelLoadRequest(model_name="live"), metadata=(("authorization", "Bearer tok-a"),), timeout=60)
