@@ -64,10 +64,13 @@ class Target:
 
 
 def audit_key_for(state_dir: Path) -> Path:
-    """The audit key a benchmark server uses: beside its state dir (lockgate wants it outside)."""
+    """The audit key a benchmark server uses: outside its state dir (lockgate wants it there),
+    in a folder of its own, so that the checkpoint file lockgate keeps beside the key is this
+    server's alone (two servers sharing one would refuse each other's checkpoints)."""
     from lockgate.control.audit_key import AuditKey
 
-    key = Path(state_dir).parent / f"{Path(state_dir).name}.audit.key"
+    key = Path(state_dir).parent / f"{Path(state_dir).name}.audit" / "audit.key"
+    key.parent.mkdir(parents=True, exist_ok=True)
     if not key.exists():
         AuditKey.generate(key)
     return key

@@ -192,7 +192,16 @@ class OutcomeStore:
 
     # -- plumbing ------------------------------------------------------------------------
     def _transact(self, work: Callable[[Any], T]) -> T:
-        return self.sql._transact(work)
+        """``work`` in one transaction, durable when this returns. On SQLite it runs on the
+        calling thread's own connection (``BEGIN IMMEDIATE``: SQLite's write lock orders it
+        with the control plane's group commits), not in the control plane's group commit:
+        the ledger writer's connection is tuned for bulk inserts (``tune_writer``), and its
+        batches are already grouped, so handing them to the committer's ``synchronous =
+        FULL`` connection would cost an fsync and a thread hand-off per batch for nothing."""
+        if self.postgres:
+            return self.sql._transact(work)
+        with self.sql._write() as conn:  # type: ignore[attr-defined]
+            return work(conn)
 
     def _exec(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         return conn.execute(self.sql._q(sql), params)
