@@ -149,7 +149,12 @@ def test_served_windows_statuses_and_gauges_match_in_process(served):
         seen.append(len(list(window_dir.glob("window-*.bin"))))
         return len(seen) > 20 and seen[-1] >= 3 and len(set(seen[-20:])) == 1
 
-    wait_for(stable, 90, what="the windows to close")
+    try:
+        wait_for(stable, 90, what="the windows to close")
+    except AssertionError as exc:  # say what was seen: too few windows, or windows still closing
+        raise AssertionError(f"{exc}; window files seen (last 40 polls): {seen[-40:]}; "
+                             f"files now: {sorted(p.name for p in window_dir.iterdir()) if window_dir.exists() else None}; "
+                             f"server log tail: {proc.log_path.read_text()[-2000:]}") from None
     windows = load_windows(proc.state_dir, "m", "1", last=None)
     assert sum(w.rows for w in windows) >= 2_000 - 300
     assert sum(w.accounting["inspected"] for w in windows) <= requests
