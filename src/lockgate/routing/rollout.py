@@ -416,13 +416,13 @@ class _RatioGuardrail(_Always):
     inconclusive while either value is missing."""
 
     name = ""
+    value_field = ""  # the VersionWindow attribute compared
     ratio_field = ""
     floor_field = ""
     label, unit, digits = "", "", 4
 
-    @staticmethod
-    def value(window: VersionWindow) -> float | None:
-        raise NotImplementedError
+    def value(self, window: VersionWindow) -> float | None:
+        return getattr(window, self.value_field)
 
     def enabled(self, g: Guardrails) -> bool:
         return getattr(g, self.ratio_field) is not None
@@ -444,20 +444,12 @@ class _RatioGuardrail(_Always):
 
 
 class ErrorRatioGuardrail(_RatioGuardrail):
-    name, ratio_field, floor_field = "error_ratio", "max_error_ratio", "error_rate_floor"
-
-    @staticmethod
-    def value(window: VersionWindow) -> float | None:
-        return window.error_rate
+    name, value_field, ratio_field, floor_field = "error_ratio", "error_rate", "max_error_ratio", "error_rate_floor"
 
 
 class P99RatioGuardrail(_RatioGuardrail):
-    name, ratio_field, floor_field = "p99_ratio", "max_p99_ratio", "p99_floor_ms"
+    name, value_field, ratio_field, floor_field = "p99_ratio", "p99_ms", "max_p99_ratio", "p99_floor_ms"
     label, unit, digits = "p99 ", " ms", 3
-
-    @staticmethod
-    def value(window: VersionWindow) -> float | None:
-        return window.p99_ms
 
 
 class P99MsGuardrail(_Always):
